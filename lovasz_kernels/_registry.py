@@ -1,0 +1,194 @@
+"""Backend registry: the one kernel interface and how a backend is chosen.
+
+A backend is a module under ``lovasz_kernels/backends/`` that defines
+
+``lovasz_extension(errors, fg) -> (loss, grad)``
+    the kernel of DESIGN.md §1 on torch tensors, inputs already validated;
+``availability() -> (bool, str)`` (optional)
+    whether it can run in this process, and why not (an install hint);
+``supported_devices() -> tuple[str, ...]`` (optional)
+    device types it accepts now, when that depends on the environment
+    (the triton backend accepts CPU tensors under ``TRITON_INTERPRET=1``).
+
+and one :func:`register_backend` line at the bottom of this file. Modules are imported
+lazily, so an optional dependency that is missing costs nothing until that backend is asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import ModuleType
+
+import torch
+
+from lovasz_kernels import _validate
+
+ExtensionResult = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of the Lovász extension kernel.
+
+    Parameters
+    ----------
+    name
+        The name users pass as ``backend=``.
+    module
+        Import path of the module implementing the kernel (see this module's docstring).
+    devices
+        Device types (``"cpu"``, ``"cuda"``) the backend accepts.
+    priority
+        Rank for automatic selection (``backend=None``): the highest-priority available
+        backend that accepts the tensor's device is used.
+    summary
+        One line for ``lovasz-kernels info`` and the README.
+    """
+
+    name: str
+    module: str
+    devices: tuple[str, ...]
+    priority: int
+    summary: str
+    _loaded: dict[str, ModuleType] = field(default_factory=dict, repr=False, compare=False)
+
+    def _load(self) -> ModuleType:
+        if "module" not in self._loaded:
+            self._loaded["module"] = importlib.import_module(self.module)
+        return self._loaded["module"]
+
+    def availability(self) -> tuple[bool, str]:
+        """``(True, "")`` when the backend can run here, else ``(False, reason)``."""
+        try:
+            module = self._load()
+        except ImportError as exc:  # a dependency of the backend module is missing
+            return False, f"{self.name}: cannot import {self.module} ({exc})"
+        check: Callable[[], tuple[bool, str]] | None = getattr(module, "availability", None)
+        return (True, "") if check is None else check()
+
+    def supported_devices(self) -> tuple[str, ...]:
+        """Device types accepted now (may widen ``devices``, e.g. under an interpreter)."""
+        available, _ = self.availability()
+        if not available:
+            return self.devices
+        dynamic = getattr(self._load(), "supported_devices", None)
+        return self.devices if dynamic is None else tuple(dynamic())
+
+    def require(self, device: torch.device) -> None:
+        """Raise with the reason and a fix when this backend cannot run on ``device``."""
+        available, reason = self.availability()
+        if not available:
+            raise RuntimeError(f"backend {self.name!r} is not available: {reason}")
+        accepted = self.supported_devices()
+        if device.type not in accepted:
+            others = [
+                b.name
+                for b in _BACKENDS.values()
+                if device.type in b.supported_devices() and b.availability()[0]
+            ]
+            raise ValueError(
+                f"backend {self.name!r} runs on {'/'.join(accepted)} tensors only; got a tensor "
+                f"on {device}. Move the tensor (e.g. .cpu()) or pick a backend for "
+                f"{device.type}: {', '.join(others) or 'none available'}"
+            )
+
+    def lovasz_extension(self, errors: torch.Tensor, fg: torch.Tensor) -> ExtensionResult:
+        """Validate, check the device, and run the kernel.
+
+        See :func:`lovasz_kernels.lovasz_extension` for the contract.
+        """
+        _validate.check_extension_inputs(errors, fg)
+        self.require(errors.device)
+        return self.run(errors, fg)
+
+    def run(self, errors: torch.Tensor, fg: torch.Tensor) -> ExtensionResult:
+        """Run the kernel on inputs the caller has validated (used by the losses)."""
+        num_segments, num_pixels = errors.shape
+        if num_segments == 0 or num_pixels == 0:
+            # kernels need not handle empty arrays: the answer is fixed by the contract
+            return (
+                errors.new_zeros(num_segments, dtype=_validate.compute_dtype(errors.dtype)),
+                torch.zeros_like(errors),
+            )
+        return self._load().lovasz_extension(errors, fg)
+
+
+_BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend, *, replace: bool = False) -> Backend:
+    """Add a backend to the registry (``replace=True`` to overwrite an existing name)."""
+    if not isinstance(backend, Backend):
+        raise TypeError(f"backend must be a Backend record; got {type(backend).__name__}")
+    if backend.name in _BACKENDS and not replace:
+        raise ValueError(
+            f"a backend named {backend.name!r} is already registered; pass replace=True"
+        )
+    _BACKENDS[backend.name] = backend
+    return backend
+
+
+def unregister_backend(name: str) -> None:
+    """Remove a backend (for tests and plugins)."""
+    _BACKENDS.pop(name, None)
+
+
+def registered_backends() -> tuple[str, ...]:
+    """Names of every registered backend, available or not, in priority order."""
+    ordered = sorted(_BACKENDS.values(), key=lambda b: (-b.priority, b.name))
+    return tuple(b.name for b in ordered)
+
+
+def available_backends() -> dict[str, tuple[bool, str]]:
+    """Map each registered backend name to ``(available, reason_when_not)``.
+
+    Examples
+    --------
+    >>> from lovasz_kernels import available_backends
+    >>> available_backends()["numpy"]
+    (True, '')
+    """
+    return {name: _BACKENDS[name].availability() for name in registered_backends()}
+
+
+def get_backend(name: str) -> Backend:
+    """The registered backend called ``name`` (whether or not it can run here)."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str or None; got {type(name).__name__}")
+    try:
+        return _BACKENDS[name]
+    except KeyError:
+        known = ", ".join(repr(n) for n in registered_backends())
+        raise ValueError(f"unknown backend {name!r}; registered backends: {known}") from None
+
+
+def select_backend(name: str | None, device: torch.device) -> Backend:
+    """Resolve ``backend=`` for a tensor on ``device``.
+
+    An explicit name must be able to run there (else it raises, saying why); ``None`` picks
+    the highest-priority available backend for the device and silently skips the others.
+    """
+    if name is not None:
+        backend = get_backend(name)
+        backend.require(device)
+        return backend
+    for candidate in registered_backends():
+        backend = _BACKENDS[candidate]
+        # native devices only: an interpreter that widens ``supported_devices`` is for tests,
+        # never a silent default
+        if device.type in backend.devices and backend.availability()[0]:
+            return backend
+    raise RuntimeError(f"no available backend accepts {device.type} tensors")
+
+
+# One line per backend. Priority: the fastest available backend for a device wins.
+register_backend(Backend(
+    name="numpy", module="lovasz_kernels.backends.numpy_ref", devices=("cpu",), priority=10,
+    summary="reference: per-segment loop, float64 throughout (the oracle)",
+))
+register_backend(Backend(
+    name="torch", module="lovasz_kernels.backends.torch_eager", devices=("cpu", "cuda"),
+    priority=20, summary="eager PyTorch: one batched sort over all segments",
+))

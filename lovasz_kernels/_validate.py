@@ -1,0 +1,271 @@
+"""Input checks shared by every entry point.
+
+Every message names the argument, what was expected and what was received. Shape and type
+checks are free and always run; checks that read the values (NaN, label range, probabilities
+summing to one) cost one pass over the data and, on a GPU, a device synchronisation, so they can
+be switched off with :func:`set_validate_values` once a training script is known to be sound.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_validate_values = True
+
+
+def set_validate_values(enabled: bool) -> None:
+    """Turn the value checks (NaN/inf scores, label range, probability simplex) on or off.
+
+    They are on by default. Shape, dtype and device checks always run.
+
+    Examples
+    --------
+    >>> import lovasz_kernels
+    >>> lovasz_kernels.set_validate_values(False)  # in a tuned training loop
+    >>> lovasz_kernels.set_validate_values(True)
+    """
+    global _validate_values
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool; got {type(enabled).__name__}")
+    _validate_values = enabled
+
+
+def validate_values_enabled() -> bool:
+    """Whether value checks run (see :func:`set_validate_values`)."""
+    return _validate_values
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype kernels compute in: the input dtype, but never below float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def shape_str(shape: Sequence[int]) -> str:
+    """A shape as Python writes a tuple: (2, 3), (2,), ()."""
+    return str(tuple(int(n) for n in shape))
+
+
+def check_tensor(name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(value).__name__}")
+    return value
+
+
+def check_floating(name: str, value: object) -> torch.Tensor:
+    tensor = check_tensor(name, value)
+    if tensor.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a float16, bfloat16, float32 or float64 tensor; got {tensor.dtype}"
+        )
+    return tensor
+
+
+def check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False; got {value!r}")
+    return value
+
+
+def check_same_device(name: str, value: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if value.device != ref.device:
+        raise ValueError(
+            f"{name} must be on the same device as {ref_name} ({ref.device}); got {value.device}"
+        )
+
+
+def check_ignore_index(ignore_index: object) -> int | None:
+    if ignore_index is None:
+        return None
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int or None; got {ignore_index!r}")
+    int64 = torch.iinfo(torch.int64)
+    if not int64.min <= ignore_index <= int64.max:
+        raise ValueError(f"ignore_index must fit in int64; got {ignore_index}")
+    return ignore_index
+
+
+def check_finite(name: str, tensor: torch.Tensor, hint: str = "") -> None:
+    """Reject NaN and +-inf (a NaN sorts anywhere and silently corrupts every increment)."""
+    if not _validate_values:
+        return
+    tensor = tensor.detach()
+    bad = ~torch.isfinite(tensor)
+    n_bad = int(bad.sum())
+    if n_bad:
+        n_nan = int(torch.isnan(tensor).sum())
+        raise ValueError(
+            f"{name} must be finite; got {n_nan} NaN and {n_bad - n_nan} infinite values "
+            f"out of {tensor.numel()}{hint}"
+        )
+
+
+def check_labels(
+    labels: torch.Tensor, valid_values: str, num_classes: int, ignore_index: int | None
+) -> None:
+    """Labels must be integers in ``[0, num_classes)`` or equal to ``ignore_index``."""
+    if labels.dtype.is_floating_point or labels.dtype.is_complex:
+        raise TypeError(
+            f"labels must be an integer or bool tensor of class indices; got {labels.dtype} "
+            "(convert with labels.long())"
+        )
+    if not _validate_values or labels.numel() == 0 or labels.dtype == torch.bool:
+        return
+    out_of_range = (labels < 0) | (labels >= num_classes)
+    if ignore_index is not None:
+        out_of_range &= labels != ignore_index
+    n_bad = int(out_of_range.sum())
+    if n_bad:
+        example = int(labels[out_of_range].flatten()[0])
+        ignore = "" if ignore_index is None else f" or ignore_index={ignore_index}"
+        raise ValueError(
+            f"labels must be in {valid_values}{ignore}; got {n_bad} out-of-range values "
+            f"(e.g. {example})"
+        )
+
+
+def check_probas(probas: torch.Tensor) -> None:
+    """Probabilities lie in [0, 1] and, for C > 1 classes, sum to one over dim 1."""
+    hint = "; pass from_logits=True if these are logits"
+    check_finite("probas", probas, hint)
+    if not _validate_values or probas.numel() == 0:
+        return
+    probas = probas.detach()
+    low, high = float(probas.min()), float(probas.max())
+    if low < 0.0 or high > 1.0:
+        raise ValueError(f"probas must lie in [0, 1]; got values in [{low:.4g}, {high:.4g}]{hint}")
+    num_classes = probas.shape[1]
+    if num_classes > 1:
+        sums = probas.sum(dim=1, dtype=torch.float32)
+        # loose enough for probabilities rounded to bfloat16 (sums off by up to 2^-9) and
+        # then widened; tight enough to catch logits or a softmax over the wrong dim
+        tolerance = max(1e-2, 4 * torch.finfo(probas.dtype).eps)
+        deviation = float((sums - 1).abs().max())
+        if deviation > tolerance:
+            raise ValueError(
+                f"probas must sum to 1 over the class dimension (dim 1, C={num_classes}); "
+                f"got sums off by up to {deviation:.3g}{hint}"
+            )
+
+
+def normalize_classes(classes: object) -> str | list[int]:
+    """``"present"``, ``"all"`` or a list of distinct ints (range checked once C is known)."""
+    if isinstance(classes, str):
+        if classes not in ("present", "all"):
+            raise ValueError(
+                f"classes must be 'present', 'all' or a list of class indices; got {classes!r}"
+            )
+        return classes
+    if isinstance(classes, torch.Tensor):
+        if classes.dim() != 1 or classes.dtype.is_floating_point or classes.dtype == torch.bool:
+            raise TypeError(
+                f"classes as a tensor must be 1-D integer; got {classes.dtype} "
+                f"{shape_str(classes.shape)}"
+            )
+        classes = classes.tolist()
+    if not isinstance(classes, Sequence) or any(
+        isinstance(c, bool) or not isinstance(c, int) for c in classes
+    ):
+        raise TypeError(
+            f"classes must be 'present', 'all' or a sequence of ints; got {classes!r}"
+        )
+    chosen = list(classes)
+    if not chosen:
+        raise ValueError("classes must not be an empty list")
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"classes must not repeat a class; got {chosen}")
+    return chosen
+
+
+def resolve_classes(classes: object, num_classes: int) -> str | list[int]:
+    """``"present"``, ``"all"`` or a sorted list of distinct class indices in range."""
+    chosen = normalize_classes(classes)
+    if isinstance(chosen, str):
+        return chosen
+    if num_classes == 1:
+        if chosen != [1]:
+            raise ValueError(
+                "with C == 1 (the sigmoid case) the only class is the foreground class 1; "
+                f"got classes={chosen}"
+            )
+        return chosen
+    bad = [c for c in chosen if not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(f"classes must be in [0, {num_classes}); got {bad}")
+    return sorted(chosen)
+
+
+def normalize_class_weights(class_weights: object) -> torch.Tensor | None:
+    """A float64 CPU tensor of finite, non-negative weights, one positive (or None).
+
+    The length is checked against C by :func:`resolve_class_weights` once C is known.
+    """
+    if class_weights is None:
+        return None
+    expected = "class_weights must be a sequence of numbers or a tensor"
+    if isinstance(class_weights, torch.Tensor):
+        if class_weights.dim() == 0:
+            raise TypeError(f"{expected}; got a 0-d tensor")
+        weights = class_weights.detach().to(device="cpu", dtype=torch.float64)
+    elif isinstance(class_weights, Sequence) and not isinstance(class_weights, str):
+        try:
+            weights = torch.tensor(list(class_weights), dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"{expected}; got {class_weights!r}") from None
+    else:
+        raise TypeError(f"{expected}; got {type(class_weights).__name__}")
+    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+        raise ValueError(f"class_weights must be finite and >= 0; got {weights.tolist()}")
+    if weights.numel() and not bool((weights > 0).any()):
+        raise ValueError("class_weights must have at least one positive weight")
+    return weights
+
+
+def resolve_class_weights(
+    class_weights: object, num_classes: int, device: torch.device
+) -> torch.Tensor | None:
+    """A float64 tensor of C non-negative, finite weights on ``device`` (or None)."""
+    weights = normalize_class_weights(class_weights)
+    if weights is None:
+        return None
+    if weights.shape != (num_classes,):
+        raise ValueError(
+            f"class_weights must have shape ({num_classes},), one weight per class; "
+            f"got {shape_str(weights.shape)}"
+        )
+    return weights.to(device)
+
+
+def check_extension_inputs(errors: object, fg: object) -> None:
+    """The kernel contract: errors (S, P) float, fg (S, P) bool, no NaN, no +inf."""
+    errors = check_floating("errors", errors)
+    fg = check_tensor("fg", fg)
+    if errors.dim() != 2:
+        raise ValueError(
+            f"errors must have shape (S, P) (segments x pixels); got {shape_str(errors.shape)}"
+        )
+    if fg.dtype != torch.bool:
+        raise TypeError(f"fg must be a bool tensor; got {fg.dtype}")
+    if fg.shape != errors.shape:
+        raise ValueError(
+            f"fg must have the shape of errors {shape_str(errors.shape)}; "
+            f"got {shape_str(fg.shape)}"
+        )
+    check_same_device("fg", fg, "errors", errors)
+    if _validate_values and errors.numel():
+        errors = errors.detach()
+        n_nan = int(torch.isnan(errors).sum())
+        n_pos_inf = int(torch.isposinf(errors).sum())
+        if n_nan or n_pos_inf:
+            raise ValueError(
+                f"errors must not contain NaN or +inf (-inf marks padding); got {n_nan} NaN "
+                f"and {n_pos_inf} +inf values"
+            )
+        n_fg_padding = int((fg & torch.isneginf(errors)).sum())
+        if n_fg_padding:
+            raise ValueError(
+                f"padding pixels (errors == -inf) must have fg == False; got {n_fg_padding} "
+                "padding pixels marked foreground"
+            )

@@ -1,0 +1,443 @@
+"""The Lovász losses: build segments, call a backend once, reduce, and differentiate.
+
+Both losses reduce to the one kernel of DESIGN.md §1 on a batch of segments (one class of one
+image, or one class of the whole batch). A segment's loss enters the total with a fixed
+coefficient (the mean over images / classes, times optional class weights), so the loss is
+linear in the segment losses and its gradient is the kernel's gradient, scaled, signed
+(d error / d score is -1 on foreground and +1 on background for both losses) and scattered
+back once to the input's layout. That gradient is computed in forward and saved: backward
+never sorts again.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lovasz_kernels import _validate
+from lovasz_kernels._jaccard import jaccard_increments
+from lovasz_kernels._registry import Backend, select_backend
+
+__all__ = ["lovasz_extension", "lovasz_grad", "lovasz_hinge", "lovasz_softmax"]
+
+
+def lovasz_extension(
+    errors: torch.Tensor, fg: torch.Tensor, backend: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel every loss reduces to: Lovász extension of the Jaccard loss per segment.
+
+    For each row s, with x = relu(errors[s]) sorted in decreasing order and g the Jaccard
+    increments of the correspondingly sorted ``fg`` (Algorithm 1), the loss is ⟨x_sorted, g⟩
+    and the gradient puts g back at the original positions where errors > 0.
+
+    Parameters
+    ----------
+    errors
+        (S, P) float16/bfloat16/float32/float64. ``-inf`` marks padding (ignored pixels).
+    fg
+        (S, P) bool: the segment's ground truth (foreground pixels). Padding must be False.
+    backend
+        Backend name (see :func:`available_backends`); None picks the best for the device.
+
+    Returns
+    -------
+    loss : (S,) tensor in max(dtype, float32); 0 for a segment without valid pixels.
+    grad : (S, P) tensor in the dtype of ``errors``: d loss[s] / d errors[s].
+
+    Examples
+    --------
+    >>> import torch
+    >>> from lovasz_kernels import lovasz_extension
+    >>> loss, grad = lovasz_extension(torch.tensor([[0.9, -0.5, 0.3]]),
+    ...                               torch.tensor([[True, False, True]]))
+    >>> loss
+    tensor([0.6000])
+    """
+    _validate.check_extension_inputs(errors, fg)
+    return select_backend(backend, errors.device).run(errors, fg)
+
+
+def lovasz_grad(gt_sorted: torch.Tensor) -> torch.Tensor:
+    """Algorithm 1 of the paper: the gradient of the Lovász extension w.r.t. sorted errors.
+
+    Parameters
+    ----------
+    gt_sorted
+        (..., P) ground truth (bool, or 0/1 numbers) of pixels sorted by decreasing error.
+
+    Returns
+    -------
+    (..., P) float tensor g with g_k = Δ_J(first k+1 pixels) − Δ_J(first k pixels)
+    (float64 for a float64 input, else float32).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from lovasz_kernels import lovasz_grad
+    >>> lovasz_grad(torch.tensor([1, 0, 1, 0]))
+    tensor([0.5000, 0.1667, 0.3333, 0.0000])
+    """
+    gt_sorted = _validate.check_tensor("gt_sorted", gt_sorted)
+    if gt_sorted.dim() == 0:
+        raise ValueError("gt_sorted must have at least one dimension (..., P); got a scalar")
+    dtype = torch.float64 if gt_sorted.dtype == torch.float64 else torch.float32
+    if gt_sorted.dtype != torch.bool:
+        if _validate.validate_values_enabled() and bool(
+            ((gt_sorted != 0) & (gt_sorted != 1)).any()
+        ):
+            raise ValueError("gt_sorted must contain only 0 and 1 (or be a bool tensor)")
+        gt_sorted = gt_sorted != 0
+    if gt_sorted.shape[-1] == 0:
+        return torch.zeros(gt_sorted.shape, dtype=dtype, device=gt_sorted.device)
+    return jaccard_increments(gt_sorted, dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Segments and the autograd function shared by both losses
+
+
+@dataclass
+class _Segments:
+    """The kernel's input for one loss call, and how to map its gradient back.
+
+    ``weights[s]`` is the coefficient of segment s in the total loss; ``to_scores`` scatters a
+    per-segment (S, P) gradient w.r.t. errors into the layout of the differentiable input.
+    """
+
+    errors: torch.Tensor
+    fg: torch.Tensor
+    weights: torch.Tensor
+    to_scores: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _segment_weights(
+    image_of_segment: torch.Tensor, class_weight: torch.Tensor, num_images: int
+) -> torch.Tensor:
+    """Mean over images of the (weighted) mean over each image's segments, as coefficients."""
+    total_per_image = torch.zeros(num_images, dtype=torch.float64, device=class_weight.device)
+    total_per_image.index_add_(0, image_of_segment, class_weight)
+    images_counted = int((total_per_image > 0).sum())
+    return class_weight / total_per_image[image_of_segment] / max(images_counted, 1)
+
+
+class _LovaszFunction(torch.autograd.Function):
+    """Runs the backend once in forward, saves the input gradient, and scales it in backward."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        scores: torch.Tensor,
+        build: Callable[[torch.Tensor], _Segments],
+        backend: Backend,
+    ) -> torch.Tensor:
+        out_dtype = _validate.compute_dtype(scores.dtype)
+        ctx.scores_dtype = scores.dtype
+        segments = build(scores.detach())
+        if segments.errors.shape[0] == 0:
+            ctx.save_for_backward(torch.zeros_like(scores))
+            return torch.zeros((), dtype=out_dtype, device=scores.device)
+        segment_loss, segment_grad = backend.run(segments.errors, segments.fg)
+        loss = torch.dot(segment_loss.to(torch.float64), segments.weights)
+        if ctx.needs_input_grad[0]:
+            coefficient = segments.weights.to(segment_grad.dtype)[:, None]
+            error_grad = torch.where(segments.fg, -segment_grad, segment_grad) * coefficient
+            ctx.save_for_backward(segments.to_scores(error_grad))
+        return loss.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
+        (score_grad,) = ctx.saved_tensors
+        return (grad_output * score_grad).to(ctx.scores_dtype), None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Lovász hinge
+
+
+def _hinge_shapes(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flatten to (B, P): logits (B, *spatial) or (B, 1, *spatial), labels (B, *spatial)."""
+    if logits.dim() == 0:
+        raise ValueError("logits must have shape (B, *spatial) or (B, 1, *spatial); got a scalar")
+    if labels.shape != logits.shape:
+        squeezable = (
+            logits.dim() >= 2
+            and logits.shape[1] == 1
+            and labels.shape == logits.shape[:1] + logits.shape[2:]
+        )
+        if not squeezable:
+            raise ValueError(
+                f"labels must have shape (B, *spatial) matching logits (B, *spatial) or "
+                f"(B, 1, *spatial); got {_validate.shape_str(labels.shape)} for logits "
+                f"{_validate.shape_str(logits.shape)}"
+            )
+    batch, num_pixels = logits.shape[0], math.prod(labels.shape[1:])
+    return logits.reshape(batch, num_pixels), labels.reshape(batch, num_pixels)
+
+
+def lovasz_hinge(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    per_image: bool = True,
+    ignore_index: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Binary Lovász hinge loss (paper §3.2): the Lovász extension of the Jaccard loss of
+    the foreground class applied to hinge errors ``1 - logit * (2 * label - 1)``.
+
+    Parameters
+    ----------
+    logits
+        (B, *spatial) or (B, 1, *spatial) float: scores of the foreground class (not sigmoid).
+    labels
+        (B, *spatial) integer or bool, values in {0, 1} or ``ignore_index``.
+    per_image
+        True: the mean over images of each image's loss (images with no valid pixel are left
+        out of the mean). False: one loss over all pixels of the batch.
+    ignore_index
+        Label value whose pixels are ignored (no loss, zero gradient).
+    backend
+        Backend name; None picks the best available for the tensor's device.
+
+    Returns
+    -------
+    Scalar loss in max(logits.dtype, float32); 0 when no pixel is valid.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from lovasz_kernels import lovasz_hinge
+    >>> logits = torch.randn(2, 8, 8, requires_grad=True)
+    >>> labels = (torch.rand(2, 8, 8) > 0.5).long()
+    >>> loss = lovasz_hinge(logits, labels)
+    >>> loss.backward()
+    """
+    logits = _validate.check_floating("logits", logits)
+    labels = _validate.check_tensor("labels", labels)
+    _validate.check_same_device("labels", labels, "logits", logits)
+    per_image = _validate.check_flag("per_image", per_image)
+    ignore_index = _validate.check_ignore_index(ignore_index)
+    logits_2d, labels_2d = _hinge_shapes(logits, labels)
+    _validate.check_labels(labels_2d, "{0, 1}", 2, ignore_index)
+    _validate.check_finite("logits", logits_2d)
+    chosen = select_backend(backend, logits.device)
+    compute = _validate.compute_dtype(logits.dtype)
+
+    def build(scores: torch.Tensor) -> _Segments:
+        scores = scores.reshape(logits_2d.shape).to(compute)
+        valid = _valid_mask(labels_2d, ignore_index)
+        fg = (labels_2d == 1) & valid
+        errors = torch.where(fg, 1 - scores, 1 + scores).masked_fill_(~valid, -torch.inf)
+        if not per_image:
+            errors, fg, valid = errors.reshape(1, -1), fg.reshape(1, -1), valid.reshape(1, -1)
+        # the mean over segments that have a valid pixel (an all-ignored image has no loss)
+        rows = torch.nonzero(valid.any(dim=1)).flatten()
+        every_row = rows.numel() == errors.shape[0]
+        weights = torch.full(
+            (rows.numel(),), 1 / max(rows.numel(), 1), dtype=torch.float64, device=scores.device
+        )
+
+        def to_scores(error_grad: torch.Tensor) -> torch.Tensor:
+            if every_row:
+                return error_grad.reshape(logits.shape)
+            grad = error_grad.new_zeros(errors.shape)
+            grad[rows] = error_grad
+            return grad.reshape(logits.shape)
+
+        if every_row:
+            return _Segments(errors, fg, weights, to_scores)
+        return _Segments(errors[rows], fg[rows], weights, to_scores)
+
+    return _LovaszFunction.apply(logits, build, chosen)
+
+
+# --------------------------------------------------------------------------------------------
+# Lovász-Softmax
+
+
+def _valid_mask(labels: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
+    if ignore_index is None:
+        return torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
+    return labels != ignore_index
+
+
+def _softmax_shapes(
+    probas: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flatten to probas (B, C, P) and labels (B, P)."""
+    if probas.dim() < 2:
+        raise ValueError(
+            f"probas must have shape (B, C, *spatial); got {_validate.shape_str(probas.shape)}"
+        )
+    batch, num_classes = probas.shape[:2]
+    expected = probas.shape[:1] + probas.shape[2:]
+    sigmoid_layout = num_classes == 1 and labels.shape == probas.shape
+    if labels.shape != expected and not sigmoid_layout:
+        raise ValueError(
+            f"labels must have shape {_validate.shape_str(expected)} (B, *spatial) matching "
+            f"probas (B, C, *spatial); got {_validate.shape_str(labels.shape)} for probas "
+            f"{_validate.shape_str(probas.shape)}"
+        )
+    num_pixels = math.prod(probas.shape[2:])
+    return probas.reshape(batch, num_classes, num_pixels), labels.reshape(batch, num_pixels)
+
+
+def lovasz_softmax(
+    probas: torch.Tensor,
+    labels: torch.Tensor,
+    classes: str | Sequence[int] = "present",
+    per_image: bool = False,
+    ignore_index: int | None = None,
+    class_weights: Sequence[float] | torch.Tensor | None = None,
+    from_logits: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Multi-class Lovász-Softmax loss (paper §3.3, Eq. 11-12): the mean over classes of the
+    Lovász extension of each class's Jaccard loss applied to ``|1[label = c] - p_c|``.
+
+    Parameters
+    ----------
+    probas
+        (B, C, *spatial) class probabilities (softmax output), any number of spatial dims
+        (2-D images, 3-D volumes). C == 1 is the sigmoid case: the channel is P(class 1),
+        labels are in {0, 1}, and the loss is the foreground class's.
+    labels
+        (B, *spatial) integer class indices in [0, C) or ``ignore_index``.
+    classes
+        ``"present"`` (default): average over the classes present in each segment's ground
+        truth; ``"all"``: over all C classes; or a list of class indices. With C == 1 the
+        foreground class counts in every segment with a valid pixel (an image without
+        foreground is still penalised for false positives, as the Lovász hinge is).
+    per_image
+        True: one loss per image (mean over classes), then the mean over images with at least
+        one counted class. False (default): one loss per class over the whole batch.
+    ignore_index
+        Label value whose pixels are ignored.
+    class_weights
+        Optional (C,) non-negative weights: the class mean becomes a weighted mean.
+    from_logits
+        True: ``probas`` holds logits and the softmax (sigmoid when C == 1) is applied here,
+        in float32 or wider.
+    backend
+        Backend name; None picks the best available for the tensor's device.
+
+    Returns
+    -------
+    Scalar loss in max(probas.dtype, float32); 0 when no class is counted.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from lovasz_kernels import lovasz_softmax
+    >>> logits = torch.randn(2, 5, 16, 16, requires_grad=True)
+    >>> labels = torch.randint(0, 5, (2, 16, 16))
+    >>> loss = lovasz_softmax(logits.softmax(dim=1), labels)
+    >>> loss.backward()
+    """
+    probas = _validate.check_floating("probas", probas)
+    labels = _validate.check_tensor("labels", labels)
+    _validate.check_same_device("labels", labels, "probas", probas)
+    per_image = _validate.check_flag("per_image", per_image)
+    from_logits = _validate.check_flag("from_logits", from_logits)
+    ignore_index = _validate.check_ignore_index(ignore_index)
+    probas_3d, labels_2d = _softmax_shapes(probas, labels)
+    batch, num_classes, num_pixels = probas_3d.shape
+    sigmoid_case = num_classes == 1
+    chosen_classes = _validate.resolve_classes(classes, num_classes)
+    weights_per_class = _validate.resolve_class_weights(class_weights, num_classes, probas.device)
+    valid_range = "{0, 1}" if sigmoid_case else f"[0, {num_classes})"
+    _validate.check_labels(labels_2d, valid_range, max(num_classes, 2), ignore_index)
+    chosen = select_backend(backend, probas.device)
+
+    if from_logits:
+        _validate.check_finite("probas (logits, from_logits=True)", probas_3d)
+        compute = _validate.compute_dtype(probas.dtype)
+        probas = (
+            torch.sigmoid(probas.to(compute)) if sigmoid_case
+            else torch.softmax(probas, dim=1, dtype=compute)
+        )
+    else:
+        _validate.check_probas(probas_3d)
+
+    valid = _valid_mask(labels_2d, ignore_index)
+    segment_image, segment_class = _softmax_segments(
+        labels_2d, valid, num_classes, chosen_classes, per_image
+    )
+    class_weight = (
+        torch.ones(segment_class.numel(), dtype=torch.float64, device=probas.device)
+        if weights_per_class is None else weights_per_class[segment_class]
+    )
+    # a zero-weight class contributes nothing: do not sort it at all
+    kept = class_weight > 0
+    segment_image, segment_class, class_weight = (
+        segment_image[kept], segment_class[kept], class_weight[kept]
+    )
+    weights = _segment_weights(segment_image, class_weight, batch if per_image else 1)
+    # in the sigmoid case channel 0 holds class 1
+    class_label = segment_class + 1 if sigmoid_case else segment_class
+    num_segments = segment_class.numel()
+    compute = _validate.compute_dtype(probas.dtype)
+
+    def build(scores: torch.Tensor) -> _Segments:
+        scores = scores.reshape(batch, num_classes, num_pixels).to(compute)
+        if per_image:
+            segment_probas = scores[segment_image, segment_class]  # (S, P)
+            fg = labels_2d[segment_image] == class_label[:, None]
+            segment_valid = valid[segment_image]
+        else:
+            segment_probas = scores[:, segment_class].transpose(0, 1)
+            segment_probas = segment_probas.reshape(num_segments, batch * num_pixels)
+            fg = labels_2d.reshape(1, -1) == class_label[:, None]
+            segment_valid = valid.reshape(1, -1).expand_as(fg)
+        fg &= segment_valid
+        errors = torch.where(fg, 1 - segment_probas, segment_probas)
+        errors.masked_fill_(~segment_valid, -torch.inf)
+
+        def to_scores(error_grad: torch.Tensor) -> torch.Tensor:
+            grad = error_grad.new_zeros(batch, num_classes, num_pixels)
+            if per_image:
+                grad[segment_image, segment_class] = error_grad
+            else:
+                per_class = error_grad.reshape(num_segments, batch, num_pixels)
+                grad[:, segment_class] = per_class.transpose(0, 1)
+            return grad.reshape(probas.shape)
+
+        return _Segments(errors, fg, weights, to_scores)
+
+    return _LovaszFunction.apply(probas, build, chosen)
+
+
+def _softmax_segments(
+    labels: torch.Tensor,
+    valid: torch.Tensor,
+    num_classes: int,
+    classes: str | list[int],
+    per_image: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image, class-channel) index of every counted segment.
+
+    A segment needs at least one valid pixel; with ``classes="present"`` (and C > 1) it also
+    needs at least one pixel of its class.
+    """
+    batch = labels.shape[0]
+    device = labels.device
+    class_pixels = torch.zeros(batch, max(num_classes, 2), dtype=torch.int64, device=device)
+    class_pixels.scatter_add_(1, torch.where(valid, labels, 0).long(), valid.long())
+    valid_pixels = valid.sum(dim=1, keepdim=True)
+    if not per_image:
+        class_pixels = class_pixels.sum(dim=0, keepdim=True)
+        valid_pixels = valid_pixels.sum(dim=0, keepdim=True)
+    if num_classes == 1:
+        counted = valid_pixels > 0  # (images, 1): the foreground class, present or not
+    else:
+        counted = (valid_pixels > 0).expand_as(class_pixels).clone()
+        if classes == "present":
+            counted &= class_pixels > 0
+        elif classes != "all":
+            chosen = torch.zeros(num_classes, dtype=torch.bool, device=device)
+            chosen[torch.tensor(classes, device=device)] = True
+            counted &= chosen
+    segment_image, segment_class = torch.nonzero(counted, as_tuple=True)
+    return segment_image, segment_class

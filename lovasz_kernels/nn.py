@@ -1,0 +1,114 @@
+"""``nn.Module`` wrappers of the Lovász losses."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from lovasz_kernels import _validate
+from lovasz_kernels._registry import get_backend
+from lovasz_kernels.losses import lovasz_hinge, lovasz_softmax
+
+__all__ = ["LovaszHingeLoss", "LovaszSoftmaxLoss"]
+
+
+def _check_backend_name(backend: str | None) -> str | None:
+    if backend is not None:
+        get_backend(backend)  # unknown names fail at construction, not mid-epoch
+    return backend
+
+
+class LovaszHingeLoss(nn.Module):
+    """Binary Lovász hinge as a module; see :func:`lovasz_kernels.lovasz_hinge`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from lovasz_kernels import LovaszHingeLoss
+    >>> criterion = LovaszHingeLoss(per_image=True, ignore_index=255)
+    >>> criterion
+    LovaszHingeLoss(per_image=True, ignore_index=255, backend=None)
+    >>> loss = criterion(torch.randn(2, 1, 8, 8), torch.randint(0, 2, (2, 8, 8)))
+    """
+
+    def __init__(
+        self, per_image: bool = True, ignore_index: int | None = None, backend: str | None = None
+    ) -> None:
+        super().__init__()
+        self.per_image = _validate.check_flag("per_image", per_image)
+        self.ignore_index = _validate.check_ignore_index(ignore_index)
+        self.backend = _check_backend_name(backend)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return lovasz_hinge(
+            logits, labels, per_image=self.per_image, ignore_index=self.ignore_index,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"per_image={self.per_image}, ignore_index={self.ignore_index}, "
+            f"backend={self.backend!r}"
+        )
+
+
+class LovaszSoftmaxLoss(nn.Module):
+    """Multi-class Lovász-Softmax as a module; see :func:`lovasz_kernels.lovasz_softmax`.
+
+    ``class_weights`` is a buffer, so it follows ``.to(device)`` and is saved in the
+    ``state_dict``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from lovasz_kernels import LovaszSoftmaxLoss
+    >>> criterion = LovaszSoftmaxLoss(from_logits=True, ignore_index=255)
+    >>> criterion  # doctest: +NORMALIZE_WHITESPACE
+    LovaszSoftmaxLoss(classes='present', per_image=False, ignore_index=255,
+                      from_logits=True, backend=None)
+    >>> loss = criterion(torch.randn(2, 4, 8, 8), torch.randint(0, 4, (2, 8, 8)))
+    """
+
+    class_weights: torch.Tensor | None
+
+    def __init__(
+        self,
+        classes: str | Sequence[int] = "present",
+        per_image: bool = False,
+        ignore_index: int | None = None,
+        class_weights: Sequence[float] | torch.Tensor | None = None,
+        from_logits: bool = False,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.classes = _validate.normalize_classes(classes)
+        self.per_image = _validate.check_flag("per_image", per_image)
+        self.ignore_index = _validate.check_ignore_index(ignore_index)
+        self.from_logits = _validate.check_flag("from_logits", from_logits)
+        self.backend = _check_backend_name(backend)
+        weights = _validate.normalize_class_weights(class_weights)
+        if weights is not None and weights.dim() != 1:
+            raise ValueError(
+                "class_weights must be 1-D, one weight per class; "
+                f"got shape {_validate.shape_str(weights.shape)}"
+            )
+        self.register_buffer("class_weights", weights)
+
+    def forward(self, probas: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return lovasz_softmax(
+            probas, labels, classes=self.classes, per_image=self.per_image,
+            ignore_index=self.ignore_index, class_weights=self.class_weights,
+            from_logits=self.from_logits, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        weights = "" if self.class_weights is None else (
+            f", class_weights={[round(w, 4) for w in self.class_weights.tolist()]}"
+        )
+        return (
+            f"classes={self.classes!r}, per_image={self.per_image}, "
+            f"ignore_index={self.ignore_index}{weights}, from_logits={self.from_logits}, "
+            f"backend={self.backend!r}"
+        )

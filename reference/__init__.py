@@ -1,0 +1,1 @@
+"""Test-only oracles (not installed): naive transcriptions of the paper's definitions."""

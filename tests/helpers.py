@@ -1,0 +1,68 @@
+"""Input builders and comparisons shared by the tests (not by any backend)."""
+
+from __future__ import annotations
+
+import torch
+
+from lovasz_kernels._cases import GRAD_TOLERANCE, LOSS_TOLERANCE, Tolerance, mismatches
+
+__all__ = [
+    "GRAD_TOLERANCE",
+    "LOSS_TOLERANCE",
+    "assert_close_report",
+    "distinct_float32",
+    "tie_free_errors",
+]
+
+# bit ranges of finite values in (-2, 2) excluding ±0, per 16-bit dtype: drawing distinct
+# bit patterns gives distinct values, so tie-free half-precision inputs exist at any size
+_HALF_POSITIVE_BITS = {torch.float16: (0x0001, 0x4000), torch.bfloat16: (0x0001, 0x4000)}
+
+
+def tie_free_errors(
+    shape: tuple[int, int], dtype: torch.dtype, generator: torch.Generator
+) -> torch.Tensor:
+    """(S, P) errors with no two equal values in a row, about half of them negative."""
+    rows, cols = shape
+    if dtype in _HALF_POSITIVE_BITS:
+        low, high = _HALF_POSITIVE_BITS[dtype]
+        span = high - low
+        out = torch.empty(rows, cols, dtype=torch.int16)
+        for r in range(rows):
+            picks = torch.randperm(2 * span, generator=generator)[:cols]
+            negative = picks >= span
+            bits = low + picks % span
+            bits = torch.where(negative, bits | 0x8000, bits)  # set the sign bit
+            out[r] = bits.to(torch.int32).to(torch.int16)
+        return out.view(dtype)
+    values = torch.randn(rows, cols, generator=generator, dtype=torch.float64).to(dtype)
+    for r in range(rows):
+        while torch.unique(values[r]).numel() != cols:  # practically never
+            values[r] = torch.randn(cols, generator=generator, dtype=torch.float64).to(dtype)
+    return values
+
+
+def distinct_float32(num_pixels: int, generator: torch.Generator) -> torch.Tensor:
+    """(1, P) float32 errors in [0.5, ...), pairwise distinct at any P up to 2^30, shuffled.
+
+    Random float32 values collide by the birthday bound (~30k ties at 2^20 draws of
+    torch.rand); consecutive bit patterns never do.
+    """
+    ranks = torch.randperm(num_pixels, generator=generator).to(torch.int32)
+    return (0x3F000000 + ranks).view(torch.float32).reshape(1, -1)
+
+
+def assert_close_report(
+    actual: torch.Tensor, expected: torch.Tensor, tol: Tolerance, what: str
+) -> None:
+    """Fail with how many entries mismatch, where, and by how much."""
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    bad = mismatches(actual, expected, tol)
+    if bool(bad.any()):
+        where = torch.nonzero(bad)[:5].tolist()
+        a = actual.detach().double().cpu()[bad][:5].tolist()
+        e = expected.detach().double().cpu()[bad][:5].tolist()
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {bad.numel()} entries differ beyond "
+            f"rtol={tol.rtol}, atol={tol.atol}; first at {where}: got {a}, expected {e}"
+        )

@@ -1,0 +1,211 @@
+"""The bare kernel: every backend against the numpy reference and the naive oracle."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lovasz_kernels import get_backend, lovasz_extension
+from lovasz_kernels._cases import extension_cases, tie_group_sums
+from reference import naive
+from tests.helpers import (
+    GRAD_TOLERANCE,
+    LOSS_TOLERANCE,
+    assert_close_report,
+    distinct_float32,
+    tie_free_errors,
+)
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(1, 1), (3, 2), (4, 7), (5, 123), (2, 1000), (1, 4099)]
+
+
+def _run(backend: str, errors: torch.Tensor, fg: torch.Tensor):
+    return lovasz_extension(errors, fg, backend=backend)
+
+
+def _reference(errors: torch.Tensor, fg: torch.Tensor):
+    return get_backend("numpy").run(errors, fg)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_reference_tie_free(backend, dtype, shape, gen):
+    errors = tie_free_errors(shape, dtype, gen)
+    fg = torch.rand(shape, generator=gen) < 0.3
+    loss, grad = _run(backend, errors, fg)
+    ref_loss, ref_grad = _reference(errors, fg)
+    assert loss.dtype == torch.promote_types(dtype, torch.float32)
+    assert grad.dtype == dtype
+    assert_close_report(loss, ref_loss, LOSS_TOLERANCE[dtype], f"{backend} loss")
+    assert_close_report(grad, ref_grad, GRAD_TOLERANCE[dtype], f"{backend} grad")
+
+
+@pytest.mark.parametrize("with_padding", [False, True])
+@pytest.mark.parametrize("fg_rate", [0.0, 0.2, 1.0])
+def test_matches_naive_oracle_fp64(backend, gen, fg_rate, with_padding):
+    """The issue's acceptance bar: agreement with the O(P^2) definition to 1e-6 in fp64."""
+    errors = tie_free_errors((3, 60), torch.float64, gen)
+    fg = torch.rand(3, 60, generator=gen) < fg_rate
+    if with_padding:
+        errors[:, 45:] = -torch.inf
+        errors[2] = -torch.inf
+        fg &= errors > -torch.inf
+    loss, grad = _run(backend, errors, fg)
+    for s in range(3):
+        oracle_loss, oracle_grad = naive.lovasz_extension(errors[s].tolist(), fg[s].tolist())
+        assert loss[s].item() == pytest.approx(oracle_loss, abs=1e-6, rel=1e-6)
+        np.testing.assert_allclose(grad[s].numpy(), oracle_grad, rtol=1e-6, atol=1e-9)
+
+
+def test_closed_form_has_no_cancellation(backend, gen):
+    """Float32 gradients stay within a few ulps of the float64 definition at 2^20 pixels,
+    where the paper's jaccard[1:] - jaccard[:-1] in float32 is off by percents."""
+    num_pixels = 1 << 20
+    errors = distinct_float32(num_pixels, gen)
+    fg = torch.rand(1, num_pixels, generator=gen) < 0.5
+    _, grad = _run(backend, errors, fg)
+    _, ref_grad = _reference(errors.double(), fg)
+    assert_close_report(grad, ref_grad, GRAD_TOLERANCE[torch.float32], f"{backend} grad")
+
+
+def test_ties_loss_and_tie_group_gradients(backend, gen):
+    errors = torch.randint(-3, 5, (6, 300), generator=gen).double() / 4
+    fg = torch.rand(6, 300, generator=gen) < 0.4
+    loss, grad = _run(backend, errors, fg)
+    ref_loss, ref_grad = _reference(errors, fg)
+    assert_close_report(loss, ref_loss, LOSS_TOLERANCE[torch.float64], "loss on ties")
+    assert_close_report(
+        tie_group_sums(errors, grad), tie_group_sums(errors, ref_grad),
+        GRAD_TOLERANCE[torch.float64], "gradient summed over each tie group",
+    )
+
+
+def test_ties_subgradient_inequality(backend, gen):
+    """On tied inputs g is some subgradient: f(y) >= <g, y> for all y, f(x) = <g, x>."""
+    errors = torch.randint(-2, 4, (4, 80), generator=gen).double()
+    fg = torch.rand(4, 80, generator=gen) < 0.5
+    loss, grad = _run(backend, errors, fg)
+    assert torch.allclose(loss, (grad * errors.clamp_min(0)).sum(1), atol=1e-12)
+    for _ in range(20):
+        other = torch.randn(4, 80, generator=gen, dtype=torch.float64) * 3
+        other_loss, _ = _reference(other, fg)
+        # g vanishes where errors <= 0 and g >= 0, so <g, relu(y)> >= <g, y> bounds it too
+        assert bool((other_loss >= (grad * other.clamp_min(0)).sum(1) - 1e-12).all())
+
+
+def test_binary_vectors_equal_jaccard_set_function(backend, gen):
+    """The extension interpolates Δ_J: on an indicator vector 1_M it equals Δ_J(M)."""
+    for _ in range(10):
+        mispredicted = torch.rand(1, 40, generator=gen) < 0.3
+        fg = torch.rand(1, 40, generator=gen) < 0.4
+        loss, _ = _run(backend, mispredicted.double(), fg)
+        expected = naive.jaccard_set_loss(
+            set(torch.nonzero(mispredicted[0]).flatten().tolist()),
+            set(torch.nonzero(fg[0]).flatten().tolist()),
+        )
+        assert loss.item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_edge_cases(backend):
+    # empty segment: no valid pixel
+    loss, grad = _run(backend, torch.full((2, 5), -torch.inf), torch.zeros(2, 5, dtype=torch.bool))
+    assert loss.tolist() == [0.0, 0.0] and bool((grad == 0).all())
+    # no foreground: the loss is the largest positive error, all on that pixel
+    errors = torch.tensor([[0.2, 0.7, -0.1, 0.5]], dtype=torch.float64)
+    loss, grad = _run(backend, errors, torch.zeros(1, 4, dtype=torch.bool))
+    assert loss.item() == pytest.approx(0.7)
+    assert grad.tolist() == [[0.0, 1.0, 0.0, 0.0]]
+    # one pixel, foreground and background
+    for is_fg in (True, False):
+        loss, grad = _run(backend, torch.tensor([[0.25]]), torch.tensor([[is_fg]]))
+        assert loss.item() == pytest.approx(0.25) and grad.item() == pytest.approx(1.0)
+    # all errors <= 0 (including -0.0): loss 0, gradient 0
+    errors = torch.tensor([[-0.0, 0.0, -1.0, -torch.inf]])
+    loss, grad = _run(backend, errors, torch.tensor([[True, False, True, False]]))
+    assert loss.item() == 0.0 and bool((grad == 0).all())
+    # S = 0 or P = 0
+    for shape in ((0, 4), (3, 0)):
+        loss, grad = _run(backend, torch.zeros(shape), torch.zeros(shape, dtype=torch.bool))
+        assert loss.shape == (shape[0],) and grad.shape == shape
+
+
+def test_padding_does_not_change_the_answer(backend, gen):
+    """-inf padding appended anywhere leaves loss and real-pixel gradients unchanged."""
+    errors = tie_free_errors((3, 50), torch.float64, gen)
+    fg = torch.rand(3, 50, generator=gen) < 0.3
+    loss, grad = _run(backend, errors, fg)
+    padded = torch.full((3, 80), -torch.inf, dtype=torch.float64)
+    padded_fg = torch.zeros(3, 80, dtype=torch.bool)
+    positions = torch.randperm(80, generator=gen)[:50].sort().values
+    padded[:, positions], padded_fg[:, positions] = errors, fg
+    padded_loss, padded_grad = _run(backend, padded, padded_fg)
+    assert torch.allclose(padded_loss, loss, rtol=1e-12, atol=0)
+    assert torch.allclose(padded_grad[:, positions], grad, rtol=1e-12, atol=0)
+    mask = torch.ones(80, dtype=torch.bool)
+    mask[positions] = False
+    assert bool((padded_grad[:, mask] == 0).all())
+
+
+def test_inputs_are_not_modified(backend, gen):
+    errors = tie_free_errors((2, 30), torch.float32, gen)
+    fg = torch.rand(2, 30, generator=gen) < 0.5
+    errors_copy, fg_copy = errors.clone(), fg.clone()
+    _run(backend, errors, fg)
+    assert torch.equal(errors, errors_copy) and torch.equal(fg, fg_copy)
+
+
+def test_non_contiguous_inputs(backend, gen):
+    errors = tie_free_errors((40, 6), torch.float64, gen).t()
+    fg = (torch.rand(40, 6, generator=gen) < 0.5).t()
+    loss, grad = _run(backend, errors, fg)
+    ref_loss, ref_grad = _reference(errors.contiguous(), fg.contiguous())
+    assert_close_report(loss, ref_loss, LOSS_TOLERANCE[torch.float64], "loss")
+    assert_close_report(grad, ref_grad, GRAD_TOLERANCE[torch.float64], "grad")
+
+
+def test_check_cases_agree_with_reference(backend):
+    """The cases `lovasz-kernels check` runs, here as a test."""
+    for case in extension_cases():
+        loss, grad = _run(backend, case.errors, case.fg)
+        ref_loss, ref_grad = _reference(case.errors, case.fg)
+        dtype = case.errors.dtype
+        assert_close_report(loss, ref_loss, LOSS_TOLERANCE[dtype], f"{case.name} loss")
+        if case.tie_free:
+            assert_close_report(grad, ref_grad, GRAD_TOLERANCE[dtype], f"{case.name} grad")
+        else:
+            assert_close_report(
+                tie_group_sums(case.errors, grad), tie_group_sums(case.errors, ref_grad),
+                GRAD_TOLERANCE[dtype], f"{case.name} tie-group grad",
+            )
+
+
+@pytest.mark.slow
+def test_huge_segment_gradient_matches_float64(backend, gen):
+    """2^25 pixels in one segment: float32 counts would be wrong above 2^24.
+
+    Errors are 2^25 distinct float32 values (consecutive bit patterns from 0.5 up), shuffled,
+    so the sorted order is known without sorting; the expected increments are the Jaccard
+    differences from the definition in float64 (error ~1e-9 relative at this size).
+    """
+    num_pixels = 1 << 25
+    ranks = torch.randperm(num_pixels, generator=gen)  # pixel i has the ranks[i]-th largest
+    bits = 0x3F000000 + (num_pixels - 1 - ranks).to(torch.int32)
+    errors = bits.view(torch.float32).reshape(1, -1)
+    fg_sorted = torch.rand(num_pixels, generator=gen) < 0.3
+    fg = fg_sorted[ranks].reshape(1, -1)
+    del bits
+    _, grad = _run(backend, errors, fg)
+
+    fg_seen = np.cumsum(fg_sorted.numpy(), dtype=np.int64)
+    n_fg = int(fg_seen[-1])
+    position = np.arange(1, num_pixels + 1, dtype=np.int64)
+    jaccard = 1.0 - (n_fg - fg_seen) / (n_fg + position - fg_seen).astype(np.float64)
+    expected_sorted = np.diff(jaccard, prepend=0.0)
+    expected = torch.from_numpy(expected_sorted)[ranks]
+    del jaccard, fg_seen, position, expected_sorted
+    assert_close_report(grad[0], expected, GRAD_TOLERANCE[torch.float32], f"{backend} 2^25 grad")
+    assert math.isclose(float(grad.double().sum()), 1.0, rel_tol=1e-6)  # telescopes to Δ(V)

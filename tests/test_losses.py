@@ -1,0 +1,309 @@
+"""The losses end to end: every backend against the naive oracle, autograd, reductions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import lovasz_kernels.backends.numpy_ref
+from lovasz_kernels import get_backend, lovasz_grad, lovasz_hinge, lovasz_softmax
+from reference import naive
+from tests.helpers import GRAD_TOLERANCE, LOSS_TOLERANCE, assert_close_report
+
+
+def _softmax_inputs(gen, batch=2, classes=4, spatial=(5, 7), dtype=torch.float64):
+    logits = torch.randn(batch, classes, *spatial, generator=gen, dtype=torch.float64) * 2
+    labels = torch.randint(0, classes, (batch, *spatial), generator=gen)
+    return logits.softmax(dim=1).to(dtype), labels
+
+
+def _loss_and_grad(fn, scores, *args, **kwargs):
+    scores = scores.detach().clone().requires_grad_()
+    loss = fn(scores, *args, **kwargs)
+    (grad,) = torch.autograd.grad(loss, scores)
+    return loss.detach(), grad
+
+
+def _oracle_softmax(probas, labels, **kwargs):
+    batch, classes = probas.shape[:2]
+    loss, grad = naive.lovasz_softmax(
+        probas.reshape(batch, classes, -1), labels.reshape(batch, -1), **kwargs
+    )
+    return loss, torch.tensor(grad, dtype=torch.float64).reshape(probas.shape)
+
+
+def _assert_matches_oracle(loss, grad, oracle_loss, oracle_grad):
+    assert loss.item() == pytest.approx(oracle_loss, rel=1e-9, abs=1e-12)
+    assert_close_report(grad, oracle_grad, GRAD_TOLERANCE[torch.float64], "grad vs oracle")
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+@pytest.mark.parametrize("classes", ["present", "all", [0, 2]], ids=str)
+@pytest.mark.parametrize("ignore_index", [None, 255])
+def test_softmax_matches_oracle(backend, gen, per_image, classes, ignore_index):
+    probas, labels = _softmax_inputs(gen, batch=3, classes=4)
+    labels[labels == 3] = 1  # class 3 absent everywhere: "present" and "all" differ
+    labels[1, 0] = 2
+    if ignore_index is not None:
+        labels[0, :2] = ignore_index
+        labels[2] = ignore_index  # a fully ignored image
+    kwargs = dict(classes=classes, per_image=per_image, ignore_index=ignore_index)
+    loss, grad = _loss_and_grad(lovasz_softmax, probas, labels, backend=backend, **kwargs)
+    _assert_matches_oracle(loss, grad, *_oracle_softmax(probas, labels, **kwargs))
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+def test_softmax_class_weights(backend, gen, per_image):
+    probas, labels = _softmax_inputs(gen, batch=2, classes=3)
+    weights = [0.5, 2.0, 0.0]
+    kwargs = dict(per_image=per_image, class_weights=weights)
+    loss, grad = _loss_and_grad(lovasz_softmax, probas, labels, backend=backend, **kwargs)
+    _assert_matches_oracle(loss, grad, *_oracle_softmax(probas, labels, **kwargs))
+    # uniform weights are the plain mean
+    uniform = lovasz_softmax(probas, labels, per_image=per_image, class_weights=torch.ones(3) * 7)
+    plain = lovasz_softmax(probas, labels, per_image=per_image)
+    assert uniform.item() == pytest.approx(plain.item())
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+@pytest.mark.parametrize("ignore_index", [None, -1])
+def test_hinge_matches_oracle(backend, gen, per_image, ignore_index):
+    logits = torch.randn(3, 6, 5, generator=gen, dtype=torch.float64) * 2
+    labels = torch.randint(0, 2, (3, 6, 5), generator=gen)
+    labels[2] = 0  # an image without foreground still counts
+    if ignore_index is not None:
+        labels[0, 0] = ignore_index
+        labels[1] = ignore_index  # fully ignored: left out of the mean
+    loss, grad = _loss_and_grad(
+        lovasz_hinge, logits, labels, per_image=per_image, ignore_index=ignore_index,
+        backend=backend,
+    )
+    oracle_loss, oracle_grad = naive.lovasz_hinge(
+        logits.reshape(3, -1), labels.reshape(3, -1), per_image, ignore_index
+    )
+    oracle_grad = torch.tensor(oracle_grad, dtype=torch.float64).reshape(3, 6, 5)
+    _assert_matches_oracle(loss, grad, oracle_loss, oracle_grad)
+
+
+def test_hinge_channel_layout(backend, gen):
+    logits = torch.randn(2, 1, 4, 4, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 2, (2, 4, 4), generator=gen)
+    expected = lovasz_hinge(logits[:, 0], labels, backend=backend)
+    assert lovasz_hinge(logits, labels, backend=backend).item() == expected.item()
+    assert lovasz_hinge(logits, labels[:, None], backend=backend).item() == expected.item()
+    loss, grad = _loss_and_grad(lovasz_hinge, logits, labels, backend=backend)
+    assert grad.shape == logits.shape
+
+
+def test_sigmoid_case_with_default_arguments(backend, gen):
+    """C == 1: the channel is P(foreground); an image without foreground is still penalised."""
+    probas = torch.rand(3, 1, 6, 6, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 2, (3, 6, 6), generator=gen)
+    labels[1] = 0
+    loss, grad = _loss_and_grad(lovasz_softmax, probas, labels, backend=backend)
+    _assert_matches_oracle(loss, grad, *_oracle_softmax(probas, labels))
+    # per image: the image without foreground gets a gradient pushing its top error down
+    loss_pi, grad_pi = _loss_and_grad(lovasz_softmax, probas, labels, per_image=True,
+                                      backend=backend)
+    _assert_matches_oracle(loss_pi, grad_pi, *_oracle_softmax(probas, labels, per_image=True))
+    assert grad_pi[1].abs().max() > 0
+    # the foreground class's Lovász extension on |y - p|, straight from the kernel
+    same = lovasz_softmax(probas, labels[:, None], classes=[1], backend=backend)
+    assert same.item() == pytest.approx(loss.item(), rel=1e-12)
+    # from logits: sigmoid applied inside
+    logits = torch.logit(probas)
+    from_logits = lovasz_softmax(logits, labels, from_logits=True, backend=backend)
+    assert from_logits.item() == pytest.approx(loss.item(), rel=1e-9)
+
+
+def test_from_logits_equals_softmax_first(backend, gen):
+    logits = torch.randn(2, 5, 6, 6, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 5, (2, 6, 6), generator=gen)
+    direct, grad_direct = _loss_and_grad(
+        lambda x, y: lovasz_softmax(x.softmax(dim=1), y, backend=backend), logits, labels
+    )
+    inside, grad_inside = _loss_and_grad(
+        lovasz_softmax, logits, labels, from_logits=True, backend=backend
+    )
+    assert inside.item() == pytest.approx(direct.item(), rel=1e-12)
+    assert torch.allclose(grad_inside, grad_direct, rtol=1e-10, atol=1e-14)
+
+
+def test_volumes_and_any_spatial_rank(backend, gen):
+    """3-D volumes: the loss only sees pixel sets, so reshaping the spatial dims is a no-op."""
+    probas, labels = _softmax_inputs(gen, batch=2, classes=3, spatial=(3, 4, 5))
+    for per_image in (False, True):
+        volume, grad = _loss_and_grad(lovasz_softmax, probas, labels, per_image=per_image,
+                                      backend=backend)
+        flat, flat_grad = _loss_and_grad(
+            lovasz_softmax, probas.reshape(2, 3, 12, 5), labels.reshape(2, 12, 5),
+            per_image=per_image, backend=backend,
+        )
+        assert volume.item() == pytest.approx(flat.item(), rel=1e-12)
+        assert torch.equal(grad.reshape(flat_grad.shape), flat_grad)
+        _assert_matches_oracle(volume, grad,
+                               *_oracle_softmax(probas, labels, per_image=per_image))
+    # no spatial dims at all: (B, C) classification
+    loss, grad = _loss_and_grad(lovasz_softmax, probas[:, :, 0, 0, 0], labels[:, 0, 0, 0],
+                                backend=backend)
+    _assert_matches_oracle(loss, grad,
+                           *_oracle_softmax(probas[:, :, 0, 0, 0], labels[:, 0, 0, 0]))
+
+
+def test_per_image_differs_from_batch(backend, gen):
+    probas, labels = _softmax_inputs(gen, batch=3, classes=4, spatial=(8, 8))
+    batch_loss = lovasz_softmax(probas, labels, backend=backend)
+    image_loss = lovasz_softmax(probas, labels, per_image=True, backend=backend)
+    assert batch_loss.item() != pytest.approx(image_loss.item(), rel=1e-6)
+    # with one image they coincide
+    one = lovasz_softmax(probas[:1], labels[:1], backend=backend)
+    assert one.item() == pytest.approx(
+        lovasz_softmax(probas[:1], labels[:1], per_image=True, backend=backend).item(), rel=1e-12
+    )
+
+
+def test_single_valid_pixel_and_nothing_valid(backend, gen):
+    probas, labels = _softmax_inputs(gen, batch=2, classes=3, spatial=(4, 4))
+    labels.fill_(255)
+    labels[1, 2, 3] = 2
+    for per_image in (False, True):
+        loss, grad = _loss_and_grad(lovasz_softmax, probas, labels, ignore_index=255,
+                                    per_image=per_image, backend=backend)
+        # one pixel of class 2: the loss is its error 1 - p_2
+        assert loss.item() == pytest.approx(1 - probas[1, 2, 2, 3].item(), rel=1e-12)
+        assert grad[1, 2, 2, 3].item() == pytest.approx(-1.0)
+        assert int((grad != 0).sum()) == 1
+    labels.fill_(255)
+    for fn, scores in ((lovasz_softmax, probas), (lovasz_hinge, probas[:, 0])):
+        loss, grad = _loss_and_grad(fn, scores, labels, ignore_index=255, backend=backend)
+        assert loss.item() == 0.0 and bool((grad == 0).all())
+
+
+def test_empty_batch(backend):
+    probas = torch.empty(0, 3, 4, 4, dtype=torch.float64)
+    labels = torch.empty(0, 4, 4, dtype=torch.long)
+    loss, grad = _loss_and_grad(lovasz_softmax, probas, labels, backend=backend)
+    assert loss.item() == 0.0 and grad.shape == probas.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_low_precision_inputs(backend, gen, dtype):
+    """The same values in a narrow dtype give the float64 answer (computed in >= float32)."""
+    probas, labels = _softmax_inputs(gen, batch=2, classes=4, spatial=(9, 11), dtype=dtype)
+    narrow_loss, narrow_grad = _loss_and_grad(lovasz_softmax, probas, labels, backend=backend)
+    wide_loss, wide_grad = _loss_and_grad(lovasz_softmax, probas.double(), labels,
+                                          backend=backend)
+    assert narrow_loss.dtype == torch.float32 and narrow_grad.dtype == dtype
+    assert_close_report(narrow_loss, wide_loss, LOSS_TOLERANCE[dtype], "loss")
+    assert_close_report(narrow_grad, wide_grad, GRAD_TOLERANCE[dtype], "grad")
+    logits = torch.randn(2, 9, 11, generator=gen).to(dtype)
+    binary = torch.randint(0, 2, (2, 9, 11), generator=gen)
+    narrow_loss, narrow_grad = _loss_and_grad(lovasz_hinge, logits, binary, backend=backend)
+    wide_loss, wide_grad = _loss_and_grad(lovasz_hinge, logits.double(), binary, backend=backend)
+    assert_close_report(narrow_loss, wide_loss, LOSS_TOLERANCE[dtype], "hinge loss")
+    assert_close_report(narrow_grad, wide_grad, GRAD_TOLERANCE[dtype], "hinge grad")
+
+
+def test_label_dtypes(backend, gen):
+    probas, labels = _softmax_inputs(gen, batch=2, classes=3)
+    expected = lovasz_softmax(probas, labels, backend=backend)
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        assert lovasz_softmax(probas, labels.to(dtype), backend=backend).item() == expected.item()
+    binary = labels.clamp(max=1)
+    logits = torch.logit(probas[:, 1].clamp(1e-6, 1 - 1e-6))
+    assert lovasz_hinge(logits, binary.bool(), backend=backend).item() == pytest.approx(
+        lovasz_hinge(logits, binary, backend=backend).item()
+    )
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+def test_gradcheck_fp64(backend, gen, per_image):
+    """Finite differences agree with autograd (inputs well separated: no kink crossed)."""
+    logits = torch.randn(2, 3, 3, 4, generator=gen, dtype=torch.float64) * 3
+    labels = torch.randint(0, 3, (2, 3, 4), generator=gen)
+    logits.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x: lovasz_softmax(x, labels, per_image=per_image, from_logits=True,
+                                 backend=backend),
+        (logits,), eps=1e-7, atol=1e-6,
+    )
+    probas = logits.detach().softmax(dim=1).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda p: lovasz_softmax(p, labels, per_image=per_image, backend=backend),
+        (probas,), eps=1e-8, atol=1e-6,
+    )
+    hinge_logits = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64).requires_grad_()
+    binary = labels.clamp(max=1)
+    assert torch.autograd.gradcheck(
+        lambda x: lovasz_hinge(x, binary, per_image=per_image, backend=backend),
+        (hinge_logits,), eps=1e-7, atol=1e-6,
+    )
+
+
+def test_backend_runs_once_per_forward_and_never_in_backward(backend, gen, monkeypatch):
+    module = get_backend(backend)._load()
+    calls = []
+    original = module.lovasz_extension
+
+    def counting(errors, fg):
+        calls.append(errors.shape)
+        return original(errors, fg)
+
+    monkeypatch.setattr(module, "lovasz_extension", counting)
+    probas, labels = _softmax_inputs(gen, batch=2, classes=4)
+    probas.requires_grad_()
+    loss = lovasz_softmax(probas, labels, per_image=True, backend=backend)
+    assert len(calls) == 1
+    (loss * 3).backward()
+    assert len(calls) == 1
+    # the gradient scales with the upstream gradient
+    probas_2 = probas.detach().clone().requires_grad_()
+    lovasz_softmax(probas_2, labels, per_image=True, backend=backend).backward()
+    assert torch.allclose(probas.grad, 3 * probas_2.grad)
+
+
+def test_double_backward_through_softmax(backend, gen):
+    """Piecewise linear in the probabilities: second derivatives come only from the softmax."""
+    logits = torch.randn(1, 3, 4, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 3, (1, 4, 4), generator=gen)
+    assert torch.autograd.gradgradcheck(
+        lambda x: lovasz_softmax(x, labels, from_logits=True, backend=backend), (logits,)
+    )
+
+
+def test_no_grad_and_inference_mode(backend, gen):
+    probas, labels = _softmax_inputs(gen)
+    expected = lovasz_softmax(probas, labels, backend=backend)
+    with torch.no_grad():
+        assert lovasz_softmax(probas, labels, backend=backend).item() == expected.item()
+    with torch.inference_mode():
+        assert lovasz_softmax(probas, labels, backend=backend).item() == expected.item()
+
+
+def test_present_classes_skip_absent_segments(gen, monkeypatch):
+    """Only counted segments reach the kernel (150 classes, a handful present)."""
+    shapes = []
+    module = lovasz_kernels.backends.numpy_ref
+    original = module.lovasz_extension
+    monkeypatch.setattr(module, "lovasz_extension",
+                        lambda e, f: shapes.append(tuple(e.shape)) or original(e, f))
+    probas = torch.rand(2, 150, 4, 4, generator=gen).softmax(dim=1)
+    labels = torch.randint(0, 3, (2, 4, 4), generator=gen)
+    present = int(torch.unique(labels).numel())
+    lovasz_softmax(probas, labels, backend="numpy")
+    assert shapes[-1] == (present, 32)
+
+
+def test_lovasz_grad_is_algorithm_1(gen):
+    for _ in range(5):
+        gt = (torch.rand(30, generator=gen) < 0.4).long()
+        fg = set(torch.nonzero(gt).flatten().tolist())
+        jaccard = [naive.jaccard_set_loss(set(range(k)), fg) for k in range(31)]
+        expected = np.diff(jaccard)
+        np.testing.assert_allclose(lovasz_grad(gt).numpy(), expected, rtol=1e-6, atol=1e-7)
+        assert lovasz_grad(gt.double()).dtype == torch.float64
+    batched = (torch.rand(4, 20, generator=gen) < 0.5)
+    assert torch.equal(lovasz_grad(batched)[2], lovasz_grad(batched[2]))
+    assert lovasz_grad(torch.zeros(0)).shape == (0,)
+    assert lovasz_grad(torch.zeros(3)).tolist() == [1.0, 0.0, 0.0]  # no foreground
