@@ -8,6 +8,7 @@ One kernel interface, several cross-validated backends chosen per call by name::
 
 from lovasz_kernels._registry import (
     Backend,
+    BackendUnavailableError,
     available_backends,
     get_backend,
     register_backend,
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Backend",
+    "BackendUnavailableError",
     "LovaszHingeLoss",
     "LovaszSoftmaxLoss",
     "available_backends",

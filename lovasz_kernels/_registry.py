@@ -28,6 +28,14 @@ from lovasz_kernels import _validate
 ExtensionResult = tuple[torch.Tensor, torch.Tensor]
 
 
+class BackendUnavailableError(ValueError, RuntimeError):
+    """A requested backend cannot run here; the message says why and how to fix it.
+
+    A ``ValueError`` (the ``backend=`` argument cannot be honoured) and a ``RuntimeError``
+    (the cause is the environment: a missing package or device).
+    """
+
+
 @dataclass(frozen=True)
 class Backend:
     """One implementation of the Lovász extension kernel.
@@ -80,7 +88,7 @@ class Backend:
         """Raise with the reason and a fix when this backend cannot run on ``device``."""
         available, reason = self.availability()
         if not available:
-            raise RuntimeError(f"backend {self.name!r} is not available: {reason}")
+            raise BackendUnavailableError(f"backend {self.name!r} is not available: {reason}")
         accepted = self.supported_devices()
         if device.type not in accepted:
             others = [
@@ -180,7 +188,7 @@ def select_backend(name: str | None, device: torch.device) -> Backend:
         # never a silent default
         if device.type in backend.devices and backend.availability()[0]:
             return backend
-    raise RuntimeError(f"no available backend accepts {device.type} tensors")
+    raise BackendUnavailableError(f"no available backend accepts {device.type} tensors")
 
 
 # One line per backend. Priority: the fastest available backend for a device wins.

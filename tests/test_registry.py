@@ -14,6 +14,7 @@ import torch
 import lovasz_kernels.backends.torch_eager as torch_eager
 from lovasz_kernels import (
     Backend,
+    BackendUnavailableError,
     available_backends,
     get_backend,
     lovasz_extension,
@@ -185,7 +186,7 @@ def test_missing_backend_reported_unavailable(fake_missing):
 
 
 def test_missing_backend_explicit_softmax_raises(fake_missing, inputs):
-    with pytest.raises(RuntimeError, match="backend 'fake_missing' is not available: .*"
+    with pytest.raises(BackendUnavailableError, match="backend 'fake_missing' is not available: .*"
                                            "nonexistent_module"):
         lovasz_softmax(*inputs, backend="fake_missing")
 
@@ -193,7 +194,7 @@ def test_missing_backend_explicit_softmax_raises(fake_missing, inputs):
 def test_missing_backend_explicit_hinge_and_extension_raise(fake_missing, gen):
     logits = torch.randn(2, 6, generator=gen)
     labels = torch.randint(0, 2, (2, 6), generator=gen)
-    with pytest.raises(RuntimeError, match="not available"):
+    with pytest.raises(ValueError, match="not available"):  # BackendUnavailableError
         lovasz_hinge(logits, labels, backend="fake_missing")
     with pytest.raises(RuntimeError, match="not available"):
         lovasz_extension(logits, labels.bool(), backend="fake_missing")
