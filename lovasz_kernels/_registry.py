@@ -102,17 +102,11 @@ class Backend:
                 f"{device.type}: {', '.join(others) or 'none available'}"
             )
 
-    def lovasz_extension(self, errors: torch.Tensor, fg: torch.Tensor) -> ExtensionResult:
-        """Validate, check the device, and run the kernel.
-
-        See :func:`lovasz_kernels.lovasz_extension` for the contract.
-        """
-        _validate.check_extension_inputs(errors, fg)
-        self.require(errors.device)
-        return self.run(errors, fg)
-
     def run(self, errors: torch.Tensor, fg: torch.Tensor) -> ExtensionResult:
-        """Run the kernel on inputs the caller has validated (used by the losses)."""
+        """Run the kernel on validated inputs on a device this backend accepts.
+
+        Callers validate first: :func:`lovasz_kernels.lovasz_extension` and the losses.
+        """
         num_segments, num_pixels = errors.shape
         if num_segments == 0 or num_pixels == 0:
             # kernels need not handle empty arrays: the answer is fixed by the contract
