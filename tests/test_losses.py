@@ -307,3 +307,16 @@ def test_lovasz_grad_is_algorithm_1(gen):
     assert torch.equal(lovasz_grad(batched)[2], lovasz_grad(batched[2]))
     assert lovasz_grad(torch.zeros(0)).shape == (0,)
     assert lovasz_grad(torch.zeros(3)).tolist() == [1.0, 0.0, 0.0]  # no foreground
+
+
+def test_zero_weight_classes_are_not_sorted(gen, monkeypatch):
+    """A class with weight 0 never reaches the kernel (the README promises it)."""
+    shapes = []
+    module = lovasz_kernels.backends.numpy_ref
+    original = module.lovasz_extension
+    monkeypatch.setattr(module, "lovasz_extension",
+                        lambda e, f: shapes.append(tuple(e.shape)) or original(e, f))
+    probas = torch.rand(2, 4, 4, 4, generator=gen).softmax(dim=1)
+    labels = torch.arange(4).repeat(8).reshape(2, 4, 4)  # every class present
+    lovasz_softmax(probas, labels, class_weights=[1.0, 0.0, 2.0, 0.0], backend="numpy")
+    assert shapes[-1] == (2, 32)
