@@ -8,7 +8,9 @@ A backend is a module under ``lovasz_kernels/backends/`` that defines
     whether it can run in this process, and why not (an install hint);
 ``supported_devices() -> tuple[str, ...]`` (optional)
     device types it accepts now, when that depends on the environment
-    (the triton backend accepts CPU tensors under ``TRITON_INTERPRET=1``).
+    (the triton backend accepts CPU tensors under ``TRITON_INTERPRET=1``);
+``details() -> str`` (optional)
+    one line for ``lovasz-kernels info`` about how it will run (threads, device, mode).
 
 and one :func:`register_backend` line at the bottom of this file. Modules are imported
 lazily, so an optional dependency that is missing costs nothing until that backend is asked for.
@@ -83,6 +85,13 @@ class Backend:
             return self.devices
         dynamic = getattr(self._load(), "supported_devices", None)
         return self.devices if dynamic is None else tuple(dynamic())
+
+    def details(self) -> str:
+        """The module's ``details()`` line when it is available and has one, else ``""``."""
+        if not self.availability()[0]:
+            return ""
+        describe: Callable[[], str] | None = getattr(self._load(), "details", None)
+        return "" if describe is None else describe()
 
     def require(self, device: torch.device) -> None:
         """Raise with the reason and a fix when this backend cannot run on ``device``."""
@@ -193,4 +202,12 @@ register_backend(Backend(
 register_backend(Backend(
     name="torch", module="lovasz_kernels.backends.torch_eager", devices=("cpu", "cuda"),
     priority=20, summary="eager PyTorch: one batched sort over all segments",
+))
+register_backend(Backend(
+    name="numba", module="lovasz_kernels.backends.numba_cpu", devices=("cpu",), priority=30,
+    summary="radix sort of packed keys, fused post-sort pass, parallel over and within segments",
+))
+register_backend(Backend(
+    name="triton", module="lovasz_kernels.backends.triton_gpu", devices=("cuda",), priority=30,
+    summary="Triton kernels: key build, segmented sort, fused multi-block scan and scatter",
 ))

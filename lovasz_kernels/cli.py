@@ -52,7 +52,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         backend = get_backend(name)
         available, reason = backend.availability()
         devices = "/".join(backend.supported_devices())
-        rows.append([name, "yes" if available else "no", devices, reason or backend.summary])
+        notes = reason or "; ".join(filter(None, [backend.summary, backend.details()]))
+        rows.append([name, "yes" if available else "no", devices, notes])
     print()
     print(_table(["backend", "available", "devices", "notes"], rows))
     return 0
