@@ -16,21 +16,39 @@ from lovasz_kernels._registry import (
 )
 from lovasz_kernels._validate import set_validate_values, validate_values_enabled
 from lovasz_kernels.losses import lovasz_extension, lovasz_grad, lovasz_hinge, lovasz_softmax
+from lovasz_kernels.metrics import (
+    ConfusionMatrix,
+    batch_miou,
+    confusion_matrix,
+    dataset_miou,
+    image_miou,
+    per_class_iou,
+    per_image_miou,
+)
 from lovasz_kernels.nn import LovaszHingeLoss, LovaszSoftmaxLoss
+from lovasz_kernels.sampling import EquiBatchSampler
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Backend",
     "BackendUnavailableError",
+    "ConfusionMatrix",
+    "EquiBatchSampler",
     "LovaszHingeLoss",
     "LovaszSoftmaxLoss",
     "available_backends",
+    "batch_miou",
+    "confusion_matrix",
+    "dataset_miou",
     "get_backend",
+    "image_miou",
     "lovasz_extension",
     "lovasz_grad",
     "lovasz_hinge",
     "lovasz_softmax",
+    "per_class_iou",
+    "per_image_miou",
     "register_backend",
     "registered_backends",
     "set_validate_values",

@@ -1,0 +1,151 @@
+"""Class-cycling sampling of training images (paper §3.1, "equibatch").
+
+The Lovász-Softmax with ``classes="present"`` and ``per_image=False`` optimizes the batch-mIoU,
+which only approaches the dataset-mIoU when every class shows up in (nearly) every batch. The
+paper does this for Pascal VOC by cycling over the classes when building batches.
+:class:`EquiBatchSampler` is that sampler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+from torch.utils.data import Sampler
+
+__all__ = ["EquiBatchSampler"]
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int; got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {value}")
+    return value
+
+
+def _classes_of(sample: int, classes: object, num_classes: int) -> list[int]:
+    """The distinct classes of one sample, checked to be ints in [0, num_classes)."""
+    if isinstance(classes, torch.Tensor):
+        if classes.dtype.is_floating_point or classes.dtype.is_complex:
+            raise TypeError(
+                f"classes_per_sample[{sample}] must hold integer class indices; "
+                f"got a {classes.dtype} tensor"
+            )
+        classes = classes.flatten().tolist()
+    if isinstance(classes, (str, bytes)) or not isinstance(classes, Iterable):
+        raise TypeError(
+            f"classes_per_sample[{sample}] must be an iterable of class indices; got {classes!r}"
+        )
+    found = set()
+    for c in classes:
+        if isinstance(c, bool) or not isinstance(c, int):
+            raise TypeError(
+                f"classes_per_sample[{sample}] must hold ints; got {c!r} in {classes!r}"
+            )
+        if not 0 <= c < num_classes:
+            raise ValueError(
+                f"classes_per_sample[{sample}] must hold classes in [0, {num_classes}); got {c}"
+            )
+        found.add(c)
+    return sorted(found)
+
+
+class EquiBatchSampler(Sampler[int]):
+    """Sample indices that cycle over the classes, so every class keeps appearing.
+
+    Each epoch draws a random order of the K classes that occur in the dataset and repeats it:
+    position t of the epoch targets class ``order[t % K]`` and yields a sample that contains it.
+    Each class walks through its own shuffled list of samples (reshuffled when used up), so
+    within a class the samples are used evenly.
+
+    **Guarantee.** Within one epoch, *every* run of K consecutive indices yielded (a sliding
+    window, not only aligned ones; K = number of classes occurring in the dataset, K <=
+    ``num_classes``) contains, for each occurring class, at least one sample with that class;
+    hence so does every run of ``num_classes`` consecutive indices. With
+    ``DataLoader(batch_size=B)`` every ``ceil(K / B)`` consecutive full batches see every class
+    (every batch when B >= K). Classes that occur in no sample are ignored,
+    and samples without any class are never yielded.
+
+    Parameters
+    ----------
+    classes_per_sample
+        ``classes_per_sample[i]``: the classes present in sample i (an iterable of ints or an
+        integer tensor, e.g. ``labels[i].unique()`` without the ignore label).
+    num_classes
+        C: classes are in [0, C).
+    seed
+        Base seed; epoch e uses ``seed + e`` (like ``DistributedSampler``), so the sequence is
+        the same on every run and changes with :meth:`set_epoch`.
+    num_samples
+        Indices per epoch; default ``len(classes_per_sample)`` (an epoch as long as the dataset,
+        though rare-class samples repeat and some frequent-class samples may be skipped).
+
+    Examples
+    --------
+    >>> from lovasz_kernels import EquiBatchSampler
+    >>> sampler = EquiBatchSampler([[0], [0, 1], [0], [0, 2], [0]], num_classes=3, seed=0)
+    >>> len(sampler)
+    5
+    >>> indices = list(sampler)
+    >>> all({1, 3} & set(indices[i:i + 3]) == {1, 3} for i in range(len(indices) - 2))
+    True
+    """
+
+    def __init__(
+        self,
+        classes_per_sample: Sequence[Iterable[int]] | Sequence[torch.Tensor],
+        num_classes: int,
+        seed: int = 0,
+        num_samples: int | None = None,
+    ) -> None:
+        self.num_classes = _check_int("num_classes", num_classes, 1)
+        self.seed = _check_int("seed", seed, 0)
+        if isinstance(classes_per_sample, (str, bytes, torch.Tensor)) or not isinstance(
+            classes_per_sample, Sequence
+        ):
+            raise TypeError(
+                "classes_per_sample must be a sequence (one entry per sample) of class "
+                f"iterables; got {type(classes_per_sample).__name__}"
+            )
+        self.num_samples = len(classes_per_sample) if num_samples is None else _check_int(
+            "num_samples", num_samples, 1
+        )
+        samples_of_class: list[list[int]] = [[] for _ in range(self.num_classes)]
+        for sample, classes in enumerate(classes_per_sample):
+            for c in _classes_of(sample, classes, self.num_classes):
+                samples_of_class[c].append(sample)
+        self.classes = [c for c in range(self.num_classes) if samples_of_class[c]]
+        if not self.classes:
+            raise ValueError(
+                "classes_per_sample must give at least one sample a class; got "
+                f"{len(classes_per_sample)} samples with no class"
+            )
+        self._samples_of_class = [torch.tensor(s, dtype=torch.int64) for s in samples_of_class]
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the order of epoch ``epoch`` (call before each epoch, as with
+        ``DistributedSampler``)."""
+        self.epoch = _check_int("epoch", epoch, 0)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        class_order = [self.classes[i] for i in torch.randperm(len(self.classes),
+                                                                generator=generator).tolist()]
+        queues: dict[int, list[int]] = {}
+        for position in range(self.num_samples):
+            target = class_order[position % len(class_order)]
+            if not queues.get(target):
+                samples = self._samples_of_class[target]
+                queues[target] = samples[torch.randperm(len(samples), generator=generator)].tolist()
+            yield queues[target].pop()
+
+    def __repr__(self) -> str:
+        return (
+            f"EquiBatchSampler(num_samples={self.num_samples}, num_classes={self.num_classes}, "
+            f"classes_present={len(self.classes)}, seed={self.seed})"
+        )
