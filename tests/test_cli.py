@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import time
 from importlib import metadata
 
 import pytest
+import torch
 
 import lovasz_kernels.backends.torch_eager as torch_eager
 from lovasz_kernels import cli, registered_backends
@@ -135,22 +137,96 @@ def test_check_detects_wrong_backend(capsys, monkeypatch):
 # bench
 
 
-def test_bench_small(capsys):
+def _bench(tmp_path, *args: str) -> list[str]:
+    return ["bench", "--out", str(tmp_path), *args]
+
+
+def test_bench_small(capsys, tmp_path):
     start = time.perf_counter()
-    status = cli.main(["bench", "--backend", "numpy,torch", "--pixels", "24", "--classes", "4",
-                       "--repeat", "1"])
+    status = cli.main(_bench(tmp_path, "--backend", "numpy,torch", "--pixels", "24",
+                             "--classes", "4", "--repeat", "1"))
     elapsed = time.perf_counter() - start
     out = capsys.readouterr().out
     assert status == 0, out
     assert "4 classes x 24x24 pixels" in out and "median of 1" in out
-    assert "median ms" in out
-    assert re.search(r"^numpy\s+\d+\.\d\s+1\.00x\s", out, re.MULTILINE), out
-    assert re.search(r"^torch\s+\d+\.\d\s+\d+\.\d\dx\s", out, re.MULTILINE), out
+    header = next(line for line in out.splitlines() if line.startswith("backend"))
+    assert re.split(r" {2,}", header) == [
+        "backend", "median ms", "vs numpy", "vs loop", "max |Δgrad| (tie groups)"]
+    assert re.search(r"^numpy\s+\d+\.\d+\s+1\.00x\s+\d+\.\d\dx\s", out, re.MULTILINE), out
+    assert re.search(r"^torch\s+\d+\.\d+\s+\d+\.\d\dx\s", out, re.MULTILINE), out
+    # the public per-class loop is timed next to the backends; its deviation is only reported
+    assert re.search(r"^loop\s+\d+\.\d+\s+\d+\.\d\dx\s+1\.00x\s+\S+ \(not checked\)$", out,
+                     re.MULTILINE), out
     assert "MISMATCH" not in out
-    assert elapsed < 10
+    assert (tmp_path / cli.BENCH_JSON).is_file() and (tmp_path / cli.BENCH_PNG).is_file()
+    assert elapsed < 20
 
 
-def test_bench_detects_wrong_gradient(capsys, monkeypatch):
+def test_bench_grid_json_and_plot(capsys, tmp_path):
+    status = cli.main(_bench(tmp_path, "--backend", "numpy,torch", "--pixels", "8,16",
+                             "--classes", "2,3", "--repeat", "2", "--batch", "2",
+                             "--per-image"))
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert out.count("pixels, per_image=True, cpu, median of 2 interleaved rounds") == 4
+    document = json.loads((tmp_path / cli.BENCH_JSON).read_text())
+    assert document["command"].startswith("lovasz-kernels bench --out ")
+    assert document["machine"]["cpu_count"] >= 1
+    assert document["versions"]["torch"] == metadata.version("torch")
+    results = document["results"]
+    assert sorted((r["side"], r["classes"]) for r in results) == [
+        (8, 2), (8, 3), (16, 2), (16, 3)]
+    for result in results:
+        assert result["per_image"] is True and result["batch"] == 2
+        assert result["segments"] == 2 * result["classes"]
+        assert set(result["rows"]) == {"numpy", "torch", "loop"}
+        for name, row in result["rows"].items():
+            assert len(row["samples_s"]) == 2, name
+            assert row["median_s"] == sorted(row["samples_s"])[0] + (
+                sorted(row["samples_s"])[1] - sorted(row["samples_s"])[0]) / 2
+        assert result["rows"]["torch"]["status"] == "ok"
+        assert result["rows"]["torch"]["max_abs_grad_deviation"] < 1e-6
+    png = (tmp_path / cli.BENCH_PNG).read_bytes()
+    assert png.startswith(b"\x89PNG")
+
+
+def test_bench_hinge(capsys, tmp_path):
+    status = cli.main(_bench(tmp_path, "--loss", "hinge", "--backend", "numpy,torch",
+                             "--pixels", "16", "--batch", "3", "--repeat", "1"))
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "lovasz_hinge fwd+bwd, float32, batch 3 x 16x16 pixels, per_image=True" in out
+    result = json.loads((tmp_path / cli.BENCH_JSON).read_text())["results"][0]
+    assert result["classes"] is None and result["segments"] == 3
+    assert result["rows"]["torch"]["status"] == "ok"
+
+
+def test_bench_budget_skips_and_says_so(capsys, tmp_path):
+    # the first size is measured; any larger one is estimated above a zero budget
+    status = cli.main(_bench(tmp_path, "--backend", "numpy,torch", "--pixels", "8,32",
+                             "--classes", "2", "--repeat", "1", "--budget", "0"))
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert re.search(r"skipping lovasz_softmax .* 32x32 pixels.*: the numpy reference is "
+                     r"estimated .* s per call > --budget 0 s", out), out
+    results = json.loads((tmp_path / cli.BENCH_JSON).read_text())["results"]
+    assert [r["skipped"] is None for r in results] == [True, False]
+
+
+def test_bench_without_tqdm_and_matplotlib(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    status = cli.main(_bench(tmp_path, "--backend", "numpy", "--pixels", "8", "--classes", "2",
+                             "--repeat", "1"))
+    captured = capsys.readouterr()
+    assert status == 0, captured.out
+    assert "tqdm is not installed: no progress bar" in captured.err
+    assert "matplotlib is not installed: no plot" in captured.out
+    assert (tmp_path / cli.BENCH_JSON).is_file() and not (tmp_path / cli.BENCH_PNG).exists()
+
+
+def test_bench_detects_wrong_gradient(capsys, monkeypatch, tmp_path):
     original = torch_eager.lovasz_extension
 
     def doubled_gradient(errors, fg):
@@ -158,13 +234,54 @@ def test_bench_detects_wrong_gradient(capsys, monkeypatch):
         return loss, grad * 2
 
     monkeypatch.setattr(torch_eager, "lovasz_extension", doubled_gradient)
-    status = cli.main(["bench", "--backend", "numpy,torch", "--pixels", "8", "--classes", "3",
-                       "--repeat", "1"])
+    status = cli.main(_bench(tmp_path, "--backend", "numpy,torch", "--pixels", "8",
+                             "--classes", "3", "--repeat", "1"))
     out = capsys.readouterr().out
     assert status == 1
-    assert re.search(r"^torch\s.*MISMATCH$", out, re.MULTILINE), out
+    # not timed: a wrong answer has no speed
+    assert re.search(r"^torch\s+-\s+-\s+-\s+\S+ MISMATCH$", out, re.MULTILINE), out
+    row = json.loads((tmp_path / cli.BENCH_JSON).read_text())["results"][0]["rows"]["torch"]
+    assert row["status"].startswith("MISMATCH") and row["samples_s"] == []
 
 
-def test_bench_unknown_backend(capsys):
-    assert cli.main(["bench", "--backend", "numpy,nope", "--pixels", "8", "--repeat", "1"]) == 2
+def test_bench_cuda_table_has_sort_floor_and_bandwidth():
+    """The GPU table (tested on a made-up result: no GPU needed)."""
+    result = {"dtype": "float32", "segments": 21, "pixels_per_segment": 1 << 20, "batch": 1,
+              "pixels": 1 << 20, "rows": {
+                  "torch": {"status": "ok", "median_s": 4e-3, "max_abs_grad_deviation": 0.0},
+                  "loop": {"status": "reported", "median_s": 8e-2,
+                           "max_abs_grad_deviation": 1e-3},
+                  cli.SORT_FLOOR: {"status": "not checked", "median_s": 1e-3},
+              }}
+    text = cli._bench_table(result, ["torch", "loop", cli.SORT_FLOOR], "heading", 3,
+                            torch.device("cuda"))
+    lines = text.splitlines()
+    assert re.split(r" {2,}", lines[1]) == [
+        "backend", "median ms", "vs sort", "GB/s", "vs loop", "max |Δgrad| (tie groups)"]
+    elements = 21 << 20
+    model = 40 * elements + 8 * (1 << 20)
+    assert model == cli._baselines.ideal_bytes(elements, 1 << 20)
+    torch_row = re.split(r" {2,}", lines[3])
+    assert torch_row[:5] == ["torch", "4.000", "0.25x", f"{model / 4e-3 / 1e9:.0f}", "20.00x"]
+    sort_row = re.split(r" {2,}", lines[5])
+    assert sort_row[:4] == [cli.SORT_FLOOR, "1.000", "1.00x", f"{16 * elements / 1e-3 / 1e9:.0f}"]
+    assert "ideal key build" in text
+
+
+def test_bench_cuda_without_a_gpu(capsys, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert cli.main(_bench(tmp_path, "--device", "cuda", "--pixels", "8")) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_bench_bad_pixels(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        cli.main(_bench(tmp_path, "--pixels", "8,x"))
+    assert "comma-separated integers" in capsys.readouterr().err
+
+
+def test_bench_unknown_backend(capsys, tmp_path):
+    assert cli.main(_bench(tmp_path, "--backend", "numpy,nope", "--pixels", "8",
+                           "--repeat", "1")) == 2
     assert "unknown backend 'nope'" in capsys.readouterr().err
