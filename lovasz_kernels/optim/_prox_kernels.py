@@ -1,0 +1,521 @@
+"""Numba kernels for the proximal operator of the Lovász hinge (DESIGN.md §4).
+
+Every kernel works on one segment (one image, or the whole batch) in margin space: with
+y = ±1 the label sign, m0 = 1 − y·F are the hinge margins of the input logits F and the prox
+solves min_m Δ̄_J(relu(m)) + ‖m − m0‖² / (2λ). Pixels with m0 ≤ 0 keep their value, so a
+kernel only touches V+ = {valid pixels with m0 > 0}; Δ_J of a set of a foreground and b
+background pixels of V+ is φ(a, b) = (a + b) / (n_fg + b), where n_fg counts *every*
+foreground pixel of the segment.
+
+Two kernels, both writing the prox logits and two loss values per segment:
+
+- :func:`_prox_exact_rows`: projection onto the base polytope by divide and conquer over the
+  two sorted lists (foreground and background margins), then clipping at 0.
+- :func:`_prox_greedy_rows`: the paper's greedy minimization path (Appendix C).
+
+This module imports without numba; :data:`NUMBA_AVAILABLE` says whether the kernels exist.
+fastmath stays off everywhere: the exact prox is tested to 1e-9 against a certificate, and
+reassociating the running sums of the sweep would move the split decisions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+try:
+    from numba import njit
+
+    NUMBA_AVAILABLE = True
+    NUMBA_IMPORT_ERROR = ""
+except ImportError as error:  # pragma: no cover - exercised by a test that hides numba
+    NUMBA_AVAILABLE = False
+    NUMBA_IMPORT_ERROR = str(error)
+
+
+if NUMBA_AVAILABLE:
+
+    @njit(cache=True)
+    def _jaccard_delta(a1, b1, a2, b2, n_fg):
+        """φ(a2, b2) − φ(a1, b1) for nested sets, φ(a, b) = (a + b) / (n_fg + b), φ(0, 0) = 0.
+
+        The numerator is formed in exact integer arithmetic (no cancellation of two close
+        ratios), then divided once.
+        """
+        if a2 + b2 == 0:
+            return 0.0
+        if a1 + b1 == 0:
+            return (a2 + b2) / (n_fg + b2)
+        numerator = (a2 + b2) * (n_fg + b1) - (a1 + b1) * (n_fg + b2)
+        return numerator / ((n_fg + b2) * (n_fg + b1))
+
+    @njit(cache=True)
+    def _sort_decreasing(margins, index):
+        """(margins, index) reordered by decreasing margin (all margins > 0), ties by index.
+
+        Sorts values, not indices (DESIGN.md §5): one uint64 per pixel packs the complement
+        of the float32 bits of the margin (positive floats order like their bits) above its
+        position, so a plain integer sort yields the order. float32 rounding can merge
+        distinct float64 margins: runs with equal float32 keys are re-sorted by the float64
+        values afterwards (stable, so ties stay in pixel order).
+        """
+        count = margins.shape[0]
+        bits = margins.astype(np.float32).view(np.uint32)
+        keys = np.empty(count, dtype=np.uint64)
+        for k in range(count):
+            keys[k] = (np.uint64(0xFFFFFFFF - bits[k]) << np.uint64(32)) | np.uint64(k)
+        keys = np.sort(keys)
+        z = np.empty(count)
+        order = np.empty(count, dtype=np.int64)
+        low = np.uint64(0xFFFFFFFF)
+        for k in range(count):
+            position = np.int64(keys[k] & low)
+            z[k] = margins[position]
+            order[k] = index[position]
+        start = 0
+        while start < count:
+            stop = start + 1
+            high = keys[start] >> np.uint64(32)
+            while stop < count and keys[stop] >> np.uint64(32) == high:
+                stop += 1
+            if stop - start > 1:
+                run = np.argsort(-z[start:stop], kind="mergesort")
+                z[start:stop] = z[start:stop][run]
+                order[start:stop] = order[start:stop][run]
+            start = stop
+        return z, order
+
+    @njit(cache=True)
+    def _split_by_label(logits, fg, valid):
+        """Margins of V+ split by label, each sorted in decreasing order.
+
+        Returns (n_fg, z_pos, idx_pos, z_neg, idx_neg): margins m0 > 0 of the foreground
+        (resp. background) pixels in decreasing order and their positions in the row; tied
+        margins come out by pixel index (deterministic results).
+        """
+        num_pixels = logits.shape[0]
+        n_fg = 0
+        n_pos = 0
+        n_neg = 0
+        for i in range(num_pixels):
+            if valid[i]:
+                if fg[i]:
+                    n_fg += 1
+                    if 1.0 - logits[i] > 0.0:
+                        n_pos += 1
+                elif 1.0 + logits[i] > 0.0:
+                    n_neg += 1
+        margin_pos = np.empty(n_pos)
+        idx_pos = np.empty(n_pos, dtype=np.int64)
+        margin_neg = np.empty(n_neg)
+        idx_neg = np.empty(n_neg, dtype=np.int64)
+        k_pos = 0
+        k_neg = 0
+        for i in range(num_pixels):
+            if valid[i]:
+                if fg[i]:
+                    margin = 1.0 - logits[i]
+                    if margin > 0.0:
+                        margin_pos[k_pos] = margin
+                        idx_pos[k_pos] = i
+                        k_pos += 1
+                else:
+                    margin = 1.0 + logits[i]
+                    if margin > 0.0:
+                        margin_neg[k_neg] = margin
+                        idx_neg[k_neg] = i
+                        k_neg += 1
+        z_pos, order_pos = _sort_decreasing(margin_pos, idx_pos)
+        z_neg, order_neg = _sort_decreasing(margin_neg, idx_neg)
+        return n_fg, z_pos, order_pos, z_neg, order_neg
+
+    @njit(cache=True)
+    def _extension_of_sorted(z_pos, z_neg, n_fg):
+        """Δ̄_J(relu(m)) for V+ given as two decreasing lists (merged on the fly).
+
+        Closed-form increments (DESIGN.md §1): a foreground pixel preceded by j background
+        pixels adds 1 / (n_fg + j); a background pixel preceded by i foreground and j
+        background pixels adds (n_fg − i) / (U (U − 1)) with U = n_fg + j + 1 (1 if U = 1).
+        """
+        n_pos = z_pos.shape[0]
+        n_neg = z_neg.shape[0]
+        i = 0
+        j = 0
+        total = 0.0
+        while i < n_pos or j < n_neg:
+            if j == n_neg or (i < n_pos and z_pos[i] >= z_neg[j]):
+                total += z_pos[i] / (n_fg + j)
+                i += 1
+            else:
+                union = n_fg + j + 1
+                if union == 1:
+                    total += z_neg[j]
+                else:
+                    total += z_neg[j] * (n_fg - i) / (union * (union - 1.0))
+                j += 1
+        return total
+
+    @njit(cache=True)
+    def _decompose(z_pos, z_neg, n_fg, lam, level_pos, level_neg):
+        """Levels of prox_{λΔ̄}(z) (no clipping) on V+; returns Δ̄_J(relu(levels)).
+
+        A block is a range [p_lo, p_hi) of the sorted foreground margins and [n_lo, n_hi) of
+        the background ones; everything above it in both lists has already been assigned to
+        higher levels, so its set function is the contraction
+        G(a, b) = λ (φ(p_lo + a, n_lo + b) − φ(p_lo, n_lo)).  The block is one level
+        c = (z(block) − G(all)) / |block| unless some set violates s(A) ≤ G(A) for
+        s = z − c; the most violated set takes a prefix of each list (s keeps z's order) and
+        is found by one sweep: for b background pixels, G is linear in a with slope
+        λ / (n_fg + n_lo + b), so the best a counts the s values above that slope, and it only
+        grows with b. A violated block splits into that prefix block and the rest
+        (Fujishige/Groenevelt decomposition); blocks leave the stack from the top level
+        down, which gives the loss of the clipped levels on the way.
+        """
+        n_pos = z_pos.shape[0]
+        n_neg = z_neg.shape[0]
+        capacity = n_pos + n_neg + 1
+        stack = np.empty((capacity, 4), dtype=np.int64)
+        stack[0, 0] = 0
+        stack[0, 1] = n_pos
+        stack[0, 2] = 0
+        stack[0, 3] = n_neg
+        depth = 1
+        loss = 0.0
+        while depth > 0:
+            depth -= 1
+            p_lo = stack[depth, 0]
+            p_hi = stack[depth, 1]
+            n_lo = stack[depth, 2]
+            n_hi = stack[depth, 3]
+            size_pos = p_hi - p_lo
+            size_neg = n_hi - n_lo
+            total = 0.0
+            for k in range(p_lo, p_hi):
+                total += z_pos[k]
+            for k in range(n_lo, n_hi):
+                total += z_neg[k]
+            gain = lam * _jaccard_delta(p_lo, n_lo, p_hi, n_hi, n_fg)
+            level = (total - gain) / (size_pos + size_neg)
+
+            # sweep over b with the monotone pointer a; h(a, b) = G(a, b) − s(A)
+            best = 0.0
+            best_a = 0
+            best_b = 0
+            a = 0
+            s_pos = 0.0
+            s_neg = 0.0
+            spread = 0.0
+            for b in range(size_neg + 1):
+                if size_pos > 0:
+                    slope = lam / (n_fg + n_lo + b)
+                    while a < size_pos and z_pos[p_lo + a] - level > slope:
+                        s_pos += z_pos[p_lo + a] - level
+                        a += 1
+                h = lam * _jaccard_delta(p_lo, n_lo, p_lo + a, n_lo + b, n_fg) - s_pos - s_neg
+                if h < best:
+                    best = h
+                    best_a = a
+                    best_b = b
+                if b < size_neg:
+                    deviation = z_neg[n_lo + b] - level
+                    s_neg += deviation
+                    spread += abs(deviation)
+            for k in range(p_lo, p_hi):
+                spread += abs(z_pos[k] - level)
+            # rounding of the running sums is a few ulps of the spread: smaller violations
+            # are noise (and splitting on them would be harmless anyway)
+            tolerance = 1e-13 * (spread + lam)
+            proper = (best_a + best_b > 0) and (best_a + best_b < size_pos + size_neg)
+            if best < -tolerance and proper:
+                # push the rest first so that the top block (higher levels) is popped first
+                stack[depth, 0] = p_lo + best_a
+                stack[depth, 1] = p_hi
+                stack[depth, 2] = n_lo + best_b
+                stack[depth, 3] = n_hi
+                stack[depth + 1, 0] = p_lo
+                stack[depth + 1, 1] = p_lo + best_a
+                stack[depth + 1, 2] = n_lo
+                stack[depth + 1, 3] = n_lo + best_b
+                depth += 2
+            else:
+                for k in range(p_lo, p_hi):
+                    level_pos[k] = level
+                for k in range(n_lo, n_hi):
+                    level_neg[k] = level
+                if level > 0.0:
+                    loss += level * _jaccard_delta(p_lo, n_lo, p_hi, n_hi, n_fg)
+        return loss
+
+    @njit(cache=True)
+    def _prox_exact_rows(logits, fg, valid, lam, out, loss_in, loss_out):
+        """Exact prox of λ[s]·Δ̄_J(relu(1 − y·F)) for every row s.
+
+        Parameters: logits (S, P) float64, fg and valid (S, P) bool, lam (S,) float64.
+        Writes out (S, P) float64 (a copy of logits except on V+), loss_in[s] = Δ̄ at the
+        input and loss_out[s] = Δ̄ at the prox (both without the factor λ).
+        """
+        for row in range(logits.shape[0]):
+            out[row, :] = logits[row, :]
+            n_fg, z_pos, idx_pos, z_neg, idx_neg = _split_by_label(
+                logits[row], fg[row], valid[row]
+            )
+            loss_in[row] = _extension_of_sorted(z_pos, z_neg, n_fg)
+            if z_pos.shape[0] + z_neg.shape[0] == 0:
+                loss_out[row] = 0.0
+                continue
+            level_pos = np.empty_like(z_pos)
+            level_neg = np.empty_like(z_neg)
+            loss_out[row] = _decompose(z_pos, z_neg, n_fg, lam[row], level_pos, level_neg)
+            for k in range(z_pos.shape[0]):
+                out[row, idx_pos[k]] = 1.0 - max(level_pos[k], 0.0)
+            for k in range(z_neg.shape[0]):
+                out[row, idx_neg[k]] = max(level_neg[k], 0.0) - 1.0
+
+    # ---------------------------------------------------------------------------------------
+    # greedy minimization path (paper, Appendix C)
+
+    @njit(cache=True)
+    def _heap_push(times, first, second, versions, size, time, i, j, version):
+        """Push an event (time, group i meets its lower neighbour j) on a binary min-heap."""
+        k = size
+        while k > 0:
+            parent = (k - 1) // 2
+            if times[parent] <= time:
+                break
+            times[k] = times[parent]
+            first[k] = first[parent]
+            second[k] = second[parent]
+            versions[k] = versions[parent]
+            k = parent
+        times[k] = time
+        first[k] = i
+        second[k] = j
+        versions[k] = version
+        return size + 1
+
+    @njit(cache=True)
+    def _heap_pop(times, first, second, versions, size):
+        """Remove the root of the heap (read it before calling); returns the new size."""
+        size -= 1
+        time = times[size]
+        i = first[size]
+        j = second[size]
+        version = versions[size]
+        k = 0
+        while True:
+            child = 2 * k + 1
+            if child >= size:
+                break
+            if child + 1 < size and times[child + 1] < times[child]:
+                child += 1
+            if times[child] >= time:
+                break
+            times[k] = times[child]
+            first[k] = first[child]
+            second[k] = second[child]
+            versions[k] = versions[child]
+            k = child
+        times[k] = time
+        first[k] = i
+        second[k] = j
+        versions[k] = version
+        return size
+
+    @njit(cache=True)
+    def _greedy_path(z, is_fg, n_fg, lam, max_steps, margins):
+        """Follow the paper's minimization path for margins z (decreasing); returns
+        (Δ̄_J(relu(margins)), finished).
+
+        Groups of consecutive pixels move down at speed ḡ (the mean Jaccard increment of the
+        group, in the order of z); a group that meets its lower neighbour merges with it, a
+        group that meets 0 freezes there. The walk stops at t = λ, or after ``max_steps``
+        events (merges and freezes; −1 for no limit) with ``finished`` False.
+        Group ids are the position of their first pixel; id K is the floor at 0.
+        """
+        count = z.shape[0]
+        floor = count
+        value = np.empty(count + 1)  # value at time t_ref
+        t_ref = np.zeros(count + 1)
+        g_sum = np.zeros(count + 1)
+        size = np.ones(count + 1, dtype=np.int64)
+        end = np.empty(count + 1, dtype=np.int64)
+        below = np.empty(count + 1, dtype=np.int64)
+        above = np.empty(count + 1, dtype=np.int64)
+        version = np.zeros(count + 1, dtype=np.int64)
+        state = np.zeros(count + 1, dtype=np.int64)  # 0 moving, 1 frozen at 0, 2 merged away
+        fg_seen = 0
+        for k in range(count):
+            value[k] = z[k]
+            if is_fg[k]:
+                fg_seen += 1
+                g_sum[k] = 1.0 / (n_fg + k + 1 - fg_seen)
+            else:
+                union = n_fg + k + 1 - fg_seen
+                g_sum[k] = 1.0 if union == 1 else (n_fg - fg_seen) / (union * (union - 1.0))
+            end[k] = k + 1
+            below[k] = k + 1
+            above[k] = k - 1
+        value[floor] = 0.0
+        above[floor] = count - 1
+
+        capacity = 3 * count + 4
+        times = np.empty(capacity)
+        first = np.empty(capacity, dtype=np.int64)
+        second = np.empty(capacity, dtype=np.int64)
+        versions = np.empty(capacity, dtype=np.int64)  # version[i] * (K + 2) + version[j]
+        heap_size = 0
+        stride = count + 2
+
+        now = 0.0
+        for k in range(count):
+            j = below[k]
+            speed_j = 0.0 if j == floor else g_sum[j]
+            closing = g_sum[k] - speed_j
+            if closing > 0.0:
+                gap = max(value[k] - value[j], 0.0)
+                heap_size = _heap_push(times, first, second, versions, heap_size,
+                                       gap / closing, k, j, 0)
+
+        events = 0
+        finished = True
+        while heap_size > 0:
+            time = times[0]
+            i = first[0]
+            j = second[0]
+            stamp = versions[0]
+            if time > lam:
+                break
+            heap_size = _heap_pop(times, first, second, versions, heap_size)
+            if state[i] != 0 or below[i] != j or stamp != version[i] * stride + version[j]:
+                continue  # stale: one of the two groups changed since the event was planned
+            if j != floor and state[j] != 0:
+                continue
+            if events == max_steps:
+                finished = False
+                break
+            events += 1
+            now = time
+            speed_i = g_sum[i] / size[i]
+            value_i = value[i] - speed_i * (now - t_ref[i])
+            if j == floor:
+                state[i] = 1  # frozen at 0
+                upper = above[i]
+                above[floor] = upper
+                if upper >= 0:
+                    below[upper] = floor
+                    neighbours_upper = upper
+                else:
+                    neighbours_upper = -1
+                new_group = -1
+            else:
+                speed_j = g_sum[j] / size[j]
+                value_j = value[j] - speed_j * (now - t_ref[j])
+                merged = size[i] + size[j]
+                value[i] = (size[i] * value_i + size[j] * value_j) / merged
+                t_ref[i] = now
+                g_sum[i] += g_sum[j]
+                size[i] = merged
+                end[i] = end[j]
+                state[j] = 2
+                lower = below[j]
+                below[i] = lower
+                above[lower] = i
+                version[i] += 1
+                neighbours_upper = above[i]
+                new_group = i
+            # new events: (group above, changed group) and (changed group, its lower one)
+            for pair in range(2):
+                if pair == 0:
+                    upper = neighbours_upper
+                    if upper < 0:
+                        continue
+                    lower = below[upper]
+                else:
+                    upper = new_group
+                    if upper < 0:
+                        continue
+                    lower = below[upper]
+                speed_u = g_sum[upper] / size[upper]
+                speed_l = 0.0 if lower == floor else g_sum[lower] / size[lower]
+                closing = speed_u - speed_l
+                if closing > 0.0:
+                    value_u = value[upper] - speed_u * (now - t_ref[upper])
+                    value_l = 0.0
+                    if lower != floor:
+                        value_l = value[lower] - speed_l * (now - t_ref[lower])
+                    gap = max(value_u - value_l, 0.0)
+                    heap_size = _heap_push(
+                        times, first, second, versions, heap_size, now + gap / closing,
+                        upper, lower, version[upper] * stride + version[lower],
+                    )
+        stop = lam if finished else now
+
+        # write the margins group by group (top to bottom) and the loss of the result
+        loss = 0.0
+        a_done = 0
+        b_done = 0
+        k = 0
+        while k < count:
+            group_end = end[k]
+            if state[k] == 0:
+                level = value[k] - g_sum[k] / size[k] * (stop - t_ref[k])
+                level = max(level, 0.0)
+            else:
+                level = 0.0
+            a_group = 0
+            for position in range(k, group_end):
+                margins[position] = level
+                if is_fg[position]:
+                    a_group += 1
+            b_group = group_end - k - a_group
+            if level > 0.0:
+                loss += level * _jaccard_delta(a_done, b_done, a_done + a_group,
+                                               b_done + b_group, n_fg)
+            a_done += a_group
+            b_done += b_group
+            k = group_end
+        return loss, finished
+
+    @njit(cache=True)
+    def _prox_greedy_rows(logits, fg, valid, lam, max_steps, out, loss_in, loss_out):
+        """The greedy path for every row (same arguments as :func:`_prox_exact_rows`, plus
+        ``max_steps``, −1 for no limit). Returns True when every row reached t = λ."""
+        all_finished = True
+        for row in range(logits.shape[0]):
+            out[row, :] = logits[row, :]
+            n_fg, z_pos, idx_pos, z_neg, idx_neg = _split_by_label(
+                logits[row], fg[row], valid[row]
+            )
+            loss_in[row] = _extension_of_sorted(z_pos, z_neg, n_fg)
+            n_pos = z_pos.shape[0]
+            n_neg = z_neg.shape[0]
+            count = n_pos + n_neg
+            if count == 0:
+                loss_out[row] = 0.0
+                continue
+            # merge the two sorted lists into one decreasing order (foreground first on ties)
+            z = np.empty(count)
+            is_fg = np.empty(count, dtype=np.bool_)
+            index = np.empty(count, dtype=np.int64)
+            i = 0
+            j = 0
+            for k in range(count):
+                if j == n_neg or (i < n_pos and z_pos[i] >= z_neg[j]):
+                    z[k] = z_pos[i]
+                    is_fg[k] = True
+                    index[k] = idx_pos[i]
+                    i += 1
+                else:
+                    z[k] = z_neg[j]
+                    is_fg[k] = False
+                    index[k] = idx_neg[j]
+                    j += 1
+            margins = np.empty(count)
+            loss, finished = _greedy_path(z, is_fg, n_fg, lam[row], max_steps, margins)
+            loss_out[row] = loss
+            all_finished = all_finished and finished
+            for k in range(count):
+                if is_fg[k]:
+                    out[row, index[k]] = 1.0 - margins[k]
+                else:
+                    out[row, index[k]] = margins[k] - 1.0
+        return all_finished

@@ -1,0 +1,266 @@
+"""The proximal operator of the Lovász hinge and its Moreau envelope (lovasz_kernels.optim)."""
+
+from __future__ import annotations
+
+import random
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("numba", reason="the prox kernels need numba")
+
+from lovasz_kernels import lovasz_hinge  # noqa: E402
+from lovasz_kernels.optim import (  # noqa: E402
+    GreedyProx,
+    lovasz_hinge_moreau,
+    prox_lovasz_hinge,
+)
+from reference.brute_prox import brute_prox, prox_certificate  # noqa: E402
+
+# values on a coarse grid make ties (between labels, and with the margin-0 boundary: a logit
+# of ±1 is margin 0) frequent
+_GRID = [-2.0, -1.0, -0.5, 0.0, 0.25, 0.5, 1.0, 1.5]
+
+
+def _tiny_case(rng: random.Random, num_pixels: int, kind: str) -> tuple[list, list]:
+    logits = [rng.choice(_GRID) if rng.random() < 0.6 else rng.uniform(-2, 2)
+              for _ in range(num_pixels)]
+    if kind == "all_fg":
+        labels = [1] * num_pixels
+    elif kind == "all_bg":
+        labels = [0] * num_pixels
+    elif kind == "no_margin":  # every margin ≤ 0: the prox is the identity
+        labels = [rng.choice([0, 1]) for _ in range(num_pixels)]
+        logits = [(1.0 + rng.choice([0.0, 0.5])) * (1 if y else -1) for y in labels]
+    else:
+        labels = [rng.choice([0, 1, 1, 0, None]) for _ in range(num_pixels)]
+    return logits, labels
+
+
+def _fast_prox_row(logits: list, labels: list, lam: float, method: str = "exact") -> list:
+    """One segment through the public function (ignored pixels as label 255)."""
+    logits_t = torch.tensor([logits], dtype=torch.float64)
+    labels_t = torch.tensor([[255 if y is None else y for y in labels]])
+    out = prox_lovasz_hinge(logits_t, labels_t, lam, per_image=False, ignore_index=255,
+                            method=method)
+    if method == "greedy":
+        out = out.prox
+    return out[0].tolist()
+
+
+@pytest.mark.parametrize("kind", ["mixed", "all_fg", "all_bg", "no_margin"])
+def test_exact_prox_is_certified_and_matches_brute_force(kind):
+    rng = random.Random(kind)
+    for trial in range(60):
+        num_pixels = 1 + trial % 8
+        logits, labels = _tiny_case(rng, num_pixels, kind)
+        lam = rng.choice([1e-3, 0.05, 0.3, 1.0, 4.0])
+        fast = _fast_prox_row(logits, labels, lam)
+        certificate = prox_certificate(logits, labels, fast, lam)
+        assert certificate["negative_s"] <= 1e-9, (logits, labels, lam, certificate)
+        assert certificate["polytope"] <= 1e-9, (logits, labels, lam, certificate)
+        assert certificate["complementarity"] <= 1e-9, (logits, labels, lam, certificate)
+        assert certificate["ignored"] == 0.0
+        slow = brute_prox(logits, labels, lam)
+        worst = max(abs(a - b) for a, b in zip(fast, slow))
+        assert worst <= 1e-9, (logits, labels, lam, fast, slow)
+        if kind == "no_margin":
+            assert fast == logits
+
+
+def test_per_image_prox_uses_lam_over_counted_images():
+    rng = random.Random(7)
+    rows = [_tiny_case(rng, 6, "mixed") for _ in range(3)]
+    rows.append(([0.3, -0.1, 2.0, 0.0, 1.0, -1.0], [None] * 6))  # no valid pixel: not counted
+    logits = torch.tensor([r[0] for r in rows], dtype=torch.float64)
+    labels = torch.tensor([[255 if y is None else y for y in r[1]] for r in rows])
+    lam = 0.9
+    out = prox_lovasz_hinge(logits, labels, lam, per_image=True, ignore_index=255)
+    counted = sum(any(y is not None for y in r[1]) for r in rows)
+    for row, (row_logits, row_labels) in enumerate(rows):
+        expected = brute_prox(row_logits, row_labels, lam / counted)
+        assert out[row].tolist() == pytest.approx(expected, abs=1e-9)
+
+
+def test_prox_keeps_shape_dtype_ignored_and_margin_free_pixels(gen):
+    logits = torch.randn(2, 1, 9, 7, generator=gen) * 2
+    labels = (torch.rand(2, 9, 7, generator=gen) > 0.6).long()
+    labels[0, :3] = 255
+    out = prox_lovasz_hinge(logits, labels, 0.5, ignore_index=255)
+    assert out.shape == logits.shape and out.dtype == logits.dtype
+    assert not out.requires_grad
+    ignored = (labels == 255).unsqueeze(1)
+    assert torch.equal(out[ignored], logits[ignored])
+    sign = (2 * labels - 1).unsqueeze(1).float()
+    margin_free = (1 - sign * logits <= 0) & ~ignored
+    assert bool(margin_free.any())
+    assert torch.equal(out[margin_free], logits[margin_free])
+    # the prox of a convex loss moves every margin towards 0 and never past it
+    margins, new_margins = 1 - sign * logits, 1 - sign * out
+    moved = ~margin_free & ~ignored
+    assert bool((new_margins[moved] <= margins[moved] + 1e-6).all())
+    assert bool((new_margins[moved] >= -1e-6).all())
+
+
+@pytest.mark.parametrize("per_image", [True, False])
+def test_small_lam_direction_is_the_hinge_gradient(gen, per_image):
+    logits = torch.randn(3, 5, 7, generator=gen, dtype=torch.float64)  # tie-free
+    labels = (torch.rand(3, 5, 7, generator=gen) > 0.5).long()
+    labels[1, 0] = 255
+    lam = 1e-7
+    prox = prox_lovasz_hinge(logits, labels, lam, per_image=per_image, ignore_index=255)
+    direction = (logits - prox) / lam
+    scores = logits.clone().requires_grad_()
+    lovasz_hinge(scores, labels, per_image=per_image, ignore_index=255,
+                 backend="numpy").backward()
+    torch.testing.assert_close(direction, scores.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_moreau_envelope_value_and_gradient(gen):
+    logits = torch.randn(2, 4, 5, generator=gen, dtype=torch.float64)
+    labels = (torch.rand(2, 4, 5, generator=gen) > 0.5).long()
+    labels[0, 0, :2] = 255
+    lam = 0.3
+
+    def envelope(x):
+        return lovasz_hinge_moreau(x, labels, lam, ignore_index=255)
+
+    # gradient (F − prox)/λ against central finite differences (the envelope is C¹)
+    torch.autograd.gradcheck(envelope, (logits.clone().requires_grad_(),), eps=1e-6,
+                             atol=1e-6, rtol=1e-4)
+    scores = logits.clone().requires_grad_()
+    value = envelope(scores)
+    value.backward()
+    prox = prox_lovasz_hinge(logits, labels, lam, ignore_index=255)
+    torch.testing.assert_close(scores.grad, (logits - prox) / lam)
+    # value: L(prox) + ‖F − prox‖²/(2λ), below L(F), and → L(F) as λ → 0
+    hinge = lovasz_hinge(prox, labels, ignore_index=255, backend="numpy")
+    expected = hinge + ((logits - prox) ** 2).sum() / (2 * lam)
+    torch.testing.assert_close(value.detach(), expected.to(value.dtype))
+    at_input = lovasz_hinge(logits, labels, ignore_index=255, backend="numpy").double()
+    assert float(value.detach()) <= float(at_input)
+    small = lovasz_hinge_moreau(logits, labels, 1e-8, ignore_index=255)
+    assert float(small) == pytest.approx(float(at_input), abs=1e-7)
+
+
+def test_moreau_in_float32_returns_float32_gradient(gen):
+    logits = torch.randn(2, 16, generator=gen, requires_grad=True)
+    labels = (torch.rand(2, 16, generator=gen) > 0.5).long()
+    value = lovasz_hinge_moreau(logits, labels, 0.1)
+    assert value.dtype == torch.float32
+    value.backward()
+    assert logits.grad.dtype == torch.float32
+
+
+def _objective(logits, labels, point, lam):
+    hinge = lovasz_hinge(point, labels, per_image=False, backend="numpy").double()
+    return float(hinge + ((point - logits) ** 2).sum() / (2 * lam))
+
+
+def test_greedy_equals_exact_when_the_order_does_not_change(gen):
+    labels = (torch.rand(1, 40, generator=gen) > 0.5).long()
+    # distinct margins 0.04 apart (half of them ≤ 0, unchanged); every margin moves by at most
+    # λ·max(g) ≤ λ = 1e-3: no two meet, none reaches 0
+    margins = -0.8 + 0.04 * torch.randperm(40, generator=gen).to(torch.float64).reshape(1, 40)
+    logits = (1 - margins) * (2 * labels - 1)
+    lam = 1e-3
+    exact = prox_lovasz_hinge(logits, labels, lam, per_image=False)
+    greedy = prox_lovasz_hinge(logits, labels, lam, per_image=False, method="greedy")
+    assert isinstance(greedy, GreedyProx) and greedy.finished
+    torch.testing.assert_close(greedy.prox, exact, rtol=0, atol=1e-12)
+    # freezing at margin 0 without any merge keeps it exact too
+    rng = random.Random(3)
+    for _ in range(30):
+        row_logits, row_labels = _tiny_case(rng, 6, "mixed")
+        lam = rng.choice([0.01, 0.3, 2.0])
+        fast = _fast_prox_row(row_logits, row_labels, lam, method="greedy")
+        if prox_certificate(row_logits, row_labels, fast, lam)["polytope"] <= 1e-12:
+            slow = brute_prox(row_logits, row_labels, lam)
+            assert max(abs(a - b) for a, b in zip(fast, slow)) <= 1e-9
+
+
+def test_greedy_gap_to_exact_is_reported(gen):
+    """When margins meet, the greedy point is feasible but not optimal: measure how far."""
+    gaps = []
+    for lam in (0.05, 0.5, 5.0):
+        logits = torch.randn(1, 200, generator=gen, dtype=torch.float64)
+        labels = (torch.rand(1, 200, generator=gen) > 0.7).long()
+        exact = prox_lovasz_hinge(logits, labels, lam, per_image=False)
+        greedy = prox_lovasz_hinge(logits, labels, lam, per_image=False, method="greedy").prox
+        best = _objective(logits, labels, exact, lam)
+        reached = _objective(logits, labels, greedy, lam)
+        assert reached >= best - 1e-12  # the exact prox is the minimizer
+        gaps.append((lam, reached - best, float((greedy - exact).abs().max())))
+    print("greedy vs exact (lam, objective gap, max |difference|):", gaps)
+
+
+def test_greedy_max_steps(gen):
+    logits = torch.randn(2, 300, generator=gen, dtype=torch.float64)
+    labels = (torch.rand(2, 300, generator=gen) > 0.5).long()
+    full = prox_lovasz_hinge(logits, labels, 2.0, method="greedy")
+    assert full.finished
+    cut = prox_lovasz_hinge(logits, labels, 2.0, method="greedy", max_steps=1)
+    assert not cut.finished
+    assert not torch.equal(cut.prox, full.prox)
+    many = prox_lovasz_hinge(logits, labels, 2.0, method="greedy", max_steps=10**6)
+    assert many.finished and torch.equal(many.prox, full.prox)
+
+
+def test_empty_and_all_ignored_inputs():
+    empty = torch.zeros(0, 4)
+    assert prox_lovasz_hinge(empty, empty.long(), 0.1).shape == (0, 4)
+    logits = torch.tensor([[0.5, -0.5]])
+    out = prox_lovasz_hinge(logits, torch.tensor([[255, 255]]), 0.1, ignore_index=255)
+    assert torch.equal(out, logits)
+    value = lovasz_hinge_moreau(logits, torch.tensor([[255, 255]]), 0.1, ignore_index=255)
+    assert float(value) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"lam": 0.0}, ValueError, "lam must be a positive"),
+        ({"lam": -1.0}, ValueError, "lam must be a positive"),
+        ({"lam": float("nan")}, ValueError, "lam must be a positive"),
+        ({"lam": "0.1"}, TypeError, "lam must be a positive number"),
+        ({"method": "fista"}, ValueError, "method must be 'exact' or 'greedy'"),
+        ({"max_steps": 5}, ValueError, "max_steps applies to method='greedy'"),
+        ({"method": "greedy", "max_steps": 0}, ValueError, "max_steps must be a positive"),
+        ({"method": "greedy", "max_steps": 2.5}, TypeError, "max_steps must be a positive"),
+        ({"per_image": 1}, TypeError, "per_image must be True or False"),
+        ({"ignore_index": 1.5}, TypeError, "ignore_index must be an int"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    arguments = {"lam": 0.1, **kwargs}
+    with pytest.raises(error, match=match):
+        prox_lovasz_hinge(torch.zeros(1, 4), torch.zeros(1, 4, dtype=torch.long), **arguments)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="labels must have shape"):
+        prox_lovasz_hinge(torch.zeros(2, 4), torch.zeros(2, 5, dtype=torch.long), 0.1)
+    with pytest.raises(ValueError, match="labels must be in"):
+        prox_lovasz_hinge(torch.zeros(1, 4), torch.tensor([[0, 1, 2, 0]]), 0.1)
+    with pytest.raises(ValueError, match="logits must be finite"):
+        prox_lovasz_hinge(torch.tensor([[0.0, float("nan")]]), torch.tensor([[0, 1]]), 0.1)
+    with pytest.raises(TypeError, match="logits must be a float"):
+        prox_lovasz_hinge(torch.zeros(1, 2, dtype=torch.long), torch.tensor([[0, 1]]), 0.1)
+
+
+def test_missing_numba_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` now raises ImportError
+    monkeypatch.delitem(sys.modules, "lovasz_kernels.optim._prox_kernels")
+    with pytest.raises(ImportError, match=r"pip install 'lovasz-kernels\[numba\]'"):
+        prox_lovasz_hinge(torch.zeros(1, 4), torch.zeros(1, 4, dtype=torch.long), 0.1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_round_trip(gen):
+    logits = torch.randn(2, 64, generator=gen)
+    labels = (torch.rand(2, 64, generator=gen) > 0.5).long()
+    expected = prox_lovasz_hinge(logits, labels, 0.2)
+    out = prox_lovasz_hinge(logits.cuda(), labels.cuda(), 0.2)
+    assert out.device.type == "cuda"
+    torch.testing.assert_close(out.cpu(), expected)

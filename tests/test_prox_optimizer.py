@@ -1,0 +1,219 @@
+"""ProxLovasz: the proximal-gradient optimizer, and the example that compares it to SGD."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("numba", reason="the prox kernels need numba")
+
+from lovasz_kernels import lovasz_hinge  # noqa: E402
+from lovasz_kernels.optim import ProxLovasz, lovasz_hinge_moreau, prox_lovasz_hinge  # noqa: E402
+
+_EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "prox_vs_momentum.py"
+
+
+def _problem(gen, batch=2, size=6):
+    logits = torch.randn(batch, size, size, generator=gen, dtype=torch.float64)
+    labels = (torch.rand(batch, size, size, generator=gen) > 0.5).long()
+    return logits, labels
+
+
+def test_identity_model_one_step_is_the_prox(gen):
+    logits, labels = _problem(gen)
+    labels[0, 0] = 255
+    for lam, lr in ((None, 0.7), (0.3, 0.3)):
+        scores = torch.nn.Parameter(logits.clone())
+        optimizer = ProxLovasz([scores], lr=lr, momentum=0.0, lam=lam)
+
+        def closure(scores=scores, optimizer=optimizer):
+            optimizer.zero_grad()
+            return scores, labels, {"ignore_index": 255}
+
+        loss = optimizer.step(closure)
+        expected = prox_lovasz_hinge(logits, labels, lr, ignore_index=255)
+        torch.testing.assert_close(scores.detach(), expected, rtol=0, atol=1e-12)
+        reference = lovasz_hinge(logits, labels, ignore_index=255, backend="numpy")
+        torch.testing.assert_close(loss, reference.to(loss.dtype))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"momentum": 0.9},
+        {"momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
+        {"momentum": 0.5, "dampening": 0.3},
+    ],
+    ids=["momentum", "nesterov-wd", "dampening"],
+)
+def test_matches_sgd_on_the_moreau_envelope(gen, options):
+    """The update is torch's SGD applied to the envelope's gradient (F − prox)/λ."""
+    images = torch.randn(2, 3, 6, 6, generator=gen)
+    labels = (torch.rand(2, 6, 6, generator=gen) > 0.5).long()
+    models = [torch.nn.Conv2d(3, 1, 3, padding=1) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    prox_opt = ProxLovasz(models[0].parameters(), lr=0.05, lam=0.2, **options)
+    sgd = torch.optim.SGD(models[1].parameters(), lr=0.05, **options)
+    for _ in range(4):
+        def closure():
+            prox_opt.zero_grad()
+            return models[0](images)[:, 0], labels
+
+        prox_opt.step(closure)
+        sgd.zero_grad()
+        lovasz_hinge_moreau(models[1](images)[:, 0], labels, 0.2).backward()
+        sgd.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _train(model, optimizer, images, labels, steps):
+    losses = []
+    for _ in range(steps):
+        def closure():
+            optimizer.zero_grad()
+            return model(images), labels
+
+        losses.append(float(optimizer.step(closure)))
+    return losses
+
+
+def test_state_dict_round_trip(gen):
+    images = torch.randn(2, 3, 6, 6, generator=gen)
+    labels = (torch.rand(2, 1, 6, 6, generator=gen) > 0.5).long()[:, 0]
+    model = torch.nn.Conv2d(3, 1, 3, padding=1)
+    optimizer = ProxLovasz(model.parameters(), lr=0.05, lam=0.5)
+    _train(model, optimizer, images, labels, 3)
+    # through bytes, as a checkpoint would (state_dict() holds references to live buffers)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer)
+    saved_model, saved_optimizer = checkpoint["model"], checkpoint["optimizer"]
+    assert all("momentum_buffer" in s for s in saved_optimizer["state"].values())
+
+    clone = torch.nn.Conv2d(3, 1, 3, padding=1)
+    clone.load_state_dict(saved_model)
+    clone_optimizer = ProxLovasz(clone.parameters(), lr=1.0)  # overwritten by the load
+    clone_optimizer.load_state_dict(saved_optimizer)
+    assert clone_optimizer.param_groups[0]["lam"] == 0.5
+    expected = _train(model, optimizer, images, labels, 2)
+    got = _train(clone, clone_optimizer, images, labels, 2)
+    assert got == expected
+    for a, b in zip(model.parameters(), clone.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_lr_scheduler_moves_lam_when_tied(gen):
+    logits, labels = _problem(gen)
+    scores = torch.nn.Parameter(logits.clone())
+    optimizer = ProxLovasz([scores], lr=0.8, momentum=0.0)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.25)
+
+    def closure():
+        optimizer.zero_grad()
+        return scores, labels
+
+    optimizer.step(closure)
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.2)
+    before = scores.detach().clone()
+    optimizer.step(closure)
+    torch.testing.assert_close(scores.detach(), prox_lovasz_hinge(before, labels, 0.2),
+                               rtol=0, atol=1e-12)
+
+
+def test_param_groups_use_their_own_lr(gen):
+    images = torch.randn(2, 3, 6, 6, generator=gen, dtype=torch.float64)
+    labels = (torch.rand(2, 6, 6, generator=gen) > 0.5).long()
+    layers = [torch.nn.Conv2d(3, 4, 3, padding=1).double(), torch.nn.Conv2d(4, 1, 1).double()]
+    copies = [torch.nn.Conv2d(3, 4, 3, padding=1).double(), torch.nn.Conv2d(4, 1, 1).double()]
+    for layer, copy in zip(layers, copies):
+        copy.load_state_dict(layer.state_dict())
+    optimizer = ProxLovasz(
+        [{"params": layers[0].parameters(), "lr": 0.01}, {"params": layers[1].parameters()}],
+        lr=0.1, momentum=0.0, lam=0.5,
+    )
+    assert optimizer.param_groups[1]["lr"] == 0.1
+
+    def closure():
+        optimizer.zero_grad()
+        return layers[1](layers[0](images))[:, 0], labels
+
+    optimizer.step(closure)
+    # each group steps along the envelope's gradient with its own learning rate
+    lovasz_hinge_moreau(copies[1](copies[0](images))[:, 0], labels, 0.5).backward()
+    for layer, copy, lr in zip(layers, copies, (0.01, 0.1)):
+        for p, q in zip(layer.parameters(), copy.parameters()):
+            torch.testing.assert_close(p.detach(), q.detach() - lr * q.grad)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"lr": -1.0}, ValueError, "Invalid learning rate"),
+        ({"lr": 0.0}, ValueError, "Invalid learning rate"),
+        ({"lr": "0.1"}, TypeError, "lr must be a number"),
+        ({"momentum": -0.1}, ValueError, "Invalid momentum value"),
+        ({"dampening": 1.5}, ValueError, "Invalid dampening value"),
+        ({"weight_decay": -1e-4}, ValueError, "Invalid weight_decay value"),
+        ({"nesterov": 1}, TypeError, "nesterov must be True or False"),
+        ({"nesterov": True, "momentum": 0.0}, ValueError, "Nesterov momentum requires"),
+        ({"lam": 0.0}, ValueError, "lam must be a positive"),
+        ({"lam": "big"}, TypeError, "lam must be a positive number"),
+        ({"method": "fista"}, ValueError, "method must be 'exact' or 'greedy'"),
+        ({"max_steps": 3}, ValueError, "max_steps applies to method='greedy'"),
+        ({"method": "greedy", "max_steps": -2}, ValueError, "max_steps must be a positive"),
+    ],
+)
+def test_bad_hyperparameters(kwargs, error, match):
+    arguments = {"lr": 0.1, **kwargs}
+    with pytest.raises(error, match=match):
+        ProxLovasz([torch.nn.Parameter(torch.zeros(3))], **arguments)
+
+
+def test_bad_param_group_hyperparameters():
+    with pytest.raises(ValueError, match="Invalid momentum value"):
+        ProxLovasz([{"params": [torch.nn.Parameter(torch.zeros(3))], "momentum": -1.0}],
+                   lr=0.1)
+
+
+def test_bad_closures(gen):
+    logits, labels = _problem(gen)
+    scores = torch.nn.Parameter(logits.clone())
+    optimizer = ProxLovasz([scores], lr=0.1)
+    with pytest.raises(ValueError, match="needs a closure"):
+        optimizer.step()
+    with pytest.raises(TypeError, match="must return \\(logits, labels\\)"):
+        optimizer.step(lambda: lovasz_hinge(scores, labels))
+    with pytest.raises(ValueError, match="requires_grad is False"):
+        optimizer.step(lambda: (logits, labels))
+    with pytest.raises(ValueError, match="closure options must be among"):
+        optimizer.step(lambda: (scores, labels, {"classes": "all"}))
+
+
+def test_greedy_optimizer_reports_whether_the_path_finished(gen):
+    logits, labels = _problem(gen, size=10)
+    scores = torch.nn.Parameter(logits.clone())
+    optimizer = ProxLovasz([scores], lr=2.0, momentum=0.0, method="greedy", max_steps=1)
+    optimizer.step(lambda: (scores, labels))
+    assert optimizer.prox_finished is False
+    optimizer.param_groups[0]["max_steps"] = None
+    optimizer.step(lambda: (scores, labels))
+    assert optimizer.prox_finished is True
+
+
+def test_example_smoke(tmp_path):
+    spec = importlib.util.spec_from_file_location("prox_vs_momentum", _EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = tmp_path / "curves.png"
+    results = example.main(["--size", "24", "--images", "4", "--iterations", "4",
+                            "--out", str(out)])
+    assert out.exists() and out.stat().st_size > 0
+    assert set(results) >= {"SGD", "SGD + momentum", "ProxLovasz, λ = lr"}
+    assert all(len(curve) == 5 for curve in results.values())
