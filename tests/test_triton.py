@@ -216,6 +216,50 @@ def test_one_ulp_apart_keep_their_order(device, gen):
         _compare(errors, fg, loss, grad, f"one ulp apart {settings}")
 
 
+# ---------------------------------------------------- fp16/bf16 sort-free histogram path
+
+HISTOGRAM = dict(histogram_min_pixels=1, small_segment_max=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (2, 2000)], ids=str)
+def test_histogram_path_matches_reference(device, dtype, shape, gen):
+    errors = tie_free_errors(shape, dtype, gen)
+    fg = torch.rand(shape, generator=gen) < 0.3
+    loss, grad = _run(errors, fg, device, **HISTOGRAM)
+    _compare(errors, fg, loss, grad, f"histogram {dtype} {shape}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_histogram_path_on_ties_padding_and_edge_cases(device, dtype, gen):
+    """Exact loss on ties; each tie group shares its gradient equally (deterministic)."""
+    errors = (torch.randint(-2, 4, (3, 300), generator=gen).double() / 2).to(dtype)
+    errors[1, 200:] = -torch.inf
+    errors[2, :] = -1.0  # nothing above 0
+    fg = torch.rand(3, 300, generator=gen) < 0.4
+    fg[0] = False  # no foreground
+    fg &= errors > -torch.inf
+    loss, grad = _run(errors, fg, device, **HISTOGRAM)
+    _compare(errors, fg, loss, grad, f"histogram ties {dtype}", tie_free=False)
+    for row in range(3):
+        for value in errors[row].unique():
+            group = grad[row][errors[row] == value]
+            assert bool((group == group[0]).all()), f"row {row}, error {value}: {group}"
+
+
+def test_histogram_path_is_the_default_for_large_half_segments(device, gen):
+    errors = torch.randn(1, 20000, generator=gen).half()
+    fg = torch.rand(1, 20000, generator=gen) < 0.2
+    loss, grad = _run(errors, fg, device)
+    _compare(errors, fg, loss, grad, "fp16 20000 pixels", tie_free=False)
+    values, group_sizes = torch.unique(errors, return_counts=True)
+    tied = values[(group_sizes > 1) & (values > 0)][:20]
+    assert tied.numel() > 0
+    for value in tied:  # the histogram path gives each tie group one shared gradient
+        group = grad[errors == value]
+        assert bool((group == group[0]).all())
+
+
 # ------------------------------------------------------------------------------- keys
 
 

@@ -24,6 +24,13 @@ Segments of at most ``_SMALL_SEGMENT_MAX`` pixels (fp16/bf16/fp32) skip steps 2�
 per segment packs ``key << 12 | index`` into int64, sorts it in registers with ``tl.sort`` and
 does the whole scan, loss and scatter in one kernel (``_small_segment_kernel``).
 
+fp16/bf16 segments of at least ``histogram_min_pixels`` (2^14) take the sort-free path of
+DESIGN.md §5 instead: ``_histogram_kernel`` counts fg / bg pixels per 16-bit error value
+(integer atomics into 2^15 bins per segment), ``_histogram_scan_kernel`` walks the bins from
+the largest error down with exact int64 carries and gives the exact loss and one gradient per
+bin (a tie group shares its increment equally: a deterministic subgradient), and
+``_histogram_gather_kernel`` writes each pixel's gradient. O(P + 2^15) per segment, no sort.
+
 Interpreter mode: Triton decides at decoration time, i.e. when this module is imported, whether
 ``@triton.jit`` builds compiled kernels or interpreted ones (``knobs.runtime.interpret`` reads
 ``TRITON_INTERPRET`` from the environment). So ``TRITON_INTERPRET=1`` must be set before this
@@ -290,6 +297,104 @@ def _small_segment_kernel(
              mask=mask)
 
 
+@_jit
+def _histogram_kernel(
+    errors_ptr, fg_ptr, hist_ptr, num_pixels, stride_es, stride_ep, stride_fs, stride_fp,
+    NUM_BINS: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """hist[s, fg, bin] += 1 for every pixel; bin = bits of max(e, 0) as a 16-bit float.
+
+    The bits of a non-negative 16-bit float are an order-preserving rank below NUM_BINS = 2^15
+    (errors ≤ 0 share bin 0). hist: (S, 2, NUM_BINS) int32, zeroed. Grid (S, cdiv(P, BLOCK)).
+    Integer atomics: the counts do not depend on their order.
+    """
+    segment = tl.program_id(0)
+    tile = tl.program_id(1)
+    if INT64:
+        segment = segment.to(tl.int64)
+        tile = tile.to(tl.int64)
+    cols = tile * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < num_pixels
+    errors = tl.load(errors_ptr + segment * stride_es + cols * stride_ep, mask=mask, other=0.0)
+    is_fg = tl.load(fg_ptr + segment * stride_fs + cols * stride_fp, mask=mask, other=0)
+    bits = errors.to(tl.int16, bitcast=True).to(tl.int32)
+    bins = tl.where(bits > 0, bits, 0) + (is_fg != 0).to(tl.int32) * NUM_BINS
+    tl.atomic_add(hist_ptr + segment * (2 * NUM_BINS) + bins, 1, mask=mask)
+
+
+@_jit
+def _histogram_scan_kernel(
+    hist_ptr, bin_grad_ptr, loss_ptr,
+    FLOAT_DTYPE: tl.constexpr, NUM_BINS: tl.constexpr, SCAN_BLOCK: tl.constexpr,
+):
+    """Exact loss and per-bin gradient of one segment from its (fg, bg) histogram.
+
+    Bins are visited from the largest error down, carrying the fg / bg pixels seen so far
+    (c, b). A bin holding a fg and β bg pixels moves Δ_J from 1 − I₀/U₀ to 1 − I₁/U₁ with
+    I = n_fg − c, U = n_fg + b; the difference (I₀U₁ − I₁U₀)/(U₀U₁) is formed from exact int64
+    products (no cancellation). loss[s] = Σ value(bin) · difference (float64; ties do not
+    change the loss) and bin_grad[s, bin] = difference / (a + β): every order of a tie group
+    gives a subgradient, so their average does too (and it is deterministic). Grid (S,).
+    """
+    segment = tl.program_id(0).to(tl.int64)
+    fg_row = hist_ptr + segment * (2 * NUM_BINS) + NUM_BINS
+    bg_row = hist_ptr + segment * (2 * NUM_BINS)
+    n_fg = tl.full([], 0, tl.int64)
+    for start in range(0, NUM_BINS, SCAN_BLOCK):
+        n_fg += tl.sum(tl.load(fg_row + start + tl.arange(0, SCAN_BLOCK)).to(tl.int64), axis=0)
+    fg_before = tl.full([], 0, tl.int64)
+    bg_before = tl.full([], 0, tl.int64)
+    loss = tl.zeros([SCAN_BLOCK], dtype=tl.float64)
+    for start in range(0, NUM_BINS, SCAN_BLOCK):
+        bins = NUM_BINS - 1 - start - tl.arange(0, SCAN_BLOCK)  # descending errors
+        fg_count = tl.load(fg_row + bins).to(tl.int64)
+        bg_count = tl.load(bg_row + bins).to(tl.int64)
+        fg_after = fg_before + tl.cumsum(fg_count, axis=0)
+        bg_after = bg_before + tl.cumsum(bg_count, axis=0)
+        inter_0 = n_fg - (fg_after - fg_count)
+        union_0 = n_fg + (bg_after - bg_count)
+        inter_1 = n_fg - fg_after
+        union_1 = n_fg + bg_after
+        numerator = (inter_0 * union_1 - inter_1 * union_0).to(tl.float64)
+        denominator = union_0.to(tl.float64) * union_1.to(tl.float64)
+        # U₀ = 0 only before any pixel of a segment without foreground: Δ_J was 0 there
+        first = (union_1 - inter_1).to(tl.float64) / tl.maximum(union_1, 1).to(tl.float64)
+        difference = tl.where(union_0 == 0, first, numerator / tl.maximum(denominator, 1.0))
+        pixels = fg_count + bg_count
+        difference = tl.where((pixels > 0) & (bins > 0), difference, 0.0)
+        # empty bins may be inf / NaN bit patterns: decode only the occupied ones
+        occupied_bins = tl.where(difference != 0.0, bins, 0).to(tl.int16)
+        value = occupied_bins.to(FLOAT_DTYPE, bitcast=True).to(tl.float32)
+        loss += value.to(tl.float64) * difference
+        bin_grad = difference / tl.maximum(pixels, 1).to(tl.float64)
+        tl.store(bin_grad_ptr + segment * NUM_BINS + bins, bin_grad.to(tl.float32))
+        fg_before += tl.sum(fg_count, axis=0)
+        bg_before += tl.sum(bg_count, axis=0)
+    tl.store(loss_ptr + segment, tl.sum(loss, axis=0).to(loss_ptr.dtype.element_ty))
+
+
+@_jit
+def _histogram_gather_kernel(
+    errors_ptr, bin_grad_ptr, grad_ptr, num_pixels, stride_es, stride_ep,
+    NUM_BINS: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """grad[s, p] = bin_grad[s, bin(errors[s, p])] in the grad dtype. Grid (S, cdiv(P, BLOCK))."""
+    segment = tl.program_id(0)
+    tile = tl.program_id(1)
+    if INT64:
+        segment = segment.to(tl.int64)
+        tile = tile.to(tl.int64)
+    cols = tile * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < num_pixels
+    errors = tl.load(errors_ptr + segment * stride_es + cols * stride_ep, mask=mask, other=0.0)
+    bits = errors.to(tl.int16, bitcast=True).to(tl.int32)
+    bins = tl.where(bits > 0, bits, 0)
+    grad = tl.load(bin_grad_ptr + segment * NUM_BINS + bins, mask=mask, other=0.0)
+    tl.store(grad_ptr + segment * num_pixels + cols, grad.to(grad_ptr.dtype.element_ty),
+             mask=mask)
+
+
+
 # autotuned entry points for compiled mode. The tile size is tuned on the counts kernel and
 # reused by the apply kernel (both must cut the sorted row into the same tiles); the apply
 # kernel then tunes its warps for that tile.
@@ -332,7 +437,12 @@ _SETTINGS = {
     "tile": None,
     "scan_block": 1024,
     "force_int64": False,
+    # fp16/bf16 segments with at least this many pixels take the sort-free histogram path
+    # (DESIGN §5): 2^15 bins per segment, so it pays off only on large segments (not yet
+    # measured on a GPU; None disables it)
+    "histogram_min_pixels": 1 << 14,
 }
+_HISTOGRAM_BINS = 1 << 15  # bits of a non-negative 16-bit float
 
 
 @contextlib.contextmanager
@@ -356,6 +466,7 @@ def _override(**settings) -> Iterator[None]:
 
 def _tl_dtype(dtype: torch.dtype):
     return {torch.int16: tl.int16, torch.int32: tl.int32, torch.int64: tl.int64,
+            torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
             torch.float32: tl.float32, torch.float64: tl.float64}[dtype]
 
 
@@ -394,13 +505,36 @@ def lovasz_extension(errors: torch.Tensor, fg: torch.Tensor) -> tuple[torch.Tens
         )
         return loss, grad
 
+    tile = _SETTINGS["tile"]
+    if tile is None and _INTERPRETED:
+        tile = min(max(triton.next_power_of_2(triton.cdiv(num_pixels, 16)), 1024), 16384)
+
+    histogram_min = _SETTINGS["histogram_min_pixels"]
+    if (errors.dtype in (torch.float16, torch.bfloat16) and histogram_min is not None
+            and num_pixels >= histogram_min):
+        hist = torch.zeros((num_segments, 2, _HISTOGRAM_BINS), dtype=torch.int32, device=device)
+        block = tile or 1024
+        grid = (num_segments, triton.cdiv(num_pixels, block))
+        _histogram_kernel[grid](
+            errors, fg_bytes, hist, num_pixels, *strides,
+            NUM_BINS=_HISTOGRAM_BINS, INT64=int64, BLOCK=block,
+        )
+        bin_grad = torch.empty((num_segments, _HISTOGRAM_BINS), dtype=torch.float32,
+                               device=device)
+        _histogram_scan_kernel[(num_segments,)](
+            hist, bin_grad, loss, FLOAT_DTYPE=_tl_dtype(errors.dtype), NUM_BINS=_HISTOGRAM_BINS,
+            SCAN_BLOCK=_SETTINGS["scan_block"],
+        )
+        _histogram_gather_kernel[grid](
+            errors, bin_grad, grad, num_pixels, *strides[:2],
+            NUM_BINS=_HISTOGRAM_BINS, INT64=int64, BLOCK=block,
+        )
+        return loss, grad
+
     size_class = num_pixels.bit_length()  # autotuning key: retune per power of two, not per P
     keys = torch.empty((num_segments, num_pixels), dtype=key_dtype, device=device)
     key_args = (errors, fg_bytes, keys, num_pixels, size_class, *strides)
     key_meta = dict(KEY_DTYPE=_tl_dtype(key_dtype), KEY_HALF=key_half, INT64=int64)
-    tile = _SETTINGS["tile"]
-    if tile is None and _INTERPRETED:
-        tile = min(max(triton.next_power_of_2(triton.cdiv(num_pixels, 16)), 1024), 16384)
     if tile is None:
         _build_keys_tuned[lambda meta: (num_segments, triton.cdiv(num_pixels, meta["BLOCK"]))](
             *key_args, **key_meta
