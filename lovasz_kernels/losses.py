@@ -7,6 +7,9 @@ linear in the segment losses and its gradient is the kernel's gradient, scaled, 
 (d error / d score is -1 on foreground and +1 on background for both losses) and scattered
 back once to the input's layout. That gradient is computed in forward and saved: backward
 never sorts again.
+
+With a ``process_group`` and ``per_image=False`` the segments span the pixels of every rank
+(:mod:`lovasz_kernels.distributed`): forward communicates, backward never does.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from lovasz_kernels import _validate
+from lovasz_kernels import distributed as _distributed
 from lovasz_kernels._jaccard import jaccard_increments
 from lovasz_kernels._registry import Backend, select_backend
 
@@ -124,7 +128,11 @@ def _segment_weights(
 
 
 class _LovaszFunction(torch.autograd.Function):
-    """Runs the backend once in forward, saves the input gradient, and scales it in backward."""
+    """Runs the backend once in forward, saves the input gradient, and scales it in backward.
+
+    With ``global_batch`` the segments' columns are this rank's share of global segments: the
+    segment losses are the global ones and the saved gradient is d global loss / d local input.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -132,6 +140,7 @@ class _LovaszFunction(torch.autograd.Function):
         scores: torch.Tensor,
         build: Callable[[torch.Tensor], _Segments],
         backend: Backend,
+        global_batch: _distributed.GlobalBatch | None = None,
     ) -> torch.Tensor:
         out_dtype = _validate.compute_dtype(scores.dtype)
         ctx.scores_dtype = scores.dtype
@@ -139,7 +148,12 @@ class _LovaszFunction(torch.autograd.Function):
         if segments.errors.shape[0] == 0:
             ctx.save_for_backward(torch.zeros_like(scores))
             return torch.zeros((), dtype=out_dtype, device=scores.device)
-        segment_loss, segment_grad = backend.run(segments.errors, segments.fg)
+        if global_batch is None:
+            segment_loss, segment_grad = backend.run(segments.errors, segments.fg)
+        else:  # every rank takes this branch together: the segments are the same everywhere
+            segment_loss, segment_grad = global_batch.extension(
+                segments.errors, segments.fg, backend
+            )
         loss = torch.dot(segment_loss.to(torch.float64), segments.weights)
         if ctx.needs_input_grad[0]:
             coefficient = segments.weights.to(segment_grad.dtype)[:, None]
@@ -150,7 +164,7 @@ class _LovaszFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
         (score_grad,) = ctx.saved_tensors
-        return (grad_output * score_grad).to(ctx.scores_dtype), None, None
+        return (grad_output * score_grad).to(ctx.scores_dtype), None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,6 +197,9 @@ def lovasz_hinge(
     per_image: bool = True,
     ignore_index: int | None = None,
     backend: str | None = None,
+    process_group: torch.distributed.ProcessGroup | None = None,
+    dist_mode: str = "exact",
+    bins: int = 2**16,
 ) -> torch.Tensor:
     """Binary Lovász hinge loss (paper §3.2): the Lovász extension of the Jaccard loss of
     the foreground class applied to hinge errors ``1 - logit * (2 * label - 1)``.
@@ -200,6 +217,20 @@ def lovasz_hinge(
         Label value whose pixels are ignored (no loss, zero gradient).
     backend
         Backend name; None picks the best available for the tensor's device.
+    process_group
+        With ``per_image=False``: the loss over the pixels of every rank of this
+        ``torch.distributed`` group (e.g. ``dist.group.WORLD``), identical on every rank, each
+        rank's backward giving d(global loss)/d(its logits). Every rank must call it together.
+        Under DDP multiply the loss by the world size before ``backward()`` to get the
+        single-process gradient of the concatenated batch (DDP averages gradients). Ignored
+        with ``per_image=True`` (per-image losses need nothing from other ranks).
+    dist_mode
+        ``"exact"`` (all-gather the errors: O(P_global) per rank) or ``"histogram"``
+        (all-reduce ``bins`` count histograms; loss within max-error/``bins`` of exact). See
+        :mod:`lovasz_kernels.distributed`.
+    bins
+        Histogram mode: uniform bins over [0, max hinge error of the global batch] (hinge
+        errors are unbounded, so the range costs one MAX all-reduce).
 
     Returns
     -------
@@ -222,8 +253,16 @@ def lovasz_hinge(
     logits_2d, labels_2d = _hinge_shapes(logits, labels)
     _validate.check_labels(labels_2d, "{0, 1}", 2, ignore_index)
     _validate.check_finite("logits", logits_2d)
+    _distributed.check_dist_options(process_group, dist_mode, bins, allow_fp16_grid=False)
     chosen = select_backend(backend, logits.device)
     compute = _validate.compute_dtype(logits.dtype)
+    global_batch = None
+    if process_group is not None and not per_image:
+        # the batch segment exists on every rank as soon as any rank has a valid pixel
+        valid_count = _valid_mask(labels_2d, ignore_index).sum().reshape(1)
+        global_valid, global_batch = _distributed.census(
+            process_group, labels_2d.numel(), valid_count, dist_mode, bins, value_range=None
+        )
 
     def build(scores: torch.Tensor) -> _Segments:
         scores = scores.reshape(logits_2d.shape).to(compute)
@@ -233,7 +272,10 @@ def lovasz_hinge(
         if not per_image:
             errors, fg, valid = errors.reshape(1, -1), fg.reshape(1, -1), valid.reshape(1, -1)
         # the mean over segments that have a valid pixel (an all-ignored image has no loss)
-        rows = torch.nonzero(valid.any(dim=1)).flatten()
+        if global_batch is not None:
+            rows = torch.arange(int(global_valid[0] > 0), device=errors.device)
+        else:
+            rows = torch.nonzero(valid.any(dim=1)).flatten()
         every_row = rows.numel() == errors.shape[0]
         weights = torch.full(
             (rows.numel(),), 1 / max(rows.numel(), 1), dtype=torch.float64, device=scores.device
@@ -250,7 +292,7 @@ def lovasz_hinge(
             return _Segments(errors, fg, weights, to_scores)
         return _Segments(errors[rows], fg[rows], weights, to_scores)
 
-    return _LovaszFunction.apply(logits, build, chosen)
+    return _LovaszFunction.apply(logits, build, chosen, global_batch)
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,6 +335,9 @@ def lovasz_softmax(
     class_weights: Sequence[float] | torch.Tensor | None = None,
     from_logits: bool = False,
     backend: str | None = None,
+    process_group: torch.distributed.ProcessGroup | None = None,
+    dist_mode: str = "exact",
+    bins: int | str = 2**16,
 ) -> torch.Tensor:
     """Multi-class Lovász-Softmax loss (paper §3.3, Eq. 11-12): the mean over classes of the
     Lovász extension of each class's Jaccard loss applied to ``|1[label = c] - p_c|``.
@@ -322,6 +367,23 @@ def lovasz_softmax(
         in float32 or wider.
     backend
         Backend name; None picks the best available for the tensor's device.
+    process_group
+        With ``per_image=False``: the loss over the pixels of every rank of this
+        ``torch.distributed`` group (e.g. ``dist.group.WORLD``): classes counted when present
+        anywhere in the global batch, the value identical on every rank, each rank's backward
+        giving d(global loss)/d(its probas). Every rank must call it together (with the same
+        ``classes`` and ``class_weights``). Under DDP multiply the loss by the world size
+        before ``backward()`` to get the single-process gradient of the concatenated batch
+        (DDP averages gradients over ranks). Ignored with ``per_image=True`` (nothing needs
+        communicating).
+    dist_mode
+        ``"exact"`` (default; all-gathers every counted class's errors: O(S · P_global) bytes
+        per rank) or ``"histogram"`` (all-reduces per-class count histograms of ``bins`` bins,
+        independent of the pixel count; the loss is within 1/``bins`` of exact). See
+        :mod:`lovasz_kernels.distributed`.
+    bins
+        Histogram mode: the number of uniform bins on [0, 1], or ``"fp16"`` for a grid with
+        one bin per float16 value (28673 bins) that is exact for float16 probabilities.
 
     Returns
     -------
@@ -349,7 +411,19 @@ def lovasz_softmax(
     weights_per_class = _validate.resolve_class_weights(class_weights, num_classes, probas.device)
     valid_range = "{0, 1}" if sigmoid_case else f"[0, {num_classes})"
     _validate.check_labels(labels_2d, valid_range, max(num_classes, 2), ignore_index)
+    _distributed.check_dist_options(process_group, dist_mode, bins, allow_fp16_grid=True)
     chosen = select_backend(backend, probas.device)
+    global_batch = None
+    if process_group is not None and not per_image:
+
+        def global_counts(local_counts: torch.Tensor) -> torch.Tensor:
+            nonlocal global_batch
+            summed, global_batch = _distributed.census(
+                process_group, labels_2d.numel(), local_counts, dist_mode, bins, value_range=1.0
+            )
+            return summed
+    else:
+        global_counts = None
 
     if from_logits:
         _validate.check_finite("probas (logits, from_logits=True)", probas_3d)
@@ -363,7 +437,7 @@ def lovasz_softmax(
 
     valid = _valid_mask(labels_2d, ignore_index)
     segment_image, segment_class = _softmax_segments(
-        labels_2d, valid, num_classes, chosen_classes, per_image
+        labels_2d, valid, num_classes, chosen_classes, per_image, global_counts
     )
     class_weight = (
         torch.ones(segment_class.numel(), dtype=torch.float64, device=probas.device)
@@ -406,7 +480,7 @@ def lovasz_softmax(
 
         return _Segments(errors, fg, weights, to_scores)
 
-    return _LovaszFunction.apply(probas, build, chosen)
+    return _LovaszFunction.apply(probas, build, chosen, global_batch)
 
 
 def _softmax_segments(
@@ -415,11 +489,13 @@ def _softmax_segments(
     num_classes: int,
     classes: str | list[int],
     per_image: bool,
+    global_counts: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(image, class-channel) index of every counted segment.
 
     A segment needs at least one valid pixel; with ``classes="present"`` (and C > 1) it also
-    needs at least one pixel of its class.
+    needs at least one pixel of its class. ``global_counts`` (batch segments only) sums the
+    batch's per-class and valid pixel counts over ranks, so every rank counts the same classes.
     """
     batch = labels.shape[0]
     device = labels.device
@@ -429,6 +505,9 @@ def _softmax_segments(
     if not per_image:
         class_pixels = class_pixels.sum(dim=0, keepdim=True)
         valid_pixels = valid_pixels.sum(dim=0, keepdim=True)
+        if global_counts is not None:
+            summed = global_counts(torch.cat([class_pixels, valid_pixels], dim=1).flatten())
+            class_pixels, valid_pixels = summed[:-1].reshape(1, -1), summed[-1:].reshape(1, 1)
     if num_classes == 1:
         counted = valid_pixels > 0  # (images, 1): the foreground class, present or not
     else:

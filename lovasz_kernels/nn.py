@@ -9,6 +9,7 @@ from torch import nn
 
 from lovasz_kernels import _validate
 from lovasz_kernels._registry import get_backend
+from lovasz_kernels.distributed import check_dist_options
 from lovasz_kernels.losses import lovasz_hinge, lovasz_softmax
 
 __all__ = ["LovaszHingeLoss", "LovaszSoftmaxLoss"]
@@ -20,8 +21,21 @@ def _check_backend_name(backend: str | None) -> str | None:
     return backend
 
 
+def _dist_repr(module: nn.Module) -> str:
+    """The distributed options, shown only when they differ from the defaults."""
+    parts = []
+    if module.process_group is not None:
+        parts.append("process_group=<ProcessGroup>")
+    if module.dist_mode != "exact":
+        parts.append(f"dist_mode={module.dist_mode!r}, bins={module.bins!r}")
+    return "".join(", " + part for part in parts)
+
+
 class LovaszHingeLoss(nn.Module):
     """Binary Lovász hinge as a module; see :func:`lovasz_kernels.lovasz_hinge`.
+
+    ``process_group`` (with ``per_image=False``) makes it the loss of the global batch across
+    ranks; the group is kept as a plain attribute (not saved in the ``state_dict``).
 
     Examples
     --------
@@ -34,23 +48,34 @@ class LovaszHingeLoss(nn.Module):
     """
 
     def __init__(
-        self, per_image: bool = True, ignore_index: int | None = None, backend: str | None = None
+        self,
+        per_image: bool = True,
+        ignore_index: int | None = None,
+        backend: str | None = None,
+        process_group: torch.distributed.ProcessGroup | None = None,
+        dist_mode: str = "exact",
+        bins: int = 2**16,
     ) -> None:
         super().__init__()
         self.per_image = _validate.check_flag("per_image", per_image)
         self.ignore_index = _validate.check_ignore_index(ignore_index)
         self.backend = _check_backend_name(backend)
+        check_dist_options(process_group, dist_mode, bins, allow_fp16_grid=False)
+        self.process_group = process_group
+        self.dist_mode = dist_mode
+        self.bins = bins
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return lovasz_hinge(
             logits, labels, per_image=self.per_image, ignore_index=self.ignore_index,
-            backend=self.backend,
+            backend=self.backend, process_group=self.process_group, dist_mode=self.dist_mode,
+            bins=self.bins,
         )
 
     def extra_repr(self) -> str:
         return (
             f"per_image={self.per_image}, ignore_index={self.ignore_index}, "
-            f"backend={self.backend!r}"
+            f"backend={self.backend!r}{_dist_repr(self)}"
         )
 
 
@@ -58,7 +83,8 @@ class LovaszSoftmaxLoss(nn.Module):
     """Multi-class Lovász-Softmax as a module; see :func:`lovasz_kernels.lovasz_softmax`.
 
     ``class_weights`` is a buffer, so it follows ``.to(device)`` and is saved in the
-    ``state_dict``.
+    ``state_dict``. ``process_group`` (with ``per_image=False``) makes it the loss of the
+    global batch across ranks; the group is a plain attribute (not saved).
 
     Examples
     --------
@@ -81,6 +107,9 @@ class LovaszSoftmaxLoss(nn.Module):
         class_weights: Sequence[float] | torch.Tensor | None = None,
         from_logits: bool = False,
         backend: str | None = None,
+        process_group: torch.distributed.ProcessGroup | None = None,
+        dist_mode: str = "exact",
+        bins: int | str = 2**16,
     ) -> None:
         super().__init__()
         self.classes = _validate.normalize_classes(classes)
@@ -95,12 +124,17 @@ class LovaszSoftmaxLoss(nn.Module):
                 f"got shape {_validate.shape_str(weights.shape)}"
             )
         self.register_buffer("class_weights", weights)
+        check_dist_options(process_group, dist_mode, bins, allow_fp16_grid=True)
+        self.process_group = process_group
+        self.dist_mode = dist_mode
+        self.bins = bins
 
     def forward(self, probas: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return lovasz_softmax(
             probas, labels, classes=self.classes, per_image=self.per_image,
             ignore_index=self.ignore_index, class_weights=self.class_weights,
             from_logits=self.from_logits, backend=self.backend,
+            process_group=self.process_group, dist_mode=self.dist_mode, bins=self.bins,
         )
 
     def extra_repr(self) -> str:
@@ -110,5 +144,5 @@ class LovaszSoftmaxLoss(nn.Module):
         return (
             f"classes={self.classes!r}, per_image={self.per_image}, "
             f"ignore_index={self.ignore_index}{weights}, from_logits={self.from_logits}, "
-            f"backend={self.backend!r}"
+            f"backend={self.backend!r}{_dist_repr(self)}"
         )

@@ -1,0 +1,294 @@
+"""The batch Lovász losses over the global batch of a ``torch.distributed`` process group.
+
+Under data parallelism each rank holds a slice of the batch. The batch losses
+(``per_image=False``) are *not* sums over pixels: every segment's loss is the Lovász extension
+of the Jaccard loss of the whole segment, so the mean of per-rank losses is a different
+function (a class rare on one rank weighs as much there as a frequent one). This module
+computes the loss of the concatenated global batch, identically on every rank, together with
+each rank's exact share of the gradient (d global loss / d local pixels). Two modes:
+
+``"exact"``
+    One small all-gather of a census (local pixel count and label counts, so the set of
+    counted classes is global), then one all-gather of every segment's errors and labels
+    (padded to the largest rank with the ``-inf`` / ``False`` sentinel and packed into one
+    byte tensor, so it is a single collective of equal sizes). Every rank runs the backend
+    once on the global ``(S, P_global)`` segments, in rank order (the concatenated batch),
+    and keeps the columns of its own pixels. Received volume per rank:
+    ``S * world * max_rank_pixels * (itemsize + 1)`` bytes, i.e. O(S · P_global).
+
+``"histogram"``
+    Errors are quantized by an order-preserving map into ``bins`` + 1 bins; per-segment fg/bg
+    count histograms are all-reduced (``2 * S * (bins + 1)`` integers, independent of the pixel
+    count), every rank derives its pixels' Jaccard increments from the global cumulative counts
+    (no sort), and the per-segment losses are all-reduced (``S`` floats). See
+    :func:`histogram_extension` for the increments and the error bound.
+
+Nothing is communicated in backward: the gradient is computed in forward (as in
+:mod:`lovasz_kernels.losses`) and only the local slice is kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from lovasz_kernels._registry import Backend
+
+__all__ = ["DIST_MODES", "FP16_GRID_BINS", "histogram_extension", "quantize"]
+
+DIST_MODES = ("exact", "histogram")
+_FP16_HALF = 0x3800  # bit pattern of float16(0.5): the rank of 0.5 among non-negative halves
+FP16_GRID_BINS = 2 * _FP16_HALF + 1  # 28673 codes of the "fp16" grid (< 2^15)
+
+
+def check_dist_options(
+    process_group: object, dist_mode: object, bins: object, *, allow_fp16_grid: bool
+) -> None:
+    """Validate ``process_group``, ``dist_mode`` and ``bins`` (always, used or not)."""
+    if process_group is not None:
+        if not dist.is_available():
+            raise ValueError("process_group was given but torch.distributed is not available")
+        if not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(
+                "process_group must be a torch.distributed ProcessGroup (e.g. "
+                f"dist.group.WORLD) or None; got {type(process_group).__name__}"
+            )
+    if dist_mode not in DIST_MODES:
+        raise ValueError(f"dist_mode must be 'exact' or 'histogram'; got {dist_mode!r}")
+    if isinstance(bins, str):
+        if bins != "fp16" or not allow_fp16_grid:
+            expected = "a positive int or 'fp16'" if allow_fp16_grid else "a positive int"
+            raise ValueError(f"bins must be {expected}; got {bins!r}")
+    elif isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= 2**26:
+        raise ValueError(f"bins must be an int in [1, 2^26] or 'fp16'; got {bins!r}")
+
+
+def _all_gather_equal(local: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """(world, *local.shape): ``local`` of every rank, stacked in rank order."""
+    world = dist.get_world_size(group)
+    flat = local.contiguous().reshape(-1)
+    out = flat.new_empty(world * flat.numel())  # the concatenated form (every backend has it)
+    gather_single = getattr(dist, "all_gather_single", None)  # the new name (torch >= 2.10)
+    if gather_single is None:
+        gather_single = dist.all_gather_into_tensor
+    gather_single(out, flat, group=group)
+    return out.view(world, *local.shape)
+
+
+@dataclass
+class GlobalBatch:
+    """What the census of a distributed loss call learned, and how to finish it.
+
+    ``columns[r]`` is the number of pixel columns (the P of the local (S, P) segments) of rank
+    r; ``rank`` is this process's index in the group.
+    """
+
+    group: dist.ProcessGroup
+    mode: str
+    bins: int | str
+    columns: list[int]
+    rank: int
+    value_range: float | None  # the errors' known upper bound (1 for softmax), None: measure
+
+    def extension(
+        self, errors: torch.Tensor, fg: torch.Tensor, backend: Backend
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(S,) global segment losses and the (S, P_local) gradient of the local pixels."""
+        if self.mode == "exact":
+            return self._exact(errors, fg, backend)
+        return histogram_extension(errors, fg, self.bins, self.value_range, self.group)
+
+    def _exact(
+        self, errors: torch.Tensor, fg: torch.Tensor, backend: Backend
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        num_segments, local_columns = errors.shape
+        widest = max(self.columns)
+        padded_errors = errors.new_full((num_segments, widest), -torch.inf)
+        padded_errors[:, :local_columns] = errors
+        padded_fg = fg.new_zeros((num_segments, widest))
+        padded_fg[:, :local_columns] = fg
+        # one collective: the error bytes and the label bytes of every segment, side by side
+        error_bytes = padded_errors.view(torch.uint8).reshape(num_segments, -1)
+        packed = torch.cat([error_bytes, padded_fg.view(torch.uint8)], dim=1)
+        gathered = _all_gather_equal(packed, self.group)  # (world, S, widest * (itemsize + 1))
+        split = error_bytes.shape[1]
+        every_errors = gathered[:, :, :split].contiguous().view(errors.dtype)
+        every_fg = gathered[:, :, split:].contiguous().view(torch.bool)
+        # the concatenated batch, in rank order, without the padding
+        global_errors = torch.cat(
+            [every_errors[r, :, :n] for r, n in enumerate(self.columns)], dim=1
+        )
+        global_fg = torch.cat([every_fg[r, :, :n] for r, n in enumerate(self.columns)], dim=1)
+        segment_loss, global_grad = backend.run(global_errors, global_fg)
+        start = sum(self.columns[: self.rank])
+        return segment_loss, global_grad[:, start : start + local_columns]
+
+
+def census(
+    group: dist.ProcessGroup,
+    local_columns: int,
+    counts: torch.Tensor,
+    mode: str,
+    bins: int | str,
+    value_range: float | None,
+) -> tuple[torch.Tensor, GlobalBatch]:
+    """All-gather the local column count and sum the local ``counts`` (int64, 1-D) over ranks.
+
+    One collective of ``world * (len(counts) + 1)`` integers: the global counts decide which
+    segments exist (identically on every rank), the column counts size the exact gather.
+    """
+    local = torch.cat([counts.new_tensor([local_columns]), counts.to(torch.int64)])
+    every = _all_gather_equal(local, group)
+    batch = GlobalBatch(
+        group=group,
+        mode=mode,
+        bins=bins,
+        columns=[int(n) for n in every[:, 0].tolist()],
+        rank=dist.get_rank(group),
+        value_range=value_range,
+    )
+    return every[:, 1:].sum(dim=0), batch
+
+
+# --------------------------------------------------------------------------------------------
+# Histogram mode
+
+
+def quantize(
+    relu_errors: torch.Tensor, bins: int | str, value_range: torch.Tensor | float
+) -> tuple[torch.Tensor, int]:
+    """Order-preserving bin codes of non-negative errors, and the number of codes.
+
+    ``bins`` an int: a uniform grid on ``[0, value_range]``: code 0 holds exactly the zero
+    errors, code k >= 1 the errors in ((k - 1) w, k w] with w = value_range / bins (up to one
+    rounding), so ``bins + 1`` codes. ``bins="fp16"`` (errors in [0, 1], i.e. softmax): the
+    errors are folded around 1/2, d = min(e, 1 - e), rounded to float16 and ranked by bit
+    pattern (0.5 is pattern 0x3800), code = rank(d) for e <= 1/2 and 2 * 0x3800 - rank(d)
+    above: 28673 codes, one per distinct error when the probabilities are float16 values
+    (then e and 1 - e are exact in float32 and d is a float16 value). Widest bin: 2^-12.
+
+    Both maps are non-decreasing in the error, so a bin is a contiguous run of the sorted order.
+    """
+    if bins == "fp16":
+        clamped = relu_errors.clamp(0, 1)
+        folded = torch.minimum(clamped, 1 - clamped)
+        rank = folded.to(torch.float16).view(torch.int16).to(torch.int64)
+        codes = torch.where(clamped <= 0.5, rank, 2 * _FP16_HALF - rank)
+        return codes, FP16_GRID_BINS
+    num_bins = int(bins)
+    scaled = torch.ceil(relu_errors / value_range * num_bins)
+    return scaled.clamp_(0, num_bins).to(torch.int64), num_bins + 1
+
+
+def _all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None, op=None) -> None:
+    if group is not None:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op, group=group)
+
+
+def histogram_extension(
+    errors: torch.Tensor,
+    fg: torch.Tensor,
+    bins: int | str,
+    value_range: float | None,
+    group: dist.ProcessGroup | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lovász extension of the global segments from all-reduced bin histograms (no sort).
+
+    Parameters
+    ----------
+    errors, fg
+        (S, P_local) local columns of the segments (``-inf`` / False marks padding).
+    bins
+        Number of uniform bins, or ``"fp16"`` (see :func:`quantize`).
+    value_range
+        Upper bound of the errors (1 for softmax); None: the per-segment maximum of
+        relu(errors) over all ranks (one MAX all-reduce of S floats).
+    group
+        Process group, or None for the local batch alone (no communication).
+
+    Returns
+    -------
+    loss : (S,) float64, identical on every rank; grad : (S, P_local) in ``errors.dtype``.
+
+    Notes
+    -----
+    **Increments.** Bins are visited in decreasing order of error. For a segment with n_fg
+    foreground pixels, let a bin hold a foreground and n background pixels (global counts) and
+    let A, N be the foreground / background counts of all higher bins. The Jaccard loss of a
+    prefix with (A, N) pixels is J(A, N) = (A + N) / (n_fg + N). Order the bin foreground-first,
+    then background-first, and average the two: every foreground pixel of the bin gets
+    (1 / (n_fg + N) + 1 / (n_fg + N + n)) / 2 and every background pixel
+    (n_fg − A − a/2) / ((n_fg + N)(n_fg + N + n)) (1/n when n_fg + N = 0), in closed form from
+    exact integer counts, without cancellation. Each rank's pixel then gets its bin's
+    increment (times 1[error > 0]); the loss is Σ_pixels relu(error) · increment, summed
+    over ranks by one all-reduce.
+
+    **Subgradient.** Pixels of one class are interchangeable in J, so averaging within a class
+    is averaging over orderings of that class; the result is a convex combination of the
+    gradients of two orderings consistent with the sort, hence, when every bin holds a single
+    error value (a tie), a valid subgradient at the errors, deterministic and identical on all
+    ranks. (The plain per-bin average G_b / (a + n) is *not* in general: it can exceed J on
+    a subset of the bin.)
+
+    **Error bound.** Let G_b ≥ 0 be a bin's total increment (J at the end of the bin minus J
+    before it; it depends only on the counts, not on the order inside the bin). The exact loss
+    is Σ_k x_(k) g_k over the sorted relu-errors x with increments g_k ≥ 0 (J is monotone);
+    the increments of a bin's positions sum to G_b whatever the order inside it, and every x in
+    bin b lies in [lo_b, hi_b], so the exact loss lies in [Σ_b lo_b G_b, Σ_b hi_b G_b]. The
+    histogram loss Σ_b Σ_{p ∈ b} x_p ḡ_p has non-negative ḡ summing to G_b over each bin, so it
+    lies in the same interval. Hence |histogram − exact| ≤ Σ_b (hi_b − lo_b) G_b
+    ≤ w · Σ_b G_b = w · J(all positive-error pixels) ≤ w, the widest bin's width. A loss that
+    is a weighted mean of segment losses (weights summing to 1) inherits the bound. When every
+    bin holds one distinct value, hi_b = lo_b and the loss is exact.
+    """
+    num_segments = errors.shape[0]
+    compute = torch.float64
+    valid = ~torch.isneginf(errors)
+    relu_errors = errors.clamp_min(0)  # -inf padding becomes 0 and is masked out below
+    if value_range is None and bins != "fp16":
+        upper = relu_errors.amax(dim=1).to(compute) if errors.shape[1] else (
+            errors.new_zeros(num_segments, dtype=compute)
+        )
+        _all_reduce(upper, group, dist.ReduceOp.MAX if group is not None else None)
+        # an all-zero segment has no loss; any positive range keeps the division defined
+        scale = torch.where(upper > 0, upper, 1.0)[:, None].to(relu_errors.dtype)
+    else:
+        scale = 1.0 if value_range is None else value_range
+    codes, num_codes = quantize(relu_errors, bins, scale)
+
+    # per-segment fg / bg counts of every code, all-reduced as one (2, S, codes) tensor
+    flat = codes + torch.arange(num_segments, device=codes.device)[:, None] * num_codes
+    counts = torch.zeros(2, num_segments * num_codes, dtype=torch.int64, device=codes.device)
+    fg_valid = fg & valid
+    counts[0].index_add_(0, flat[fg_valid], torch.ones_like(flat[fg_valid]))
+    bg_valid = valid & ~fg
+    counts[1].index_add_(0, flat[bg_valid], torch.ones_like(flat[bg_valid]))
+    _all_reduce(counts, group)
+    fg_count, bg_count = counts.view(2, num_segments, num_codes).to(compute).unbind(0)
+
+    # counts strictly above each bin (bins are visited from the highest code down)
+    fg_above = fg_count.flip(1).cumsum(1).flip(1) - fg_count
+    bg_above = bg_count.flip(1).cumsum(1).flip(1) - bg_count
+    n_fg = fg_count.sum(dim=1, keepdim=True)
+    union_before = n_fg + bg_above  # n_fg + N
+    union_after = union_before + bg_count  # n_fg + N + n
+    # a bin with foreground has n_fg > 0, so both unions are positive there
+    fg_increment = torch.where(
+        fg_count > 0, 0.5 / union_before.clamp_min(1) + 0.5 / union_after.clamp_min(1), 0.0
+    )
+    bg_increment = torch.where(
+        union_before > 0,
+        (n_fg - fg_above - 0.5 * fg_count) / (union_before * union_after).clamp_min(1),
+        1 / bg_count.clamp_min(1),  # no foreground anywhere and nothing above: J jumps to 1
+    )
+    bg_increment = torch.where(bg_count > 0, bg_increment, 0.0)
+
+    fg_pixel = torch.gather(fg_increment, 1, codes)
+    bg_pixel = torch.gather(bg_increment, 1, codes)
+    increments = torch.where(fg, fg_pixel, bg_pixel).masked_fill_(~(errors > 0), 0.0)
+    loss = torch.sum(relu_errors.to(compute) * increments, dim=1)
+    _all_reduce(loss, group)
+    return loss, increments.to(errors.dtype)
+
