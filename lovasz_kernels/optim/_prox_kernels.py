@@ -203,7 +203,6 @@ if NUMBA_AVAILABLE:
             a = 0
             s_pos = 0.0
             s_neg = 0.0
-            spread = 0.0
             for b in range(size_neg + 1):
                 if size_pos > 0:
                     slope = lam / (n_fg + n_lo + b)
@@ -216,14 +215,17 @@ if NUMBA_AVAILABLE:
                     best_a = a
                     best_b = b
                 if b < size_neg:
-                    deviation = z_neg[n_lo + b] - level
-                    s_neg += deviation
-                    spread += abs(deviation)
-            for k in range(p_lo, p_hi):
-                spread += abs(z_pos[k] - level)
-            # rounding of the running sums is a few ulps of the spread: smaller violations
-            # are noise (and splitting on them would be harmless anyway)
-            tolerance = 1e-13 * (spread + lam)
+                    s_neg += z_neg[n_lo + b] - level
+            # the running sums round by a few ulps of Σ|z − level| ≤ size · (largest deviation,
+            # at an end of a sorted list): smaller violations are noise (and splitting on them
+            # would be harmless anyway)
+            deviation = 0.0
+            if size_pos > 0:
+                deviation = max(abs(z_pos[p_lo] - level), abs(z_pos[p_hi - 1] - level))
+            if size_neg > 0:
+                deviation = max(deviation, abs(z_neg[n_lo] - level),
+                                abs(z_neg[n_hi - 1] - level))
+            tolerance = 1e-13 * ((size_pos + size_neg) * deviation + lam)
             proper = (best_a + best_b > 0) and (best_a + best_b < size_pos + size_neg)
             if best < -tolerance and proper:
                 # push the rest first so that the top block (higher levels) is popped first
