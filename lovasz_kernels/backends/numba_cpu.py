@@ -1,0 +1,521 @@
+"""The ``numba`` backend: radix sort of packed keys and one fused pass, on CPU threads.
+
+Each segment is handled in three steps (DESIGN.md §1 and §5):
+
+1. **Pack** every pixel with a positive error into one uint64 key
+   ``prefix << 32 | index << 1 | fg`` where ``prefix`` is the top 32 bits of
+   ``INF_BITS - bits(error)``: for positive floats the bit pattern is monotone, so ascending
+   keys are descending errors, and equal errors keep index order (a stable sort). The index
+   sits above the label so that a comparison sort of whole keys gives that same order. Pixels
+   with ``error <= 0`` (including ``-inf`` padding) are not packed at all: they sort after
+   every positive error and get gradient 0, which is written right away; ``n_fg`` still
+   counts them.
+2. **Sort the values** (not indices): an LSD radix sort over only the prefix bits that vary in
+   the segment (the prefix range is shifted to 0 and shared low bits are dropped, so half
+   precision inputs widened to float32 take 2 passes instead of 3), with the histograms of
+   every pass counted in one read. Small segments use a comparison sort instead (keys are
+   unique, so any sort is stable). For float64 the 32-bit prefix is not the whole error: runs
+   of equal prefixes are re-sorted on the low 32 bits, which makes the order exact.
+3. **One fused pass** over the sorted keys: exact integer prefix counts, the closed-form
+   Jaccard increments (no cancellation), the loss accumulated in float64 and the gradient
+   scattered straight to each pixel's original position (the index in the key).
+
+Parallelism: over segments (each worker owns one row of scratch buffers and visits segments
+``w, w + W, ...``), or, when there are fewer segments than threads, *within* a segment:
+blocked packing with a prefix over block counts, radix passes with per-block histograms, and a
+two-pass blocked scan (fg counts per block, then the fused pass from each block's offset).
+
+This module imports without numba (:func:`availability` then explains how to install it).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lovasz_kernels.backends._host import errors_to_numpy, fg_to_numpy, results_to_torch
+
+try:
+    import numba
+    from llvmlite import ir as _llvm_ir
+    from numba import njit, prange
+    from numba.core import types as _nb_types
+    from numba.extending import intrinsic
+except ImportError:  # the backend reports itself unavailable; kernels stay plain Python
+    numba = None
+    prange = range
+
+    def njit(*args, **kwargs):
+        if args and callable(args[0]):
+            return args[0]
+        return lambda function: function
+
+    def intrinsic(function):
+        return function
+
+
+_INSTALL_HINT = "numba is not installed: pip install 'lovasz-kernels[numba]'"
+
+# Segments with at least this many pixels are split across threads when there are fewer
+# segments than threads (below it, thread start-up costs more than it saves). Tests lower it.
+PARALLEL_MIN_PIXELS = 1 << 16
+# Below this many positive errors a comparison sort beats radix passes (2048-bin histograms).
+RADIX_MIN_KEYS = 1024
+# Up to this many keys, insertion sort.
+_INSERTION_MAX = 24
+# The index field of a key has 31 bits.
+MAX_PIXELS = 1 << 31
+
+_RADIX_BITS = 11  # 2048 bins: a 16 KiB histogram per pass stays in L1
+_MAX_PASSES = 3  # prefixes of positive floats are < 2^31: at most 3 passes of 11 bits
+
+# uint64 constants: mixing uint64 with int64 in numba promotes to float64, so every operand
+# of key arithmetic is an explicit uint64
+_SHIFT_PREFIX = np.uint64(32)
+_ONE = np.uint64(1)
+_LOW32 = np.uint64(0xFFFFFFFF)
+_INF32_BITS = np.uint64(0x7F800000)
+_INF64_BITS = np.uint64(0x7FF0000000000000)
+
+# fastmath stays off everywhere: the kernels rely on IEEE division and comparisons (-0.0 is not
+# positive, -inf padding), and the float64 loss sum is not worth reassociating.
+
+
+@intrinsic
+def _float32_from_bits(typingctx, bits):
+    """Reinterpret a uint32 as the float32 with that bit pattern (a no-op on the CPU)."""
+    signature = _nb_types.float32(_nb_types.uint32)
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], _llvm_ir.FloatType())
+
+    return signature, codegen
+
+
+@njit(inline="always")
+def _descending_key(bits_row, i):
+    """Key of a positive float: ascending keys are descending errors (float32: < 2^31)."""
+    if bits_row.itemsize == 4:
+        return _INF32_BITS - np.uint64(bits_row[i])
+    return _INF64_BITS - np.uint64(bits_row[i])
+
+
+@njit(inline="always")
+def _prefix_of(full_key, itemsize):
+    """The top 32 bits of a float64 key; a float32 key is its own prefix."""
+    if itemsize == 4:
+        return full_key
+    return full_key >> _SHIFT_PREFIX
+
+
+@njit(cache=True)
+def _count_block(errors_row, bits_row, fg_row, start, stop):
+    """Pixels with a positive error, fg pixels, and the prefix range of [start, stop).
+
+    Returns (n_positive, n_fg, prefix_min, prefix_max, differing, first): ``differing`` has a
+    bit set where two positive prefixes of the block differ (OR of prefix ^ first prefix).
+    """
+    n_positive = 0
+    n_fg = 0
+    prefix_min = _LOW32
+    prefix_max = np.uint64(0)
+    differing = np.uint64(0)
+    first = np.uint64(0)
+    for i in range(start, stop):
+        if fg_row[i]:
+            n_fg += 1
+        if errors_row[i] > 0:
+            prefix = _prefix_of(_descending_key(bits_row, i), bits_row.itemsize)
+            if n_positive == 0:
+                first = prefix
+            prefix_min = min(prefix_min, prefix)
+            prefix_max = max(prefix_max, prefix)
+            differing |= prefix ^ first
+            n_positive += 1
+    return n_positive, n_fg, prefix_min, prefix_max, differing, first
+
+
+@njit(cache=True)
+def _pack_block(errors_row, bits_row, fg_row, grad_row, keys, start, stop, out):
+    """Pack the positive errors of [start, stop) into keys[out:], in index order.
+
+    Every other pixel (error <= 0 or -inf padding) gets its gradient, 0, here.
+    """
+    for i in range(start, stop):
+        if errors_row[i] > 0:
+            prefix = _prefix_of(_descending_key(bits_row, i), bits_row.itemsize)
+            label = np.uint64(fg_row[i])
+            keys[out] = (prefix << _SHIFT_PREFIX) | (np.uint64(i) << _ONE) | label
+            out += 1
+        else:
+            grad_row[i] = 0
+    return out
+
+
+@njit(cache=True)
+def _insertion_sort(keys, start, stop):
+    """Sort keys[start:stop] in place (for a handful of keys)."""
+    for i in range(start + 1, stop):
+        key = keys[i]
+        j = i - 1
+        while j >= start and keys[j] > key:
+            keys[j + 1] = keys[j]
+            j -= 1
+        keys[j + 1] = key
+
+
+@njit(cache=True)
+def _radix_plan(prefix_min, prefix_max, differing):
+    """(shift, passes, width) for sorting prefixes in [prefix_min, prefix_max].
+
+    Prefixes are sorted as (prefix - prefix_min) >> shift, where ``shift`` drops the low
+    bits every prefix shares (they are equal mod 2^shift, so the shift is exact and keeps the
+    order); the remaining bits are split into the fewest passes of <= 11 bits.
+    """
+    shift = 0
+    while ((differing >> np.uint64(shift)) & _ONE) == 0:
+        shift += 1
+    span = (prefix_max - prefix_min) >> np.uint64(shift)
+    num_bits = 0
+    while span > 0:
+        span >>= _ONE
+        num_bits += 1
+    passes = (num_bits + _RADIX_BITS - 1) // _RADIX_BITS
+    width = (num_bits + passes - 1) // passes
+    return shift, passes, width
+
+
+@njit(inline="always")
+def _digit(key, prefix_min, shift):
+    """The radix-sortable part of a key's prefix: (prefix - prefix_min) >> shift."""
+    return ((key >> _SHIFT_PREFIX) - prefix_min) >> shift
+
+
+@njit(cache=True)
+def _radix_sort(keys, buffer, n, prefix_min, prefix_max, differing):
+    """Stable LSD radix sort of keys[:n] by their 32-bit prefix; returns keys or buffer.
+
+    One read counts the histograms of every pass; a pass whose digit is the same for every
+    key is skipped. Ties on the prefix keep their current (index) order.
+    """
+    shift, passes, width = _radix_plan(prefix_min, prefix_max, differing)
+    shift_u = np.uint64(shift)
+    mask = np.uint64((1 << width) - 1)
+    histograms = np.zeros((_MAX_PASSES, 1 << width), dtype=np.int64)
+    for i in range(n):
+        digits = _digit(keys[i], prefix_min, shift_u)
+        for p in range(passes):
+            histograms[p, (digits >> np.uint64(p * width)) & mask] += 1
+    source, target = keys, buffer
+    offsets = np.empty(1 << width, dtype=np.int64)
+    for p in range(passes):
+        running = 0
+        skip = False
+        for d in range(1 << width):
+            count = histograms[p, d]
+            if count == n:
+                skip = True
+                break
+            offsets[d] = running
+            running += count
+        if skip:
+            continue
+        pass_shift = np.uint64(p * width)
+        for i in range(n):
+            key = source[i]
+            d = (_digit(key, prefix_min, shift_u) >> pass_shift) & mask
+            target[offsets[d]] = key
+            offsets[d] += 1
+        source, target = target, source
+    return source
+
+
+@njit(cache=True)
+def _sort_keys(keys, buffer, n, prefix_min, prefix_max, differing, radix_min):
+    """Sort keys[:n] ascending; returns the array (keys or buffer) holding the result."""
+    if differing == 0:  # one prefix: index order is already the stable order
+        return keys
+    if n <= _INSERTION_MAX:
+        _insertion_sort(keys, 0, n)
+        return keys
+    if n < radix_min:
+        keys[:n].sort()  # keys are unique (they hold the index): an unstable sort is stable
+        return keys
+    return _radix_sort(keys, buffer, n, prefix_min, prefix_max, differing)
+
+
+@njit(cache=True)
+def _refine_float64_ties(sorted_keys, n, bits_row):
+    """Exact order for float64: re-sort each run of equal 32-bit prefixes on the low 32 bits.
+
+    Inside a run, keys become ``low32(descending key) << 32 | index << 1 | fg`` for the sort, then
+    get their prefix back, so ties on the whole value still keep index order.
+    """
+    start = 0
+    while start < n:
+        prefix = sorted_keys[start] >> _SHIFT_PREFIX
+        stop = start + 1
+        while stop < n and (sorted_keys[stop] >> _SHIFT_PREFIX) == prefix:
+            stop += 1
+        if stop - start > 1:
+            for k in range(start, stop):
+                payload = sorted_keys[k] & _LOW32
+                index = np.int64(payload >> _ONE)
+                low = _descending_key(bits_row, index) & _LOW32
+                sorted_keys[k] = (low << _SHIFT_PREFIX) | payload
+            if stop - start <= _INSERTION_MAX:
+                _insertion_sort(sorted_keys, start, stop)
+            else:
+                sorted_keys[start:stop].sort()
+            for k in range(start, stop):
+                sorted_keys[k] = (prefix << _SHIFT_PREFIX) | (sorted_keys[k] & _LOW32)
+        start = stop
+
+
+@njit(cache=True)
+def _fused_pass(sorted_keys, start, stop, n_fg, fg_before, errors_row, grad_row):
+    """Jaccard increments of sorted_keys[start:stop], scattered to grad_row; returns the
+    float64 loss of that block.
+
+    ``fg_before`` is the number of fg pixels in sorted_keys[:start]. With k the 0-based
+    position, c_k the fg pixels among the first k+1 and U_k = n_fg + (k + 1) - c_k, the
+    increment is 1/U_k on fg and (n_fg - c_k) / (U_k (U_k - 1)) on background (1 if U_k = 1),
+    each from exact integer counts (DESIGN.md §1).
+    """
+    fg_seen = fg_before
+    loss = 0.0
+    for k in range(start, stop):
+        key = sorted_keys[k]
+        index = np.int64((key & _LOW32) >> _ONE)
+        is_fg = (key & _ONE) != 0
+        if is_fg:
+            fg_seen += 1
+        union = n_fg + k + 1 - fg_seen
+        if is_fg:
+            increment = 1.0 / union
+        elif union == 1:  # the first pixel, no fg at all: it alone costs the whole loss
+            increment = 1.0
+        else:
+            increment = (n_fg - fg_seen) / (np.float64(union) * (union - 1))
+        if errors_row.itemsize == 4:  # float32: the error is in the key, no gather
+            error_bits = np.uint32(_INF32_BITS - (key >> _SHIFT_PREFIX))
+            error = np.float64(_float32_from_bits(error_bits))
+        else:
+            error = np.float64(errors_row[index])
+        grad_row[index] = increment
+        loss += error * increment
+    return loss
+
+
+@njit(cache=True)
+def _segment_serial(errors_row, bits_row, fg_row, grad_row, keys, buffer, radix_min):
+    """Loss of one segment, its gradient written to grad_row (one thread)."""
+    num_pixels = errors_row.shape[0]
+    n_positive, n_fg, prefix_min, prefix_max, differing, _ = _count_block(
+        errors_row, bits_row, fg_row, 0, num_pixels
+    )
+    _pack_block(errors_row, bits_row, fg_row, grad_row, keys, 0, num_pixels, 0)
+    if n_positive == 0:
+        return 0.0
+    sorted_keys = _sort_keys(
+        keys, buffer, n_positive, prefix_min, prefix_max, differing, radix_min
+    )
+    if bits_row.itemsize == 8:
+        _refine_float64_ties(sorted_keys, n_positive, bits_row)
+    return _fused_pass(sorted_keys, 0, n_positive, n_fg, 0, errors_row, grad_row)
+
+
+@njit(parallel=True, cache=True)
+def _segments_over_workers(errors, bits, fg, grad, loss, keys, buffers, radix_min):
+    """Every segment of (S, P) inputs; worker w (one row of keys/buffers) takes segments
+    w, w + W, ... and writes only their rows of grad and entries of loss."""
+    num_segments = errors.shape[0]
+    num_workers = keys.shape[0]
+    for worker in prange(num_workers):
+        for s in range(worker, num_segments, num_workers):
+            loss[s] = _segment_serial(
+                errors[s], bits[s], fg[s], grad[s], keys[worker], buffers[worker], radix_min
+            )
+
+
+@njit(cache=True)
+def _block_bounds(length, num_blocks, block):
+    """[start, stop) of block ``block`` when ``length`` items are split evenly."""
+    size = (length + num_blocks - 1) // num_blocks
+    start = min(block * size, length)
+    return start, min(start + size, length)
+
+
+@njit(parallel=True, cache=True)
+def _radix_sort_blocked(keys, buffer, n, prefix_min, prefix_max, differing, num_blocks):
+    """Parallel stable LSD radix sort of keys[:n]: per pass, each block counts its digits
+    (its own histogram row), a serial scan over (digit, block) gives every block its output
+    offsets, and each block scatters its keys. Returns the array holding the result."""
+    shift, passes, width = _radix_plan(prefix_min, prefix_max, differing)
+    shift_u = np.uint64(shift)
+    num_bins = 1 << width
+    mask = np.uint64(num_bins - 1)
+    histograms = np.zeros((num_blocks, num_bins), dtype=np.int64)
+    source, target = keys, buffer
+    for p in range(passes):
+        pass_shift = np.uint64(p * width)
+        for block in prange(num_blocks):
+            start, stop = _block_bounds(n, num_blocks, block)
+            row = histograms[block]
+            row[:] = 0
+            for i in range(start, stop):
+                row[(_digit(source[i], prefix_min, shift_u) >> pass_shift) & mask] += 1
+        running = 0
+        skip = False
+        for d in range(num_bins):
+            total = 0
+            for block in range(num_blocks):
+                count = histograms[block, d]
+                histograms[block, d] = running + total
+                total += count
+            if total == n:
+                skip = True
+                break
+            running += total
+        if skip:
+            continue
+        for block in prange(num_blocks):
+            start, stop = _block_bounds(n, num_blocks, block)
+            offsets = histograms[block]
+            for i in range(start, stop):
+                key = source[i]
+                d = (_digit(key, prefix_min, shift_u) >> pass_shift) & mask
+                target[offsets[d]] = key
+                offsets[d] += 1
+        source, target = target, source
+    return source
+
+
+@njit(parallel=True, cache=True)
+def _segment_blocked(
+    errors_row, bits_row, fg_row, grad_row, keys, buffer, num_blocks, radix_min
+):
+    """Loss of one segment with every step split into ``num_blocks`` parallel blocks."""
+    num_pixels = errors_row.shape[0]
+    counts = np.zeros((num_blocks, 6), dtype=np.uint64)
+    for block in prange(num_blocks):
+        start, stop = _block_bounds(num_pixels, num_blocks, block)
+        block_positive, block_fg, block_min, block_max, block_differing, block_first = (
+            _count_block(errors_row, bits_row, fg_row, start, stop)
+        )
+        counts[block, 0] = block_positive
+        counts[block, 1] = block_fg
+        counts[block, 2] = block_min
+        counts[block, 3] = block_max
+        counts[block, 4] = block_differing
+        counts[block, 5] = block_first
+    # combine: a prefix bit varies if it varies inside a block or between blocks' firsts
+    out_start = np.zeros(num_blocks, dtype=np.int64)
+    n_positive = 0
+    n_fg = 0
+    prefix_min = _LOW32
+    prefix_max = np.uint64(0)
+    differing = np.uint64(0)
+    reference = np.uint64(0)
+    seen_any = False
+    for block in range(num_blocks):
+        out_start[block] = n_positive
+        n_positive += np.int64(counts[block, 0])
+        n_fg += np.int64(counts[block, 1])
+        if counts[block, 0] > 0:
+            if not seen_any:
+                reference = counts[block, 5]
+                seen_any = True
+            prefix_min = min(prefix_min, counts[block, 2])
+            prefix_max = max(prefix_max, counts[block, 3])
+            differing |= counts[block, 4] | (counts[block, 5] ^ reference)
+    for block in prange(num_blocks):
+        start, stop = _block_bounds(num_pixels, num_blocks, block)
+        _pack_block(errors_row, bits_row, fg_row, grad_row, keys, start, stop, out_start[block])
+    if n_positive == 0:
+        return 0.0
+    if differing == 0:
+        sorted_keys = keys
+    elif n_positive < radix_min:
+        sorted_keys = _sort_keys(
+            keys, buffer, n_positive, prefix_min, prefix_max, differing, radix_min
+        )
+    else:
+        sorted_keys = _radix_sort_blocked(
+            keys, buffer, n_positive, prefix_min, prefix_max, differing, num_blocks
+        )
+    if bits_row.itemsize == 8:
+        _refine_float64_ties(sorted_keys, n_positive, bits_row)
+    # two-pass blocked scan: fg counts per block of the sorted keys, then the fused pass
+    fg_per_block = np.zeros(num_blocks, dtype=np.int64)
+    for block in prange(num_blocks):
+        start, stop = _block_bounds(n_positive, num_blocks, block)
+        count = 0
+        for k in range(start, stop):
+            count += np.int64(sorted_keys[k] & _ONE)
+        fg_per_block[block] = count
+    fg_before = np.zeros(num_blocks, dtype=np.int64)
+    for block in range(1, num_blocks):
+        fg_before[block] = fg_before[block - 1] + fg_per_block[block - 1]
+    block_loss = np.zeros(num_blocks, dtype=np.float64)
+    for block in prange(num_blocks):
+        start, stop = _block_bounds(n_positive, num_blocks, block)
+        block_loss[block] = _fused_pass(
+            sorted_keys, start, stop, n_fg, fg_before[block], errors_row, grad_row
+        )
+    return block_loss.sum()
+
+
+def lovasz_extension(errors: torch.Tensor, fg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss (S,) and gradient (S, P) of the Lovász extension on CPU tensors.
+
+    float16/bfloat16 are widened to float32 (exactly) and float64 stays float64, so the
+    kernels compile for two dtypes only. Segments run in parallel; with fewer segments than
+    threads and at least ``PARALLEL_MIN_PIXELS`` pixels, each segment is split across threads.
+    """
+    num_segments, num_pixels = errors.shape
+    if num_pixels > MAX_PIXELS:
+        raise ValueError(
+            f"the numba backend packs pixel indices in 31 bits: segments of at most 2^31 "
+            f"pixels; got {num_pixels}. Use backend='torch' for larger segments"
+        )
+    # bfloat16 is widened in errors_to_numpy; float16 here, by torch (faster than numpy)
+    widened = errors.to(torch.float32) if errors.dtype == torch.float16 else errors
+    errors_np = np.ascontiguousarray(errors_to_numpy(widened))
+    fg_np = np.ascontiguousarray(fg_to_numpy(fg))
+    bits = errors_np.view(np.uint32 if errors_np.dtype == np.float32 else np.uint64)
+    grad = np.empty(errors_np.shape, dtype=errors_np.dtype)
+    loss = np.empty(num_segments, dtype=np.float64)
+    threads = numba.get_num_threads()
+    if threads > 1 and num_segments < threads and num_pixels >= PARALLEL_MIN_PIXELS:
+        keys = np.empty(num_pixels, dtype=np.uint64)
+        buffer = np.empty(num_pixels, dtype=np.uint64)
+        for s in range(num_segments):
+            loss[s] = _segment_blocked(
+                errors_np[s], bits[s], fg_np[s], grad[s], keys, buffer, threads, RADIX_MIN_KEYS
+            )
+    else:
+        workers = min(threads, num_segments)
+        keys = np.empty((workers, num_pixels), dtype=np.uint64)
+        buffers = np.empty((workers, num_pixels), dtype=np.uint64)
+        _segments_over_workers(errors_np, bits, fg_np, grad, loss, keys, buffers, RADIX_MIN_KEYS)
+    return results_to_torch(loss, grad, errors)
+
+
+def availability() -> tuple[bool, str]:
+    """``(True, "")`` when numba is importable, else ``(False, install hint)``."""
+    return (True, "") if numba is not None else (False, _INSTALL_HINT)
+
+
+def details() -> str:
+    """numba version, thread count and threading layer, for ``lovasz-kernels info``."""
+    if numba is None:
+        return _INSTALL_HINT
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # chosen on the first parallel launch
+        layer = f"{numba.config.THREADING_LAYER} (chosen at first launch)"
+    return f"numba {numba.__version__}, {numba.get_num_threads()} threads, threading layer {layer}"
+
+
+__all__ = ["availability", "details", "lovasz_extension"]

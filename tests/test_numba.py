@@ -1,0 +1,279 @@
+"""The numba backend's own pieces: the radix sort, the within-segment parallel path, the
+small-segment sorts, dtype specializations, and behaviour without numba.
+
+Cross-validation of the whole kernel against the reference runs in test_extension.py and the
+loss tests (the ``backend`` fixture); here each path is forced explicitly and compared.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from lovasz_kernels import get_backend, lovasz_extension
+from lovasz_kernels._registry import select_backend
+from lovasz_kernels.backends import numba_cpu
+from tests.helpers import GRAD_TOLERANCE, LOSS_TOLERANCE, assert_close_report, tie_free_errors
+
+pytestmark = pytest.mark.skipif(
+    not numba_cpu.availability()[0], reason=numba_cpu.availability()[1]
+)
+
+_FLOAT_DTYPES = [np.float32, np.float64]
+
+
+def _special_values(dtype) -> np.ndarray:
+    info = np.finfo(dtype)
+    return np.array(
+        [0.0, -0.0, info.smallest_subnormal, 2 * info.smallest_subnormal, info.tiny,
+         -info.smallest_subnormal, 1.0, np.nextafter(dtype(1.0), dtype(2.0)),
+         np.nextafter(dtype(1.0), dtype(0.0)), info.max, np.inf, -np.inf, -1.0, 0.5],
+        dtype=dtype,
+    )
+
+
+def _float_rows(dtype, rng: np.random.Generator) -> list[np.ndarray]:
+    """Rows of NaN-free floats that stress the key packing and the radix digits."""
+    special = _special_values(dtype)
+    wide = (rng.standard_normal(3000) * np.exp(rng.uniform(-40, 40, 3000))).astype(dtype)
+    return [
+        special,
+        rng.choice(special, 2500),  # many ties among special values
+        np.full(3000, 0.25, dtype=dtype),  # all keys equal
+        np.full(3000, -np.inf, dtype=dtype),  # padding only
+        rng.standard_normal(5000).astype(dtype),
+        rng.random(4099).astype(dtype),  # softmax-like errors in [0, 1)
+        wide,
+        np.concatenate([wide, special, -wide]),
+        # float64 values that share their top 32 bits: only the low half orders them
+        (1.0 + rng.integers(0, 2**20, 3000) * 2.0**-52).astype(dtype),
+    ]
+
+
+def _sorted_keys(errors: np.ndarray, fg: np.ndarray, radix_min: int) -> np.ndarray:
+    """Pack and sort one row with the module's kernels, as the serial segment path does."""
+    bits = errors.view(np.uint32 if errors.dtype == np.float32 else np.uint64)
+    grad = np.full(errors.shape, np.nan, dtype=errors.dtype)
+    keys = np.zeros(errors.size, dtype=np.uint64)
+    buffer = np.zeros(errors.size, dtype=np.uint64)
+    n, _, prefix_min, prefix_max, differing, _ = numba_cpu._count_block(
+        errors, bits, fg, 0, errors.size
+    )
+    packed = numba_cpu._pack_block(errors, bits, fg, grad, keys, 0, errors.size, 0)
+    assert packed == n
+    assert bool(np.all(grad[errors <= 0] == 0)), "non-positive errors get gradient 0 at once"
+    if n == 0:
+        return keys[:0]
+    result = numba_cpu._sort_keys(keys, buffer, n, prefix_min, prefix_max, differing, radix_min)
+    if errors.dtype == np.float64:
+        numba_cpu._refine_float64_ties(result, n, bits)
+    return result[:n].copy()
+
+
+@pytest.mark.parametrize("dtype", _FLOAT_DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("radix_min", [0, 10**9], ids=["radix", "comparison"])
+def test_packed_sort_is_a_stable_descending_argsort(dtype, radix_min):
+    """Sorted keys give exactly argsort(-errors, stable) over the positive errors, with each
+    pixel's label, for -0.0, +0.0, subnormals, +-inf, ties and wide ranges."""
+    rng = np.random.default_rng(7)
+    for errors in _float_rows(dtype, rng):
+        fg = rng.random(errors.size) < 0.4
+        fg[errors == -np.inf] = False
+        keys = _sorted_keys(errors, fg, radix_min)
+        indices = ((keys & np.uint64(0xFFFFFFFF)) >> np.uint64(1)).astype(np.int64)
+        labels = (keys & np.uint64(1)).astype(bool)
+        order = np.argsort(-errors, kind="stable")
+        expected = order[errors[order] > 0]
+        np.testing.assert_array_equal(indices, expected)
+        np.testing.assert_array_equal(labels, fg[expected])
+
+
+def test_radix_sort_matches_np_sort_on_raw_keys():
+    """Keys with random 31-bit prefixes (dense, sparse, one value, two values) and unique
+    low halves come out exactly as np.sort puts them."""
+    rng = np.random.default_rng(3)
+    n = 20000
+    low = np.arange(n, dtype=np.uint64)
+    prefixes = [
+        rng.integers(0, 2**31, n),
+        rng.integers(0, 2**9, n) << 13,  # shared low zero bits: a shifted, 1-pass plan
+        np.full(n, 12345),
+        rng.choice([7, 2**30 + 7], n),
+        rng.integers(2**31 - 50, 2**31, n),
+    ]
+    for prefix in prefixes:
+        keys = (prefix.astype(np.uint64) << np.uint64(32)) | low
+        prefix_min, prefix_max = np.uint64(prefix.min()), np.uint64(prefix.max())
+        differing = np.bitwise_or.reduce(prefix.astype(np.uint64) ^ np.uint64(prefix[0]))
+        if differing == 0:
+            continue  # the kernels never radix-sort a single prefix
+        work, buffer = keys.copy(), np.empty_like(keys)
+        result = numba_cpu._radix_sort(work, buffer, n, prefix_min, prefix_max, differing)
+        np.testing.assert_array_equal(result, np.sort(keys))
+        work = keys.copy()
+        for blocks in (1, 2, 7):
+            result = numba_cpu._radix_sort_blocked(
+                work.copy(), buffer, n, prefix_min, prefix_max, differing, blocks
+            )
+            np.testing.assert_array_equal(result, np.sort(keys))
+
+
+@pytest.mark.parametrize(
+    "prefix_min, prefix_max, differing, plan",
+    [
+        (0, 2**31 - 1, 2**31 - 1, (0, 3, 11)),
+        (0, 2**22 - 1, 2**22 - 1, (0, 2, 11)),
+        (2**13, 2**29, 2**29 | 2**13, (13, 2, 8)),  # half precision widened: low bits shared
+        (5, 6, 3, (0, 1, 1)),
+    ],
+)
+def test_radix_plan_uses_only_varying_bits(prefix_min, prefix_max, differing, plan):
+    got = numba_cpu._radix_plan(np.uint64(prefix_min), np.uint64(prefix_max), np.uint64(differing))
+    assert tuple(int(v) for v in got) == plan
+
+
+def _cases_for_paths(gen: torch.Generator):
+    yield "tie-free fp32", tie_free_errors((1, 5000), torch.float32, gen), 0.3
+    yield "tie-free fp64", tie_free_errors((2, 5000), torch.float64, gen), 0.3
+    yield "tie-free fp16", tie_free_errors((1, 3000), torch.float16, gen), 0.5
+    yield "tie-free bf16", tie_free_errors((1, 3000), torch.bfloat16, gen), 0.5
+    yield "no fg", tie_free_errors((1, 4000), torch.float32, gen), 0.0
+    yield "all fg", tie_free_errors((1, 4000), torch.float64, gen), 1.0
+    yield "tiny", tie_free_errors((1, 3), torch.float32, gen), 0.5
+    yield "no positive", -tie_free_errors((1, 3000), torch.float32, gen).abs(), 0.5
+    yield "all equal", torch.full((1, 3000), 0.75, dtype=torch.float64), 0.4
+    ties = torch.randint(-3, 6, (1, 6000), generator=gen).double() / 4
+    yield "ties fp64", ties, 0.4
+    yield "ties fp32", ties.float(), 0.4
+
+
+def _padded(errors: torch.Tensor, fg: torch.Tensor, gen: torch.Generator):
+    pad = torch.rand(errors.shape, generator=gen) < 0.3
+    return errors.masked_fill(pad, -torch.inf), fg & ~pad
+
+
+@pytest.mark.parametrize("padding", [False, True], ids=["dense", "padded"])
+def test_within_segment_path_matches_serial_and_reference(monkeypatch, gen, padding):
+    """Forcing the blocked path (threshold lowered) gives the serial path's gradient
+    (bit-identical: same keys, same order, same arithmetic) and the reference's."""
+    for name, errors, fg_rate in _cases_for_paths(gen):
+        fg = torch.rand(errors.shape, generator=gen) < fg_rate
+        if padding:
+            errors, fg = _padded(errors, fg, gen)
+        monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_PIXELS", 1 << 40)
+        serial_loss, serial_grad = numba_cpu.lovasz_extension(errors, fg)
+        monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_PIXELS", 1)
+        monkeypatch.setattr(numba_cpu.numba, "get_num_threads", lambda: 3)
+        blocked_loss, blocked_grad = numba_cpu.lovasz_extension(errors, fg)
+        monkeypatch.undo()
+        assert torch.equal(blocked_grad, serial_grad), name
+        torch.testing.assert_close(blocked_loss, serial_loss, rtol=1e-12, atol=0, msg=name)
+        ref_loss, ref_grad = get_backend("numpy").run(errors, fg)
+        dtype = errors.dtype
+        assert_close_report(blocked_loss, ref_loss, LOSS_TOLERANCE[dtype], f"{name} loss")
+        if "ties" not in name and "equal" not in name:
+            assert_close_report(blocked_grad, ref_grad, GRAD_TOLERANCE[dtype], f"{name} grad")
+
+
+@pytest.mark.parametrize("num_blocks", [1, 2, 5, 16])
+def test_blocked_segment_any_block_count(gen, num_blocks):
+    """Blocks that hold no positive error, or more blocks than keys, change nothing."""
+    errors = tie_free_errors((1, 3001), torch.float64, gen)
+    errors[0, :1500] = -torch.inf  # the first blocks have nothing to pack
+    fg = (torch.rand(errors.shape, generator=gen) < 0.3) & (errors > -torch.inf)
+    ref_loss, ref_grad = get_backend("numpy").run(errors, fg)
+    errors_np, fg_np = errors[0].numpy(), fg[0].numpy()
+    grad = np.full(errors_np.shape, np.nan)
+    keys, buffer = np.empty(3001, np.uint64), np.empty(3001, np.uint64)
+    for radix_min in (0, 10**9):
+        loss = numba_cpu._segment_blocked(
+            errors_np, errors_np.view(np.uint64), fg_np, grad, keys, buffer, num_blocks,
+            radix_min,
+        )
+        assert loss == pytest.approx(ref_loss.item(), rel=1e-12)
+        assert_close_report(torch.from_numpy(grad), ref_grad[0], GRAD_TOLERANCE[torch.float64],
+                            f"{num_blocks} blocks grad")
+
+
+@pytest.mark.parametrize("radix_min", [0, 1 << 40])
+def test_sort_choice_does_not_change_the_answer(monkeypatch, gen, radix_min):
+    """Radix everywhere and comparison sort everywhere agree with the reference."""
+    monkeypatch.setattr(numba_cpu, "RADIX_MIN_KEYS", radix_min)
+    for dtype in (torch.float32, torch.float64):
+        errors = tie_free_errors((5, 2000), dtype, gen)
+        errors[1, 100:] = -torch.inf
+        fg = (torch.rand(5, 2000, generator=gen) < 0.3) & (errors > -torch.inf)
+        loss, grad = numba_cpu.lovasz_extension(errors, fg)
+        ref_loss, ref_grad = get_backend("numpy").run(errors, fg)
+        assert_close_report(loss, ref_loss, LOSS_TOLERANCE[dtype], "loss")
+        assert_close_report(grad, ref_grad, GRAD_TOLERANCE[dtype], "grad")
+
+
+def test_nonpositive_errors_count_in_n_fg(gen):
+    """fg pixels with error <= 0 are never sorted but still enlarge the union."""
+    errors = torch.tensor([[0.9, -0.2, 0.4, 0.0, -0.0, 0.1]], dtype=torch.float64)
+    fg = torch.tensor([[False, True, True, True, True, False]])
+    loss, grad = numba_cpu.lovasz_extension(errors, fg)
+    ref_loss, ref_grad = get_backend("numpy").run(errors, fg)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-15)
+    assert torch.allclose(grad, ref_grad, rtol=1e-15, atol=0)
+    assert grad[0, 0].item() == pytest.approx(1 / 5)  # union = n_fg 4 + the first mistake
+
+
+def test_two_specializations_for_four_dtypes(gen):
+    """float16/bfloat16 are widened to float32, so the kernels compile for 2 dtypes only."""
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        errors = tie_free_errors((3, 50), dtype, gen)
+        lovasz_extension(errors, torch.rand(3, 50, generator=gen) < 0.5, backend="numba")
+    assert len(numba_cpu._segments_over_workers.signatures) <= 2
+
+
+def test_non_contiguous_inputs_are_copied_once(gen):
+    errors = tie_free_errors((40, 6), torch.float32, gen).t()
+    fg = (torch.rand(40, 6, generator=gen) < 0.5).t()
+    loss, grad = numba_cpu.lovasz_extension(errors, fg)
+    ref_loss, ref_grad = get_backend("numpy").run(errors.contiguous(), fg.contiguous())
+    assert_close_report(grad, ref_grad, GRAD_TOLERANCE[torch.float32], "grad")
+
+
+def test_auto_selection_picks_numba_on_cpu():
+    assert select_backend(None, torch.device("cpu")).name == "numba"
+
+
+def test_details_reports_version_and_threads():
+    line = numba_cpu.details()
+    assert numba_cpu.numba.__version__ in line and "threads" in line
+
+
+def test_without_numba_imports_and_explains():
+    """With numba hidden the module imports, says how to install it, an explicit request
+    raises with that hint, and automatic selection quietly picks another backend."""
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["numba"] = None  # import numba now raises ImportError
+        import torch
+        from lovasz_kernels import BackendUnavailableError, lovasz_extension
+        from lovasz_kernels._registry import select_backend
+        from lovasz_kernels.backends import numba_cpu
+        ok, reason = numba_cpu.availability()
+        assert not ok and "pip install 'lovasz-kernels[numba]'" in reason, reason
+        try:
+            lovasz_extension(torch.ones(1, 2), torch.zeros(1, 2, dtype=torch.bool),
+                             backend="numba")
+        except BackendUnavailableError as exc:
+            assert "lovasz-kernels[numba]" in str(exc), exc
+        else:
+            raise AssertionError("backend='numba' ran without numba")
+        assert select_backend(None, torch.device("cpu")).name != "numba"
+        print("ok")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr
