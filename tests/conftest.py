@@ -1,3 +1,4 @@
+import functools
 import os
 
 import torch
@@ -46,6 +47,7 @@ def _backend_params() -> list:
 _MANY_CALLS = {"test_gradcheck_fp64", "test_double_backward_through_softmax"}
 
 
+@functools.cache
 def _interpreted(name: str) -> bool:
     """Runs on CPU tensors only through an interpreter: a GPU backend widened for testing."""
     backend = get_backend(name)
@@ -67,7 +69,8 @@ def pytest_collection_modifyitems(config, items):
             continue
         if _interpreted(name):
             item.add_marker(pytest.mark.skip(
-                reason=f"{name} runs interpreted on the CPU here; {why} run on a GPU"))
+                reason=f"{name} runs interpreted on the CPU here: too slow for {why} "
+                       "(runs on a GPU)"))
 
 
 @pytest.fixture(params=_backend_params())

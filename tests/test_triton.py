@@ -108,7 +108,8 @@ def test_unavailable_without_cuda_or_interpreter_says_how_to_fix():
     """No GPU and no TRITON_INTERPRET: a clear error, and auto-selection skips triton.
 
     Also: setting TRITON_INTERPRET after the module was imported is too late (Triton builds
-    interpreted kernels when they are decorated), and the reason says so.
+    interpreted kernels when they are decorated), and the reason says so; without triton
+    installed the module still imports and says how to install it.
     """
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
@@ -126,6 +127,11 @@ def test_unavailable_without_cuda_or_interpreter_says_how_to_fix():
         print("auto:", select_backend(None, torch.device("cpu")).name)
         os.environ["TRITON_INTERPRET"] = "1"
         print(triton.availability())
+        import importlib, sys
+        import lovasz_kernels.backends.triton_gpu as module
+        sys.modules["triton"] = None  # as if triton were not installed: still imports
+        importlib.reload(module)
+        print(module.availability())
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""
@@ -138,6 +144,7 @@ def test_unavailable_without_cuda_or_interpreter_says_how_to_fix():
     assert lines[1].startswith("BackendUnavailableError") and "no CUDA device" in lines[1]
     assert lines[2] != "auto: triton"
     assert "was set after" in lines[3] and "import" in lines[3]
+    assert "(False, " in lines[4] and "not installed" in lines[4] and "pip install" in lines[4]
 
 
 def test_override_rejects_unknown_settings():

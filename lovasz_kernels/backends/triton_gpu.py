@@ -20,9 +20,14 @@ Pipeline for an (S, P) batch of segments (DESIGN.md §1, §5):
    pixel's original position, and the tile's loss partial in float64.
 5. ``_segment_loss_kernel``: a fixed-order float64 sum of the tile partials (deterministic).
 
-Segments of at most ``_SMALL_SEGMENT_MAX`` pixels (fp16/bf16/fp32) skip steps 2–5: one program
-per segment packs ``key << 12 | index`` into int64, sorts it in registers with ``tl.sort`` and
-does the whole scan, loss and scatter in one kernel (``_small_segment_kernel``).
+On a GPU the key, counts and apply kernels are ``triton.autotune``-d (block size and warps; the
+counts kernel's tile is reused by the apply kernel, as both must cut a row into the same tiles).
+The interpreter times nothing, so it uses fixed tiles; tests force tiny ones (``_override``).
+
+Segments of at most ``small_segment_max`` pixels (2048; fp16/bf16/fp32) skip steps 2–5: one
+program per segment packs ``key << 12 | index`` into int64, sorts it in registers with
+``tl.sort`` and does the whole scan, loss and scatter in one kernel (``_small_segment_kernel``).
+The interpreter emulates that bitonic sort slowly, so there this path runs only when forced.
 
 fp16/bf16 segments of at least ``histogram_min_pixels`` (2^14) take the sort-free path of
 DESIGN.md §5 instead: ``_histogram_kernel`` counts fg / bg pixels per 16-bit error value
