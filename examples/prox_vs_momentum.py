@@ -118,7 +118,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[float]]:
         results[name] = run(make, features, labels, args.iterations)
         seconds[name] = time.perf_counter() - start
 
-    title = f"{args.images} images {args.size}², linear model, lr = {lr:g}, momentum 0.9"
+    title = (f"{args.images} images {args.size}², linear model, lr = {lr:g}, "
+             "momentum 0.9 (all but SGD)")
     checkpoints = sorted({0, *(round(args.iterations * f) for f in (0.1, 0.25, 0.5)),
                           args.iterations})
     print(title)
@@ -142,7 +143,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[float]]:
     figure, axis = plt.subplots(figsize=(6.4, 4.2))
     for name, curve in results.items():
         style = "--" if "greedy" in name else "-"
-        axis.plot(range(len(curve)), curve, style, label=name)
+        # drawn wide: with λ = lr, ProxLovasz lies on top of it
+        width, alpha = (4.0, 0.45) if name == "SGD + momentum" else (1.5, 1.0)
+        axis.plot(range(len(curve)), curve, style, label=name, linewidth=width, alpha=alpha)
     axis.axhline(bayes, color="grey", linewidth=0.8, linestyle=":", label="sign(feature)")
     axis.set_xlabel("iteration")
     axis.set_ylabel("Jaccard loss (1 − mean IoU)")

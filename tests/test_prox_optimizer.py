@@ -189,7 +189,7 @@ def test_bad_closures(gen):
     with pytest.raises(ValueError, match="needs a closure"):
         optimizer.step()
     with pytest.raises(TypeError, match="must return \\(logits, labels\\)"):
-        optimizer.step(lambda: lovasz_hinge(scores, labels))
+        optimizer.step(lambda: scores.sum())  # a loss, not (logits, labels)
     with pytest.raises(ValueError, match="requires_grad is False"):
         optimizer.step(lambda: (logits, labels))
     with pytest.raises(ValueError, match="closure options must be among"):
