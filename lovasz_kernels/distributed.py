@@ -18,13 +18,34 @@ each rank's exact share of the gradient (d global loss / d local pixels). Two mo
 
 ``"histogram"``
     Errors are quantized by an order-preserving map into ``bins`` + 1 bins; per-segment fg/bg
-    count histograms are all-reduced (``2 * S * (bins + 1)`` integers, independent of the pixel
-    count), every rank derives its pixels' Jaccard increments from the global cumulative counts
-    (no sort), and the per-segment losses are all-reduced (``S`` floats). See
+    count histograms are all-reduced (``2 * S * (bins + 1)`` int32: 8 bytes per bin and
+    segment, independent of the pixel count), every rank derives its pixels' Jaccard
+    increments from the global cumulative counts (no sort), and the per-segment losses are
+    all-reduced (``S`` floats; hinge adds one MAX all-reduce of ``S`` floats for the range). See
     :func:`histogram_extension` for the increments and the error bound.
+
+Exact mode costs every rank the sort of the whole global batch (redundant, identical work)
+and O(S · P_global) memory; histogram mode costs O(S · (P_local + bins)) per rank.
 
 Nothing is communicated in backward: the gradient is computed in forward (as in
 :mod:`lovasz_kernels.losses`) and only the local slice is kept.
+
+Usage and the DDP factor::
+
+    criterion = LovaszSoftmaxLoss(from_logits=True, process_group=dist.group.WORLD)
+    loss = criterion(ddp_model(images), labels)   # the same value on every rank
+    (loss * dist.get_world_size()).backward()      # DDP averages gradients over ranks
+
+Each rank's backward yields d(global loss)/d(its own inputs), so the *sum* over ranks of the
+parameter gradients is the single-process gradient of the concatenated batch. DDP averages
+(divides the sum by the world size), so backpropagate ``world_size * loss`` to reproduce the
+single-process gradient exactly (or keep ``loss`` and scale the learning rate by the world
+size; for SGD the two are the same). The returned value itself is never scaled.
+
+Every rank must make the call (collectives): with the same ``classes``, ``class_weights``,
+``dist_mode`` and ``bins``, and segments of the same dtype. A rank that raises before the
+collectives (say, on invalid labels) leaves the others waiting until the group's timeout.
+With ``per_image=True`` no collective is made and ``process_group`` is ignored.
 """
 
 from __future__ import annotations
@@ -98,7 +119,9 @@ class GlobalBatch:
         """(S,) global segment losses and the (S, P_local) gradient of the local pixels."""
         if self.mode == "exact":
             return self._exact(errors, fg, backend)
-        return histogram_extension(errors, fg, self.bins, self.value_range, self.group)
+        return histogram_extension(
+            errors, fg, self.bins, self.value_range, self.group, sum(self.columns)
+        )
 
     def _exact(
         self, errors: torch.Tensor, fg: torch.Tensor, backend: Backend
@@ -193,6 +216,7 @@ def histogram_extension(
     bins: int | str,
     value_range: float | None,
     group: dist.ProcessGroup | None,
+    global_columns: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Lovász extension of the global segments from all-reduced bin histograms (no sort).
 
@@ -207,6 +231,9 @@ def histogram_extension(
         relu(errors) over all ranks (one MAX all-reduce of S floats).
     group
         Process group, or None for the local batch alone (no communication).
+    global_columns
+        Pixels per segment over all ranks, when known: below 2^31 the histograms are
+        all-reduced as int32 (``8 * S * (bins + 1)`` bytes), else as int64.
 
     Returns
     -------
@@ -260,11 +287,15 @@ def histogram_extension(
 
     # per-segment fg / bg counts of every code, all-reduced as one (2, S, codes) tensor
     flat = codes + torch.arange(num_segments, device=codes.device)[:, None] * num_codes
-    counts = torch.zeros(2, num_segments * num_codes, dtype=torch.int64, device=codes.device)
-    fg_valid = fg & valid
-    counts[0].index_add_(0, flat[fg_valid], torch.ones_like(flat[fg_valid]))
-    bg_valid = valid & ~fg
-    counts[1].index_add_(0, flat[bg_valid], torch.ones_like(flat[bg_valid]))
+    if group is None:
+        global_columns = errors.shape[1]
+    small = global_columns is not None and global_columns < 2**31
+    count_dtype = torch.int32 if small else torch.int64
+    size = num_segments * num_codes
+    fg_valid, bg_valid = fg & valid, valid & ~fg
+    counts = torch.stack(
+        [torch.bincount(flat[mask], minlength=size) for mask in (fg_valid, bg_valid)]
+    ).to(count_dtype)
     _all_reduce(counts, group)
     fg_count, bg_count = counts.view(2, num_segments, num_codes).to(compute).unbind(0)
 
