@@ -416,6 +416,11 @@ def _plot(results: list[dict], title: str, path: str) -> bool:
     return True
 
 
+def _gpu_mode(device: torch.device) -> bool:
+    """GPU layout of the run: reference untimed on CPU copies, sort floor row, GB/s column."""
+    return device.type == "cuda"
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -428,11 +433,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     per_image = args.per_image if args.per_image is not None else args.loss == "hinge"
     class_counts = args.classes if args.loss == "softmax" else [1]
     names = _backends_to_run(args.backend, device)
-    timed_reference = device.type == "cpu" and REFERENCE in names
-    if device.type != "cpu":
+    gpu = _gpu_mode(device)
+    timed_reference = not gpu and REFERENCE in names
+    if gpu:
         names = [n for n in names if n != REFERENCE]
         print(f"the {REFERENCE} reference runs on CPU copies, for the cross-check only")
-    rows = [*names, LOOP] + ([SORT_FLOOR] if device.type == "cuda" else [])
+    rows = [*names, LOOP] + ([SORT_FLOOR] if gpu else [])
     combos = sorted(
         (_Combo(args.loss, args.batch, side, c, per_image, dtype)
          for c in class_counts for side in sides),
@@ -471,7 +477,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             progress.update(repeat + 1)
             continue
         work = _Workload(combo, device)
-        reference_work = work if device.type == "cpu" else work.cpu_copy()
+        reference_work = work.cpu_copy() if gpu else work
         start = time.perf_counter()
         ref_loss, ref_grad = reference_work.run(REFERENCE)
         first_reference_call = time.perf_counter() - start
@@ -542,7 +548,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "settings": {"device": device.type, "repeat": repeat, "budget_s": args.budget,
                      "rows": rows, "reference": REFERENCE,
                      "timing": "wall clock, interleaved rounds, CUDA synchronized"},
-        "byte_model": _baselines.ideal_bytes.__doc__ if device.type == "cuda" else None,
+        "byte_model": _baselines.ideal_bytes.__doc__ if gpu else None,
         "results": results,
     }
     json_path = os.path.join(out, BENCH_JSON)
@@ -564,7 +570,7 @@ def _bench_table(result: dict, rows: list[str], heading: str, repeat: int,
     def median(row: str) -> float | None:
         return entries.get(row, {}).get("median_s")
 
-    cuda = device.type == "cuda"
+    cuda = _gpu_mode(device)
     header = ["backend", "median ms"]
     header += ["vs sort", "GB/s"] if cuda else [f"vs {REFERENCE}"]
     header += ["vs loop", "max |Δgrad| (tie groups)"]

@@ -268,6 +268,26 @@ def test_bench_cuda_table_has_sort_floor_and_bandwidth():
     assert "ideal key build" in text
 
 
+def test_bench_gpu_layout_on_cpu_tensors(capsys, tmp_path, monkeypatch):
+    """The --device cuda code path, run on CPU tensors (no GPU needed): the reference is only
+    a cross-check, the sort floor is timed, GB/s is printed."""
+    monkeypatch.setattr(cli, "_gpu_mode", lambda device: True)
+    status = cli.main(_bench(tmp_path, "--backend", "numpy,torch", "--pixels", "8,16",
+                             "--classes", "3", "--repeat", "2"))
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "the numpy reference runs on CPU copies, for the cross-check only" in out
+    assert re.search(r"^torch\s+\d+\.\d+\s+\d+\.\d\dx\s+\d+\s+\d+\.\d\dx\s+0\.0e\+00$", out,
+                     re.MULTILINE), out
+    assert re.search(r"^torch\.sort\s+\d+\.\d+\s+1\.00x\s+\d+\s", out, re.MULTILINE), out
+    assert not re.search(r"^numpy\s", out, re.MULTILINE)
+    document = json.loads((tmp_path / cli.BENCH_JSON).read_text())
+    assert "ideal" in document["byte_model"]
+    rows = document["results"][-1]["rows"]
+    assert set(rows) == {"torch", "loop", cli.SORT_FLOOR}
+    assert len(rows[cli.SORT_FLOOR]["samples_s"]) == 2
+
+
 def test_bench_cuda_without_a_gpu(capsys, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
