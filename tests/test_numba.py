@@ -61,15 +61,14 @@ def _sorted_keys(errors: np.ndarray, fg: np.ndarray, radix_min: int) -> np.ndarr
     grad = np.full(errors.shape, np.nan, dtype=errors.dtype)
     keys = np.zeros(errors.size, dtype=np.uint64)
     buffer = np.zeros(errors.size, dtype=np.uint64)
-    n, _, prefix_min, prefix_max, differing, _ = numba_cpu._count_block(
-        errors, bits, fg, 0, errors.size
-    )
-    packed = numba_cpu._pack_block(errors, bits, fg, grad, keys, 0, errors.size, 0)
-    assert packed == n
+    histograms = np.zeros((3, 2048), dtype=np.int64)
+    n, n_fg = numba_cpu._pack_counting(errors, bits, fg, grad, keys, histograms)
+    assert n == int((errors > 0).sum()) and n_fg == int(fg.sum())
     assert bool(np.all(grad[errors <= 0] == 0)), "non-positive errors get gradient 0 at once"
+    assert bool(np.all(histograms.sum(axis=1) == n))
     if n == 0:
         return keys[:0]
-    result = numba_cpu._sort_keys(keys, buffer, n, prefix_min, prefix_max, differing, radix_min)
+    result = numba_cpu._sort_keys(keys, buffer, n, histograms, radix_min)
     if errors.dtype == np.float64:
         numba_cpu._refine_float64_ties(result, n, bits)
     return result[:n].copy()
@@ -95,46 +94,25 @@ def test_packed_sort_is_a_stable_descending_argsort(dtype, radix_min):
 
 def test_radix_sort_matches_np_sort_on_raw_keys():
     """Keys with random 31-bit prefixes (dense, sparse, one value, two values) and unique
-    low halves come out exactly as np.sort puts them."""
+    low halves come out exactly as np.sort puts them, serial and blocked."""
     rng = np.random.default_rng(3)
     n = 20000
     low = np.arange(n, dtype=np.uint64)
     prefixes = [
         rng.integers(0, 2**31, n),
-        rng.integers(0, 2**9, n) << 13,  # shared low zero bits: a shifted, 1-pass plan
-        np.full(n, 12345),
+        rng.integers(0, 2**9, n) << 13,  # shared low zero bits (float16): a skipped digit
+        np.full(n, 12345),  # every digit skipped
         rng.choice([7, 2**30 + 7], n),
         rng.integers(2**31 - 50, 2**31, n),
     ]
     for prefix in prefixes:
         keys = (prefix.astype(np.uint64) << np.uint64(32)) | low
-        prefix_min, prefix_max = np.uint64(prefix.min()), np.uint64(prefix.max())
-        differing = np.bitwise_or.reduce(prefix.astype(np.uint64) ^ np.uint64(prefix[0]))
-        if differing == 0:
-            continue  # the kernels never radix-sort a single prefix
-        work, buffer = keys.copy(), np.empty_like(keys)
-        result = numba_cpu._radix_sort(work, buffer, n, prefix_min, prefix_max, differing)
-        np.testing.assert_array_equal(result, np.sort(keys))
-        work = keys.copy()
+        expected = np.sort(keys)
+        result = numba_cpu._radix_sort(keys.copy(), np.empty_like(keys), n)
+        np.testing.assert_array_equal(result, expected)
         for blocks in (1, 2, 7):
-            result = numba_cpu._radix_sort_blocked(
-                work.copy(), buffer, n, prefix_min, prefix_max, differing, blocks
-            )
-            np.testing.assert_array_equal(result, np.sort(keys))
-
-
-@pytest.mark.parametrize(
-    "prefix_min, prefix_max, differing, plan",
-    [
-        (0, 2**31 - 1, 2**31 - 1, (0, 3, 11)),
-        (0, 2**22 - 1, 2**22 - 1, (0, 2, 11)),
-        (2**13, 2**29, 2**29 | 2**13, (13, 2, 8)),  # half precision widened: low bits shared
-        (5, 6, 3, (0, 1, 1)),
-    ],
-)
-def test_radix_plan_uses_only_varying_bits(prefix_min, prefix_max, differing, plan):
-    got = numba_cpu._radix_plan(np.uint64(prefix_min), np.uint64(prefix_max), np.uint64(differing))
-    assert tuple(int(v) for v in got) == plan
+            result = numba_cpu._radix_sort_blocked(keys.copy(), np.empty_like(keys), n, blocks)
+            np.testing.assert_array_equal(result, expected)
 
 
 def _cases_for_paths(gen: torch.Generator):

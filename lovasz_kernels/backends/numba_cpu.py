@@ -10,12 +10,12 @@ Each segment is handled in three steps (DESIGN.md §1 and §5):
    with ``error <= 0`` (including ``-inf`` padding) are not packed at all: they sort after
    every positive error and get gradient 0, which is written right away; ``n_fg`` still
    counts them.
-2. **Sort the values** (not indices): an LSD radix sort over only the prefix bits that vary in
-   the segment (the prefix range is shifted to 0 and shared low bits are dropped, so half
-   precision inputs widened to float32 take 2 passes instead of 3), with the histograms of
-   every pass counted in one read. Small segments use a comparison sort instead (keys are
-   unique, so any sort is stable). For float64 the 32-bit prefix is not the whole error: runs
-   of equal prefixes are re-sorted on the low 32 bits, which makes the order exact.
+2. **Sort the values** (not indices): an LSD radix sort of the prefix in 3 digits of 11 bits,
+   whose histograms are counted while packing (no extra read); a digit that is the same for
+   every key is skipped (float16 inputs widened to float32 take 2 passes). Small segments use
+   a comparison sort instead (keys are unique, so any sort is stable). For float64 the 32-bit
+   prefix is not the whole error: runs of equal prefixes are re-sorted on the low 32 bits,
+   which makes the order exact.
 3. **One fused pass** over the sorted keys: exact integer prefix counts, the closed-form
    Jaccard increments (no cancellation), the loss accumulated in float64 and the gradient
    scattered straight to each pixel's original position (the index in the key).
@@ -66,14 +66,19 @@ _INSERTION_MAX = 24
 # The index field of a key has 31 bits.
 MAX_PIXELS = 1 << 31
 
-_RADIX_BITS = 11  # 2048 bins: a 16 KiB histogram per pass stays in L1
-_MAX_PASSES = 3  # prefixes of positive floats are < 2^31: at most 3 passes of 11 bits
+# Prefixes of positive floats are < 2^31: three digits of 11 bits (2048 bins, a 16 KiB
+# histogram) cover them. A digit that is the same for every key is skipped, so float16 inputs
+# (widened: the low 13 bits are 0) take 2 passes and a segment of equal errors takes none.
+_NUM_DIGITS = 3
+_DIGIT_BITS = 11
+_NUM_BINS = 1 << _DIGIT_BITS
 
 # uint64 constants: mixing uint64 with int64 in numba promotes to float64, so every operand
 # of key arithmetic is an explicit uint64
 _SHIFT_PREFIX = np.uint64(32)
 _ONE = np.uint64(1)
 _LOW32 = np.uint64(0xFFFFFFFF)
+_DIGIT_MASK = np.uint64(_NUM_BINS - 1)
 _INF32_BITS = np.uint64(0x7F800000)
 _INF64_BITS = np.uint64(0x7FF0000000000000)
 
@@ -101,51 +106,62 @@ def _descending_key(bits_row, i):
 
 
 @njit(inline="always")
-def _prefix_of(full_key, itemsize):
-    """The top 32 bits of a float64 key; a float32 key is its own prefix."""
-    if itemsize == 4:
-        return full_key
-    return full_key >> _SHIFT_PREFIX
+def _packed_key(bits_row, fg_row, i):
+    """``prefix << 32 | i << 1 | fg`` for pixel i (its error must be positive)."""
+    full_key = _descending_key(bits_row, i)
+    prefix = full_key if bits_row.itemsize == 4 else full_key >> _SHIFT_PREFIX
+    return (prefix << _SHIFT_PREFIX) | (np.uint64(i) << _ONE) | np.uint64(fg_row[i])
+
+
+@njit(inline="always")
+def _digit(key, digit):
+    """Radix digit ``digit`` (0 = least significant) of a key's 32-bit prefix."""
+    return (key >> np.uint64(32 + _DIGIT_BITS * digit)) & _DIGIT_MASK
 
 
 @njit(cache=True)
-def _count_block(errors_row, bits_row, fg_row, start, stop):
-    """Pixels with a positive error, fg pixels, and the prefix range of [start, stop).
+def _pack_counting(errors_row, bits_row, fg_row, grad_row, keys, histograms):
+    """Pack every positive error of a row into keys (index order), count the digits of every
+    radix pass into histograms (3, 2048), and give every other pixel its gradient, 0.
 
-    Returns (n_positive, n_fg, prefix_min, prefix_max, differing, first): ``differing`` has a
-    bit set where two positive prefixes of the block differ (OR of prefix ^ first prefix).
+    Returns (n_positive, n_fg); n_fg counts all fg pixels, whatever their error.
     """
     n_positive = 0
     n_fg = 0
-    prefix_min = _LOW32
-    prefix_max = np.uint64(0)
-    differing = np.uint64(0)
-    first = np.uint64(0)
+    for i in range(errors_row.shape[0]):
+        if fg_row[i]:
+            n_fg += 1
+        if errors_row[i] > 0:
+            key = _packed_key(bits_row, fg_row, i)
+            keys[n_positive] = key
+            n_positive += 1
+            for digit in range(_NUM_DIGITS):
+                histograms[digit, _digit(key, digit)] += 1
+        else:
+            grad_row[i] = 0
+    return n_positive, n_fg
+
+
+@njit(cache=True)
+def _count_block(errors_row, fg_row, start, stop):
+    """(pixels with a positive error, fg pixels) in [start, stop)."""
+    n_positive = 0
+    n_fg = 0
     for i in range(start, stop):
         if fg_row[i]:
             n_fg += 1
         if errors_row[i] > 0:
-            prefix = _prefix_of(_descending_key(bits_row, i), bits_row.itemsize)
-            if n_positive == 0:
-                first = prefix
-            prefix_min = min(prefix_min, prefix)
-            prefix_max = max(prefix_max, prefix)
-            differing |= prefix ^ first
             n_positive += 1
-    return n_positive, n_fg, prefix_min, prefix_max, differing, first
+    return n_positive, n_fg
 
 
 @njit(cache=True)
 def _pack_block(errors_row, bits_row, fg_row, grad_row, keys, start, stop, out):
-    """Pack the positive errors of [start, stop) into keys[out:], in index order.
-
-    Every other pixel (error <= 0 or -inf padding) gets its gradient, 0, here.
-    """
+    """Pack the positive errors of [start, stop) into keys[out:], in index order; every
+    other pixel (error <= 0 or -inf padding) gets its gradient, 0, here."""
     for i in range(start, stop):
         if errors_row[i] > 0:
-            prefix = _prefix_of(_descending_key(bits_row, i), bits_row.itemsize)
-            label = np.uint64(fg_row[i])
-            keys[out] = (prefix << _SHIFT_PREFIX) | (np.uint64(i) << _ONE) | label
+            keys[out] = _packed_key(bits_row, fg_row, i)
             out += 1
         else:
             grad_row[i] = 0
@@ -165,65 +181,25 @@ def _insertion_sort(keys, start, stop):
 
 
 @njit(cache=True)
-def _radix_plan(prefix_min, prefix_max, differing):
-    """(shift, passes, width) for sorting prefixes in [prefix_min, prefix_max].
+def _radix_passes(keys, buffer, n, histograms):
+    """Stable LSD radix sort of keys[:n] by their 32-bit prefix, given the digit histograms
+    (3, 2048) of keys[:n]; returns the array (keys or buffer) holding the result.
 
-    Prefixes are sorted as (prefix - prefix_min) >> shift, where ``shift`` drops the low
-    bits every prefix shares (they are equal mod 2^shift, so the shift is exact and keeps the
-    order); the remaining bits are split into the fewest passes of <= 11 bits.
+    A pass whose digit is the same for every key is skipped. Keys with equal prefixes keep
+    their current (index) order.
     """
-    shift = 0
-    while ((differing >> np.uint64(shift)) & _ONE) == 0:
-        shift += 1
-    span = (prefix_max - prefix_min) >> np.uint64(shift)
-    num_bits = 0
-    while span > 0:
-        span >>= _ONE
-        num_bits += 1
-    passes = (num_bits + _RADIX_BITS - 1) // _RADIX_BITS
-    width = (num_bits + passes - 1) // passes
-    return shift, passes, width
-
-
-@njit(inline="always")
-def _digit(key, prefix_min, shift):
-    """The radix-sortable part of a key's prefix: (prefix - prefix_min) >> shift."""
-    return ((key >> _SHIFT_PREFIX) - prefix_min) >> shift
-
-
-@njit(cache=True)
-def _radix_sort(keys, buffer, n, prefix_min, prefix_max, differing):
-    """Stable LSD radix sort of keys[:n] by their 32-bit prefix; returns keys or buffer.
-
-    One read counts the histograms of every pass; a pass whose digit is the same for every
-    key is skipped. Ties on the prefix keep their current (index) order.
-    """
-    shift, passes, width = _radix_plan(prefix_min, prefix_max, differing)
-    shift_u = np.uint64(shift)
-    mask = np.uint64((1 << width) - 1)
-    histograms = np.zeros((_MAX_PASSES, 1 << width), dtype=np.int64)
-    for i in range(n):
-        digits = _digit(keys[i], prefix_min, shift_u)
-        for p in range(passes):
-            histograms[p, (digits >> np.uint64(p * width)) & mask] += 1
     source, target = keys, buffer
-    offsets = np.empty(1 << width, dtype=np.int64)
-    for p in range(passes):
-        running = 0
-        skip = False
-        for d in range(1 << width):
-            count = histograms[p, d]
-            if count == n:
-                skip = True
-                break
-            offsets[d] = running
-            running += count
-        if skip:
+    offsets = np.empty(_NUM_BINS, dtype=np.int64)
+    for digit in range(_NUM_DIGITS):
+        if histograms[digit, _digit(source[0], digit)] == n:
             continue
-        pass_shift = np.uint64(p * width)
+        running = 0
+        for d in range(_NUM_BINS):
+            offsets[d] = running
+            running += histograms[digit, d]
         for i in range(n):
             key = source[i]
-            d = (_digit(key, prefix_min, shift_u) >> pass_shift) & mask
+            d = _digit(key, digit)
             target[offsets[d]] = key
             offsets[d] += 1
         source, target = target, source
@@ -231,25 +207,33 @@ def _radix_sort(keys, buffer, n, prefix_min, prefix_max, differing):
 
 
 @njit(cache=True)
-def _sort_keys(keys, buffer, n, prefix_min, prefix_max, differing, radix_min):
+def _radix_sort(keys, buffer, n):
+    """Stable LSD radix sort of keys[:n] by prefix (histograms counted in one read)."""
+    histograms = np.zeros((_NUM_DIGITS, _NUM_BINS), dtype=np.int64)
+    for i in range(n):
+        for digit in range(_NUM_DIGITS):
+            histograms[digit, _digit(keys[i], digit)] += 1
+    return _radix_passes(keys, buffer, n, histograms)
+
+
+@njit(cache=True)
+def _sort_keys(keys, buffer, n, histograms, radix_min):
     """Sort keys[:n] ascending; returns the array (keys or buffer) holding the result."""
-    if differing == 0:  # one prefix: index order is already the stable order
-        return keys
     if n <= _INSERTION_MAX:
         _insertion_sort(keys, 0, n)
         return keys
     if n < radix_min:
         keys[:n].sort()  # keys are unique (they hold the index): an unstable sort is stable
         return keys
-    return _radix_sort(keys, buffer, n, prefix_min, prefix_max, differing)
+    return _radix_passes(keys, buffer, n, histograms)
 
 
 @njit(cache=True)
 def _refine_float64_ties(sorted_keys, n, bits_row):
     """Exact order for float64: re-sort each run of equal 32-bit prefixes on the low 32 bits.
 
-    Inside a run, keys become ``low32(descending key) << 32 | index << 1 | fg`` for the sort, then
-    get their prefix back, so ties on the whole value still keep index order.
+    Inside a run, keys become ``low32(descending key) << 32 | index << 1 | fg`` for the sort,
+    then get their prefix back, so ties on the whole value still keep index order.
     """
     start = 0
     while start < n:
@@ -310,16 +294,11 @@ def _fused_pass(sorted_keys, start, stop, n_fg, fg_before, errors_row, grad_row)
 @njit(cache=True)
 def _segment_serial(errors_row, bits_row, fg_row, grad_row, keys, buffer, radix_min):
     """Loss of one segment, its gradient written to grad_row (one thread)."""
-    num_pixels = errors_row.shape[0]
-    n_positive, n_fg, prefix_min, prefix_max, differing, _ = _count_block(
-        errors_row, bits_row, fg_row, 0, num_pixels
-    )
-    _pack_block(errors_row, bits_row, fg_row, grad_row, keys, 0, num_pixels, 0)
+    histograms = np.zeros((_NUM_DIGITS, _NUM_BINS), dtype=np.int64)
+    n_positive, n_fg = _pack_counting(errors_row, bits_row, fg_row, grad_row, keys, histograms)
     if n_positive == 0:
         return 0.0
-    sorted_keys = _sort_keys(
-        keys, buffer, n_positive, prefix_min, prefix_max, differing, radix_min
-    )
+    sorted_keys = _sort_keys(keys, buffer, n_positive, histograms, radix_min)
     if bits_row.itemsize == 8:
         _refine_float64_ties(sorted_keys, n_positive, bits_row)
     return _fused_pass(sorted_keys, 0, n_positive, n_fg, 0, errors_row, grad_row)
@@ -347,33 +326,28 @@ def _block_bounds(length, num_blocks, block):
 
 
 @njit(parallel=True, cache=True)
-def _radix_sort_blocked(keys, buffer, n, prefix_min, prefix_max, differing, num_blocks):
-    """Parallel stable LSD radix sort of keys[:n]: per pass, each block counts its digits
-    (its own histogram row), a serial scan over (digit, block) gives every block its output
-    offsets, and each block scatters its keys. Returns the array holding the result."""
-    shift, passes, width = _radix_plan(prefix_min, prefix_max, differing)
-    shift_u = np.uint64(shift)
-    num_bins = 1 << width
-    mask = np.uint64(num_bins - 1)
-    histograms = np.zeros((num_blocks, num_bins), dtype=np.int64)
+def _radix_sort_blocked(keys, buffer, n, num_blocks):
+    """Parallel stable LSD radix sort of keys[:n] by prefix: per pass, each block counts its
+    digits (its own histogram row), a serial scan over (digit, block) gives every block its
+    output offsets, and each block scatters its keys. Returns the array holding the result."""
+    histograms = np.zeros((num_blocks, _NUM_BINS), dtype=np.int64)
     source, target = keys, buffer
-    for p in range(passes):
-        pass_shift = np.uint64(p * width)
+    for digit in range(_NUM_DIGITS):
         for block in prange(num_blocks):
             start, stop = _block_bounds(n, num_blocks, block)
             row = histograms[block]
             row[:] = 0
             for i in range(start, stop):
-                row[(_digit(source[i], prefix_min, shift_u) >> pass_shift) & mask] += 1
+                row[_digit(source[i], digit)] += 1
         running = 0
         skip = False
-        for d in range(num_bins):
+        for d in range(_NUM_BINS):
             total = 0
             for block in range(num_blocks):
                 count = histograms[block, d]
                 histograms[block, d] = running + total
                 total += count
-            if total == n:
+            if total == n:  # one digit value for every key: nothing to reorder
                 skip = True
                 break
             running += total
@@ -384,7 +358,7 @@ def _radix_sort_blocked(keys, buffer, n, prefix_min, prefix_max, differing, num_
             offsets = histograms[block]
             for i in range(start, stop):
                 key = source[i]
-                d = (_digit(key, prefix_min, shift_u) >> pass_shift) & mask
+                d = _digit(key, digit)
                 target[offsets[d]] = key
                 offsets[d] += 1
         source, target = target, source
@@ -397,53 +371,31 @@ def _segment_blocked(
 ):
     """Loss of one segment with every step split into ``num_blocks`` parallel blocks."""
     num_pixels = errors_row.shape[0]
-    counts = np.zeros((num_blocks, 6), dtype=np.uint64)
+    counts = np.zeros((num_blocks, 2), dtype=np.int64)
     for block in prange(num_blocks):
         start, stop = _block_bounds(num_pixels, num_blocks, block)
-        block_positive, block_fg, block_min, block_max, block_differing, block_first = (
-            _count_block(errors_row, bits_row, fg_row, start, stop)
-        )
+        block_positive, block_fg = _count_block(errors_row, fg_row, start, stop)
         counts[block, 0] = block_positive
         counts[block, 1] = block_fg
-        counts[block, 2] = block_min
-        counts[block, 3] = block_max
-        counts[block, 4] = block_differing
-        counts[block, 5] = block_first
-    # combine: a prefix bit varies if it varies inside a block or between blocks' firsts
     out_start = np.zeros(num_blocks, dtype=np.int64)
     n_positive = 0
     n_fg = 0
-    prefix_min = _LOW32
-    prefix_max = np.uint64(0)
-    differing = np.uint64(0)
-    reference = np.uint64(0)
-    seen_any = False
     for block in range(num_blocks):
         out_start[block] = n_positive
-        n_positive += np.int64(counts[block, 0])
-        n_fg += np.int64(counts[block, 1])
-        if counts[block, 0] > 0:
-            if not seen_any:
-                reference = counts[block, 5]
-                seen_any = True
-            prefix_min = min(prefix_min, counts[block, 2])
-            prefix_max = max(prefix_max, counts[block, 3])
-            differing |= counts[block, 4] | (counts[block, 5] ^ reference)
+        n_positive += counts[block, 0]
+        n_fg += counts[block, 1]
     for block in prange(num_blocks):
         start, stop = _block_bounds(num_pixels, num_blocks, block)
         _pack_block(errors_row, bits_row, fg_row, grad_row, keys, start, stop, out_start[block])
     if n_positive == 0:
         return 0.0
-    if differing == 0:
-        sorted_keys = keys
+    sorted_keys = keys
+    if n_positive <= _INSERTION_MAX:
+        _insertion_sort(keys, 0, n_positive)
     elif n_positive < radix_min:
-        sorted_keys = _sort_keys(
-            keys, buffer, n_positive, prefix_min, prefix_max, differing, radix_min
-        )
+        keys[:n_positive].sort()
     else:
-        sorted_keys = _radix_sort_blocked(
-            keys, buffer, n_positive, prefix_min, prefix_max, differing, num_blocks
-        )
+        sorted_keys = _radix_sort_blocked(keys, buffer, n_positive, num_blocks)
     if bits_row.itemsize == 8:
         _refine_float64_ties(sorted_keys, n_positive, bits_row)
     # two-pass blocked scan: fg counts per block of the sorted keys, then the fused pass
