@@ -218,7 +218,8 @@ def test_one_ulp_apart_keep_their_order(device, gen):
     (a key that dropped the lowest value bit would tie such pairs and sort them by label)."""
     errors = distinct_float32(3000, gen)
     fg = torch.rand(1, 3000, generator=gen) < 0.5
-    for settings in (TILINGS["tiny tiles"], dict(small_segment_max=0, tile=256)):
+    for settings in (dict(small_segment_max=0, tile=64, scan_block=4),
+                     dict(small_segment_max=0, tile=1024)):
         loss, grad = _run(errors, fg, device, **settings)
         _compare(errors, fg, loss, grad, f"one ulp apart {settings}")
 
