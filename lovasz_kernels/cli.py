@@ -433,6 +433,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     per_image = args.per_image if args.per_image is not None else args.loss == "hinge"
     class_counts = args.classes if args.loss == "softmax" else [1]
     names = _backends_to_run(args.backend, device)
+    if args.backend is None:  # by default, time native devices only
+        for name in [n for n in names if device.type not in get_backend(n).devices]:
+            print(f"skipping {name}: runs on {device.type} only through an interpreter, for "
+                  "tests (name it in --backend to time it anyway)")
+            names.remove(name)
     gpu = _gpu_mode(device)
     timed_reference = not gpu and REFERENCE in names
     if gpu:
