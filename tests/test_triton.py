@@ -256,10 +256,19 @@ def test_histogram_path_on_ties_padding_and_edge_cases(device, dtype, gen):
 
 
 def test_histogram_path_is_the_default_for_large_half_segments(device, gen):
-    errors = torch.randn(1, 20000, generator=gen).half()
-    fg = torch.rand(1, 20000, generator=gen) < 0.2
+    num_pixels = _module()._SETTINGS["histogram_min_pixels"]
+    errors = torch.randn(1, num_pixels, generator=gen).half()
+    fg = torch.rand(1, num_pixels, generator=gen) < 0.2
     loss, grad = _run(errors, fg, device)
-    _compare(errors, fg, loss, grad, "fp16 20000 pixels", tie_free=False)
+    ref_loss, ref_grad = _reference(errors.float(), fg)  # increments rounded once, to float32
+    assert_close_report(loss, ref_loss, LOSS_TOLERANCE[torch.float16], "loss")
+    # each pixel's fp16 gradient is rounded on its own (many are subnormal at this size), so a
+    # tie group's sum may be off by its size times half an fp16 ulp
+    ours, exact = tie_group_sums(errors, grad)[0], tie_group_sums(errors, ref_grad)[0]
+    group_size = torch.unique(errors, return_inverse=True, return_counts=True)
+    group_size = group_size[2][group_size[1]][0].double()
+    bound = 2.0**-11 * exact.abs() + group_size * 2.0**-25
+    assert bool(((ours - exact).abs() <= bound).all()), float(((ours - exact).abs() / bound).max())
     values, group_sizes = torch.unique(errors, return_counts=True)
     tied = values[(group_sizes > 1) & (values > 0)][:20]
     assert tied.numel() > 0

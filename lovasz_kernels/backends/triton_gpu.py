@@ -29,7 +29,7 @@ program per segment packs ``key << 12 | index`` into int64, sorts it in register
 ``tl.sort`` and does the whole scan, loss and scatter in one kernel (``_small_segment_kernel``).
 The interpreter emulates that bitonic sort slowly, so there this path runs only when forced.
 
-fp16/bf16 segments of at least ``histogram_min_pixels`` (2^14) take the sort-free path of
+fp16/bf16 segments of at least ``histogram_min_pixels`` (2^16) take the sort-free path of
 DESIGN.md §5 instead: ``_histogram_kernel`` counts fg / bg pixels per 16-bit error value
 (integer atomics into 2^15 bins per segment), ``_histogram_scan_kernel`` walks the bins from
 the largest error down with exact int64 carries and gives the exact loss and one gradient per
@@ -443,9 +443,10 @@ _SETTINGS = {
     "scan_block": 1024,
     "force_int64": False,
     # fp16/bf16 segments with at least this many pixels take the sort-free histogram path
-    # (DESIGN §5): 2^15 bins per segment, so it pays off only on large segments (not yet
-    # measured on a GPU; None disables it)
-    "histogram_min_pixels": 1 << 14,
+    # (DESIGN §5). Its table is 2 × 2^15 int32 per segment (256 KiB), so it is used only where
+    # that is no bigger than the segment's own data (2^16 pixels: 128 KiB of fp16 + 64 KiB of
+    # labels); the speed break-even is not yet measured on a GPU. None disables it.
+    "histogram_min_pixels": 1 << 16,
 }
 _HISTOGRAM_BINS = 1 << 15  # bits of a non-negative 16-bit float
 
@@ -486,6 +487,13 @@ def lovasz_extension(errors: torch.Tensor, fg: torch.Tensor) -> tuple[torch.Tens
     inputs are read in place. The loss is in max(dtype, float32), the gradient in the input
     dtype. See the module docstring for the kernels.
     """
+    if errors.device.type == "cuda":
+        with torch.cuda.device(errors.device):  # Triton launches on the current device
+            return _lovasz_extension(errors, fg)
+    return _lovasz_extension(errors, fg)
+
+
+def _lovasz_extension(errors: torch.Tensor, fg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     num_segments, num_pixels = errors.shape
     device = errors.device
     key_dtype, key_half = _KEYS[errors.dtype]
