@@ -456,7 +456,7 @@ def _override(**settings) -> Iterator[None]:
     """Temporarily change launch settings (tests force tiny tiles, int64 offsets, no fusion).
 
     Keys: ``small_segment_max``, ``tile`` (power of two), ``scan_block`` (power of two),
-    ``force_int64``.
+    ``force_int64``, ``histogram_min_pixels``. A forced ``tile`` also bypasses autotuning.
     """
     unknown = set(settings) - set(_SETTINGS)
     if unknown:
