@@ -49,33 +49,60 @@ if NUMBA_AVAILABLE:
         return numerator / ((n_fg + b2) * (n_fg + b1))
 
     @njit(cache=True)
+    def _radix_sort(keys, positions):
+        """Stable LSD radix sort of uint32 ``keys`` carrying ``positions`` (3 passes of
+        11/11/10 bits; the three histograms come from one read of the keys)."""
+        count = keys.shape[0]
+        histograms = np.zeros((3, 2049), dtype=np.int64)
+        for k in range(count):
+            key = keys[k]
+            histograms[0, (key & 0x7FF) + 1] += 1
+            histograms[1, ((key >> 11) & 0x7FF) + 1] += 1
+            histograms[2, (key >> 22) + 1] += 1
+        keys_out = np.empty_like(keys)
+        positions_out = np.empty_like(positions)
+        for digit in range(3):
+            offsets = histograms[digit]
+            if offsets.max() == count:
+                continue  # every key has the same digit: this pass would not move anything
+            for b in range(1, 2049):
+                offsets[b] += offsets[b - 1]
+            shift = 11 * digit
+            for k in range(count):
+                bucket = (keys[k] >> shift) & 0x7FF
+                target = offsets[bucket]
+                offsets[bucket] = target + 1
+                keys_out[target] = keys[k]
+                positions_out[target] = positions[k]
+            keys, keys_out = keys_out, keys
+            positions, positions_out = positions_out, positions
+        return keys, positions
+
+    @njit(cache=True)
     def _sort_decreasing(margins, index):
         """(margins, index) reordered by decreasing margin (all margins > 0), ties by index.
 
-        Sorts values, not indices (DESIGN.md §5): one uint64 per pixel packs the complement
-        of the float32 bits of the margin (positive floats order like their bits) above its
-        position, so a plain integer sort yields the order. float32 rounding can merge
-        distinct float64 margins: runs with equal float32 keys are re-sorted by the float64
-        values afterwards (stable, so ties stay in pixel order).
+        Sorts values, not indices (DESIGN.md §5): the key of a pixel is the complement of the
+        float32 bits of its margin (positive floats order like their bits), radix-sorted with
+        the pixel's position as payload. float32 rounding can merge distinct float64 margins:
+        runs of equal keys are re-sorted by the float64 values afterwards (stable, so ties
+        stay in pixel order).
         """
         count = margins.shape[0]
         bits = margins.astype(np.float32).view(np.uint32)
-        keys = np.empty(count, dtype=np.uint64)
+        keys = np.empty(count, dtype=np.uint32)
         for k in range(count):
-            keys[k] = (np.uint64(0xFFFFFFFF - bits[k]) << np.uint64(32)) | np.uint64(k)
-        keys = np.sort(keys)
+            keys[k] = np.uint32(0xFFFFFFFF) - bits[k]
+        keys, positions = _radix_sort(keys, np.arange(count))
         z = np.empty(count)
         order = np.empty(count, dtype=np.int64)
-        low = np.uint64(0xFFFFFFFF)
         for k in range(count):
-            position = np.int64(keys[k] & low)
-            z[k] = margins[position]
-            order[k] = index[position]
+            z[k] = margins[positions[k]]
+            order[k] = index[positions[k]]
         start = 0
         while start < count:
             stop = start + 1
-            high = keys[start] >> np.uint64(32)
-            while stop < count and keys[stop] >> np.uint64(32) == high:
+            while stop < count and keys[stop] == keys[start]:
                 stop += 1
             if stop - start > 1:
                 run = np.argsort(-z[start:stop], kind="mergesort")

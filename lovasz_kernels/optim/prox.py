@@ -48,10 +48,21 @@ class _ProxResult(NamedTuple):
     """Everything one kernel call gives, for the public functions and the optimizer."""
 
     prox: torch.Tensor  # logits layout and dtype, on the logits' device
-    difference: torch.Tensor  # F − prox, float64, CPU, (B, P) layout of the validated input
+    scores_host: np.ndarray  # F as float64 on the host, (B, P)
+    prox_host: np.ndarray  # the prox as float64 on the host, (B, P)
     loss_input: float  # Lovász hinge at F (the mean over counted segments)
     loss_prox: float  # Lovász hinge at the prox
     finished: bool
+
+    def direction(self, lam: float, like: torch.Tensor) -> torch.Tensor:
+        """(F − prox) / λ in the layout, dtype and device of ``like`` (the logits)."""
+        direction = torch.from_numpy((self.scores_host - self.prox_host) / lam)
+        return direction.reshape(like.shape).to(device=like.device, dtype=like.dtype)
+
+    def squared_distance(self) -> float:
+        """‖F − prox‖² in float64."""
+        difference = self.scores_host - self.prox_host
+        return float(np.dot(difference.ravel(), difference.ravel()))
 
 
 def _kernels() -> ModuleType:
@@ -121,44 +132,42 @@ def _prox(
     _validate.check_finite("logits", logits_2d)
     kernels = _kernels()
 
-    # one copy to the host (and one back below); float64 so that the prox is exact to ~1e-15
-    scores = logits_2d.detach().to(device="cpu", dtype=torch.float64).contiguous()
-    labels_host = labels_2d.to("cpu")
-    valid = (
-        torch.ones(labels_host.shape, dtype=torch.bool)
-        if ignore_index is None
-        else labels_host != ignore_index
-    )
+    # one copy to the host (and one back below); float64 so that the prox is exact to ~1e-15.
+    # The glue stays in numpy: single-threaded passes that do not fight the kernel for cores
+    scores = logits_2d.detach().to(device="cpu", dtype=torch.float64).contiguous().numpy()
+    labels_host = labels_2d.to("cpu").numpy()
+    if ignore_index is None:
+        valid = np.ones(labels_host.shape, dtype=np.bool_)
+    else:
+        valid = labels_host != ignore_index
     fg = (labels_host == 1) & valid
     if not per_image:
         scores, fg, valid = scores.reshape(1, -1), fg.reshape(1, -1), valid.reshape(1, -1)
-    counted = valid.any(dim=1).numpy()
+    counted = valid.any(axis=1)
     num_counted = int(counted.sum())
     # the loss is the mean of the counted segments' losses: each gets λ / (their number)
     weight = np.where(counted, 1.0 / max(num_counted, 1), 0.0)
     lam_rows = lam * weight
 
-    scores_np = scores.numpy()
-    out = np.empty_like(scores_np)
-    loss_in = np.zeros(scores_np.shape[0])
-    loss_out = np.zeros(scores_np.shape[0])
+    out = np.empty_like(scores)
+    loss_in = np.zeros(scores.shape[0])
+    loss_out = np.zeros(scores.shape[0])
     finished = True
-    if scores_np.size:
-        fg_np = np.ascontiguousarray(fg.numpy())
-        valid_np = np.ascontiguousarray(valid.numpy())
+    if scores.size:
+        fg = np.ascontiguousarray(fg)
+        valid = np.ascontiguousarray(valid)
         if method == "exact":
-            kernels._prox_exact_rows(scores_np, fg_np, valid_np, lam_rows, out, loss_in,
-                                     loss_out)
+            kernels._prox_exact_rows(scores, fg, valid, lam_rows, out, loss_in, loss_out)
         else:
             finished = bool(kernels._prox_greedy_rows(
-                scores_np, fg_np, valid_np, lam_rows, kernel_max_steps, out, loss_in, loss_out
+                scores, fg, valid, lam_rows, kernel_max_steps, out, loss_in, loss_out
             ))
     out_tensor = torch.from_numpy(out)
-    difference = (scores - out_tensor).reshape(logits_2d.shape)
     prox = out_tensor.reshape(logits.shape).to(device=logits.device, dtype=logits.dtype)
     return _ProxResult(
         prox=prox,
-        difference=difference,
+        scores_host=scores.reshape(logits_2d.shape),
+        prox_host=out.reshape(logits_2d.shape),
         loss_input=float(np.dot(weight, loss_in)),
         loss_prox=float(np.dot(weight, loss_out)),
         finished=finished,
@@ -240,12 +249,10 @@ class _MoreauFunction(torch.autograd.Function):
     ):
         result = _prox(logits.detach(), labels, lam, per_image, ignore_index, method, max_steps)
         lam_value = check_lam(lam)
-        difference = result.difference
-        value = result.loss_prox + float((difference * difference).sum()) / (2 * lam_value)
+        value = result.loss_prox + result.squared_distance() / (2 * lam_value)
         ctx.logits_dtype = logits.dtype
         if ctx.needs_input_grad[0]:
-            direction = (difference / lam_value).reshape(logits.shape)
-            ctx.save_for_backward(direction.to(device=logits.device, dtype=logits.dtype))
+            ctx.save_for_backward(result.direction(lam_value, logits))
         out_dtype = _validate.compute_dtype(logits.dtype)
         return torch.tensor(value, dtype=out_dtype, device=logits.device)
 

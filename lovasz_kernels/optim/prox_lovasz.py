@@ -221,8 +221,7 @@ class ProxLovasz(torch.optim.Optimizer):
                 group["method"],
                 group["max_steps"],
             )
-            direction = (result.difference / lam).reshape(logits.shape)
-            logits.backward(direction.to(device=logits.device, dtype=logits.dtype))
+            logits.backward(result.direction(lam, logits))
         self.prox_finished = result.finished
 
         for group in self.param_groups:
