@@ -450,7 +450,14 @@ def lovasz_extension(errors: torch.Tensor, fg: torch.Tensor) -> tuple[torch.Tens
         workers = min(threads, num_segments)
         keys = np.empty((workers, num_pixels), dtype=np.uint64)
         buffers = np.empty((workers, num_pixels), dtype=np.uint64)
-        _segments_over_workers(errors_np, bits, fg_np, grad, loss, keys, buffers, RADIX_MIN_KEYS)
+        if num_segments == 1:  # no parallel region: no threads to wake for one segment
+            loss[0] = _segment_serial(
+                errors_np[0], bits[0], fg_np[0], grad[0], keys[0], buffers[0], RADIX_MIN_KEYS
+            )
+        else:
+            _segments_over_workers(
+                errors_np, bits, fg_np, grad, loss, keys, buffers, RADIX_MIN_KEYS
+            )
     return results_to_torch(loss, grad, errors)
 
 
