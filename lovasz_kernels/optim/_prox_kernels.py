@@ -182,6 +182,37 @@ if NUMBA_AVAILABLE:
         return total
 
     @njit(cache=True)
+    def _solve_if_ordered(z_pos, z_neg, p_lo, p_hi, n_lo, n_hi, n_fg, lam, level_pos, level_neg):
+        """Try the block's greedy vertex: merged in decreasing z, x = z − λ·(increments).
+
+        If x keeps the order of z, s = λ·(increments) is a vertex of the block's base
+        polytope that maximizes ⟨s, x⟩, so x is the block's prox (every pixel its own level):
+        write it and return (True, Δ̄ contribution of relu(x)). Otherwise return (False, 0)
+        (the levels written are overwritten later).
+        """
+        i = p_lo
+        j = n_lo
+        previous = np.inf
+        loss = 0.0
+        while i < p_hi or j < n_hi:
+            if j == n_hi or (i < p_hi and z_pos[i] >= z_neg[j]):
+                increment = _jaccard_delta(i, j, i + 1, j, n_fg)
+                x = z_pos[i] - lam * increment
+                level_pos[i] = x
+                i += 1
+            else:
+                increment = _jaccard_delta(i, j, i, j + 1, n_fg)
+                x = z_neg[j] - lam * increment
+                level_neg[j] = x
+                j += 1
+            if x > previous:
+                return False, 0.0
+            previous = x
+            if x > 0.0:
+                loss += x * increment
+        return True, loss
+
+    @njit(cache=True)
     def _decompose(z_pos, z_neg, n_fg, lam, level_pos, level_neg):
         """Levels of prox_{λΔ̄}(z) (no clipping) on V+; returns Δ̄_J(relu(levels)).
 
@@ -195,7 +226,9 @@ if NUMBA_AVAILABLE:
         λ / (n_fg + n_lo + b), so the best a counts the s values above that slope, and it only
         grows with b. A violated block splits into that prefix block and the rest
         (Fujishige/Groenevelt decomposition); blocks leave the stack from the top level
-        down, which gives the loss of the clipped levels on the way.
+        down, which gives the loss of the clipped levels on the way. Blocks of ≤ 32 pixels
+        first try :func:`_solve_if_ordered` (most end as singletons): on a 512² image this
+        halves the time. Random inputs split evenly: ~log2 P sweeps per pixel.
         """
         n_pos = z_pos.shape[0]
         n_neg = z_neg.shape[0]
@@ -207,6 +240,12 @@ if NUMBA_AVAILABLE:
         stack[0, 3] = n_neg
         depth = 1
         loss = 0.0
+        # 1 / (n_fg + b) for every background count b: the sweep multiplies instead of dividing
+        # (φ(a, b) = (a + b) / (n_fg + b); 0 for the empty set when n_fg = 0)
+        inverse_union = np.zeros(n_neg + 1)
+        for b in range(n_neg + 1):
+            if n_fg + b > 0:
+                inverse_union[b] = 1.0 / (n_fg + b)
         while depth > 0:
             depth -= 1
             p_lo = stack[depth, 0]
@@ -215,6 +254,15 @@ if NUMBA_AVAILABLE:
             n_hi = stack[depth, 3]
             size_pos = p_hi - p_lo
             size_neg = n_hi - n_lo
+            if size_pos + size_neg <= 32:
+                # half of all blocks are singletons, most of the others tiny: try the
+                # order-preserving solution first, which needs no sweep
+                ordered, block_loss = _solve_if_ordered(
+                    z_pos, z_neg, p_lo, p_hi, n_lo, n_hi, n_fg, lam, level_pos, level_neg
+                )
+                if ordered:
+                    loss += block_loss
+                    continue
             total = 0.0
             for k in range(p_lo, p_hi):
                 total += z_pos[k]
@@ -230,13 +278,16 @@ if NUMBA_AVAILABLE:
             a = 0
             s_pos = 0.0
             s_neg = 0.0
+            phi_above = (p_lo + n_lo) * inverse_union[n_lo]
             for b in range(size_neg + 1):
+                inverse = inverse_union[n_lo + b]
                 if size_pos > 0:
-                    slope = lam / (n_fg + n_lo + b)
+                    slope = lam * inverse
                     while a < size_pos and z_pos[p_lo + a] - level > slope:
                         s_pos += z_pos[p_lo + a] - level
                         a += 1
-                h = lam * _jaccard_delta(p_lo, n_lo, p_lo + a, n_lo + b, n_fg) - s_pos - s_neg
+                phi = (p_lo + a + n_lo + b) * inverse
+                h = lam * (phi - phi_above) - s_pos - s_neg
                 if h < best:
                     best = h
                     best_a = a
