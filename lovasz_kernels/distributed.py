@@ -78,12 +78,12 @@ def check_dist_options(
             )
     if dist_mode not in DIST_MODES:
         raise ValueError(f"dist_mode must be 'exact' or 'histogram'; got {dist_mode!r}")
+    or_fp16 = " or 'fp16'" if allow_fp16_grid else ""
     if isinstance(bins, str):
         if bins != "fp16" or not allow_fp16_grid:
-            expected = "a positive int or 'fp16'" if allow_fp16_grid else "a positive int"
-            raise ValueError(f"bins must be {expected}; got {bins!r}")
+            raise ValueError(f"bins must be a positive int{or_fp16}; got {bins!r}")
     elif isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= 2**26:
-        raise ValueError(f"bins must be an int in [1, 2^26] or 'fp16'; got {bins!r}")
+        raise ValueError(f"bins must be an int in [1, 2^26]{or_fp16}; got {bins!r}")
 
 
 def _all_gather_equal(local: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
