@@ -238,21 +238,109 @@ def test_histogram_path_matches_reference(device, dtype, shape, gen):
     _compare(errors, fg, loss, grad, f"histogram {dtype} {shape}")
 
 
+def _tie_class_means(errors: torch.Tensor, fg: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over each (row, error value, class) group, spread back per pixel."""
+    rows = torch.arange(errors.shape[0])[:, None].expand(errors.shape)
+    keys = torch.stack([rows.double(), errors.double(), fg.double()], dim=-1).reshape(-1, 3)
+    _, inverse, counts = torch.unique(keys, dim=0, return_inverse=True, return_counts=True)
+    sums = torch.zeros(counts.numel(), dtype=torch.float64)
+    sums.index_add_(0, inverse, values.double().flatten())
+    return (sums / counts)[inverse].reshape(errors.shape)
+
+
+def _two_order_class_means(errors: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
+    """The histogram path's gradient, from the numpy reference (float64).
+
+    The reference breaks ties by position (stable sort), so moving a segment's fg pixels to
+    the front (or the back) orders every tie group fg-first (bg-first). Average the two
+    gradients, then each (tie group, class): pixels of one class are interchangeable in Δ_J.
+    """
+    grads = []
+    for label_last in (~fg, fg):  # fg first, then bg first
+        perm = torch.argsort(label_last.to(torch.int8), dim=1, stable=True)
+        _, grad = _reference(errors.double().gather(1, perm), fg.gather(1, perm))
+        grads.append(torch.empty_like(grad).scatter_(1, perm, grad))
+    return _tie_class_means(errors, fg, (grads[0] + grads[1]) / 2)
+
+
+def _tie_class_violation(errors: torch.Tensor, fg: torch.Tensor, grad: torch.Tensor) -> float:
+    """max of <g, y> - f(y) (≤ 0 for a subgradient), less the rounding allowance of g's dtype,
+    over y = 1[M] for every set M = (pixels above a positive tie group) ∪ (the group's pixels
+    of one class); f(1[M]) = Δ_J(M)."""
+    sets, rows = [], []
+    for row in range(errors.shape[0]):
+        for value in errors[row].unique():
+            if not value > 0:
+                continue
+            for label in (True, False):
+                in_group = (errors[row] == value) & (fg[row] == label)
+                if in_group.any():
+                    sets.append((errors[row] > value) | in_group)
+                    rows.append(row)
+    if not sets:
+        return -torch.inf
+    y = torch.stack(sets).double()
+    f_y, _ = _reference(y, fg[rows])
+    inner = (grad[rows].double() * y).sum(dim=1)  # g ≥ 0
+    tol = GRAD_TOLERANCE[grad.dtype]
+    allowance = tol.rtol * inner + tol.atol * y.sum(dim=1)
+    return float((inner - f_y.double() - allowance).max())
+
+
+def _check_tie_classes(errors, fg, grad, what):
+    """Equal gradients within each (tie group, class); the mean of the fg-first and bg-first
+    orders' class totals; in the base polytope on every tie group's class prefix."""
+    dtype = errors.dtype
+    assert torch.equal(_tie_class_means(errors, fg, grad), grad.double()), \
+        f"{what}: gradients differ within a (tie group, class)"
+    violation = _tie_class_violation(errors, fg, grad)
+    assert violation <= 0, f"{what}: <g, 1[M]> - Δ_J(M) exceeds rounding by {violation}"
+    assert_close_report(grad, _two_order_class_means(errors, fg), GRAD_TOLERANCE[dtype],
+                        f"{what} grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_histogram_path_mixed_tie_is_a_subgradient(device, dtype):
+    """n_fg = 7; 6 fg and 5 bg pixels above (distinct errors), then one tie of 1 fg and 5 bg.
+
+    The tie's total increment is G = J(7, 10) − J(6, 5) = 1 − 11/12 = 1/12 (J(A, N) =
+    (A + N) / (n_fg + N)). Shared equally, the 5 bg pixels would get 5/72, but Δ_J allows them
+    at most J(6, 10) − J(6, 5) = 16/17 − 11/12 = 5/204 (bg first). Averaging the fg-first and
+    bg-first orders per class: fg ½(1/12 + 1/17) = 29/408, each bg (7 − 6 − ½)/(12·17) = 1/408.
+    """
+    errors = torch.tensor([[3.0, 2.875, 2.75, 2.625, 2.5, 2.375, 2.25, 2.125, 2.0, 1.875, 1.75]
+                           + [1.0] * 6]).to(dtype)
+    fg = torch.tensor([[True, False] * 5 + [True] + [True] + [False] * 5])
+    loss, grad = _run(errors, fg, device, **HISTOGRAM)
+    _compare(errors, fg, loss, grad, f"mixed tie {dtype}", tie_free=False)
+    tol = GRAD_TOLERANCE[dtype]
+    # y = 1[the 11 pixels above ∪ the tie's 5 bg pixels]: f(y) = Δ_J = J(6, 10) = 16/17
+    y = torch.zeros(1, 17, dtype=torch.float64)
+    y[0, :11] = 1.0
+    y[0, 12:] = 1.0
+    f_y, _ = _reference(y, fg)
+    assert abs(f_y.item() - 16 / 17) < 1e-12
+    inner = float((grad.double() * y).sum())  # 11/12 + 5/408 = 379/408 < 384/408
+    assert inner <= 16 / 17 + tol.rtol * inner, f"<g, y> = {inner} > Δ_J = {16 / 17}"
+    expected = torch.tensor([29 / 408] + [1 / 408] * 5, dtype=torch.float64)
+    assert_close_report(grad[0, 11:], expected, tol, "tie increments")
+    _check_tie_classes(errors, fg, grad, f"mixed tie {dtype}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_histogram_path_on_ties_padding_and_edge_cases(device, dtype, gen):
-    """Exact loss on ties; each tie group shares its gradient equally (deterministic)."""
-    errors = (torch.randint(-2, 4, (3, 300), generator=gen).double() / 2).to(dtype)
+    """Exact loss on ties; within a tie group each class shares one gradient: the mean of the
+    fg-first and bg-first orders (a deterministic subgradient)."""
+    errors = (torch.randint(-2, 6, (4, 300), generator=gen).double() / 4).to(dtype)
     errors[1, 200:] = -torch.inf
     errors[2, :] = -1.0  # nothing above 0
-    fg = torch.rand(3, 300, generator=gen) < 0.4
+    fg = torch.rand(4, 300, generator=gen) < 0.4
     fg[0] = False  # no foreground
     fg &= errors > -torch.inf
     loss, grad = _run(errors, fg, device, **HISTOGRAM)
     _compare(errors, fg, loss, grad, f"histogram ties {dtype}", tie_free=False)
-    for row in range(3):
-        for value in errors[row].unique():
-            group = grad[row][errors[row] == value]
-            assert bool((group == group[0]).all()), f"row {row}, error {value}: {group}"
+    _check_tie_classes(errors, fg, grad, f"histogram ties {dtype}")
+    assert not grad[1, 200:].any() and not grad[2].any()
 
 
 def test_histogram_path_is_the_default_for_large_half_segments(device, gen):
@@ -269,12 +357,13 @@ def test_histogram_path_is_the_default_for_large_half_segments(device, gen):
     group_size = group_size[2][group_size[1]][0].double()
     bound = 2.0**-11 * exact.abs() + group_size * 2.0**-25
     assert bool(((ours - exact).abs() <= bound).all()), float(((ours - exact).abs() / bound).max())
-    values, group_sizes = torch.unique(errors, return_counts=True)
-    tied = values[(group_sizes > 1) & (values > 0)][:20]
-    assert tied.numel() > 0
-    for value in tied:  # the histogram path gives each tie group one shared gradient
-        group = grad[errors == value]
-        assert bool((group == group[0]).all())
+    values, inverse, group_sizes = torch.unique(errors, return_inverse=True, return_counts=True)
+    fg_per_value = torch.bincount(inverse[fg], minlength=values.numel())
+    mixed = (values > 0) & (fg_per_value > 0) & (fg_per_value < group_sizes)
+    assert int(mixed.sum()) > 20  # ties of both classes: the histogram path averages per class
+    assert torch.equal(_tie_class_means(errors, fg, grad), grad.double())
+    assert_close_report(grad, _two_order_class_means(errors, fg), GRAD_TOLERANCE[torch.float16],
+                        "per-class tie gradient")
 
 
 # ------------------------------------------------------------------------------- keys

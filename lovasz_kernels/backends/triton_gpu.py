@@ -33,8 +33,9 @@ fp16/bf16 segments of at least ``histogram_min_pixels`` (2^16) take the sort-fre
 DESIGN.md §5 instead: ``_histogram_kernel`` counts fg / bg pixels per 16-bit error value
 (integer atomics into 2^15 bins per segment), ``_histogram_scan_kernel`` walks the bins from
 the largest error down with exact int64 carries and gives the exact loss and one gradient per
-bin (a tie group shares its increment equally: a deterministic subgradient), and
-``_histogram_gather_kernel`` writes each pixel's gradient. O(P + 2^15) per segment, no sort.
+bin and class (a tie group's pixels of one class share one increment, the mean of ordering the
+tie fg-first and bg-first: a deterministic subgradient), and ``_histogram_gather_kernel``
+writes each pixel's gradient. O(P + 2^15) per segment, no sort.
 
 Interpreter mode: Triton decides at decoration time, i.e. when this module is imported, whether
 ``@triton.jit`` builds compiled kernels or interpreted ones (``knobs.runtime.interpret`` reads
@@ -332,14 +333,28 @@ def _histogram_scan_kernel(
     hist_ptr, bin_grad_ptr, loss_ptr,
     FLOAT_DTYPE: tl.constexpr, NUM_BINS: tl.constexpr, SCAN_BLOCK: tl.constexpr,
 ):
-    """Exact loss and per-bin gradient of one segment from its (fg, bg) histogram.
+    """Exact loss and per-bin, per-class gradient of one segment from its (fg, bg) histogram.
+
+    hist: (S, 2, NUM_BINS) int32 (row 0 bg, row 1 fg); bin_grad: (S, 2, NUM_BINS) float32,
+    same layout; loss: (S,). Grid (S,).
 
     Bins are visited from the largest error down, carrying the fg / bg pixels seen so far
     (c, b). A bin holding a fg and β bg pixels moves Δ_J from 1 − I₀/U₀ to 1 − I₁/U₁ with
-    I = n_fg − c, U = n_fg + b; the difference (I₀U₁ − I₁U₀)/(U₀U₁) is formed from exact int64
-    products (no cancellation). loss[s] = Σ value(bin) · difference (float64; ties do not
-    change the loss) and bin_grad[s, bin] = difference / (a + β): every order of a tie group
-    gives a subgradient, so their average does too (and it is deterministic). Grid (S,).
+    I = n_fg − c, U = n_fg + b; the difference G = (I₀U₁ − I₁U₀)/(U₀U₁) is formed from exact
+    int64 products (no cancellation), and loss[s] = Σ value(bin) · G (float64; ties do not
+    change the loss).
+
+    Gradient: Δ_J(A, N) = (A + N)/(n_fg + N) for a set of A fg and N bg pixels, so pixels of one
+    class are interchangeable and only the order of the classes inside a tie matters. Ordered
+    fg-first, each fg pixel adds 1/U₀ and the bg pixels (I₀ − a)β/(U₀U₁) in all; bg-first,
+    the bg pixels add I₀β/(U₀U₁) and each fg pixel 1/U₁. Their mean is a convex combination of
+    two orders consistent with the sort, hence a subgradient (and deterministic):
+
+        fg pixel: (1/U₀ + 1/U₁) / 2        bg pixel: (2 I₀ − a) / (2 U₀ U₁)
+
+    (bg pixel: 1/β when U₀ = 0, i.e. no fg at all and nothing above). The class totals sum to
+    G. Sharing G equally over the a + β pixels instead is *not* a subgradient when a tie
+    mixes classes: its bg pixels can get more than Δ_J allows any bg-first prefix.
     """
     segment = tl.program_id(0).to(tl.int64)
     fg_row = hist_ptr + segment * (2 * NUM_BINS) + NUM_BINS
@@ -365,14 +380,23 @@ def _histogram_scan_kernel(
         # U₀ = 0 only before any pixel of a segment without foreground: Δ_J was 0 there
         first = (union_1 - inter_1).to(tl.float64) / tl.maximum(union_1, 1).to(tl.float64)
         difference = tl.where(union_0 == 0, first, numerator / tl.maximum(denominator, 1.0))
-        pixels = fg_count + bg_count
-        difference = tl.where((pixels > 0) & (bins > 0), difference, 0.0)
+        positive = bins > 0  # bin 0 holds the errors ≤ 0: no loss, no gradient
+        difference = tl.where((fg_count + bg_count > 0) & positive, difference, 0.0)
         # empty bins may be inf / NaN bit patterns: decode only the occupied ones
         occupied_bins = tl.where(difference != 0.0, bins, 0).to(tl.int16)
         value = occupied_bins.to(FLOAT_DTYPE, bitcast=True).to(tl.float32)
         loss += value.to(tl.float64) * difference
-        bin_grad = difference / tl.maximum(pixels, 1).to(tl.float64)
-        tl.store(bin_grad_ptr + segment * NUM_BINS + bins, bin_grad.to(tl.float32))
+        # per class, the mean of the fg-first and bg-first orders (see the docstring); a bin
+        # with fg has n_fg > 0, so U₀ ≥ 1 there
+        fg_grad = 0.5 / tl.maximum(union_0, 1).to(tl.float64) + 0.5 / tl.maximum(
+            union_1, 1).to(tl.float64)
+        bg_grad = (2 * inter_0 - fg_count).to(tl.float64) / (2.0 * tl.maximum(denominator, 1.0))
+        bg_grad = tl.where(union_0 == 0, 1.0 / tl.maximum(bg_count, 1).to(tl.float64), bg_grad)
+        fg_grad = tl.where((fg_count > 0) & positive, fg_grad, 0.0)
+        bg_grad = tl.where((bg_count > 0) & positive, bg_grad, 0.0)
+        grad_row = bin_grad_ptr + segment * (2 * NUM_BINS) + bins
+        tl.store(grad_row, bg_grad.to(tl.float32))
+        tl.store(grad_row + NUM_BINS, fg_grad.to(tl.float32))
         fg_before += tl.sum(fg_count, axis=0)
         bg_before += tl.sum(bg_count, axis=0)
     tl.store(loss_ptr + segment, tl.sum(loss, axis=0).to(loss_ptr.dtype.element_ty))
@@ -380,10 +404,13 @@ def _histogram_scan_kernel(
 
 @_jit
 def _histogram_gather_kernel(
-    errors_ptr, bin_grad_ptr, grad_ptr, num_pixels, stride_es, stride_ep,
-    NUM_BINS: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr,
+    errors_ptr, fg_ptr, bin_grad_ptr, grad_ptr, num_pixels, stride_es, stride_ep, stride_fs,
+    stride_fp, NUM_BINS: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """grad[s, p] = bin_grad[s, bin(errors[s, p])] in the grad dtype. Grid (S, cdiv(P, BLOCK))."""
+    """grad[s, p] = bin_grad[s, fg[s, p], bin(errors[s, p])] in the grad dtype.
+
+    bin_grad: (S, 2, NUM_BINS) float32 (row 0 bg, row 1 fg). Grid (S, cdiv(P, BLOCK)).
+    """
     segment = tl.program_id(0)
     tile = tl.program_id(1)
     if INT64:
@@ -392,9 +419,10 @@ def _histogram_gather_kernel(
     cols = tile * BLOCK + tl.arange(0, BLOCK)
     mask = cols < num_pixels
     errors = tl.load(errors_ptr + segment * stride_es + cols * stride_ep, mask=mask, other=0.0)
+    is_fg = tl.load(fg_ptr + segment * stride_fs + cols * stride_fp, mask=mask, other=0)
     bits = errors.to(tl.int16, bitcast=True).to(tl.int32)
-    bins = tl.where(bits > 0, bits, 0)
-    grad = tl.load(bin_grad_ptr + segment * NUM_BINS + bins, mask=mask, other=0.0)
+    bins = tl.where(bits > 0, bits, 0) + (is_fg != 0).to(tl.int32) * NUM_BINS
+    grad = tl.load(bin_grad_ptr + segment * (2 * NUM_BINS) + bins, mask=mask, other=0.0)
     tl.store(grad_ptr + segment * num_pixels + cols, grad.to(grad_ptr.dtype.element_ty),
              mask=mask)
 
@@ -443,9 +471,10 @@ _SETTINGS = {
     "scan_block": 1024,
     "force_int64": False,
     # fp16/bf16 segments with at least this many pixels take the sort-free histogram path
-    # (DESIGN §5). Its table is 2 × 2^15 int32 per segment (256 KiB), so it is used only where
-    # that is no bigger than the segment's own data (2^16 pixels: 128 KiB of fp16 + 64 KiB of
-    # labels); the speed break-even is not yet measured on a GPU. None disables it.
+    # (DESIGN §5). Its tables are 2 × 2^15 int32 counts and 2 × 2^15 float32 per-class
+    # gradients per segment (256 KiB each), the order of a segment's own traffic at 2^16
+    # pixels (128 KiB of fp16 errors, 64 KiB of labels, 128 KiB of gradient); the speed
+    # break-even is not yet measured on a GPU. None disables it.
     "histogram_min_pixels": 1 << 16,
 }
 _HISTOGRAM_BINS = 1 << 15  # bits of a non-negative 16-bit float
@@ -532,14 +561,14 @@ def _lovasz_extension(errors: torch.Tensor, fg: torch.Tensor) -> tuple[torch.Ten
             errors, fg_bytes, hist, num_pixels, *strides,
             NUM_BINS=_HISTOGRAM_BINS, INT64=int64, BLOCK=block,
         )
-        bin_grad = torch.empty((num_segments, _HISTOGRAM_BINS), dtype=torch.float32,
+        bin_grad = torch.empty((num_segments, 2, _HISTOGRAM_BINS), dtype=torch.float32,
                                device=device)
         _histogram_scan_kernel[(num_segments,)](
             hist, bin_grad, loss, FLOAT_DTYPE=_tl_dtype(errors.dtype), NUM_BINS=_HISTOGRAM_BINS,
             SCAN_BLOCK=_SETTINGS["scan_block"],
         )
         _histogram_gather_kernel[grid](
-            errors, bin_grad, grad, num_pixels, *strides[:2],
+            errors, fg_bytes, bin_grad, grad, num_pixels, *strides,
             NUM_BINS=_HISTOGRAM_BINS, INT64=int64, BLOCK=block,
         )
         return loss, grad
