@@ -11,6 +11,18 @@ A backend is a module under ``lovasz_kernels/backends/`` that defines
     (the triton backend accepts CPU tensors under ``TRITON_INTERPRET=1``);
 ``details() -> str`` (optional)
     one line for ``lovasz-kernels info`` about how it will run (threads, device, mode).
+``lovasz_segments(scores, labels, plan) -> (loss, grad) | None`` (optional)
+    the fused loss path: the whole loss of a :class:`lovasz_kernels.losses.SegmentPlan`
+    straight from ``scores`` (B, C, P) in the compute dtype (the hinge's logits with C = 1,
+    or probabilities) and ``labels`` (B, P) int64, with no (S, P) errors/fg tensors. Segment
+    s is channel ``plan.channel[s]`` of image ``plan.image[s]`` (of every image when
+    ``plan.image`` is None); its fg is the valid pixels (label != ``plan.ignore_index``)
+    labelled ``plan.fg_label[s]``; its errors are ``1 - score`` on fg and
+    ``plan.bg_offset + score`` elsewhere. Returns the 0-d float64 total
+    ``Σ_s plan.weight[s] · extension_s`` and its gradient w.r.t. ``scores`` (B, C, P), the
+    weight and the sign (-1 on fg, +1 on background) folded into one scatter; or None to
+    decline, and the loss layer then builds the segments for ``lovasz_extension``. Segments
+    never share a pixel of the gradient. Without it, the losses use ``lovasz_extension``.
 
 and one :func:`register_backend` line at the bottom of this file. Modules are imported
 lazily, so an optional dependency that is missing costs nothing until that backend is asked for.
@@ -92,6 +104,12 @@ class Backend:
             return ""
         describe: Callable[[], str] | None = getattr(self._load(), "details", None)
         return "" if describe is None else describe()
+
+    def lovasz_segments(self) -> Callable[..., ExtensionResult | None] | None:
+        """The module's fused loss path ``lovasz_segments`` when it has one, else None."""
+        if not self.availability()[0]:
+            return None
+        return getattr(self._load(), "lovasz_segments", None)
 
     def require(self, device: torch.device) -> None:
         """Raise with the reason and a fix when this backend cannot run on ``device``."""

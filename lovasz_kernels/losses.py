@@ -117,6 +117,27 @@ class _Segments:
     to_scores: Callable[[torch.Tensor], torch.Tensor]
 
 
+@dataclass(frozen=True)
+class SegmentPlan:
+    """The segments of one loss call, for a backend's fused ``lovasz_segments`` path.
+
+    Segment s is channel ``channel[s]`` of image ``image[s]`` of the (B, C, P) scores (of
+    every image when ``image`` is None: one batch segment per channel). Its foreground is the
+    valid pixels whose label is ``fg_label[s]``; a pixel is valid unless its label is
+    ``ignore_index``. Errors are ``1 - s`` on foreground and ``bg_offset + s`` on background
+    (the hinge: 1, softmax: 0), so d error / d score is -1 on foreground and +1 on background.
+    The total loss is ``Σ_s weight[s] · extension_s`` (weights float64). Only segments that
+    count are listed: empty images and zero-weight classes are already left out.
+    """
+
+    image: torch.Tensor | None  # (S,) int64, or None: every segment spans the batch
+    channel: torch.Tensor  # (S,) int64
+    fg_label: torch.Tensor  # (S,) int64
+    weight: torch.Tensor  # (S,) float64
+    bg_offset: float
+    ignore_index: int | None
+
+
 def _segment_weights(
     image_of_segment: torch.Tensor, class_weight: torch.Tensor, num_images: int
 ) -> torch.Tensor:
@@ -141,9 +162,24 @@ class _LovaszFunction(torch.autograd.Function):
         build: Callable[[torch.Tensor], _Segments],
         backend: Backend,
         global_batch: _distributed.GlobalBatch | None = None,
+        fused: tuple[torch.Tensor, SegmentPlan] | None = None,
     ) -> torch.Tensor:
         out_dtype = _validate.compute_dtype(scores.dtype)
         ctx.scores_dtype = scores.dtype
+        fused_kernel = backend.lovasz_segments() if global_batch is None else None
+        # an empty input has no channel count to read off its shape: the generic path
+        if fused is not None and fused_kernel is not None and scores.numel():
+            # labels (B, P) int64 and the plan: the backend packs keys straight from the
+            # scores and scatters the weighted, signed gradient once into (B, C, P)
+            labels, plan = fused
+            batch, num_pixels = labels.shape
+            compute_scores = scores.detach().reshape(batch, -1, num_pixels).to(out_dtype)
+            result = fused_kernel(compute_scores, labels, plan)
+            if result is not None:
+                loss, score_grad = result
+                if ctx.needs_input_grad[0]:
+                    ctx.save_for_backward(score_grad.reshape(scores.shape))
+                return loss.to(out_dtype)
         segments = build(scores.detach())
         if segments.errors.shape[0] == 0:
             ctx.save_for_backward(torch.zeros_like(scores))
@@ -164,7 +200,7 @@ class _LovaszFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
         (score_grad,) = ctx.saved_tensors
-        return (grad_output * score_grad).to(ctx.scores_dtype), None, None, None
+        return (grad_output * score_grad).to(ctx.scores_dtype), None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,7 +328,35 @@ def lovasz_hinge(
             return _Segments(errors, fg, weights, to_scores)
         return _Segments(errors[rows], fg[rows], weights, to_scores)
 
-    return _LovaszFunction.apply(logits, build, chosen, global_batch)
+    fused = None
+    if global_batch is None and chosen.lovasz_segments() is not None:
+        fused = (labels_2d.long(), _hinge_plan(labels_2d, ignore_index, per_image))
+    return _LovaszFunction.apply(logits, build, chosen, global_batch, fused)
+
+
+def _hinge_plan(labels: torch.Tensor, ignore_index: int | None, per_image: bool) -> SegmentPlan:
+    """One segment per image with a valid pixel (or one for the batch, if any pixel is
+    valid), each weighing 1 / (number of segments): the mean over segments."""
+    batch, num_pixels = labels.shape
+    if ignore_index is None:
+        image_has_valid = torch.full((batch,), num_pixels > 0, device=labels.device)
+    else:
+        image_has_valid = (labels != ignore_index).any(dim=1)
+    if per_image:
+        image = torch.nonzero(image_has_valid).flatten()
+        num_segments = image.numel()
+    else:
+        image, num_segments = None, int(bool(image_has_valid.any()))
+    return SegmentPlan(
+        image=image,
+        channel=torch.zeros(num_segments, dtype=torch.int64, device=labels.device),
+        fg_label=torch.ones(num_segments, dtype=torch.int64, device=labels.device),
+        weight=torch.full(
+            (num_segments,), 1 / max(num_segments, 1), dtype=torch.float64, device=labels.device
+        ),
+        bg_offset=1.0,
+        ignore_index=ignore_index,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -480,7 +544,18 @@ def lovasz_softmax(
 
         return _Segments(errors, fg, weights, to_scores)
 
-    return _LovaszFunction.apply(probas, build, chosen, global_batch)
+    fused = None
+    if global_batch is None and chosen.lovasz_segments() is not None:
+        plan = SegmentPlan(
+            image=segment_image if per_image else None,
+            channel=segment_class,
+            fg_label=class_label,
+            weight=weights,
+            bg_offset=0.0,
+            ignore_index=ignore_index,
+        )
+        fused = (labels_2d.long(), plan)
+    return _LovaszFunction.apply(probas, build, chosen, global_batch, fused)
 
 
 def _softmax_segments(

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from lovasz_kernels import get_backend, lovasz_extension
+from lovasz_kernels import get_backend, lovasz_extension, lovasz_hinge, lovasz_softmax
 from lovasz_kernels._registry import select_backend
 from lovasz_kernels.backends import numba_cpu
 from tests.helpers import GRAD_TOLERANCE, LOSS_TOLERANCE, assert_close_report, tie_free_errors
@@ -57,12 +57,12 @@ def _float_rows(dtype, rng: np.random.Generator) -> list[np.ndarray]:
 
 def _sorted_keys(errors: np.ndarray, fg: np.ndarray, radix_min: int) -> np.ndarray:
     """Pack and sort one row with the module's kernels, as the serial segment path does."""
-    bits = errors.view(np.uint32 if errors.dtype == np.float32 else np.uint64)
     grad = np.full(errors.shape, np.nan, dtype=errors.dtype)
+    batch = numba_cpu._extension_batch(errors[None], fg[None], grad[None])
     keys = np.zeros(errors.size, dtype=np.uint64)
     buffer = np.zeros(errors.size, dtype=np.uint64)
     histograms = np.zeros((3, 2048), dtype=np.int64)
-    n, n_fg = numba_cpu._pack_counting(errors, bits, fg, grad, keys, histograms)
+    n, n_fg = numba_cpu._pack_range(batch, 0, 0, errors.size, keys, 0, histograms, True, True)
     assert n == int((errors > 0).sum()) and n_fg == int(fg.sum())
     assert bool(np.all(grad[errors <= 0] == 0)), "non-positive errors get gradient 0 at once"
     assert bool(np.all(histograms.sum(axis=1) == n))
@@ -70,7 +70,7 @@ def _sorted_keys(errors: np.ndarray, fg: np.ndarray, radix_min: int) -> np.ndarr
         return keys[:0]
     result = numba_cpu._sort_keys(keys, buffer, n, histograms, radix_min)
     if errors.dtype == np.float64:
-        numba_cpu._refine_float64_ties(result, n, bits)
+        numba_cpu._refine_float64_ties(result, n, batch, 0)
     return result[:n].copy()
 
 
@@ -165,16 +165,13 @@ def test_blocked_segment_any_block_count(gen, num_blocks):
     errors[0, :1500] = -torch.inf  # the first blocks have nothing to pack
     fg = (torch.rand(errors.shape, generator=gen) < 0.3) & (errors > -torch.inf)
     ref_loss, ref_grad = get_backend("numpy").run(errors, fg)
-    errors_np, fg_np = errors[0].numpy(), fg[0].numpy()
-    grad = np.full(errors_np.shape, np.nan)
+    grad = np.full((1, 3001), np.nan)
+    batch = numba_cpu._extension_batch(errors.numpy(), fg.numpy(), grad)
     keys, buffer = np.empty(3001, np.uint64), np.empty(3001, np.uint64)
     for radix_min in (0, 10**9):
-        loss = numba_cpu._segment_blocked(
-            errors_np, errors_np.view(np.uint64), fg_np, grad, keys, buffer, num_blocks,
-            radix_min,
-        )
+        loss = numba_cpu._segment_blocked(batch, 0, keys, buffer, num_blocks, radix_min)
         assert loss == pytest.approx(ref_loss.item(), rel=1e-12)
-        assert_close_report(torch.from_numpy(grad), ref_grad[0], GRAD_TOLERANCE[torch.float64],
+        assert_close_report(torch.from_numpy(grad), ref_grad, GRAD_TOLERANCE[torch.float64],
                             f"{num_blocks} blocks grad")
 
 
@@ -208,7 +205,12 @@ def test_two_specializations_for_four_dtypes(gen):
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         errors = tie_free_errors((3, 50), dtype, gen)
         lovasz_extension(errors, torch.rand(3, 50, generator=gen) < 0.5, backend="numba")
-    assert len(numba_cpu._segments_over_workers.signatures) <= 2
+    # the fused loss path adds int64 labels; the score dtypes are float32 and float64 only
+    score_dtypes = {
+        str(signature[0].types[0].dtype)
+        for signature in numba_cpu._segments_over_workers.signatures
+    }
+    assert score_dtypes <= {"float32", "float64"}
 
 
 def test_non_contiguous_inputs_are_copied_once(gen):
@@ -217,6 +219,139 @@ def test_non_contiguous_inputs_are_copied_once(gen):
     loss, grad = numba_cpu.lovasz_extension(errors, fg)
     ref_loss, ref_grad = get_backend("numpy").run(errors.contiguous(), fg.contiguous())
     assert_close_report(grad, ref_grad, GRAD_TOLERANCE[torch.float32], "grad")
+
+
+# --------------------------------------------------------------------------------------------
+# The fused loss path (lovasz_segments): keys packed straight from the scores and labels
+
+
+def _loss_and_grad(loss_fn, scores, labels, **options):
+    scores = scores.detach().clone().requires_grad_()
+    loss = loss_fn(scores, labels, backend="numba", **options)
+    loss.backward()
+    return loss.detach(), scores.grad
+
+
+def _fused_and_generic(monkeypatch, loss_fn, scores, labels, **options):
+    """(loss, grad) through lovasz_segments, then with it removed (build + lovasz_extension);
+    fails unless each run took the path it names."""
+    calls = {"lovasz_segments": 0, "lovasz_extension": 0}
+    for entry_point in calls:
+        original = getattr(numba_cpu, entry_point)
+
+        def spy(*args, _original=original, _name=entry_point):
+            calls[_name] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(numba_cpu, entry_point, spy)
+    fused = _loss_and_grad(loss_fn, scores, labels, **options)
+    assert calls == {"lovasz_segments": 1, "lovasz_extension": 0}, calls
+    monkeypatch.delattr(numba_cpu, "lovasz_segments")
+    generic = _loss_and_grad(loss_fn, scores, labels, **options)
+    assert calls == {"lovasz_segments": 1, "lovasz_extension": 1}, calls
+    monkeypatch.undo()
+    return fused, generic
+
+
+def _assert_same(fused, generic, dtype, what):
+    (fused_loss, fused_grad), (generic_loss, generic_grad) = fused, generic
+    assert fused_loss.dtype == generic_loss.dtype and fused_grad.dtype == generic_grad.dtype
+    # the same keys in the same order: only the weight's rounding (float64 in the fused
+    # scatter, the grad's dtype in the generic one) and the loss's float64 total differ
+    tolerance = {torch.float64: 1e-12}.get(dtype, 1e-5)
+    torch.testing.assert_close(fused_loss, generic_loss, rtol=tolerance, atol=0, msg=what)
+    torch.testing.assert_close(fused_grad, generic_grad, rtol=tolerance, atol=0, msg=what)
+
+
+_SCORE_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", _SCORE_DTYPES, ids=str)
+@pytest.mark.parametrize("per_image", [False, True], ids=["batch", "per_image"])
+@pytest.mark.parametrize("ignore_index", [None, 255])
+@pytest.mark.parametrize(
+    ("classes", "class_weights"),
+    [("present", None), ("all", None), ([0, 2, 4], None), ("present", [1, 0, 2, 0.5, 3])],
+    ids=["present", "all", "list", "weights"],
+)
+def test_fused_softmax_equals_generic(monkeypatch, gen, dtype, per_image, ignore_index,
+                                      classes, class_weights):
+    """The fused path is what numba runs, and it gives the generic path's loss and gradient:
+    batch segments over several images (strided channels), images without a class or with
+    no valid pixel, zero-weight classes, 16-bit inputs."""
+    batch, num_classes = 3, 5
+    logits = torch.randn(batch, num_classes, 7, 9, generator=gen, dtype=torch.float64)
+    probas = logits.softmax(dim=1).to(dtype)
+    labels = torch.randint(0, num_classes - 1, (batch, 7, 9), generator=gen)  # class 4 absent
+    labels[1] = 3  # an image with one class
+    if ignore_index is not None:
+        labels[torch.rand(labels.shape, generator=gen) < 0.2] = ignore_index
+        labels[2] = ignore_index  # an image without a valid pixel
+    fused, generic = _fused_and_generic(
+        monkeypatch, lovasz_softmax, probas, labels, classes=classes, per_image=per_image,
+        ignore_index=ignore_index, class_weights=class_weights,
+    )
+    _assert_same(fused, generic, dtype, "softmax")
+
+
+@pytest.mark.parametrize("dtype", _SCORE_DTYPES, ids=str)
+@pytest.mark.parametrize("per_image", [False, True], ids=["batch", "per_image"])
+@pytest.mark.parametrize("ignore_index", [None, 2])
+def test_fused_hinge_and_sigmoid_equal_generic(monkeypatch, gen, dtype, per_image,
+                                               ignore_index):
+    """The hinge (errors 1 -+ logit, bool labels too) and the C == 1 sigmoid softmax layout."""
+    logits = torch.randn(4, 1, 6, 11, generator=gen, dtype=torch.float64).to(dtype)
+    labels = torch.randint(0, 2, (4, 6, 11), generator=gen)
+    labels[1] = 0  # an image without foreground
+    if ignore_index is not None:
+        labels[torch.rand(labels.shape, generator=gen) < 0.2] = ignore_index
+        labels[3] = ignore_index
+    hinge = _fused_and_generic(
+        monkeypatch, lovasz_hinge, logits, labels, per_image=per_image, ignore_index=ignore_index
+    )
+    _assert_same(*hinge, dtype, "hinge")
+    if ignore_index is None:
+        hinge_bool = _fused_and_generic(
+            monkeypatch, lovasz_hinge, logits[:, 0], labels.bool(), per_image=per_image
+        )
+        _assert_same(*hinge_bool, dtype, "hinge, bool labels")
+    sigmoid = _fused_and_generic(
+        monkeypatch, lovasz_softmax, logits.sigmoid(), labels, per_image=per_image,
+        ignore_index=ignore_index,
+    )
+    _assert_same(*sigmoid, dtype, "sigmoid softmax")
+
+
+@pytest.mark.parametrize("per_image", [False, True], ids=["batch", "per_image"])
+def test_fused_within_segment_path(monkeypatch, gen, per_image):
+    """Few segments on the blocked path (forced) agree with the generic path."""
+    logits = torch.randn(2, 40, 50, generator=gen)
+    labels = torch.randint(0, 3, (2, 40, 50), generator=gen)  # 2 is ignored
+    monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_PIXELS", 1)
+    monkeypatch.setattr(numba_cpu.numba, "get_num_threads", lambda: 3)
+    monkeypatch.setattr(numba_cpu, "RADIX_MIN_KEYS", 0)
+    fused = _loss_and_grad(lovasz_hinge, logits, labels, per_image=per_image, ignore_index=2)
+    monkeypatch.delattr(numba_cpu, "lovasz_segments")
+    generic = _loss_and_grad(lovasz_hinge, logits, labels, per_image=per_image, ignore_index=2)
+    _assert_same(fused, generic, torch.float32, "blocked hinge")
+
+
+def test_fused_path_declines_offsets_beyond_the_key_field(monkeypatch, gen):
+    """A batch segment whose (B, C, P) offsets overflow the 31-bit field returns None and the
+    loss is built for lovasz_extension (whose keys only index B * P pixels)."""
+    probas = torch.randn(3, 4, 10, 10, generator=gen).softmax(dim=1)
+    labels = torch.randint(0, 4, (3, 10, 10), generator=gen)
+    plan_args = (probas.reshape(3, 4, 100), labels.reshape(3, 100))
+    monkeypatch.setattr(numba_cpu, "MAX_PIXELS", 2 * 400 + 100 - 1)
+    from lovasz_kernels.losses import SegmentPlan
+
+    plan = SegmentPlan(None, torch.arange(4), torch.arange(4),
+                       torch.full((4,), 0.25, dtype=torch.float64), 0.0, None)
+    assert numba_cpu.lovasz_segments(*plan_args, plan) is None
+    declined = _loss_and_grad(lovasz_softmax, probas, labels)
+    monkeypatch.undo()
+    fused = _loss_and_grad(lovasz_softmax, probas, labels)
+    _assert_same(fused, declined, torch.float32, "declined")
 
 
 def test_auto_selection_picks_numba_on_cpu():

@@ -1,15 +1,21 @@
 """The ``numba`` backend: radix sort of packed keys and one fused pass, on CPU threads.
 
-Each segment is handled in three steps (DESIGN.md §1 and §5):
+Two entry points share every kernel: :func:`lovasz_extension` on (S, P) errors and fg, and
+the fused loss path :func:`lovasz_segments`, which reads the losses' scores (B, C, P) and
+labels (B, P) directly, so no (S, P) errors/fg tensors exist and the weighted, signed
+gradient is scattered once into (B, C, P). Both describe their input as a
+:class:`SegmentBatch` (where each segment's pixels are, how labels make fg and errors); the
+first is the case "error = score, fg flag = label". Each segment is handled in three steps
+(DESIGN.md §1 and §5):
 
 1. **Pack** every pixel with a positive error into one uint64 key
-   ``prefix << 32 | index << 1 | fg`` where ``prefix`` is the top 32 bits of
+   ``prefix << 32 | offset << 1 | fg`` where ``prefix`` is the top 32 bits of
    ``INF_BITS - bits(error)``: for positive floats the bit pattern is monotone, so ascending
-   keys are descending errors, and equal errors keep index order (a stable sort). The index
-   sits above the label so that a comparison sort of whole keys gives that same order. Pixels
-   with ``error <= 0`` (including ``-inf`` padding) are not packed at all: they sort after
-   every positive error and get gradient 0, which is written right away; ``n_fg`` still
-   counts them.
+   keys are descending errors, and equal errors keep pixel order (a stable sort). The offset
+   (the pixel's position relative to the segment's first score) sits above the label so that a
+   comparison sort of whole keys gives that same order. Pixels with ``error <= 0`` (including
+   ``-inf`` padding and ignored pixels) are not packed at all: they sort after every positive
+   error and get gradient 0, which is written right away; ``n_fg`` still counts them.
 2. **Sort the values** (not indices): an LSD radix sort of the prefix in 3 digits of 11 bits,
    whose histograms are counted while packing (no extra read); a digit that is the same for
    every key is skipped (float16 inputs widened to float32 take 2 passes). Small segments use
@@ -18,7 +24,8 @@ Each segment is handled in three steps (DESIGN.md §1 and §5):
    which makes the order exact.
 3. **One fused pass** over the sorted keys: exact integer prefix counts, the closed-form
    Jaccard increments (no cancellation), the loss accumulated in float64 and the gradient
-   scattered straight to each pixel's original position (the index in the key).
+   (times the segment's weight and d error / d score) scattered straight to each pixel's
+   original position (the offset in the key).
 
 Parallelism: over segments (each worker owns one row of scratch buffers and visits segments
 ``w, w + W, ...``), or, when there are fewer segments than threads, *within* a segment:
@@ -30,9 +37,12 @@ This module imports without numba (:func:`availability` then explains how to ins
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
+from lovasz_kernels._validate import compute_dtype as _compute_dtype
 from lovasz_kernels.backends._host import errors_to_numpy, fg_to_numpy, results_to_torch
 
 try:
@@ -99,20 +109,35 @@ def _float32_from_bits(typingctx, bits):
     return signature, codegen
 
 
-@njit(inline="always")
-def _descending_key(bits_row, i):
-    """Key of a positive float: ascending keys are descending errors (float32: < 2^31)."""
-    if bits_row.itemsize == 4:
-        return _INF32_BITS - np.uint64(bits_row[i])
-    return _INF64_BITS - np.uint64(bits_row[i])
+@intrinsic
+def _bits_of(typingctx, value):
+    """Reinterpret a float32 (float64) as the uint32 (uint64) with the same bit pattern."""
+    width = value.bitwidth
+    signature = (_nb_types.uint32 if width == 32 else _nb_types.uint64)(value)
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], _llvm_ir.IntType(width))
+
+    return signature, codegen
 
 
 @njit(inline="always")
-def _packed_key(bits_row, fg_row, i):
-    """``prefix << 32 | i << 1 | fg`` for pixel i (its error must be positive)."""
-    full_key = _descending_key(bits_row, i)
-    prefix = full_key if bits_row.itemsize == 4 else full_key >> _SHIFT_PREFIX
-    return (prefix << _SHIFT_PREFIX) | (np.uint64(i) << _ONE) | np.uint64(fg_row[i])
+def _descending_key(values, error):
+    """Key of a positive float: ascending keys are descending errors (float32: < 2^31).
+
+    ``values`` (the segment's input array) only tells the width at compile time.
+    """
+    if values.itemsize == 4:
+        return _INF32_BITS - np.uint64(_bits_of(error))
+    return _INF64_BITS - np.uint64(_bits_of(error))
+
+
+@njit(inline="always")
+def _packed_key(values, error, offset, is_fg):
+    """``prefix << 32 | offset << 1 | fg`` for a pixel with a positive error."""
+    full_key = _descending_key(values, error)
+    prefix = full_key if values.itemsize == 4 else full_key >> _SHIFT_PREFIX
+    return (prefix << _SHIFT_PREFIX) | (np.uint64(offset) << _ONE) | np.uint64(is_fg)
 
 
 @njit(inline="always")
@@ -121,53 +146,86 @@ def _digit(key, digit):
     return (key >> np.uint64(32 + _DIGIT_BITS * digit)) & _DIGIT_MASK
 
 
-@njit(cache=True)
-def _pack_counting(errors_row, bits_row, fg_row, grad_row, keys, histograms):
-    """Pack every positive error of a row into keys (index order), count the digits of every
-    radix pass into histograms (3, 2048), and give every other pixel its gradient, 0.
+@njit(inline="always")
+def _affine(batch):
+    """(slope, intercept) on background and on foreground, as scalars of the scores' dtype.
 
-    Returns (n_positive, n_fg); n_fg counts all fg pixels, whatever their error.
+    Read once per segment into locals: the compiler cannot keep fields behind the gradient
+    array in registers across its stores (they might alias).
     """
-    n_positive = 0
-    n_fg = 0
-    for i in range(errors_row.shape[0]):
-        if fg_row[i]:
-            n_fg += 1
-        if errors_row[i] > 0:
-            key = _packed_key(bits_row, fg_row, i)
-            keys[n_positive] = key
-            n_positive += 1
-            for digit in range(_NUM_DIGITS):
-                histograms[digit, _digit(key, digit)] += 1
-        else:
-            grad_row[i] = 0
-    return n_positive, n_fg
+    affine = batch.affine
+    return affine[0, 0], affine[0, 1], affine[1, 0], affine[1, 1]
+
+
+@njit(inline="always")
+def _error_of(score, is_fg, slope_bg, intercept_bg, slope_fg, intercept_fg):
+    """``slope * score + intercept`` of the pixel's class. With (1, 0) (:func:`lovasz_extension`)
+    it is the score itself; the losses' ``1 - p`` is computed as ``-1 * p + 1``, which IEEE
+    rounds exactly like ``1 - p`` (no fused multiply-add: fastmath is off)."""
+    if is_fg:
+        return slope_fg * score + intercept_fg
+    return slope_bg * score + intercept_bg
+
+
+@njit(inline="always")
+def _error_at(batch, s, offset, is_fg):
+    """The error of the pixel at ``offset`` (a key's field) of segment s."""
+    slope_bg, intercept_bg, slope_fg, intercept_fg = _affine(batch)
+    score = batch.values[batch.value_base[s] + offset]
+    return _error_of(score, is_fg, slope_bg, intercept_bg, slope_fg, intercept_fg)
 
 
 @njit(cache=True)
-def _count_block(errors_row, fg_row, start, stop):
-    """(pixels with a positive error, fg pixels) in [start, stop)."""
-    n_positive = 0
+def _pack_range(batch, s, start, stop, keys, out, histograms, pack, count_digits):
+    """Walk pixels [start, stop) of segment s (pixel q is row q // num_cols, column
+    q % num_cols) and count its fg pixels, whatever their error. A pixel is sorted when it is
+    valid (its label is not the ignore label) and its error is positive.
+
+    With ``pack``, every sorted pixel becomes a key in keys[out:] (in pixel order), its radix
+    digits counted into histograms (3, 2048) when ``count_digits`` (no extra read before the
+    sort), and every other pixel gets its gradient, 0, here. Without ``pack`` nothing is
+    written: the blocked path counts first to place each block's keys.
+
+    Returns (out + pixels sorted, fg pixels).
+    """
+    values, labels, grad = batch.values, batch.labels, batch.grad
+    value_base, label_base = batch.value_base[s], batch.label_base[s]
+    fg_label, ignore_label, has_ignore = batch.fg_label[s], batch.ignore_label, batch.has_ignore
+    slope_bg, intercept_bg, slope_fg, intercept_fg = _affine(batch)
+    num_cols = batch.num_cols
     n_fg = 0
-    for i in range(start, stop):
-        if fg_row[i]:
-            n_fg += 1
-        if errors_row[i] > 0:
-            n_positive += 1
-    return n_positive, n_fg
-
-
-@njit(cache=True)
-def _pack_block(errors_row, bits_row, fg_row, grad_row, keys, start, stop, out):
-    """Pack the positive errors of [start, stop) into keys[out:], in index order; every
-    other pixel (error <= 0 or -inf padding) gets its gradient, 0, here."""
-    for i in range(start, stop):
-        if errors_row[i] > 0:
-            keys[out] = _packed_key(bits_row, fg_row, i)
-            out += 1
-        else:
-            grad_row[i] = 0
-    return out
+    row = start // num_cols
+    col_start = start - row * num_cols
+    q = start
+    while q < stop:  # row by row: no division per pixel
+        col_stop = min(num_cols, col_start + (stop - q))
+        offset_of_row = row * batch.value_row_stride
+        label_of_row = label_base + row * batch.label_row_stride
+        for col in range(col_start, col_stop):
+            offset = offset_of_row + col
+            label = labels[label_of_row + col]
+            valid = not (has_ignore and label == ignore_label)
+            is_fg = valid and label == fg_label
+            if is_fg:
+                n_fg += 1
+            error = _error_of(
+                values[value_base + offset], is_fg, slope_bg, intercept_bg, slope_fg,
+                intercept_fg,
+            )
+            if valid and error > 0:
+                if pack:
+                    key = _packed_key(values, error, offset, is_fg)
+                    keys[out] = key
+                    if count_digits:
+                        for digit in range(_NUM_DIGITS):
+                            histograms[digit, _digit(key, digit)] += 1
+                out += 1
+            elif pack:
+                grad[value_base + offset] = 0
+        q += col_stop - col_start
+        row += 1
+        col_start = 0
+    return out, n_fg
 
 
 @njit(cache=True)
@@ -231,11 +289,11 @@ def _sort_keys(keys, buffer, n, histograms, radix_min):
 
 
 @njit(cache=True)
-def _refine_float64_ties(sorted_keys, n, bits_row):
+def _refine_float64_ties(sorted_keys, n, batch, s):
     """Exact order for float64: re-sort each run of equal 32-bit prefixes on the low 32 bits.
 
-    Inside a run, keys become ``low32(descending key) << 32 | index << 1 | fg`` for the sort,
-    then get their prefix back, so ties on the whole value still keep index order.
+    Inside a run, keys become ``low32(descending key) << 32 | offset << 1 | fg`` for the sort,
+    then get their prefix back, so ties on the whole value still keep pixel order.
     """
     start = 0
     while start < n:
@@ -246,8 +304,8 @@ def _refine_float64_ties(sorted_keys, n, bits_row):
         if stop - start > 1:
             for k in range(start, stop):
                 payload = sorted_keys[k] & _LOW32
-                index = np.int64(payload >> _ONE)
-                low = _descending_key(bits_row, index) & _LOW32
+                error = _error_at(batch, s, np.int64(payload >> _ONE), (payload & _ONE) != 0)
+                low = _descending_key(batch.values, error) & _LOW32
                 sorted_keys[k] = (low << _SHIFT_PREFIX) | payload
             if stop - start <= _INSERTION_MAX:
                 _insertion_sort(sorted_keys, start, stop)
@@ -259,20 +317,26 @@ def _refine_float64_ties(sorted_keys, n, bits_row):
 
 
 @njit(cache=True)
-def _fused_pass(sorted_keys, start, stop, n_fg, fg_before, errors_row, grad_row):
-    """Jaccard increments of sorted_keys[start:stop], scattered to grad_row; returns the
-    float64 loss of that block.
+def _fused_pass(sorted_keys, start, stop, n_fg, fg_before, batch, s):
+    """Jaccard increments of sorted_keys[start:stop], scattered to segment s's gradient;
+    returns the float64 loss of that block.
 
     ``fg_before`` is the number of fg pixels in sorted_keys[:start]. With k the 0-based
     position, c_k the fg pixels among the first k+1 and U_k = n_fg + (k + 1) - c_k, the
     increment is 1/U_k on fg and (n_fg - c_k) / (U_k (U_k - 1)) on background (1 if U_k = 1),
-    each from exact integer counts (DESIGN.md §1).
+    each from exact integer counts (DESIGN.md §1). The gradient written is
+    ``grad_scale[s] * slope * increment`` (d error / d score = slope): the segment's weight
+    and sign are folded into the one scatter.
     """
+    values, grad, grad_base = batch.values, batch.grad, batch.value_base[s]
+    slope_bg, intercept_bg, slope_fg, intercept_fg = _affine(batch)
+    scale_fg = batch.grad_scale[s] * slope_fg
+    scale_bg = batch.grad_scale[s] * slope_bg
     fg_seen = fg_before
     loss = 0.0
     for k in range(start, stop):
         key = sorted_keys[k]
-        index = np.int64((key & _LOW32) >> _ONE)
+        offset = np.int64((key & _LOW32) >> _ONE)
         is_fg = (key & _ONE) != 0
         if is_fg:
             fg_seen += 1
@@ -283,40 +347,43 @@ def _fused_pass(sorted_keys, start, stop, n_fg, fg_before, errors_row, grad_row)
             increment = 1.0
         else:
             increment = (n_fg - fg_seen) / (np.float64(union) * (union - 1))
-        if errors_row.itemsize == 4:  # float32: the error is in the key, no gather
+        if values.itemsize == 4:  # float32: the error is in the key, no gather
             error_bits = np.uint32(_INF32_BITS - (key >> _SHIFT_PREFIX))
             error = np.float64(_float32_from_bits(error_bits))
         else:
-            error = np.float64(errors_row[index])
-        grad_row[index] = increment
+            error = np.float64(_error_of(
+                values[grad_base + offset], is_fg, slope_bg, intercept_bg, slope_fg,
+                intercept_fg,
+            ))
+        grad[grad_base + offset] = increment * (scale_fg if is_fg else scale_bg)
         loss += error * increment
     return loss
 
 
 @njit(cache=True)
-def _segment_serial(errors_row, bits_row, fg_row, grad_row, keys, buffer, radix_min):
-    """Loss of one segment, its gradient written to grad_row (one thread)."""
+def _segment_serial(batch, s, keys, buffer, radix_min):
+    """Loss of segment s, its gradient written to batch.grad (one thread)."""
     histograms = np.zeros((_NUM_DIGITS, _NUM_BINS), dtype=np.int64)
-    n_positive, n_fg = _pack_counting(errors_row, bits_row, fg_row, grad_row, keys, histograms)
+    num_pixels = batch.rows * batch.num_cols
+    n_positive, n_fg = _pack_range(batch, s, 0, num_pixels, keys, 0, histograms, True, True)
     if n_positive == 0:
         return 0.0
     sorted_keys = _sort_keys(keys, buffer, n_positive, histograms, radix_min)
-    if bits_row.itemsize == 8:
-        _refine_float64_ties(sorted_keys, n_positive, bits_row)
-    return _fused_pass(sorted_keys, 0, n_positive, n_fg, 0, errors_row, grad_row)
+    if batch.values.itemsize == 8:
+        _refine_float64_ties(sorted_keys, n_positive, batch, s)
+    return _fused_pass(sorted_keys, 0, n_positive, n_fg, 0, batch, s)
 
 
 @njit(parallel=True, cache=True)
-def _segments_over_workers(errors, bits, fg, grad, loss, keys, buffers, radix_min):
-    """Every segment of (S, P) inputs; worker w (one row of keys/buffers) takes segments
-    w, w + W, ... and writes only their rows of grad and entries of loss."""
-    num_segments = errors.shape[0]
+def _segments_over_workers(batch, loss, keys, buffers, radix_min):
+    """Every segment of the batch; worker w (one row of keys/buffers) takes segments
+    w, w + W, ... and writes only their pixels of grad (segments never share a pixel of the
+    gradient) and their entries of loss."""
+    num_segments = loss.shape[0]
     num_workers = keys.shape[0]
     for worker in prange(num_workers):
         for s in range(worker, num_segments, num_workers):
-            loss[s] = _segment_serial(
-                errors[s], bits[s], fg[s], grad[s], keys[worker], buffers[worker], radix_min
-            )
+            loss[s] = _segment_serial(batch, s, keys[worker], buffers[worker], radix_min)
 
 
 @njit(cache=True)
@@ -368,15 +435,16 @@ def _radix_sort_blocked(keys, buffer, n, num_blocks):
 
 
 @njit(parallel=True, cache=True)
-def _segment_blocked(
-    errors_row, bits_row, fg_row, grad_row, keys, buffer, num_blocks, radix_min
-):
-    """Loss of one segment with every step split into ``num_blocks`` parallel blocks."""
-    num_pixels = errors_row.shape[0]
+def _segment_blocked(batch, s, keys, buffer, num_blocks, radix_min):
+    """Loss of segment s with every step split into ``num_blocks`` parallel blocks."""
+    num_pixels = batch.rows * batch.num_cols
+    no_histograms = np.zeros((1, 1), dtype=np.int64)  # counting only: never indexed
     counts = np.zeros((num_blocks, 2), dtype=np.int64)
     for block in prange(num_blocks):
         start, stop = _block_bounds(num_pixels, num_blocks, block)
-        block_positive, block_fg = _count_block(errors_row, fg_row, start, stop)
+        block_positive, block_fg = _pack_range(
+            batch, s, start, stop, keys, 0, no_histograms, False, False
+        )
         counts[block, 0] = block_positive
         counts[block, 1] = block_fg
     out_start = np.zeros(num_blocks, dtype=np.int64)
@@ -388,7 +456,7 @@ def _segment_blocked(
         n_fg += counts[block, 1]
     for block in prange(num_blocks):
         start, stop = _block_bounds(num_pixels, num_blocks, block)
-        _pack_block(errors_row, bits_row, fg_row, grad_row, keys, start, stop, out_start[block])
+        _pack_range(batch, s, start, stop, keys, out_start[block], no_histograms, True, False)
     if n_positive == 0:
         return 0.0
     sorted_keys = keys
@@ -398,8 +466,8 @@ def _segment_blocked(
         keys[:n_positive].sort()
     else:
         sorted_keys = _radix_sort_blocked(keys, buffer, n_positive, num_blocks)
-    if bits_row.itemsize == 8:
-        _refine_float64_ties(sorted_keys, n_positive, bits_row)
+    if batch.values.itemsize == 8:
+        _refine_float64_ties(sorted_keys, n_positive, batch, s)
     # two-pass blocked scan: fg counts per block of the sorted keys, then the fused pass
     fg_per_block = np.zeros(num_blocks, dtype=np.int64)
     for block in prange(num_blocks):
@@ -415,9 +483,88 @@ def _segment_blocked(
     for block in prange(num_blocks):
         start, stop = _block_bounds(n_positive, num_blocks, block)
         block_loss[block] = _fused_pass(
-            sorted_keys, start, stop, n_fg, fg_before[block], errors_row, grad_row
+            sorted_keys, start, stop, n_fg, fg_before[block], batch, s
         )
     return block_loss.sum()
+
+
+# --------------------------------------------------------------------------------------------
+# host functions
+
+
+class SegmentBatch(NamedTuple):
+    """Segments as the kernels see them: both entry points describe their input this way.
+
+    Pixel (row, col) of segment s, row < ``rows`` and col < ``num_cols``, has its score at
+    ``values[value_base[s] + row * value_row_stride + col]`` and its label at
+    ``labels[label_base[s] + row * label_row_stride + col]``. It is ignored when
+    ``has_ignore`` and its label is ``ignore_label``, foreground when its label is
+    ``fg_label[s]``. Its error is ``slope * score + intercept`` with (slope, intercept) =
+    ``affine[is_fg]`` and its gradient ``grad_scale[s] * slope * increment`` goes to ``grad``
+    at the score's position. Keys store the offset ``row * value_row_stride + col`` (31 bits).
+    """
+
+    values: np.ndarray  # flat float32/float64 scores (or errors)
+    labels: np.ndarray  # flat labels (int64) or fg flags (uint8)
+    grad: np.ndarray  # flat, the layout of values
+    affine: np.ndarray  # (2, 2), dtype of values: [background, fg] x (slope, intercept)
+    rows: int
+    num_cols: int
+    value_row_stride: int
+    label_row_stride: int
+    ignore_label: int
+    has_ignore: bool
+    value_base: np.ndarray  # (S,) int64
+    label_base: np.ndarray  # (S,) int64
+    fg_label: np.ndarray  # (S,) int64
+    grad_scale: np.ndarray  # (S,) float64
+
+
+def _extension_batch(errors: np.ndarray, fg: np.ndarray, grad: np.ndarray) -> SegmentBatch:
+    """The (S, P) errors/fg of :func:`lovasz_extension` as a batch: error = score, fg label 1,
+    -inf padding (never positive) instead of an ignore label, unit gradient scale."""
+    num_segments, num_pixels = errors.shape
+    row_starts = np.arange(num_segments, dtype=np.int64) * num_pixels
+    return SegmentBatch(
+        values=errors.reshape(-1), labels=fg.reshape(-1).view(np.uint8), grad=grad.reshape(-1),
+        affine=np.array([[1, 0], [1, 0]], dtype=errors.dtype), rows=1, num_cols=num_pixels,
+        value_row_stride=num_pixels, label_row_stride=num_pixels, ignore_label=0,
+        has_ignore=False, value_base=row_starts, label_base=row_starts,
+        fg_label=np.ones(num_segments, dtype=np.int64),
+        grad_scale=np.ones(num_segments, dtype=np.float64),
+    )
+
+
+def _run_batch(batch: SegmentBatch, num_segments: int) -> np.ndarray:
+    """Per-segment float64 losses (S,); gradients written into ``batch.grad``.
+
+    Segments run in parallel; with fewer segments than threads and at least
+    ``PARALLEL_MIN_PIXELS`` pixels, each segment is split across threads.
+    """
+    num_pixels = batch.rows * batch.num_cols
+    loss = np.zeros(num_segments, dtype=np.float64)
+    threads = numba.get_num_threads()
+    if threads > 1 and num_segments < threads and num_pixels >= PARALLEL_MIN_PIXELS:
+        keys = np.empty(num_pixels, dtype=np.uint64)
+        buffer = np.empty(num_pixels, dtype=np.uint64)
+        for s in range(num_segments):
+            loss[s] = _segment_blocked(batch, s, keys, buffer, threads, RADIX_MIN_KEYS)
+        return loss
+    workers = min(threads, num_segments)
+    keys = np.empty((workers, num_pixels), dtype=np.uint64)
+    buffers = np.empty((workers, num_pixels), dtype=np.uint64)
+    if num_segments == 1:  # no parallel region: no threads to wake for one segment
+        loss[0] = _segment_serial(batch, 0, keys[0], buffers[0], RADIX_MIN_KEYS)
+    else:
+        _segments_over_workers(batch, loss, keys, buffers, RADIX_MIN_KEYS)
+    return loss
+
+
+def _host_floats(tensor: torch.Tensor) -> np.ndarray:
+    """A contiguous float32/float64 numpy array (float16/bfloat16 widened exactly)."""
+    # bfloat16 is widened in errors_to_numpy; float16 here, by torch (faster than numpy)
+    widened = tensor.to(torch.float32) if tensor.dtype == torch.float16 else tensor
+    return np.ascontiguousarray(errors_to_numpy(widened))
 
 
 def lovasz_extension(errors: torch.Tensor, fg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -433,34 +580,62 @@ def lovasz_extension(errors: torch.Tensor, fg: torch.Tensor) -> tuple[torch.Tens
             f"the numba backend packs pixel indices in 31 bits: segments of at most 2^31 "
             f"pixels; got {num_pixels}. Use backend='torch' for larger segments"
         )
-    # bfloat16 is widened in errors_to_numpy; float16 here, by torch (faster than numpy)
-    widened = errors.to(torch.float32) if errors.dtype == torch.float16 else errors
-    errors_np = np.ascontiguousarray(errors_to_numpy(widened))
+    errors_np = _host_floats(errors)
     fg_np = np.ascontiguousarray(fg_to_numpy(fg))
-    bits = errors_np.view(np.uint32 if errors_np.dtype == np.float32 else np.uint64)
     grad = np.empty(errors_np.shape, dtype=errors_np.dtype)
-    loss = np.empty(num_segments, dtype=np.float64)
-    threads = numba.get_num_threads()
-    if threads > 1 and num_segments < threads and num_pixels >= PARALLEL_MIN_PIXELS:
-        keys = np.empty(num_pixels, dtype=np.uint64)
-        buffer = np.empty(num_pixels, dtype=np.uint64)
-        for s in range(num_segments):
-            loss[s] = _segment_blocked(
-                errors_np[s], bits[s], fg_np[s], grad[s], keys, buffer, threads, RADIX_MIN_KEYS
-            )
-    else:
-        workers = min(threads, num_segments)
-        keys = np.empty((workers, num_pixels), dtype=np.uint64)
-        buffers = np.empty((workers, num_pixels), dtype=np.uint64)
-        if num_segments == 1:  # no parallel region: no threads to wake for one segment
-            loss[0] = _segment_serial(
-                errors_np[0], bits[0], fg_np[0], grad[0], keys[0], buffers[0], RADIX_MIN_KEYS
-            )
-        else:
-            _segments_over_workers(
-                errors_np, bits, fg_np, grad, loss, keys, buffers, RADIX_MIN_KEYS
-            )
+    loss = _run_batch(_extension_batch(errors_np, fg_np, grad), num_segments)
     return results_to_torch(loss, grad, errors)
+
+
+def lovasz_segments(
+    scores: torch.Tensor, labels: torch.Tensor, plan
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The fused loss path (see :mod:`lovasz_kernels._registry`): total weighted loss and its
+    gradient w.r.t. ``scores`` (B, C, P), keys packed straight from scores and labels.
+
+    Returns None (the loss layer then builds the segments) when a batch segment's pixel
+    offsets in the (B, C, P) layout do not fit the keys' 31-bit field.
+    """
+    batch_size, num_channels, num_pixels = scores.shape
+    num_segments = plan.channel.numel()
+    image_stride = num_channels * num_pixels
+    if plan.image is None:  # a segment is one channel of every image
+        rows, widest_offset = batch_size, (batch_size - 1) * image_stride + num_pixels
+    else:
+        rows, widest_offset = 1, num_pixels
+    if widest_offset > MAX_PIXELS:
+        return None
+    values = _host_floats(scores.detach())
+    grad = np.zeros(values.shape, dtype=values.dtype)  # pixels of no segment keep 0
+    if num_segments and num_pixels and batch_size:
+        channel = plan.channel.numpy().astype(np.int64) * num_pixels
+        if plan.image is None:
+            value_base, label_base = channel, np.zeros(num_segments, dtype=np.int64)
+        else:
+            image = plan.image.numpy().astype(np.int64)
+            value_base, label_base = image * image_stride + channel, image * num_pixels
+        batch = SegmentBatch(
+            values=values.reshape(-1),
+            labels=np.ascontiguousarray(labels.numpy()).reshape(-1),
+            grad=grad.reshape(-1),
+            # errors 1 - s on fg, bg_offset + s on background
+            affine=np.array([[1, plan.bg_offset], [-1, 1]], dtype=values.dtype),
+            rows=rows, num_cols=num_pixels, value_row_stride=image_stride,
+            label_row_stride=num_pixels,
+            ignore_label=0 if plan.ignore_index is None else plan.ignore_index,
+            has_ignore=plan.ignore_index is not None,
+            value_base=value_base, label_base=label_base,
+            fg_label=plan.fg_label.numpy().astype(np.int64),
+            grad_scale=plan.weight.numpy().astype(np.float64),
+        )
+        segment_loss = _run_batch(batch, num_segments)
+        total = float(np.dot(segment_loss, batch.grad_scale))
+    else:
+        total = 0.0
+    return (
+        torch.tensor(total, dtype=torch.float64),
+        torch.from_numpy(grad).to(_compute_dtype(scores.dtype)),
+    )
 
 
 def availability() -> tuple[bool, str]:
@@ -479,4 +654,4 @@ def details() -> str:
     return f"numba {numba.__version__}, {numba.get_num_threads()} threads, threading layer {layer}"
 
 
-__all__ = ["availability", "details", "lovasz_extension"]
+__all__ = ["availability", "details", "lovasz_extension", "lovasz_segments"]
