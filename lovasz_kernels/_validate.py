@@ -113,6 +113,11 @@ def check_labels(
         )
     if not _validate_values or labels.numel() == 0 or labels.dtype == torch.bool:
         return
+    # one pass settles the usual case; the census below (three passes) runs only when some
+    # label is outside [0, num_classes): ignored pixels, or an error to explain
+    low, high = (int(bound) for bound in torch.aminmax(labels))
+    if low >= 0 and high < num_classes:
+        return
     out_of_range = (labels < 0) | (labels >= num_classes)
     if ignore_index is not None:
         out_of_range &= labels != ignore_index

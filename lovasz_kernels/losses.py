@@ -8,6 +8,11 @@ linear in the segment losses and its gradient is the kernel's gradient, scaled, 
 back once to the input's layout. That gradient is computed in forward and saved: backward
 never sorts again.
 
+A backend with the optional fused path (``lovasz_segments``, see :mod:`lovasz_kernels._registry`)
+gets the scores, the labels and a :class:`SegmentPlan` instead, and returns the total loss and
+the input gradient itself: no (S, P) errors/fg tensors, no separate scaling and scatter. Every
+other backend (and every distributed call) takes the generic path above.
+
 With a ``process_group`` and ``per_image=False`` the segments span the pixels of every rank
 (:mod:`lovasz_kernels.distributed`): forward communicates, backward never does.
 """
@@ -150,6 +155,9 @@ def _segment_weights(
 
 class _LovaszFunction(torch.autograd.Function):
     """Runs the backend once in forward, saves the input gradient, and scales it in backward.
+
+    ``fused`` (labels (B, P) int64, plan) is used when the backend has ``lovasz_segments``
+    (and the call is not distributed); ``build`` makes the generic path's segments otherwise.
 
     With ``global_batch`` the segments' columns are this rank's share of global segments: the
     segment losses are the global ones and the saved gradient is d global loss / d local input.
