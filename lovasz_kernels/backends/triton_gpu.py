@@ -141,6 +141,67 @@ def _jaccard_increment(is_fg, fg_seen, position, n_fg, COMPUTE_DTYPE: tl.constex
     return tl.where(is_fg != 0, on_fg, on_bg)
 
 
+@_device_fn
+def _sorted_gradient_and_loss(errors, positive, is_fg, fg_seen, position, n_fg,
+                              COMPUTE_DTYPE: tl.constexpr):
+    """Gradient g_k · 1[e_k > 0] (COMPUTE_DTYPE) and loss Σ_k max(e_k, 0) g_k (float64).
+
+    Pixels in descending error order: errors and positive (e_k > 0, False on padding lanes)
+    come from ``_key_value``, the integer counts are those of ``_jaccard_increment``.
+    """
+    increments = _jaccard_increment(is_fg, fg_seen, position, n_fg, COMPUTE_DTYPE)
+    grad = tl.where(positive, increments, 0.0)
+    errors = tl.where(positive, errors.to(COMPUTE_DTYPE), 0.0)
+    loss = tl.sum(errors.to(tl.float64) * grad.to(tl.float64), axis=0)
+    return grad, loss
+
+
+@_device_fn
+def _segment_index(INT64: tl.constexpr):
+    """This program's segment (grid axis 0), as int64 when offsets can pass 2^31."""
+    segment = tl.program_id(0)
+    if INT64:
+        segment = segment.to(tl.int64)
+    return segment
+
+
+@_device_fn
+def _tile_columns(num_pixels, INT64: tl.constexpr, BLOCK: tl.constexpr):
+    """(segment, tile, columns, columns < P) of a program in a grid (S, cdiv(P, BLOCK)).
+
+    With INT64 all are int64, so ``segment * stride + columns * stride`` cannot overflow.
+    """
+    segment = _segment_index(INT64)
+    tile = tl.program_id(1)
+    if INT64:
+        tile = tile.to(tl.int64)
+    cols = tile * BLOCK + tl.arange(0, BLOCK)
+    return segment, tile, cols, cols < num_pixels
+
+
+@_device_fn
+def _load_pixels(errors_ptr, fg_ptr, segment, cols, mask,
+                 stride_es, stride_ep, stride_fs, stride_fp):
+    """errors[segment, cols] (0.0 where masked) and fg[segment, cols] != 0 (False where masked).
+
+    errors, fg: (S, P) strided, fg as uint8 bytes.
+    """
+    errors = tl.load(errors_ptr + segment * stride_es + cols * stride_ep, mask=mask, other=0.0)
+    is_fg = tl.load(fg_ptr + segment * stride_fs + cols * stride_fp, mask=mask, other=0)
+    return errors, is_fg != 0
+
+
+@_device_fn
+def _histogram_bin(errors, is_fg, NUM_BINS: tl.constexpr):
+    """Flat index into a segment's (2, NUM_BINS) table (row 0 bg, row 1 fg) by bits of max(e, 0).
+
+    The bits of a non-negative 16-bit float are an order-preserving rank below NUM_BINS = 2^15;
+    errors ≤ 0 share bin 0.
+    """
+    bits = errors.to(tl.int16, bitcast=True).to(tl.int32)
+    return tl.where(bits > 0, bits, 0) + is_fg.to(tl.int32) * NUM_BINS
+
+
 @_jit
 def _build_keys_kernel(
     errors_ptr, fg_ptr, keys_ptr, num_pixels, size_class,
@@ -151,16 +212,10 @@ def _build_keys_kernel(
 
     Grid (S, cdiv(P, BLOCK)). ``size_class`` is only the autotuning key.
     """
-    segment = tl.program_id(0)
-    tile = tl.program_id(1)
-    if INT64:
-        segment = segment.to(tl.int64)
-        tile = tile.to(tl.int64)
-    cols = tile * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < num_pixels
-    errors = tl.load(errors_ptr + segment * stride_es + cols * stride_ep, mask=mask, other=0.0)
-    is_fg = tl.load(fg_ptr + segment * stride_fs + cols * stride_fp, mask=mask, other=0)
-    key = _make_key(errors, (is_fg != 0).to(KEY_DTYPE), KEY_DTYPE, KEY_HALF)
+    segment, _, cols, mask = _tile_columns(num_pixels, INT64, BLOCK)
+    errors, is_fg = _load_pixels(errors_ptr, fg_ptr, segment, cols, mask,
+                                 stride_es, stride_ep, stride_fs, stride_fp)
+    key = _make_key(errors, is_fg.to(KEY_DTYPE), KEY_DTYPE, KEY_HALF)
     tl.store(keys_ptr + segment * num_pixels + cols, key, mask=mask)
 
 
@@ -173,13 +228,8 @@ def _tile_counts_kernel(
 
     Grid (S, cdiv(P, BLOCK)); ``counts`` rows are ``counts_stride`` long.
     """
-    segment = tl.program_id(0)
-    tile = tl.program_id(1)
-    if INT64:
-        segment = segment.to(tl.int64)
-        tile = tile.to(tl.int64)
-    cols = tile * BLOCK + tl.arange(0, BLOCK)
-    keys = tl.load(keys_ptr + segment * num_pixels + cols, mask=cols < num_pixels, other=0)
+    segment, tile, cols, mask = _tile_columns(num_pixels, INT64, BLOCK)
+    keys = tl.load(keys_ptr + segment * num_pixels + cols, mask=mask, other=0)
     labels = (keys & 1).to(COUNT_DTYPE)
     tl.store(counts_ptr + segment * counts_stride + tile, tl.sum(labels, axis=0))
 
@@ -194,9 +244,7 @@ def _scan_tiles_kernel(
     Grid (S,): one program per segment walks its row of tile totals in chunks of SCAN_BLOCK,
     carrying the running total between chunks (the pixels themselves are never read here).
     """
-    segment = tl.program_id(0)
-    if INT64:
-        segment = segment.to(tl.int64)
+    segment = _segment_index(INT64)
     row = segment * counts_stride
     carry = tl.full([], 0, COUNT_DTYPE)
     for start in range(0, num_tiles, SCAN_BLOCK):
@@ -222,25 +270,15 @@ def _apply_kernel(
     ``_scan_tiles_kernel``. Writes grad[s, order[s, k]] = g_k · 1[e_k > 0] (grad dtype) and
     partial[s, t] = Σ_{k in tile} max(e_k, 0) g_k in float64. Grid (S, cdiv(P, BLOCK)).
     """
-    segment = tl.program_id(0)
-    tile = tl.program_id(1)
-    if INT64:
-        segment = segment.to(tl.int64)
-        tile = tile.to(tl.int64)
-    cols = tile * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < num_pixels
+    segment, tile, cols, mask = _tile_columns(num_pixels, INT64, BLOCK)
     keys = tl.load(keys_ptr + segment * num_pixels + cols, mask=mask, other=0)
     errors, positive, is_fg = _key_value(keys, KEY_DTYPE, KEY_HALF, grad_ptr.dtype.element_ty)
     is_fg = tl.where(mask, is_fg, 0).to(COUNT_DTYPE)
     carry = tl.load(carries_ptr + segment * counts_stride + tile)
     fg_seen = carry + tl.cumsum(is_fg, axis=0)
     n_fg = tl.load(n_fg_ptr + segment)
-    increments = _jaccard_increment(is_fg, fg_seen, (cols + 1).to(COUNT_DTYPE), n_fg,
-                                    COMPUTE_DTYPE)
-    positive = positive & mask
-    grad = tl.where(positive, increments, 0.0)
-    errors = tl.where(positive, errors.to(COMPUTE_DTYPE), 0.0)
-    partial = tl.sum(errors.to(tl.float64) * grad.to(tl.float64), axis=0)
+    grad, partial = _sorted_gradient_and_loss(errors, positive & mask, is_fg, fg_seen,
+                                              (cols + 1).to(COUNT_DTYPE), n_fg, COMPUTE_DTYPE)
     tl.store(partial_ptr + segment * counts_stride + tile, partial)
     order = tl.load(order_ptr + segment * num_pixels + cols, mask=mask, other=0)
     grad_row = grad_ptr + segment * num_pixels
@@ -252,9 +290,7 @@ def _segment_loss_kernel(
     partial_ptr, loss_ptr, num_tiles, counts_stride, INT64: tl.constexpr, SCAN_BLOCK: tl.constexpr,
 ):
     """loss[s] = Σ_t partial[s, t], in float64 and a fixed order (deterministic). Grid (S,)."""
-    segment = tl.program_id(0)
-    if INT64:
-        segment = segment.to(tl.int64)
+    segment = _segment_index(INT64)
     row = partial_ptr + segment * counts_stride
     total = tl.zeros([SCAN_BLOCK], dtype=tl.float64)
     for start in range(0, num_tiles, SCAN_BLOCK):
@@ -276,14 +312,12 @@ def _small_segment_kernel(
     with ``tl.sort`` (bitonic, in registers), then scans, scatters the gradient and writes the
     float32 loss. errors, fg: (S, P) strided; grad (S, P) contiguous. Grid (S,).
     """
-    segment = tl.program_id(0)
-    if INT64:
-        segment = segment.to(tl.int64)
+    segment = _segment_index(INT64)
     cols = tl.arange(0, BLOCK)
     mask = cols < num_pixels
-    errors = tl.load(errors_ptr + segment * stride_es + cols * stride_ep, mask=mask, other=0.0)
-    is_fg = tl.load(fg_ptr + segment * stride_fs + cols * stride_fp, mask=mask, other=0)
-    key = _make_key(errors, (is_fg != 0).to(KEY_DTYPE), KEY_DTYPE, KEY_HALF).to(tl.int64)
+    errors, is_fg = _load_pixels(errors_ptr, fg_ptr, segment, cols, mask,
+                                 stride_es, stride_ep, stride_fs, stride_fp)
+    key = _make_key(errors, is_fg.to(KEY_DTYPE), KEY_DTYPE, KEY_HALF).to(tl.int64)
     # every real key is ≥ −2^31, so (key << INDEX_BITS) ≥ −2^43: padding lanes sort last
     packed = tl.where(mask, (key << INDEX_BITS) | cols, -(1 << 62))
     packed = tl.sort(packed, 0, descending=True)
@@ -293,11 +327,8 @@ def _small_segment_kernel(
     labels = tl.where(mask, labels, 0).to(tl.int32)  # after the sort, position k < P is real
     fg_seen = tl.cumsum(labels, axis=0)
     n_fg = tl.sum(labels, axis=0)
-    increments = _jaccard_increment(labels, fg_seen, cols + 1, n_fg, tl.float32)
-    positive = positive & mask
-    grad = tl.where(positive, increments, 0.0)
-    errors = tl.where(positive, errors.to(tl.float32), 0.0)
-    loss = tl.sum(errors.to(tl.float64) * grad.to(tl.float64), axis=0)
+    grad, loss = _sorted_gradient_and_loss(errors, positive & mask, labels, fg_seen, cols + 1,
+                                           n_fg, tl.float32)
     tl.store(loss_ptr + segment, loss.to(loss_ptr.dtype.element_ty))
     tl.store(grad_ptr + segment * num_pixels + columns, grad.to(grad_ptr.dtype.element_ty),
              mask=mask)
@@ -310,21 +341,14 @@ def _histogram_kernel(
 ):
     """hist[s, fg, bin] += 1 for every pixel; bin = bits of max(e, 0) as a 16-bit float.
 
-    The bits of a non-negative 16-bit float are an order-preserving rank below NUM_BINS = 2^15
-    (errors ≤ 0 share bin 0). hist: (S, 2, NUM_BINS) int32, zeroed. Grid (S, cdiv(P, BLOCK)).
+    Bins as in ``_histogram_bin`` (an order-preserving rank; errors ≤ 0 share bin 0).
+    hist: (S, 2, NUM_BINS) int32, zeroed. Grid (S, cdiv(P, BLOCK)).
     Integer atomics: the counts do not depend on their order.
     """
-    segment = tl.program_id(0)
-    tile = tl.program_id(1)
-    if INT64:
-        segment = segment.to(tl.int64)
-        tile = tile.to(tl.int64)
-    cols = tile * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < num_pixels
-    errors = tl.load(errors_ptr + segment * stride_es + cols * stride_ep, mask=mask, other=0.0)
-    is_fg = tl.load(fg_ptr + segment * stride_fs + cols * stride_fp, mask=mask, other=0)
-    bits = errors.to(tl.int16, bitcast=True).to(tl.int32)
-    bins = tl.where(bits > 0, bits, 0) + (is_fg != 0).to(tl.int32) * NUM_BINS
+    segment, _, cols, mask = _tile_columns(num_pixels, INT64, BLOCK)
+    errors, is_fg = _load_pixels(errors_ptr, fg_ptr, segment, cols, mask,
+                                 stride_es, stride_ep, stride_fs, stride_fp)
+    bins = _histogram_bin(errors, is_fg, NUM_BINS)
     tl.atomic_add(hist_ptr + segment * (2 * NUM_BINS) + bins, 1, mask=mask)
 
 
@@ -411,17 +435,10 @@ def _histogram_gather_kernel(
 
     bin_grad: (S, 2, NUM_BINS) float32 (row 0 bg, row 1 fg). Grid (S, cdiv(P, BLOCK)).
     """
-    segment = tl.program_id(0)
-    tile = tl.program_id(1)
-    if INT64:
-        segment = segment.to(tl.int64)
-        tile = tile.to(tl.int64)
-    cols = tile * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < num_pixels
-    errors = tl.load(errors_ptr + segment * stride_es + cols * stride_ep, mask=mask, other=0.0)
-    is_fg = tl.load(fg_ptr + segment * stride_fs + cols * stride_fp, mask=mask, other=0)
-    bits = errors.to(tl.int16, bitcast=True).to(tl.int32)
-    bins = tl.where(bits > 0, bits, 0) + (is_fg != 0).to(tl.int32) * NUM_BINS
+    segment, _, cols, mask = _tile_columns(num_pixels, INT64, BLOCK)
+    errors, is_fg = _load_pixels(errors_ptr, fg_ptr, segment, cols, mask,
+                                 stride_es, stride_ep, stride_fs, stride_fp)
+    bins = _histogram_bin(errors, is_fg, NUM_BINS)
     grad = tl.load(bin_grad_ptr + segment * (2 * NUM_BINS) + bins, mask=mask, other=0.0)
     tl.store(grad_ptr + segment * num_pixels + cols, grad.to(grad_ptr.dtype.element_ty),
              mask=mask)
