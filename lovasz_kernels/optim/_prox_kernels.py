@@ -213,6 +213,28 @@ if NUMBA_AVAILABLE:
         return True, loss
 
     @njit(cache=True)
+    def _compensated_prefix(z):
+        """Prefix sums of z as (high, low) parts: prefix[k] + error[k] = Σ z[:k] with the
+        rounding error of every addition kept (Neumaier's TwoSum), so that a difference of two
+        prefixes is as accurate as summing the range directly."""
+        count = z.shape[0]
+        prefix = np.empty(count + 1)
+        error = np.empty(count + 1)
+        high = 0.0
+        low = 0.0
+        prefix[0] = 0.0
+        error[0] = 0.0
+        for k in range(count):
+            value = z[k]
+            total = high + value
+            virtual = total - high
+            low += (high - (total - virtual)) + (value - virtual)
+            high = total
+            prefix[k + 1] = high
+            error[k + 1] = low
+        return prefix, error
+
+    @njit(cache=True)
     def _decompose(z_pos, z_neg, n_fg, lam, level_pos, level_neg):
         """Levels of prox_{λΔ̄}(z) (no clipping) on V+; returns Δ̄_J(relu(levels)).
 
@@ -246,6 +268,9 @@ if NUMBA_AVAILABLE:
         for b in range(n_neg + 1):
             if n_fg + b > 0:
                 inverse_union[b] = 1.0 / (n_fg + b)
+        # compensated prefix sums: a block's total z in O(1), to a few ulps of the block's sum
+        prefix_pos, error_pos = _compensated_prefix(z_pos)
+        prefix_neg, error_neg = _compensated_prefix(z_neg)
         while depth > 0:
             depth -= 1
             p_lo = stack[depth, 0]
@@ -263,11 +288,8 @@ if NUMBA_AVAILABLE:
                 if ordered:
                     loss += block_loss
                     continue
-            total = 0.0
-            for k in range(p_lo, p_hi):
-                total += z_pos[k]
-            for k in range(n_lo, n_hi):
-                total += z_neg[k]
+            total = ((prefix_pos[p_hi] - prefix_pos[p_lo]) + (prefix_neg[n_hi] - prefix_neg[n_lo])
+                     + ((error_pos[p_hi] - error_pos[p_lo]) + (error_neg[n_hi] - error_neg[n_lo])))
             gain = lam * _jaccard_delta(p_lo, n_lo, p_hi, n_hi, n_fg)
             level = (total - gain) / (size_pos + size_neg)
 
@@ -354,6 +376,14 @@ if NUMBA_AVAILABLE:
     # greedy minimization path (paper, Appendix C)
 
     @njit(cache=True)
+    def _heap_set(times, first, second, versions, k, time, i, j, version):
+        """Write the event (time, i, j, version) in slot k of the heap's four arrays."""
+        times[k] = time
+        first[k] = i
+        second[k] = j
+        versions[k] = version
+
+    @njit(cache=True)
     def _heap_push(times, first, second, versions, size, time, i, j, version):
         """Push an event (time, group i meets its lower neighbour j) on a binary min-heap."""
         k = size
@@ -361,15 +391,10 @@ if NUMBA_AVAILABLE:
             parent = (k - 1) // 2
             if times[parent] <= time:
                 break
-            times[k] = times[parent]
-            first[k] = first[parent]
-            second[k] = second[parent]
-            versions[k] = versions[parent]
+            _heap_set(times, first, second, versions, k,
+                      times[parent], first[parent], second[parent], versions[parent])
             k = parent
-        times[k] = time
-        first[k] = i
-        second[k] = j
-        versions[k] = version
+        _heap_set(times, first, second, versions, k, time, i, j, version)
         return size + 1
 
     @njit(cache=True)
@@ -389,15 +414,10 @@ if NUMBA_AVAILABLE:
                 child += 1
             if times[child] >= time:
                 break
-            times[k] = times[child]
-            first[k] = first[child]
-            second[k] = second[child]
-            versions[k] = versions[child]
+            _heap_set(times, first, second, versions, k,
+                      times[child], first[child], second[child], versions[child])
             k = child
-        times[k] = time
-        first[k] = i
-        second[k] = j
-        versions[k] = version
+        _heap_set(times, first, second, versions, k, time, i, j, version)
         return size
 
     @njit(cache=True)
