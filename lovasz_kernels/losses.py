@@ -208,6 +208,15 @@ class _LovaszFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
         (score_grad,) = ctx.saved_tensors
+        if (
+            grad_output.device.type == "cpu"
+            and not grad_output.requires_grad
+            and bool(grad_output == 1)
+        ):
+            # loss.backward(): the saved gradient is the answer, no full-size multiply. Safe
+            # to hand out: autograd copies it before accumulating while the graph (and so this
+            # saved tensor) is retained, and otherwise nothing else refers to it
+            return score_grad.to(ctx.scores_dtype), None, None, None, None
         return (grad_output * score_grad).to(ctx.scores_dtype), None, None, None, None
 
 

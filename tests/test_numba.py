@@ -225,9 +225,9 @@ def test_non_contiguous_inputs_are_copied_once(gen):
 # The fused loss path (lovasz_segments): keys packed straight from the scores and labels
 
 
-def _loss_and_grad(loss_fn, scores, labels, **options):
+def _loss_and_grad(loss_fn, scores, labels, backend_name="numba", **options):
     scores = scores.detach().clone().requires_grad_()
-    loss = loss_fn(scores, labels, backend="numba", **options)
+    loss = loss_fn(scores, labels, backend=backend_name, **options)
     loss.backward()
     return loss.detach(), scores.grad
 
@@ -390,3 +390,55 @@ def test_without_numba_imports_and_explains():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr
+
+
+@pytest.mark.parametrize("classes", ["all", "present"])
+def test_unit_grad_output_backward(gen, classes):
+    """loss.backward() hands out the saved gradient without a multiply: it equals the
+    gradient of 2 * loss halved, accumulates correctly with retain_graph (the first .grad
+    is a copy, not the saved tensor) and is still right when grad_output is not 1 or needs
+    a graph of its own."""
+    probas = torch.randn(2, 4, 9, 11, generator=gen).softmax(dim=1).requires_grad_()
+    labels = torch.randint(0, 3, (2, 9, 11), generator=gen)  # class 3 absent
+    loss = lovasz_softmax(probas, labels, classes=classes, backend="numba")
+    (doubled,) = torch.autograd.grad(2 * loss, probas, retain_graph=True)
+    loss.backward(retain_graph=True)
+    first = probas.grad.clone()
+    assert torch.equal(first, doubled / 2)
+    probas.grad.mul_(3)  # must not reach the saved gradient
+    loss.backward()
+    assert torch.equal(probas.grad, 4 * first)
+    loss = lovasz_softmax(probas, labels, classes=classes, backend="numba")
+    grad_output = torch.ones((), dtype=loss.dtype, requires_grad=True)
+    (grad,) = torch.autograd.grad(loss, probas, grad_output, create_graph=True)
+    assert torch.equal(grad.detach(), first)
+    assert grad.requires_grad  # still a function of grad_output
+
+
+@pytest.mark.parametrize("per_image", [False, True], ids=["batch", "per_image"])
+def test_fused_gradient_not_zeroed_when_segments_cover_everything(monkeypatch, gen, per_image):
+    """With every (image, class) a segment, the fused path allocates the gradient without
+    zeroing it: the kernels must write every pixel, ignored and unsorted ones included.
+    Uninitialized memory is poisoned with NaN to catch a pixel left unwritten."""
+    real_empty = np.empty
+
+    def poisoned_empty(*args, **kwargs):
+        array = real_empty(*args, **kwargs)
+        if array.dtype.kind == "f":
+            array.fill(np.nan)
+        return array
+
+    probas = torch.randn(2, 4, 9, 11, generator=gen).softmax(dim=1)
+    probas[0, 1] = 0  # zero errors on background: unsorted pixels
+    probas = probas / probas.sum(dim=1, keepdim=True)
+    labels = torch.randint(0, 4, (2, 9, 11), generator=gen)
+    labels[torch.rand(labels.shape, generator=gen) < 0.2] = 255
+    expected = _loss_and_grad(lovasz_softmax, probas, labels, classes="all",
+                              per_image=per_image, ignore_index=255, backend_name="numpy")
+    monkeypatch.setattr(np, "empty", poisoned_empty)
+    loss, grad = _loss_and_grad(lovasz_softmax, probas, labels, classes="all",
+                                per_image=per_image, ignore_index=255)
+    monkeypatch.undo()
+    assert not grad.isnan().any()
+    assert_close_report(loss, expected[0], LOSS_TOLERANCE[torch.float32], "loss")
+    assert_close_report(grad, expected[1], GRAD_TOLERANCE[torch.float32], "grad")

@@ -606,14 +606,21 @@ def lovasz_segments(
     if widest_offset > MAX_PIXELS:
         return None
     values = _host_floats(scores.detach())
-    grad = np.zeros(values.shape, dtype=values.dtype)  # pixels of no segment keep 0
     if num_segments and num_pixels and batch_size:
         channel = plan.channel.numpy().astype(np.int64) * num_pixels
         if plan.image is None:
             value_base, label_base = channel, np.zeros(num_segments, dtype=np.int64)
+            all_segments = num_channels
         else:
             image = plan.image.numpy().astype(np.int64)
             value_base, label_base = image * image_stride + channel, image * num_pixels
+            all_segments = batch_size * num_channels
+        # the kernels write every pixel of every segment (0 where unsorted): when the segments
+        # cover every (image, channel), no pixel needs zeroing first
+        if np.unique(value_base).size == all_segments:
+            grad = np.empty(values.shape, dtype=values.dtype)
+        else:
+            grad = np.zeros(values.shape, dtype=values.dtype)  # pixels of no segment keep 0
         batch = SegmentBatch(
             values=values.reshape(-1),
             labels=np.ascontiguousarray(labels.numpy()).reshape(-1),
@@ -631,6 +638,7 @@ def lovasz_segments(
         segment_loss = _run_batch(batch, num_segments)
         total = float(np.dot(segment_loss, batch.grad_scale))
     else:
+        grad = np.zeros(values.shape, dtype=values.dtype)
         total = 0.0
     return (
         torch.tensor(total, dtype=torch.float64),
