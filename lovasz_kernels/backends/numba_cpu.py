@@ -240,6 +240,16 @@ def _insertion_sort(keys, start, stop):
         keys[j + 1] = key
 
 
+@njit(cache=True, inline="always")
+def _scatter_by_digit(source, target, offsets, start, stop, digit):
+    """One stable LSD pass over source[start:stop]; ``offsets`` (per digit) advances in place."""
+    for i in range(start, stop):
+        key = source[i]
+        d = _digit(key, digit)
+        target[offsets[d]] = key
+        offsets[d] += 1
+
+
 @njit(cache=True)
 def _radix_passes(keys, buffer, n, histograms):
     """Stable LSD radix sort of keys[:n] by their 32-bit prefix, given the digit histograms
@@ -257,11 +267,7 @@ def _radix_passes(keys, buffer, n, histograms):
         for d in range(_NUM_BINS):
             offsets[d] = running
             running += histograms[digit, d]
-        for i in range(n):
-            key = source[i]
-            d = _digit(key, digit)
-            target[offsets[d]] = key
-            offsets[d] += 1
+        _scatter_by_digit(source, target, offsets, 0, n, digit)
         source, target = target, source
     return source
 
@@ -424,12 +430,7 @@ def _radix_sort_blocked(keys, buffer, n, num_blocks):
             continue
         for block in prange(num_blocks):
             start, stop = _block_bounds(n, num_blocks, block)
-            offsets = histograms[block]
-            for i in range(start, stop):
-                key = source[i]
-                d = _digit(key, digit)
-                target[offsets[d]] = key
-                offsets[d] += 1
+            _scatter_by_digit(source, target, histograms[block], start, stop, digit)
         source, target = target, source
     return source
 
