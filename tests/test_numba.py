@@ -61,14 +61,12 @@ def _sorted_keys(errors: np.ndarray, fg: np.ndarray, radix_min: int) -> np.ndarr
     batch = numba_cpu._extension_batch(errors[None], fg[None], grad[None])
     keys = np.zeros(errors.size, dtype=np.uint64)
     buffer = np.zeros(errors.size, dtype=np.uint64)
-    histograms = np.zeros((3, 2048), dtype=np.int64)
-    n, n_fg = numba_cpu._pack_range(batch, 0, 0, errors.size, keys, 0, histograms, True, True)
+    n, n_fg = numba_cpu._pack_range(batch, 0, 0, errors.size, keys, 0, True)
     assert n == int((errors > 0).sum()) and n_fg == int(fg.sum())
     assert bool(np.all(grad[errors <= 0] == 0)), "non-positive errors get gradient 0 at once"
-    assert bool(np.all(histograms.sum(axis=1) == n))
     if n == 0:
         return keys[:0]
-    result = numba_cpu._sort_keys(keys, buffer, n, histograms, radix_min)
+    result = numba_cpu._sort_keys(keys, buffer, n, radix_min)
     if errors.dtype == np.float64:
         numba_cpu._refine_float64_ties(result, n, batch, 0)
     return result[:n].copy()
@@ -92,27 +90,48 @@ def test_packed_sort_is_a_stable_descending_argsort(dtype, radix_min):
         np.testing.assert_array_equal(labels, fg[expected])
 
 
-def test_radix_sort_matches_np_sort_on_raw_keys():
-    """Keys with random 31-bit prefixes (dense, sparse, one value, two values) and unique
-    low halves come out exactly as np.sort puts them, serial and blocked."""
+@pytest.mark.parametrize("n", [20000, 70000], ids=["11-bit digits", "14-bit digits"])
+def test_radix_sort_matches_np_sort_on_raw_keys(n):
+    """Keys with random 31-bit prefixes (dense, sparse, one value, two values, a narrow
+    window) and unique low halves come out exactly as np.sort puts them, serial and blocked,
+    with the narrow digits of small segments and the wide ones of 2^16..2^19 keys."""
     rng = np.random.default_rng(3)
-    n = 20000
     low = np.arange(n, dtype=np.uint64)
     prefixes = [
         rng.integers(0, 2**31, n),
-        rng.integers(0, 2**9, n) << 13,  # shared low zero bits (float16): a skipped digit
-        np.full(n, 12345),  # every digit skipped
-        rng.choice([7, 2**30 + 7], n),
+        rng.integers(0, 2**9, n) << 13,  # shared low zero bits (float16): a narrower window
+        np.full(n, 12345),  # no bit varies: no pass
+        rng.choice([7, 2**30 + 7], n),  # one varying bit, far from the others
         rng.integers(2**31 - 50, 2**31, n),
+        (rng.integers(0, 2**27, n) | (1 << 30)),  # softmax errors: 27 bits vary
     ]
     for prefix in prefixes:
         keys = (prefix.astype(np.uint64) << np.uint64(32)) | low
         expected = np.sort(keys)
-        result = numba_cpu._radix_sort(keys.copy(), np.empty_like(keys), n)
+        key_bits = numba_cpu._key_bits(keys, 0, n)
+        result = numba_cpu._radix_sort(keys.copy(), np.empty_like(keys), n, *key_bits)
         np.testing.assert_array_equal(result, expected)
         for blocks in (1, 2, 7):
-            result = numba_cpu._radix_sort_blocked(keys.copy(), np.empty_like(keys), n, blocks)
+            result = numba_cpu._radix_sort_blocked(
+                keys.copy(), np.empty_like(keys), n, *key_bits, blocks
+            )
             np.testing.assert_array_equal(result, expected)
+
+
+def test_radix_layout_covers_exactly_the_varying_bits():
+    """Digits start at the lowest varying prefix bit, cover the highest, and are as few as the
+    digit width allows (11 bits, 14 for 2^16..2^19 keys)."""
+    def layout(prefix_or, prefix_and, n):
+        shift = np.uint64(32)
+        return numba_cpu._radix_layout(
+            np.uint64(prefix_or) << shift, np.uint64(prefix_and) << shift, n
+        )
+
+    assert layout(5, 5, 1000)[2] == 0  # nothing varies
+    assert layout(0x4000_0000 | (2**27 - 1), 0x4000_0000, 1000) == (32, 9, 3)
+    assert layout(0x4000_0000 | (2**27 - 1), 0x4000_0000, 1 << 18) == (32, 14, 2)
+    assert layout(0x7FFF_FFFF, 0, 1 << 20) == (32, 11, 3)
+    assert layout(0x7FFF_E000, 0, 1000) == (32 + 13, 9, 2)  # float16: low 13 bits are 0
 
 
 def _cases_for_paths(gen: torch.Generator):
@@ -292,6 +311,26 @@ def test_fused_softmax_equals_generic(monkeypatch, gen, dtype, per_image, ignore
         ignore_index=ignore_index, class_weights=class_weights,
     )
     _assert_same(fused, generic, dtype, "softmax")
+
+
+@pytest.mark.parametrize(
+    ("num_classes", "ignore_index"),
+    [(5, -100), (5, 3), (254, 300), (255, -1), (300, 299)],
+    ids=["negative", "a class", "uint8, large ignore", "int64, negative", "int64, a class"],
+)
+def test_fused_labels_narrowed_or_not(monkeypatch, gen, num_classes, ignore_index):
+    """Labels go to the kernels as uint8 below 255 classes (the ignore label remapped to 255)
+    and as int64 from 255 on: either way the fused path matches the generic one."""
+    logits = torch.randn(2, num_classes, 5, 7, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, num_classes, (2, 5, 7), generator=gen)
+    labels[torch.rand(labels.shape, generator=gen) < 0.3] = ignore_index
+    labels[0, 0, :3] = num_classes - 1  # the highest class is present
+    for per_image in (False, True):
+        fused, generic = _fused_and_generic(
+            monkeypatch, lovasz_softmax, logits.softmax(dim=1), labels, per_image=per_image,
+            ignore_index=ignore_index,
+        )
+        _assert_same(fused, generic, torch.float64, f"{num_classes} classes")
 
 
 @pytest.mark.parametrize("dtype", _SCORE_DTYPES, ids=str)

@@ -16,10 +16,11 @@ first is the case "error = score, fg flag = label". Each segment is handled in t
    comparison sort of whole keys gives that same order. Pixels with ``error <= 0`` (including
    ``-inf`` padding and ignored pixels) are not packed at all: they sort after every positive
    error and get gradient 0, which is written right away; ``n_fg`` still counts them.
-2. **Sort the values** (not indices): an LSD radix sort of the prefix in 3 digits of 11 bits,
-   whose histograms are counted while packing (no extra read); a digit that is the same for
-   every key is skipped (float16 inputs widened to float32 take 2 passes). Small segments use
-   a comparison sort instead (keys are unique, so any sort is stable). For float64 the 32-bit
+2. **Sort the values** (not indices): an LSD radix sort of the prefix whose digits cover only
+   the bits that vary between the segment's keys (softmax errors: 27 bits, two passes of 14
+   bits on 2^16..2^19 keys, three of at most 11 otherwise; float16 inputs: 18 bits); all
+   histograms are counted in one read. Small segments use a comparison sort instead (keys are
+   unique, so any sort is stable). For float64 the 32-bit
    prefix is not the whole error: runs of equal prefixes are re-sorted on the low 32 bits,
    which makes the order exact.
 3. **One fused pass** over the sorted keys: exact integer prefix counts, the closed-form
@@ -69,26 +70,30 @@ _INSTALL_HINT = "numba is not installed: pip install 'lovasz-kernels[numba]'"
 # Segments with at least this many pixels are split across threads when there are fewer
 # segments than threads (below it, thread start-up costs more than it saves). Tests lower it.
 PARALLEL_MIN_PIXELS = 1 << 16
-# Below this many positive errors a comparison sort beats radix passes (2048-bin histograms).
+# Below this many positive errors a comparison sort beats radix passes.
 RADIX_MIN_KEYS = 1024
 # Up to this many keys, insertion sort.
 _INSERTION_MAX = 24
 # The index field of a key has 31 bits.
 MAX_PIXELS = 1 << 31
 
-# Prefixes of positive floats are < 2^31: three digits of 11 bits (2048 bins, a 16 KiB
-# histogram) cover them. A digit that is the same for every key is skipped, so float16 inputs
-# (widened: the low 13 bits are 0) take 2 passes and a segment of equal errors takes none.
-_NUM_DIGITS = 3
-_DIGIT_BITS = 11
-_NUM_BINS = 1 << _DIGIT_BITS
+# Radix digits cover only the prefix bits that differ between a segment's keys (from the
+# OR and AND of the keys, one vectorized read): softmax errors in (0, 1] vary in about 27 of
+# the 31 bits, float16 inputs (widened: the low 13 bits are 0) in at most 18, equal errors in
+# none. The window is cut into as few digits as allowed: up to 14 bits (two passes cover 28
+# bits) for segments of 2^16..2^19 keys, where fewer passes win over the cost of 16384-bin
+# histograms; 11 bits otherwise (small segments: the bins would outnumber the keys; large
+# ones: the scatter to 16384 targets stops fitting the caches). Measured on the 2-core VM,
+# 262k keys of 27 bits: 2 x 14 bits 1.3 ms, 3 x 9 bits 1.6 ms, 3 x 11 bits (fixed) 2.3 ms.
+_MAX_DIGIT_BITS = 11
+_WIDE_DIGIT_BITS = 14
+_WIDE_DIGIT_KEYS = (1 << 16, 1 << 19)
 
 # uint64 constants: mixing uint64 with int64 in numba promotes to float64, so every operand
 # of key arithmetic is an explicit uint64
 _SHIFT_PREFIX = np.uint64(32)
 _ONE = np.uint64(1)
 _LOW32 = np.uint64(0xFFFFFFFF)
-_DIGIT_MASK = np.uint64(_NUM_BINS - 1)
 _INF32_BITS = np.uint64(0x7F800000)
 _INF64_BITS = np.uint64(0x7FF0000000000000)
 
@@ -141,9 +146,30 @@ def _packed_key(values, error, offset, is_fg):
 
 
 @njit(inline="always")
-def _digit(key, digit):
-    """Radix digit ``digit`` (0 = least significant) of a key's 32-bit prefix."""
-    return (key >> np.uint64(32 + _DIGIT_BITS * digit)) & _DIGIT_MASK
+def _digit(key, shift, mask):
+    """The radix digit of a key at bit ``shift`` (see :func:`_radix_layout`)."""
+    return (key >> shift) & mask
+
+
+@njit(cache=True)
+def _radix_layout(key_or, key_and, n):
+    """(lowest bit, bits per digit, number of digits) of the LSD digits of ``n`` keys whose
+    bitwise OR and AND are given: the digits cover exactly the prefix bits that vary."""
+    varying = (key_or ^ key_and) >> _SHIFT_PREFIX
+    if varying == 0:
+        return 32, 1, 0
+    low = 0
+    while (varying >> np.uint64(low)) & _ONE == 0:
+        low += 1
+    high = low
+    while (varying >> np.uint64(high)) != 0:
+        high += 1
+    max_bits = _MAX_DIGIT_BITS
+    if _WIDE_DIGIT_KEYS[0] <= n <= _WIDE_DIGIT_KEYS[1]:
+        max_bits = _WIDE_DIGIT_BITS
+    width = high - low
+    num_digits = (width + max_bits - 1) // max_bits
+    return 32 + low, (width + num_digits - 1) // num_digits, num_digits
 
 
 @njit(inline="always")
@@ -176,15 +202,24 @@ def _error_at(batch, s, offset, is_fg):
 
 
 @njit(cache=True)
-def _pack_range(batch, s, start, stop, keys, out, histograms, pack, count_digits):
+def _key_bits(keys, start, stop):
+    """Bitwise OR and AND of keys[start:stop] (a loop the compiler vectorizes)."""
+    key_or, key_and = np.uint64(0), ~np.uint64(0)
+    for i in range(start, stop):
+        key_or |= keys[i]
+        key_and &= keys[i]
+    return key_or, key_and
+
+
+@njit(cache=True)
+def _pack_range(batch, s, start, stop, keys, out, pack):
     """Walk pixels [start, stop) of segment s (pixel q is row q // num_cols, column
     q % num_cols) and count its fg pixels, whatever their error. A pixel is sorted when it is
     valid (its label is not the ignore label) and its error is positive.
 
-    With ``pack``, every sorted pixel becomes a key in keys[out:] (in pixel order), its radix
-    digits counted into histograms (3, 2048) when ``count_digits`` (no extra read before the
-    sort), and every other pixel gets its gradient, 0, here. Without ``pack`` nothing is
-    written: the blocked path counts first to place each block's keys.
+    With ``pack``, every sorted pixel becomes a key in keys[out:] (in pixel order) and every
+    other pixel gets its gradient, 0, here. Without ``pack`` nothing is written: the blocked
+    path counts first to place each block's keys.
 
     Returns (out + pixels sorted, fg pixels).
     """
@@ -199,29 +234,32 @@ def _pack_range(batch, s, start, stop, keys, out, histograms, pack, count_digits
     q = start
     while q < stop:  # row by row: no division per pixel
         col_stop = min(num_cols, col_start + (stop - q))
-        offset_of_row = row * batch.value_row_stride
-        label_of_row = label_base + row * batch.label_row_stride
-        for col in range(col_start, col_stop):
-            offset = offset_of_row + col
-            label = labels[label_of_row + col]
+        # views of the row, indexed from 0: the compiler then knows no index is negative
+        length = col_stop - col_start
+        first_offset = row * batch.value_row_stride + col_start
+        first_label = label_base + row * batch.label_row_stride + col_start
+        first_value = value_base + first_offset
+        row_labels = labels[first_label:first_label + length]
+        row_values = values[first_value:first_value + length]
+        row_grad = grad[first_value:first_value + length]
+        packed = keys[out:]
+        row_out = 0
+        for j in range(length):
+            label = row_labels[j]
             valid = not (has_ignore and label == ignore_label)
             is_fg = valid and label == fg_label
             if is_fg:
                 n_fg += 1
             error = _error_of(
-                values[value_base + offset], is_fg, slope_bg, intercept_bg, slope_fg,
-                intercept_fg,
+                row_values[j], is_fg, slope_bg, intercept_bg, slope_fg, intercept_fg,
             )
             if valid and error > 0:
                 if pack:
-                    key = _packed_key(values, error, offset, is_fg)
-                    keys[out] = key
-                    if count_digits:
-                        for digit in range(_NUM_DIGITS):
-                            histograms[digit, _digit(key, digit)] += 1
-                out += 1
+                    packed[row_out] = _packed_key(values, error, first_offset + j, is_fg)
+                row_out += 1
             elif pack:
-                grad[value_base + offset] = 0
+                row_grad[j] = 0
+        out += row_out
         q += col_stop - col_start
         row += 1
         col_start = 0
@@ -241,49 +279,48 @@ def _insertion_sort(keys, start, stop):
 
 
 @njit(cache=True, inline="always")
-def _scatter_by_digit(source, target, offsets, start, stop, digit):
+def _scatter_by_digit(source, target, offsets, start, stop, shift, mask):
     """One stable LSD pass over source[start:stop]; ``offsets`` (per digit) advances in place."""
-    for i in range(start, stop):
-        key = source[i]
-        d = _digit(key, digit)
-        target[offsets[d]] = key
-        offsets[d] += 1
+    for key in source[start:stop]:
+        d = _digit(key, shift, mask)
+        slot = offsets[d]
+        target[np.uint64(slot)] = key  # unsigned: no negative-index handling
+        offsets[d] = slot + 1
 
 
 @njit(cache=True)
-def _radix_passes(keys, buffer, n, histograms):
-    """Stable LSD radix sort of keys[:n] by their 32-bit prefix, given the digit histograms
-    (3, 2048) of keys[:n]; returns the array (keys or buffer) holding the result.
+def _radix_sort(keys, buffer, n, key_or, key_and):
+    """Stable LSD radix sort of keys[:n] by their 32-bit prefix, whose bitwise OR and AND are
+    ``key_or``, ``key_and``; returns the array (keys or buffer) holding the result.
 
-    A pass whose digit is the same for every key is skipped. Keys with equal prefixes keep
-    their current (index) order.
+    The histograms of every digit are counted in one read first (counting while packing
+    slowed the packing loop more than this read costs). A pass whose digit is the same for
+    every key is skipped. Keys with equal prefixes keep their current (index) order.
     """
+    low, bits, num_digits = _radix_layout(key_or, key_and, n)
+    mask = np.uint64((1 << bits) - 1)
+    histograms = np.zeros((num_digits, 1 << bits), dtype=np.int64)
+    for i in range(n):
+        key = keys[i]
+        for digit in range(num_digits):
+            histograms[digit, _digit(key, np.uint64(low + bits * digit), mask)] += 1
     source, target = keys, buffer
-    offsets = np.empty(_NUM_BINS, dtype=np.int64)
-    for digit in range(_NUM_DIGITS):
-        if histograms[digit, _digit(source[0], digit)] == n:
+    offsets = np.empty(1 << bits, dtype=np.int64)
+    for digit in range(num_digits):
+        shift = np.uint64(low + bits * digit)
+        if histograms[digit, _digit(source[0], shift, mask)] == n:
             continue
         running = 0
-        for d in range(_NUM_BINS):
+        for d in range(1 << bits):
             offsets[d] = running
             running += histograms[digit, d]
-        _scatter_by_digit(source, target, offsets, 0, n, digit)
+        _scatter_by_digit(source, target, offsets, 0, n, shift, mask)
         source, target = target, source
     return source
 
 
 @njit(cache=True)
-def _radix_sort(keys, buffer, n):
-    """Stable LSD radix sort of keys[:n] by prefix (histograms counted in one read)."""
-    histograms = np.zeros((_NUM_DIGITS, _NUM_BINS), dtype=np.int64)
-    for i in range(n):
-        for digit in range(_NUM_DIGITS):
-            histograms[digit, _digit(keys[i], digit)] += 1
-    return _radix_passes(keys, buffer, n, histograms)
-
-
-@njit(cache=True)
-def _sort_keys(keys, buffer, n, histograms, radix_min):
+def _sort_keys(keys, buffer, n, radix_min):
     """Sort keys[:n] ascending; returns the array (keys or buffer) holding the result."""
     if n <= _INSERTION_MAX:
         _insertion_sort(keys, 0, n)
@@ -291,7 +328,8 @@ def _sort_keys(keys, buffer, n, histograms, radix_min):
     if n < radix_min:
         keys[:n].sort()  # keys are unique (they hold the index): an unstable sort is stable
         return keys
-    return _radix_passes(keys, buffer, n, histograms)
+    key_or, key_and = _key_bits(keys, 0, n)
+    return _radix_sort(keys, buffer, n, key_or, key_and)
 
 
 @njit(cache=True)
@@ -369,12 +407,11 @@ def _fused_pass(sorted_keys, start, stop, n_fg, fg_before, batch, s):
 @njit(cache=True)
 def _segment_serial(batch, s, keys, buffer, radix_min):
     """Loss of segment s, its gradient written to batch.grad (one thread)."""
-    histograms = np.zeros((_NUM_DIGITS, _NUM_BINS), dtype=np.int64)
     num_pixels = batch.rows * batch.num_cols
-    n_positive, n_fg = _pack_range(batch, s, 0, num_pixels, keys, 0, histograms, True, True)
+    n_positive, n_fg = _pack_range(batch, s, 0, num_pixels, keys, 0, True)
     if n_positive == 0:
         return 0.0
-    sorted_keys = _sort_keys(keys, buffer, n_positive, histograms, radix_min)
+    sorted_keys = _sort_keys(keys, buffer, n_positive, radix_min)
     if batch.values.itemsize == 8:
         _refine_float64_ties(sorted_keys, n_positive, batch, s)
     return _fused_pass(sorted_keys, 0, n_positive, n_fg, 0, batch, s)
@@ -401,22 +438,25 @@ def _block_bounds(length, num_blocks, block):
 
 
 @njit(parallel=True, cache=True)
-def _radix_sort_blocked(keys, buffer, n, num_blocks):
+def _radix_sort_blocked(keys, buffer, n, key_or, key_and, num_blocks):
     """Parallel stable LSD radix sort of keys[:n] by prefix: per pass, each block counts its
     digits (its own histogram row), a serial scan over (digit, block) gives every block its
     output offsets, and each block scatters its keys. Returns the array holding the result."""
-    histograms = np.zeros((num_blocks, _NUM_BINS), dtype=np.int64)
+    low, bits, num_digits = _radix_layout(key_or, key_and, n)
+    mask = np.uint64((1 << bits) - 1)
+    histograms = np.zeros((num_blocks, 1 << bits), dtype=np.int64)
     source, target = keys, buffer
-    for digit in range(_NUM_DIGITS):
+    for digit in range(num_digits):
+        shift = np.uint64(low + bits * digit)
         for block in prange(num_blocks):
             start, stop = _block_bounds(n, num_blocks, block)
             row = histograms[block]
             row[:] = 0
             for i in range(start, stop):
-                row[_digit(source[i], digit)] += 1
+                row[_digit(source[i], shift, mask)] += 1
         running = 0
         skip = False
-        for d in range(_NUM_BINS):
+        for d in range(1 << bits):
             total = 0
             for block in range(num_blocks):
                 count = histograms[block, d]
@@ -430,7 +470,7 @@ def _radix_sort_blocked(keys, buffer, n, num_blocks):
             continue
         for block in prange(num_blocks):
             start, stop = _block_bounds(n, num_blocks, block)
-            _scatter_by_digit(source, target, histograms[block], start, stop, digit)
+            _scatter_by_digit(source, target, histograms[block], start, stop, shift, mask)
         source, target = target, source
     return source
 
@@ -439,13 +479,10 @@ def _radix_sort_blocked(keys, buffer, n, num_blocks):
 def _segment_blocked(batch, s, keys, buffer, num_blocks, radix_min):
     """Loss of segment s with every step split into ``num_blocks`` parallel blocks."""
     num_pixels = batch.rows * batch.num_cols
-    no_histograms = np.zeros((1, 1), dtype=np.int64)  # counting only: never indexed
     counts = np.zeros((num_blocks, 2), dtype=np.int64)
     for block in prange(num_blocks):
         start, stop = _block_bounds(num_pixels, num_blocks, block)
-        block_positive, block_fg = _pack_range(
-            batch, s, start, stop, keys, 0, no_histograms, False, False
-        )
+        block_positive, block_fg = _pack_range(batch, s, start, stop, keys, 0, False)
         counts[block, 0] = block_positive
         counts[block, 1] = block_fg
     out_start = np.zeros(num_blocks, dtype=np.int64)
@@ -455,9 +492,11 @@ def _segment_blocked(batch, s, keys, buffer, num_blocks, radix_min):
         out_start[block] = n_positive
         n_positive += counts[block, 0]
         n_fg += counts[block, 1]
+    key_bits = np.empty((num_blocks, 2), dtype=np.uint64)  # OR and AND of each block's keys
     for block in prange(num_blocks):
         start, stop = _block_bounds(num_pixels, num_blocks, block)
-        _pack_range(batch, s, start, stop, keys, out_start[block], no_histograms, True, False)
+        out_stop, _ = _pack_range(batch, s, start, stop, keys, out_start[block], True)
+        key_bits[block, 0], key_bits[block, 1] = _key_bits(keys, out_start[block], out_stop)
     if n_positive == 0:
         return 0.0
     sorted_keys = keys
@@ -466,7 +505,11 @@ def _segment_blocked(batch, s, keys, buffer, num_blocks, radix_min):
     elif n_positive < radix_min:
         keys[:n_positive].sort()
     else:
-        sorted_keys = _radix_sort_blocked(keys, buffer, n_positive, num_blocks)
+        key_or, key_and = np.uint64(0), ~np.uint64(0)
+        for block in range(num_blocks):
+            key_or |= key_bits[block, 0]
+            key_and &= key_bits[block, 1]
+        sorted_keys = _radix_sort_blocked(keys, buffer, n_positive, key_or, key_and, num_blocks)
     if batch.values.itemsize == 8:
         _refine_float64_ties(sorted_keys, n_positive, batch, s)
     # two-pass blocked scan: fg counts per block of the sorted keys, then the fused pass
@@ -588,6 +631,23 @@ def lovasz_extension(errors: torch.Tensor, fg: torch.Tensor) -> tuple[torch.Tens
     return results_to_torch(loss, grad, errors)
 
 
+def _narrow_labels(
+    labels: torch.Tensor, ignore_index: int | None, num_channels: int
+) -> tuple[np.ndarray, int]:
+    """Flat labels for the kernels and the ignore label they use.
+
+    Every segment re-reads the labels: with fewer than 255 classes they go as uint8 (8x less
+    to read per segment), the ignore label becoming 255. Labels are validated already
+    (in [0, max(C, 2)) or the ignore label), so no valid label changes.
+    """
+    if max(num_channels, 2) < 255:
+        if ignore_index is not None:
+            labels = labels.masked_fill(labels == ignore_index, 255)
+        return np.ascontiguousarray(labels.to(torch.uint8).numpy()).reshape(-1), 255
+    ignore_label = 0 if ignore_index is None else ignore_index
+    return np.ascontiguousarray(labels.numpy()).reshape(-1), ignore_label
+
+
 def lovasz_segments(
     scores: torch.Tensor, labels: torch.Tensor, plan
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -622,15 +682,16 @@ def lovasz_segments(
             grad = np.empty(values.shape, dtype=values.dtype)
         else:
             grad = np.zeros(values.shape, dtype=values.dtype)  # pixels of no segment keep 0
+        narrow_labels, ignore_label = _narrow_labels(labels, plan.ignore_index, num_channels)
         batch = SegmentBatch(
             values=values.reshape(-1),
-            labels=np.ascontiguousarray(labels.numpy()).reshape(-1),
+            labels=narrow_labels,
             grad=grad.reshape(-1),
             # errors 1 - s on fg, bg_offset + s on background
             affine=np.array([[1, plan.bg_offset], [-1, 1]], dtype=values.dtype),
             rows=rows, num_cols=num_pixels, value_row_stride=image_stride,
             label_row_stride=num_pixels,
-            ignore_label=0 if plan.ignore_index is None else plan.ignore_index,
+            ignore_label=ignore_label,
             has_ignore=plan.ignore_index is not None,
             value_base=value_base, label_base=label_base,
             fg_label=plan.fg_label.numpy().astype(np.int64),
