@@ -79,26 +79,25 @@ if NUMBA_AVAILABLE:
         return keys, positions
 
     @njit(cache=True)
-    def _sort_decreasing(margins, index):
-        """(margins, index) reordered by decreasing margin (all margins > 0), ties by index.
+    def _sort_margins(margins32, positions, count, logits, sign, z, order):
+        """Sort one label's V+ pixels by decreasing margin into ``z`` (float64 margins) and
+        ``order`` (their positions in the row); tied margins come out by pixel index.
 
         Sorts values, not indices (DESIGN.md §5): the key of a pixel is the complement of the
         float32 bits of its margin (positive floats order like their bits), radix-sorted with
         the pixel's position as payload. float32 rounding can merge distinct float64 margins:
         runs of equal keys are re-sorted by the float64 values afterwards (stable, so ties
-        stay in pixel order).
+        stay in pixel order). ``sign`` is y: the margin of pixel i is 1 − y·logits[i].
         """
-        count = margins.shape[0]
-        bits = margins.astype(np.float32).view(np.uint32)
+        bits = margins32[:count].view(np.uint32)
         keys = np.empty(count, dtype=np.uint32)
         for k in range(count):
             keys[k] = np.uint32(0xFFFFFFFF) - bits[k]
-        keys, positions = _radix_sort(keys, np.arange(count))
-        z = np.empty(count)
-        order = np.empty(count, dtype=np.int64)
+        keys, sorted_positions = _radix_sort(keys, positions[:count].copy())
         for k in range(count):
-            z[k] = margins[positions[k]]
-            order[k] = index[positions[k]]
+            position = sorted_positions[k]
+            z[k] = 1.0 - sign * np.float64(logits[position])
+            order[k] = position
         start = 0
         while start < count:
             stop = start + 1
@@ -109,51 +108,53 @@ if NUMBA_AVAILABLE:
                 z[start:stop] = z[start:stop][run]
                 order[start:stop] = order[start:stop][run]
             start = stop
-        return z, order
 
-    @njit(cache=True)
-    def _split_by_label(logits, fg, valid):
+    @njit(cache=True, parallel=True)
+    def _split_by_label(logits, labels, ignore_label, has_ignore):
         """Margins of V+ split by label, each sorted in decreasing order.
 
-        Returns (n_fg, z_pos, idx_pos, z_neg, idx_neg): margins m0 > 0 of the foreground
+        ``logits`` one row (float32 or float64), ``labels`` its labels: a pixel is valid
+        unless ``has_ignore`` and its label is ``ignore_label``, foreground when its label is
+        1. Returns (n_fg, z_pos, idx_pos, z_neg, idx_neg): margins m0 > 0 of the foreground
         (resp. background) pixels in decreasing order and their positions in the row; tied
-        margins come out by pixel index (deterministic results).
+        margins come out by pixel index (deterministic results). One pass without branches
+        on the pixel (fg and the sign of the margin are unpredictable): each pixel is written
+        to both lists and only the list it belongs to moves on. The two sorts run in
+        parallel.
         """
-        num_pixels = logits.shape[0]
+        count = logits.shape[0]
+        margins_pos = np.empty(count, dtype=np.float32)
+        positions_pos = np.empty(count, dtype=np.uint32)
+        margins_neg = np.empty(count, dtype=np.float32)
+        positions_neg = np.empty(count, dtype=np.uint32)
         n_fg = 0
         n_pos = 0
         n_neg = 0
-        for i in range(num_pixels):
-            if valid[i]:
-                if fg[i]:
-                    n_fg += 1
-                    if 1.0 - logits[i] > 0.0:
-                        n_pos += 1
-                elif 1.0 + logits[i] > 0.0:
-                    n_neg += 1
-        margin_pos = np.empty(n_pos)
+        for i in range(count):
+            label = labels[i]
+            valid = not (has_ignore and label == ignore_label)
+            is_fg = valid and label == 1
+            score = np.float64(logits[i])
+            margin = 1.0 - score if is_fg else 1.0 + score
+            margin32 = np.float32(margin)
+            margins_pos[n_pos] = margin32
+            positions_pos[n_pos] = i
+            margins_neg[n_neg] = margin32
+            positions_neg[n_neg] = i
+            kept = valid and margin > 0.0
+            n_fg += np.int64(is_fg)
+            n_pos += np.int64(kept and is_fg)
+            n_neg += np.int64(kept and not is_fg)
+        z_pos = np.empty(n_pos)
         idx_pos = np.empty(n_pos, dtype=np.int64)
-        margin_neg = np.empty(n_neg)
+        z_neg = np.empty(n_neg)
         idx_neg = np.empty(n_neg, dtype=np.int64)
-        k_pos = 0
-        k_neg = 0
-        for i in range(num_pixels):
-            if valid[i]:
-                if fg[i]:
-                    margin = 1.0 - logits[i]
-                    if margin > 0.0:
-                        margin_pos[k_pos] = margin
-                        idx_pos[k_pos] = i
-                        k_pos += 1
-                else:
-                    margin = 1.0 + logits[i]
-                    if margin > 0.0:
-                        margin_neg[k_neg] = margin
-                        idx_neg[k_neg] = i
-                        k_neg += 1
-        z_pos, order_pos = _sort_decreasing(margin_pos, idx_pos)
-        z_neg, order_neg = _sort_decreasing(margin_neg, idx_neg)
-        return n_fg, z_pos, order_pos, z_neg, order_neg
+        for which in prange(2):
+            if which == 0:
+                _sort_margins(margins_pos, positions_pos, n_pos, logits, 1.0, z_pos, idx_pos)
+            else:
+                _sort_margins(margins_neg, positions_neg, n_neg, logits, -1.0, z_neg, idx_neg)
+        return n_fg, z_pos, idx_pos, z_neg, idx_neg
 
     @njit(cache=True)
     def _extension_of_sorted(z_pos, z_neg, n_fg):
@@ -384,17 +385,19 @@ if NUMBA_AVAILABLE:
         return loss
 
     @njit(cache=True)
-    def _prox_exact_rows(logits, fg, valid, lam, out, loss_in, loss_out):
+    def _prox_exact_rows(logits, labels, ignore_label, has_ignore, lam, out, loss_in,
+                         loss_out):
         """Exact prox of λ[s]·Δ̄_J(relu(1 − y·F)) for every row s.
 
-        Parameters: logits (S, P) float64, fg and valid (S, P) bool, lam (S,) float64.
+        Parameters: logits (S, P) float32 or float64, labels (S, P) (1 is foreground; a
+        label equal to ``ignore_label`` is ignored when ``has_ignore``), lam (S,) float64.
         Writes out (S, P) float64 (a copy of logits except on V+), loss_in[s] = Δ̄ at the
         input and loss_out[s] = Δ̄ at the prox (both without the factor λ).
         """
         for row in range(logits.shape[0]):
             out[row, :] = logits[row, :]
             n_fg, z_pos, idx_pos, z_neg, idx_neg = _split_by_label(
-                logits[row], fg[row], valid[row]
+                logits[row], labels[row], ignore_label, has_ignore
             )
             loss_in[row] = _extension_of_sorted(z_pos, z_neg, n_fg)
             if z_pos.shape[0] + z_neg.shape[0] == 0:
@@ -612,14 +615,15 @@ if NUMBA_AVAILABLE:
         return loss, finished
 
     @njit(cache=True)
-    def _prox_greedy_rows(logits, fg, valid, lam, max_steps, out, loss_in, loss_out):
+    def _prox_greedy_rows(logits, labels, ignore_label, has_ignore, lam, max_steps, out,
+                          loss_in, loss_out):
         """The greedy path for every row (same arguments as :func:`_prox_exact_rows`, plus
         ``max_steps``, −1 for no limit). Returns True when every row reached t = λ."""
         all_finished = True
         for row in range(logits.shape[0]):
             out[row, :] = logits[row, :]
             n_fg, z_pos, idx_pos, z_neg, idx_neg = _split_by_label(
-                logits[row], fg[row], valid[row]
+                logits[row], labels[row], ignore_label, has_ignore
             )
             loss_in[row] = _extension_of_sorted(z_pos, z_neg, n_fg)
             n_pos = z_pos.shape[0]

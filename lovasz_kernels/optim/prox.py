@@ -48,7 +48,7 @@ class _ProxResult(NamedTuple):
     """Everything one kernel call gives, for the public functions and the optimizer."""
 
     prox: torch.Tensor  # logits layout and dtype, on the logits' device
-    scores_host: np.ndarray  # F as float64 on the host, (B, P)
+    scores_host: np.ndarray  # F on the host (float32 or float64: exact in float64), (B, P)
     prox_host: np.ndarray  # the prox as float64 on the host, (B, P)
     loss_input: float  # Lovász hinge at F (the mean over counted segments)
     loss_prox: float  # Lovász hinge at the prox
@@ -132,41 +132,44 @@ def _prox(
     _validate.check_finite("logits", logits_2d)
     kernels = _kernels()
 
-    # one copy to the host (and one back below); float64 so that the prox is exact to ~1e-15.
-    # The glue stays in numpy: single-threaded passes that do not fight the kernel for cores
-    scores = logits_2d.detach().to(device="cpu", dtype=torch.float64).contiguous().numpy()
-    labels_host = labels_2d.to("cpu").numpy()
-    if ignore_index is None:
-        valid = np.ones(labels_host.shape, dtype=np.bool_)
-    else:
-        valid = labels_host != ignore_index
-    fg = (labels_host == 1) & valid
+    # one copy to the host (and one back below); the kernels read float32 or float64 logits
+    # and compute in float64, so that the prox is exact to ~1e-15
+    compute = torch.float32 if logits_2d.dtype == torch.float32 else torch.float64
+    logits_host = logits_2d.detach().to(device="cpu", dtype=compute).contiguous().numpy()
+    labels_host = np.ascontiguousarray(labels_2d.to(device="cpu", dtype=torch.int64).numpy())
     if not per_image:
-        scores, fg, valid = scores.reshape(1, -1), fg.reshape(1, -1), valid.reshape(1, -1)
-    counted = valid.any(axis=1)
+        logits_host, labels_host = logits_host.reshape(1, -1), labels_host.reshape(1, -1)
+    if ignore_index is None:
+        counted = np.full(labels_host.shape[0], labels_host.shape[1] > 0)
+    else:
+        counted = (labels_host != ignore_index).any(axis=1)
     num_counted = int(counted.sum())
     # the loss is the mean of the counted segments' losses: each gets λ / (their number)
     weight = np.where(counted, 1.0 / max(num_counted, 1), 0.0)
     lam_rows = lam * weight
 
-    out = np.empty_like(scores)
-    loss_in = np.zeros(scores.shape[0])
-    loss_out = np.zeros(scores.shape[0])
+    out = np.empty(logits_host.shape, dtype=np.float64)
+    loss_in = np.zeros(logits_host.shape[0])
+    loss_out = np.zeros(logits_host.shape[0])
     finished = True
-    if scores.size:
-        fg = np.ascontiguousarray(fg)
-        valid = np.ascontiguousarray(valid)
+    if logits_host.size:
+        has_ignore = ignore_index is not None
+        ignore_label = ignore_index if has_ignore else 0
         if method == "exact":
-            kernels._prox_exact_rows(scores, fg, valid, lam_rows, out, loss_in, loss_out)
+            kernels._prox_exact_rows(
+                logits_host, labels_host, ignore_label, has_ignore, lam_rows, out, loss_in,
+                loss_out,
+            )
         else:
             finished = bool(kernels._prox_greedy_rows(
-                scores, fg, valid, lam_rows, kernel_max_steps, out, loss_in, loss_out
+                logits_host, labels_host, ignore_label, has_ignore, lam_rows, kernel_max_steps,
+                out, loss_in, loss_out,
             ))
     out_tensor = torch.from_numpy(out)
     prox = out_tensor.reshape(logits.shape).to(device=logits.device, dtype=logits.dtype)
     return _ProxResult(
         prox=prox,
-        scores_host=scores.reshape(logits_2d.shape),
+        scores_host=logits_host.reshape(logits_2d.shape),
         prox_host=out.reshape(logits_2d.shape),
         loss_input=float(np.dot(weight, loss_in)),
         loss_prox=float(np.dot(weight, loss_out)),
