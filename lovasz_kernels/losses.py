@@ -589,11 +589,16 @@ def _softmax_segments(
     needs at least one pixel of its class. ``global_counts`` (batch segments only) sums the
     batch's per-class and valid pixel counts over ranks, so every rank counts the same classes.
     """
-    batch = labels.shape[0]
+    batch, num_pixels = labels.shape
     device = labels.device
-    class_pixels = torch.zeros(batch, max(num_classes, 2), dtype=torch.int64, device=device)
-    class_pixels.scatter_add_(1, torch.where(valid, labels, 0).long(), valid.long())
-    valid_pixels = valid.sum(dim=1, keepdim=True)
+    bins = max(num_classes, 2)
+    # one bincount over (image, label) pairs; invalid pixels go to one extra bin at the end
+    image_offset = torch.arange(batch, device=device)[:, None] * bins if batch > 1 else 0
+    pair = (labels + image_offset).long()
+    pair = torch.where(valid, pair, batch * bins)
+    counts = torch.bincount(pair.reshape(-1), minlength=batch * bins + 1)
+    class_pixels = counts[:batch * bins].reshape(batch, bins)
+    valid_pixels = class_pixels.sum(dim=1, keepdim=True)
     if not per_image:
         class_pixels = class_pixels.sum(dim=0, keepdim=True)
         valid_pixels = valid_pixels.sum(dim=0, keepdim=True)

@@ -481,3 +481,48 @@ def test_fused_gradient_not_zeroed_when_segments_cover_everything(monkeypatch, g
     assert not grad.isnan().any()
     assert_close_report(loss, expected[0], LOSS_TOLERANCE[torch.float32], "loss")
     assert_close_report(grad, expected[1], GRAD_TOLERANCE[torch.float32], "grad")
+
+
+def test_scratch_is_reused_per_thread_and_bounded(monkeypatch):
+    """Key scratch is the same memory on a second call of the same thread (no fresh pages per
+    call), another thread's own, and not kept at all beyond SCRATCH_KEEP_BYTES."""
+    import threading
+
+    keys, buffers = numba_cpu._scratch(2, 1000)
+    assert keys.shape == buffers.shape == (2, 1000) and keys.dtype == np.uint64
+    assert not np.shares_memory(keys, buffers)
+    again, _ = numba_cpu._scratch(2, 1000)
+    assert np.shares_memory(keys, again)
+    other = {}
+    thread = threading.Thread(target=lambda: other.update(keys=numba_cpu._scratch(2, 1000)[0]))
+    thread.start()
+    thread.join()
+    assert not np.shares_memory(keys, other["keys"])
+    monkeypatch.setattr(numba_cpu, "SCRATCH_KEEP_BYTES", 1000)
+    first, _ = numba_cpu._scratch(2, 1000)
+    second, _ = numba_cpu._scratch(2, 1000)
+    assert not np.shares_memory(first, second) and not np.shares_memory(first, keys)
+
+
+def test_concurrent_calls_from_threads_match_sequential_ones(gen):
+    """Python threads running the loss at once (numba releases the GIL) each get their own
+    scratch: the results equal those of the same calls one after the other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    inputs = []
+    for _ in range(6):
+        probas = torch.randn(1, 5, 40, 50, generator=gen).softmax(dim=1)
+        inputs.append((probas, torch.randint(0, 5, (1, 40, 50), generator=gen)))
+
+    def run(pair):
+        probas = pair[0].clone().requires_grad_()
+        loss = lovasz_softmax(probas, pair[1], backend="numba")
+        loss.backward()
+        return loss.detach(), probas.grad
+
+    sequential = [run(pair) for pair in inputs]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        for _ in range(3):
+            concurrent = list(pool.map(run, inputs))
+            for (loss, grad), (loss_seq, grad_seq) in zip(concurrent, sequential):
+                assert torch.equal(loss, loss_seq) and torch.equal(grad, grad_seq)
