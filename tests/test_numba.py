@@ -525,3 +525,34 @@ def test_concurrent_calls_from_threads_match_sequential_ones(gen):
             concurrent = list(pool.map(run, inputs))
             for (loss, grad), (loss_seq, grad_seq) in zip(concurrent, sequential):
                 assert torch.equal(loss, loss_seq) and torch.equal(grad, grad_seq)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_leftover_segments_split_across_threads(monkeypatch, gen, threads):
+    """With more segments than threads, the last S mod W large segments run split across the
+    threads: the same gradient as one thread per segment, the loss to rounding."""
+    probas = torch.randn(1, 7, 30, 40, generator=gen).softmax(dim=1)
+    labels = torch.randint(0, 7, (1, 30, 40), generator=gen)
+
+    def run():
+        scores = probas.clone().requires_grad_()
+        loss = lovasz_softmax(scores, labels, backend="numba")
+        loss.backward()
+        return loss.detach(), scores.grad
+
+    monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_PIXELS", 1 << 40)
+    whole_loss, whole_grad = run()
+    monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_PIXELS", 1)
+    monkeypatch.setattr(numba_cpu.numba, "get_num_threads", lambda: threads)
+    blocked = []
+    original = numba_cpu._segment_blocked
+
+    def spy(batch, s, *args):
+        blocked.append(s)
+        return original(batch, s, *args)
+
+    monkeypatch.setattr(numba_cpu, "_segment_blocked", spy)
+    split_loss, split_grad = run()
+    assert blocked == list(range(7 - 7 % threads, 7))
+    assert torch.equal(split_grad, whole_grad)
+    torch.testing.assert_close(split_loss, whole_loss, rtol=1e-6, atol=0)

@@ -31,6 +31,8 @@ Parallelism: over segments (each worker owns one row of scratch buffers and visi
 ``w, w + W, ...``), or, when there are fewer segments than threads, *within* a segment:
 blocked packing with a prefix over block counts, radix passes with per-block histograms, and a
 two-pass blocked scan (fg counts per block, then the fused pass from each block's offset).
+The last ``S mod W`` segments, which would leave threads idle, also run within-segment when
+they are large (21 classes on 2 threads: 10 each, then one split; 3-5% faster than 11 and 10).
 
 This module imports without numba (:func:`availability` then explains how to install it).
 """
@@ -414,11 +416,10 @@ def _segment_serial(batch, s, keys, buffer, radix_min):
 
 
 @njit(parallel=True, cache=True)
-def _segments_over_workers(batch, loss, keys, buffers, radix_min):
-    """Every segment of the batch; worker w (one row of keys/buffers) takes segments
+def _segments_over_workers(batch, num_segments, loss, keys, buffers, radix_min):
+    """Segments [0, num_segments); worker w (one row of keys/buffers) takes segments
     w, w + W, ... and writes only their pixels of grad (segments never share a pixel of the
     gradient) and their entries of loss."""
-    num_segments = loss.shape[0]
     num_workers = keys.shape[0]
     for worker in prange(num_workers):
         for s in range(worker, num_segments, num_workers):
@@ -617,8 +618,13 @@ def _run_batch(batch: SegmentBatch, num_segments: int) -> np.ndarray:
     keys, buffers = _scratch(workers, num_pixels)
     if num_segments == 1:  # no parallel region: no threads to wake for one segment
         loss[0] = _segment_serial(batch, 0, keys[0], buffers[0], RADIX_MIN_KEYS)
-    else:
-        _segments_over_workers(batch, loss, keys, buffers, RADIX_MIN_KEYS)
+        return loss
+    # the last num_segments % workers segments would leave threads idle at the end (21
+    # classes on 2 threads: 11 against 10): large ones are split across the threads instead
+    leftover = num_segments % workers if num_pixels >= PARALLEL_MIN_PIXELS else 0
+    _segments_over_workers(batch, num_segments - leftover, loss, keys, buffers, RADIX_MIN_KEYS)
+    for s in range(num_segments - leftover, num_segments):
+        loss[s] = _segment_blocked(batch, s, keys[0], buffers[0], threads, RADIX_MIN_KEYS)
     return loss
 
 
