@@ -483,23 +483,26 @@ def test_fused_gradient_not_zeroed_when_segments_cover_everything(monkeypatch, g
 
 
 def test_scratch_is_reused_per_thread_and_bounded(monkeypatch):
-    """Key scratch is the same memory on a second call of the same thread (no fresh pages per
-    call), another thread's own, and not kept at all beyond SCRATCH_KEEP_BYTES."""
+    """Scratch is the same memory on a second call of the same thread (no fresh pages per
+    call), another thread's own, and not kept at all beyond KEEP_BYTES."""
     import threading
 
-    keys, buffers = numba_cpu._scratch(2, 1000)
+    from lovasz_kernels import _scratch
+
+    keys, buffers = numba_cpu._key_scratch(2, 1000)
     assert keys.shape == buffers.shape == (2, 1000) and keys.dtype == np.uint64
     assert not np.shares_memory(keys, buffers)
-    again, _ = numba_cpu._scratch(2, 1000)
+    again, _ = numba_cpu._key_scratch(2, 1000)
     assert np.shares_memory(keys, again)
+    assert not np.shares_memory(keys, _scratch.scratch("another name", 1000, np.uint64))
     other = {}
-    thread = threading.Thread(target=lambda: other.update(keys=numba_cpu._scratch(2, 1000)[0]))
+    thread = threading.Thread(target=lambda: other.update(keys=numba_cpu._key_scratch(2, 1000)[0]))
     thread.start()
     thread.join()
     assert not np.shares_memory(keys, other["keys"])
-    monkeypatch.setattr(numba_cpu, "SCRATCH_KEEP_BYTES", 1000)
-    first, _ = numba_cpu._scratch(2, 1000)
-    second, _ = numba_cpu._scratch(2, 1000)
+    monkeypatch.setattr(_scratch, "KEEP_BYTES", 1000)
+    first, _ = numba_cpu._key_scratch(2, 1000)
+    second, _ = numba_cpu._key_scratch(2, 1000)
     assert not np.shares_memory(first, second) and not np.shares_memory(first, keys)
 
 

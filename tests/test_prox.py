@@ -264,3 +264,25 @@ def test_cuda_round_trip(gen):
     out = prox_lovasz_hinge(logits.cuda(), labels.cuda(), 0.2)
     assert out.device.type == "cuda"
     torch.testing.assert_close(out.cpu(), expected)
+
+
+def test_concurrent_threads_match_sequential_calls():
+    """Each Python thread has its own kernel workspace: proxes computed in several threads at
+    once (numba releases the GIL) equal the same calls made one after the other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    gen = torch.Generator().manual_seed(11)
+    inputs = [
+        (torch.randn(2, 30, 40, generator=gen, dtype=torch.float64),
+         torch.randint(0, 2, (2, 30, 40), generator=gen))
+        for _ in range(6)
+    ]
+
+    def run(pair):
+        return prox_lovasz_hinge(pair[0], pair[1], lam=0.5)
+
+    sequential = [run(pair) for pair in inputs]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        for _ in range(3):
+            for result, expected in zip(pool.map(run, inputs), sequential):
+                assert torch.equal(result, expected)

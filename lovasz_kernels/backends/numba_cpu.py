@@ -39,12 +39,12 @@ This module imports without numba (:func:`availability` then explains how to ins
 
 from __future__ import annotations
 
-import threading
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from lovasz_kernels._scratch import scratch
 from lovasz_kernels._validate import compute_dtype as _compute_dtype
 from lovasz_kernels.backends._host import errors_to_numpy, fg_to_numpy, results_to_torch
 
@@ -78,8 +78,6 @@ RADIX_MIN_KEYS = 1024
 _INSERTION_MAX = 24
 # The index field of a key has 31 bits.
 MAX_PIXELS = 1 << 31
-# Key scratch up to this many bytes is kept between calls (per Python thread), see _scratch.
-SCRATCH_KEEP_BYTES = 64 << 20
 
 # Radix digits cover only the prefix bits that differ between a segment's keys (from the
 # OR and AND of the keys, one vectorized read), cut into as few digits of at most 11 bits as
@@ -576,28 +574,11 @@ def _extension_batch(errors: np.ndarray, fg: np.ndarray, grad: np.ndarray) -> Se
     )
 
 
-_scratch_cache = threading.local()
-
-
-def _scratch(rows: int, num_pixels: int) -> tuple[np.ndarray, np.ndarray]:
-    """Two uint64 arrays (rows, num_pixels) for keys and radix buffers, uninitialized.
-
-    Reused between calls of the same Python thread while they fit ``SCRATCH_KEEP_BYTES``:
-    fresh multi-MB arrays are often fresh pages from the OS, and faulting them in cost about a
-    third of a 512² hinge call (measured: 3.2 ms with, 2.3 ms without). Larger scratch is
-    allocated per call, so a huge input does not pin its memory afterwards.
-    """
-    needed = 2 * rows * num_pixels
-    if needed * 8 > SCRATCH_KEEP_BYTES:
-        return (np.empty((rows, num_pixels), dtype=np.uint64),
-                np.empty((rows, num_pixels), dtype=np.uint64))
-    cached = getattr(_scratch_cache, "array", None)
-    if cached is None or cached.size < needed:
-        cached = np.empty(needed, dtype=np.uint64)
-        _scratch_cache.array = cached
+def _key_scratch(rows: int, num_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Keys and radix buffers, (rows, num_pixels) uint64 each, reused between calls."""
+    both = scratch("numba keys", 2 * rows * num_pixels, np.uint64)
     half = rows * num_pixels
-    return (cached[:half].reshape(rows, num_pixels),
-            cached[half:needed].reshape(rows, num_pixels))
+    return both[:half].reshape(rows, num_pixels), both[half:].reshape(rows, num_pixels)
 
 
 def _run_batch(batch: SegmentBatch, num_segments: int) -> np.ndarray:
@@ -610,12 +591,12 @@ def _run_batch(batch: SegmentBatch, num_segments: int) -> np.ndarray:
     loss = np.zeros(num_segments, dtype=np.float64)
     threads = numba.get_num_threads()
     if threads > 1 and num_segments < threads and num_pixels >= PARALLEL_MIN_PIXELS:
-        keys, buffers = _scratch(1, num_pixels)
+        keys, buffers = _key_scratch(1, num_pixels)
         for s in range(num_segments):
             loss[s] = _segment_blocked(batch, s, keys[0], buffers[0], threads, RADIX_MIN_KEYS)
         return loss
     workers = min(threads, num_segments)
-    keys, buffers = _scratch(workers, num_pixels)
+    keys, buffers = _key_scratch(workers, num_pixels)
     if num_segments == 1:  # no parallel region: no threads to wake for one segment
         loss[0] = _segment_serial(batch, 0, keys[0], buffers[0], RADIX_MIN_KEYS)
         return loss

@@ -49,9 +49,34 @@ if NUMBA_AVAILABLE:
         return numerator / ((n_fg + b2) * (n_fg + b1))
 
     @njit(cache=True)
-    def _radix_sort(keys, positions):
+    def _take_wide(workspace, start, count, example):
+        """``count`` 8-byte items (the type of ``example``: float64 or int64) carved from the
+        float64 ``workspace`` at slot ``start``; returns (view, next free slot)."""
+        view = workspace[start:start + count]
+        if isinstance(example, np.float64):
+            return view, start + count
+        return view.view(np.int64), start + count
+
+    @njit(cache=True)
+    def _take_narrow(workspace, start, count, example):
+        """``count`` 4-byte items (float32 or uint32, the type of ``example``) carved from the
+        float64 ``workspace`` at slot ``start``; returns (view, next free slot)."""
+        slots = (count + 1) // 2
+        view = workspace[start:start + slots]
+        if isinstance(example, np.float32):
+            return view.view(np.float32)[:count], start + slots
+        return view.view(np.uint32)[:count], start + slots
+
+    def workspace_slots(num_pixels):
+        """float64 slots of workspace the kernels need for rows of ``num_pixels`` pixels."""
+        return 10 * num_pixels + 64
+
+    @njit(cache=True)
+    def _radix_sort(keys, positions, keys_out, positions_out):
         """Stable LSD radix sort of uint32 ``keys`` carrying ``positions`` (3 passes of
-        11/11/10 bits; the three histograms come from one read of the keys)."""
+        11/11/10 bits; the three histograms come from one read of the keys), with the
+        buffers ``keys_out`` and ``positions_out`` of the same sizes; returns the pair of
+        arrays holding the result."""
         count = keys.shape[0]
         histograms = np.zeros((3, 2049), dtype=np.int64)
         for k in range(count):
@@ -59,8 +84,6 @@ if NUMBA_AVAILABLE:
             histograms[0, (key & 0x7FF) + 1] += 1
             histograms[1, ((key >> 11) & 0x7FF) + 1] += 1
             histograms[2, (key >> 22) + 1] += 1
-        keys_out = np.empty_like(keys)
-        positions_out = np.empty_like(positions)
         for digit in range(3):
             offsets = histograms[digit]
             if offsets.max() == count:
@@ -79,7 +102,7 @@ if NUMBA_AVAILABLE:
         return keys, positions
 
     @njit(cache=True)
-    def _sort_margins(margins32, positions, count, logits, sign, z, order):
+    def _sort_margins(margins32, positions, count, logits, sign, z, order, workspace):
         """Sort one label's V+ pixels by decreasing margin into ``z`` (float64 margins) and
         ``order`` (their positions in the row); tied margins come out by pixel index.
 
@@ -88,12 +111,17 @@ if NUMBA_AVAILABLE:
         the pixel's position as payload. float32 rounding can merge distinct float64 margins:
         runs of equal keys are re-sorted by the float64 values afterwards (stable, so ties
         stay in pixel order). ``sign`` is y: the margin of pixel i is 1 − y·logits[i].
+        ``workspace`` (float64, 2 · count + 4 slots) holds the sort's buffers.
         """
         bits = margins32[:count].view(np.uint32)
-        keys = np.empty(count, dtype=np.uint32)
+        keys, free = _take_narrow(workspace, 0, count, np.uint32(0))
+        keys_out, free = _take_narrow(workspace, free, count, np.uint32(0))
+        payload, free = _take_narrow(workspace, free, count, np.uint32(0))
+        payload_out, free = _take_narrow(workspace, free, count, np.uint32(0))
         for k in range(count):
             keys[k] = np.uint32(0xFFFFFFFF) - bits[k]
-        keys, sorted_positions = _radix_sort(keys, positions[:count].copy())
+            payload[k] = positions[k]
+        keys, sorted_positions = _radix_sort(keys, payload, keys_out, payload_out)
         for k in range(count):
             position = sorted_positions[k]
             z[k] = 1.0 - sign * np.float64(logits[position])
@@ -110,23 +138,24 @@ if NUMBA_AVAILABLE:
             start = stop
 
     @njit(cache=True, parallel=True)
-    def _split_by_label(logits, labels, ignore_label, has_ignore):
+    def _split_by_label(logits, labels, ignore_label, has_ignore, workspace):
         """Margins of V+ split by label, each sorted in decreasing order.
 
         ``logits`` one row (float32 or float64), ``labels`` its labels: a pixel is valid
         unless ``has_ignore`` and its label is ``ignore_label``, foreground when its label is
-        1. Returns (n_fg, z_pos, idx_pos, z_neg, idx_neg): margins m0 > 0 of the foreground
-        (resp. background) pixels in decreasing order and their positions in the row; tied
-        margins come out by pixel index (deterministic results). One pass without branches
-        on the pixel (fg and the sign of the margin are unpredictable): each pixel is written
-        to both lists and only the list it belongs to moves on. The two sorts run in
-        parallel.
+        1. Returns (n_fg, z_pos, idx_pos, z_neg, idx_neg, free): margins m0 > 0 of the
+        foreground (resp. background) pixels in decreasing order and their positions in the
+        row; tied margins come out by pixel index (deterministic results). One pass without
+        branches on the pixel (fg and the sign of the margin are unpredictable): each pixel
+        is written to both lists and only the list it belongs to moves on. The two sorts run
+        in parallel. Every array lives in ``workspace`` (float64, at least 6 · P + 16 slots);
+        the results take its slots up to ``free``.
         """
         count = logits.shape[0]
-        margins_pos = np.empty(count, dtype=np.float32)
-        positions_pos = np.empty(count, dtype=np.uint32)
-        margins_neg = np.empty(count, dtype=np.float32)
-        positions_neg = np.empty(count, dtype=np.uint32)
+        margins_pos, free = _take_narrow(workspace, 0, count, np.float32(0))
+        positions_pos, free = _take_narrow(workspace, free, count, np.uint32(0))
+        margins_neg, free = _take_narrow(workspace, free, count, np.float32(0))
+        positions_neg, free = _take_narrow(workspace, free, count, np.uint32(0))
         n_fg = 0
         n_pos = 0
         n_neg = 0
@@ -145,16 +174,20 @@ if NUMBA_AVAILABLE:
             n_fg += np.int64(is_fg)
             n_pos += np.int64(kept and is_fg)
             n_neg += np.int64(kept and not is_fg)
-        z_pos = np.empty(n_pos)
-        idx_pos = np.empty(n_pos, dtype=np.int64)
-        z_neg = np.empty(n_neg)
-        idx_neg = np.empty(n_neg, dtype=np.int64)
+        z_pos, free = _take_wide(workspace, free, n_pos, 0.0)
+        idx_pos, free = _take_wide(workspace, free, n_pos, np.int64(0))
+        z_neg, free = _take_wide(workspace, free, n_neg, 0.0)
+        idx_neg, free = _take_wide(workspace, free, n_neg, np.int64(0))
+        sort_pos = workspace[free:free + 2 * n_pos + 4]
+        sort_neg = workspace[free + 2 * n_pos + 4:free + 2 * (n_pos + n_neg) + 8]
         for which in prange(2):
             if which == 0:
-                _sort_margins(margins_pos, positions_pos, n_pos, logits, 1.0, z_pos, idx_pos)
+                _sort_margins(margins_pos, positions_pos, n_pos, logits, 1.0, z_pos, idx_pos,
+                              sort_pos)
             else:
-                _sort_margins(margins_neg, positions_neg, n_neg, logits, -1.0, z_neg, idx_neg)
-        return n_fg, z_pos, idx_pos, z_neg, idx_neg
+                _sort_margins(margins_neg, positions_neg, n_neg, logits, -1.0, z_neg, idx_neg,
+                              sort_neg)
+        return n_fg, z_pos, idx_pos, z_neg, idx_neg, free
 
     @njit(cache=True)
     def _extension_of_sorted(z_pos, z_neg, n_fg):
@@ -214,13 +247,12 @@ if NUMBA_AVAILABLE:
         return True, loss
 
     @njit(cache=True)
-    def _compensated_prefix(z):
-        """Prefix sums of z as (high, low) parts: prefix[k] + error[k] = Σ z[:k] with the
-        rounding error of every addition kept (Neumaier's TwoSum), so that a difference of two
-        prefixes is as accurate as summing the range directly."""
+    def _compensated_prefix(z, prefix, error):
+        """Prefix sums of z as (high, low) parts, written to ``prefix`` and ``error`` (count + 1
+        each): prefix[k] + error[k] = Σ z[:k] with the rounding error of every addition kept
+        (Neumaier's TwoSum), so that a difference of two prefixes is as accurate as summing
+        the range directly."""
         count = z.shape[0]
-        prefix = np.empty(count + 1)
-        error = np.empty(count + 1)
         high = 0.0
         low = 0.0
         prefix[0] = 0.0
@@ -233,7 +265,6 @@ if NUMBA_AVAILABLE:
             high = total
             prefix[k + 1] = high
             error[k + 1] = low
-        return prefix, error
 
     @njit(cache=True)
     def _decompose_blocks(z_pos, z_neg, n_fg, lam, inverse_union, prefix_pos, error_pos,
@@ -331,7 +362,7 @@ if NUMBA_AVAILABLE:
         return loss, head, tail
 
     @njit(cache=True, parallel=True)
-    def _decompose(z_pos, z_neg, n_fg, lam, level_pos, level_neg):
+    def _decompose(z_pos, z_neg, n_fg, lam, level_pos, level_neg, workspace):
         """Levels of prox_{λΔ̄}(z) (no clipping) on V+; returns Δ̄_J(relu(levels)).
 
         A block is a range [p_lo, p_hi) of the sorted foreground margins and [n_lo, n_hi) of
@@ -354,13 +385,16 @@ if NUMBA_AVAILABLE:
         n_neg = z_neg.shape[0]
         # 1 / (n_fg + b) for every background count b: the sweep multiplies instead of dividing
         # (φ(a, b) = (a + b) / (n_fg + b); 0 for the empty set when n_fg = 0)
-        inverse_union = np.zeros(n_neg + 1)
+        inverse_union, free = _take_wide(workspace, 0, n_neg + 1, 0.0)
         for b in range(n_neg + 1):
-            if n_fg + b > 0:
-                inverse_union[b] = 1.0 / (n_fg + b)
+            inverse_union[b] = 1.0 / (n_fg + b) if n_fg + b > 0 else 0.0
         # compensated prefix sums: a block's total z in O(1), to a few ulps of the block's sum
-        prefix_pos, error_pos = _compensated_prefix(z_pos)
-        prefix_neg, error_neg = _compensated_prefix(z_neg)
+        prefix_pos, free = _take_wide(workspace, free, n_pos + 1, 0.0)
+        error_pos, free = _take_wide(workspace, free, n_pos + 1, 0.0)
+        prefix_neg, free = _take_wide(workspace, free, n_neg + 1, 0.0)
+        error_neg, free = _take_wide(workspace, free, n_neg + 1, 0.0)
+        _compensated_prefix(z_pos, prefix_pos, error_pos)
+        _compensated_prefix(z_neg, prefix_neg, error_neg)
         queue = np.empty((64, 4), dtype=np.int64)
         queue[0, 0] = 0
         queue[0, 1] = n_pos
@@ -386,26 +420,29 @@ if NUMBA_AVAILABLE:
 
     @njit(cache=True)
     def _prox_exact_rows(logits, labels, ignore_label, has_ignore, lam, out, loss_in,
-                         loss_out):
+                         loss_out, workspace):
         """Exact prox of λ[s]·Δ̄_J(relu(1 − y·F)) for every row s.
 
         Parameters: logits (S, P) float32 or float64, labels (S, P) (1 is foreground; a
-        label equal to ``ignore_label`` is ignored when ``has_ignore``), lam (S,) float64.
-        Writes out (S, P) float64 (a copy of logits except on V+), loss_in[s] = Δ̄ at the
-        input and loss_out[s] = Δ̄ at the prox (both without the factor λ).
+        label equal to ``ignore_label`` is ignored when ``has_ignore``), lam (S,) float64,
+        workspace float64 with ``workspace_slots(P)`` slots (every temporary array lives
+        there). Writes out (S, P) float64 (a copy of logits except on V+), loss_in[s] = Δ̄ at
+        the input and loss_out[s] = Δ̄ at the prox (both without the factor λ).
         """
         for row in range(logits.shape[0]):
             out[row, :] = logits[row, :]
-            n_fg, z_pos, idx_pos, z_neg, idx_neg = _split_by_label(
-                logits[row], labels[row], ignore_label, has_ignore
+            n_fg, z_pos, idx_pos, z_neg, idx_neg, free = _split_by_label(
+                logits[row], labels[row], ignore_label, has_ignore, workspace
             )
             loss_in[row] = _extension_of_sorted(z_pos, z_neg, n_fg)
             if z_pos.shape[0] + z_neg.shape[0] == 0:
                 loss_out[row] = 0.0
                 continue
-            level_pos = np.empty_like(z_pos)
-            level_neg = np.empty_like(z_neg)
-            loss_out[row] = _decompose(z_pos, z_neg, n_fg, lam[row], level_pos, level_neg)
+            level_pos, free = _take_wide(workspace, free, z_pos.shape[0], 0.0)
+            level_neg, free = _take_wide(workspace, free, z_neg.shape[0], 0.0)
+            loss_out[row] = _decompose(
+                z_pos, z_neg, n_fg, lam[row], level_pos, level_neg, workspace[free:]
+            )
             for k in range(z_pos.shape[0]):
                 out[row, idx_pos[k]] = 1.0 - max(level_pos[k], 0.0)
             for k in range(z_neg.shape[0]):
@@ -616,14 +653,14 @@ if NUMBA_AVAILABLE:
 
     @njit(cache=True)
     def _prox_greedy_rows(logits, labels, ignore_label, has_ignore, lam, max_steps, out,
-                          loss_in, loss_out):
+                          loss_in, loss_out, workspace):
         """The greedy path for every row (same arguments as :func:`_prox_exact_rows`, plus
         ``max_steps``, −1 for no limit). Returns True when every row reached t = λ."""
         all_finished = True
         for row in range(logits.shape[0]):
             out[row, :] = logits[row, :]
-            n_fg, z_pos, idx_pos, z_neg, idx_neg = _split_by_label(
-                logits[row], labels[row], ignore_label, has_ignore
+            n_fg, z_pos, idx_pos, z_neg, idx_neg, _ = _split_by_label(
+                logits[row], labels[row], ignore_label, has_ignore, workspace
             )
             loss_in[row] = _extension_of_sorted(z_pos, z_neg, n_fg)
             n_pos = z_pos.shape[0]

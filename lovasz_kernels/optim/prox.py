@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from lovasz_kernels import _validate
+from lovasz_kernels._scratch import scratch
 from lovasz_kernels.losses import _hinge_shapes
 
 __all__ = ["GreedyProx", "lovasz_hinge_moreau", "prox_lovasz_hinge"]
@@ -155,15 +156,18 @@ def _prox(
     if logits_host.size:
         has_ignore = ignore_index is not None
         ignore_label = ignore_index if has_ignore else 0
+        workspace = scratch(
+            "prox workspace", kernels.workspace_slots(logits_host.shape[1]), np.float64
+        )
         if method == "exact":
             kernels._prox_exact_rows(
                 logits_host, labels_host, ignore_label, has_ignore, lam_rows, out, loss_in,
-                loss_out,
+                loss_out, workspace,
             )
         else:
             finished = bool(kernels._prox_greedy_rows(
                 logits_host, labels_host, ignore_label, has_ignore, lam_rows, kernel_max_steps,
-                out, loss_in, loss_out,
+                out, loss_in, loss_out, workspace,
             ))
     out_tensor = torch.from_numpy(out)
     prox = out_tensor.reshape(logits.shape).to(device=logits.device, dtype=logits.dtype)
