@@ -363,7 +363,8 @@ if NUMBA_AVAILABLE:
 
     @njit(cache=True, parallel=True)
     def _decompose(z_pos, z_neg, n_fg, lam, level_pos, level_neg, workspace):
-        """Levels of prox_{λΔ̄}(z) (no clipping) on V+; returns Δ̄_J(relu(levels)).
+        """Levels of prox_{λΔ̄}(z) (no clipping) on V+; returns (Δ̄_J(relu(levels)),
+        Δ̄_J(relu(z))), the second computed beside the first (serial) splits.
 
         A block is a range [p_lo, p_hi) of the sorted foreground margins and [n_lo, n_hi) of
         the background ones; everything above it in both lists has already been assigned to
@@ -400,10 +401,23 @@ if NUMBA_AVAILABLE:
         queue[0, 1] = n_pos
         queue[0, 2] = 0
         queue[0, 3] = n_neg
-        loss, head, tail = _decompose_blocks(
-            z_pos, z_neg, n_fg, lam, inverse_union, prefix_pos, error_pos, prefix_neg,
-            error_neg, queue, 0, 1, 16, level_pos, level_neg,
-        )
+        # the first splits (serial) on one thread, the input's loss on the other
+        first_losses = np.zeros(2)
+        queue_ends = np.zeros(2, dtype=np.int64)
+        for task in prange(2):
+            if task == 0:
+                breadth_loss, head, tail = _decompose_blocks(
+                    z_pos, z_neg, n_fg, lam, inverse_union, prefix_pos, error_pos,
+                    prefix_neg, error_neg, queue, 0, 1, 16, level_pos, level_neg,
+                )
+                first_losses[0] = breadth_loss
+                queue_ends[0] = head
+                queue_ends[1] = tail
+            else:
+                first_losses[1] = _extension_of_sorted(z_pos, z_neg, n_fg)
+        loss = first_losses[0]
+        head = queue_ends[0]
+        tail = queue_ends[1]
         pending = tail - head
         losses = np.zeros(pending)
         for k in prange(pending):
@@ -416,7 +430,7 @@ if NUMBA_AVAILABLE:
             )[0]
         for k in range(pending):
             loss += losses[k]
-        return loss
+        return loss, first_losses[1]
 
     @njit(cache=True)
     def _prox_exact_rows(logits, labels, ignore_label, has_ignore, lam, out, loss_in,
@@ -434,13 +448,13 @@ if NUMBA_AVAILABLE:
             n_fg, z_pos, idx_pos, z_neg, idx_neg, free = _split_by_label(
                 logits[row], labels[row], ignore_label, has_ignore, workspace
             )
-            loss_in[row] = _extension_of_sorted(z_pos, z_neg, n_fg)
             if z_pos.shape[0] + z_neg.shape[0] == 0:
+                loss_in[row] = 0.0
                 loss_out[row] = 0.0
                 continue
             level_pos, free = _take_wide(workspace, free, z_pos.shape[0], 0.0)
             level_neg, free = _take_wide(workspace, free, z_neg.shape[0], 0.0)
-            loss_out[row] = _decompose(
+            loss_out[row], loss_in[row] = _decompose(
                 z_pos, z_neg, n_fg, lam[row], level_pos, level_neg, workspace[free:]
             )
             for k in range(z_pos.shape[0]):
