@@ -174,9 +174,9 @@ if NUMBA_AVAILABLE:
             n_fg += np.int64(is_fg)
             n_pos += np.int64(kept and is_fg)
             n_neg += np.int64(kept and not is_fg)
-        z_pos, free = _take_wide(workspace, free, n_pos, 0.0)
+        z_pos, free = _take_wide(workspace, free, n_pos, np.float64(0))
         idx_pos, free = _take_wide(workspace, free, n_pos, np.int64(0))
-        z_neg, free = _take_wide(workspace, free, n_neg, 0.0)
+        z_neg, free = _take_wide(workspace, free, n_neg, np.float64(0))
         idx_neg, free = _take_wide(workspace, free, n_neg, np.int64(0))
         sort_pos = workspace[free:free + 2 * n_pos + 4]
         sort_neg = workspace[free + 2 * n_pos + 4:free + 2 * (n_pos + n_neg) + 8]
@@ -386,14 +386,14 @@ if NUMBA_AVAILABLE:
         n_neg = z_neg.shape[0]
         # 1 / (n_fg + b) for every background count b: the sweep multiplies instead of dividing
         # (φ(a, b) = (a + b) / (n_fg + b); 0 for the empty set when n_fg = 0)
-        inverse_union, free = _take_wide(workspace, 0, n_neg + 1, 0.0)
+        inverse_union, free = _take_wide(workspace, 0, n_neg + 1, np.float64(0))
         for b in range(n_neg + 1):
             inverse_union[b] = 1.0 / (n_fg + b) if n_fg + b > 0 else 0.0
         # compensated prefix sums: a block's total z in O(1), to a few ulps of the block's sum
-        prefix_pos, free = _take_wide(workspace, free, n_pos + 1, 0.0)
-        error_pos, free = _take_wide(workspace, free, n_pos + 1, 0.0)
-        prefix_neg, free = _take_wide(workspace, free, n_neg + 1, 0.0)
-        error_neg, free = _take_wide(workspace, free, n_neg + 1, 0.0)
+        prefix_pos, free = _take_wide(workspace, free, n_pos + 1, np.float64(0))
+        error_pos, free = _take_wide(workspace, free, n_pos + 1, np.float64(0))
+        prefix_neg, free = _take_wide(workspace, free, n_neg + 1, np.float64(0))
+        error_neg, free = _take_wide(workspace, free, n_neg + 1, np.float64(0))
         _compensated_prefix(z_pos, prefix_pos, error_pos)
         _compensated_prefix(z_neg, prefix_neg, error_neg)
         queue = np.empty((64, 4), dtype=np.int64)
@@ -452,8 +452,8 @@ if NUMBA_AVAILABLE:
                 loss_in[row] = 0.0
                 loss_out[row] = 0.0
                 continue
-            level_pos, free = _take_wide(workspace, free, z_pos.shape[0], 0.0)
-            level_neg, free = _take_wide(workspace, free, z_neg.shape[0], 0.0)
+            level_pos, free = _take_wide(workspace, free, z_pos.shape[0], np.float64(0))
+            level_neg, free = _take_wide(workspace, free, z_neg.shape[0], np.float64(0))
             loss_out[row], loss_in[row] = _decompose(
                 z_pos, z_neg, n_fg, lam[row], level_pos, level_neg, workspace[free:]
             )
