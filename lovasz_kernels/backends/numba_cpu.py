@@ -201,9 +201,9 @@ def _error_at(batch, s, offset, is_fg):
 def _key_bits(keys, start, stop):
     """Bitwise OR and AND of keys[start:stop] (a loop the compiler vectorizes)."""
     key_or, key_and = np.uint64(0), ~np.uint64(0)
-    for i in range(start, stop):
-        key_or |= keys[i]
-        key_and &= keys[i]
+    for key in keys[start:stop]:  # a view: no negative-index handling, so it vectorizes
+        key_or |= key
+        key_and &= key
     return key_or, key_and
 
 
@@ -285,32 +285,60 @@ def _scatter_by_digit(source, target, offsets, start, stop, shift, mask):
 
 
 @njit(cache=True)
+def _count_digit(keys, histogram, shift, mask):
+    """Add the digit at ``shift`` of every key to ``histogram``."""
+    for key in keys:
+        histogram[_digit(key, shift, mask)] += 1
+
+
+@njit(cache=True)
+def _scatter_counting_next(source, target, offsets, shift, mask, next_histogram, next_shift):
+    """:func:`_scatter_by_digit` over all of ``source``, counting the digit at ``next_shift``
+    of every key into ``next_histogram`` on the way."""
+    for key in source:
+        d = _digit(key, shift, mask)
+        slot = offsets[d]
+        target[np.uint64(slot)] = key
+        offsets[d] = slot + 1
+        next_histogram[_digit(key, next_shift, mask)] += 1
+
+
+@njit(cache=True)
 def _radix_sort(keys, buffer, n, key_or, key_and):
     """Stable LSD radix sort of keys[:n] by their 32-bit prefix, whose bitwise OR and AND are
     ``key_or``, ``key_and``; returns the array (keys or buffer) holding the result.
 
-    The histograms of every digit are counted in one read first (counting while packing
-    slowed the packing loop more than this read costs). A pass whose digit is the same for
-    every key is skipped. Keys with equal prefixes keep their current (index) order.
+    Each pass counts the next digit's histogram while it moves the keys (the increments
+    hide behind the scatter's stores); only the first digit needs a read of its own. A pass
+    whose digit is the same for every key is skipped (the next histogram is then counted by
+    itself). Keys with equal prefixes keep their current (index) order.
     """
     low, bits, num_digits = _radix_layout(key_or, key_and)
+    source, target = keys, buffer
+    if num_digits == 0:
+        return source
     mask = np.uint64((1 << bits) - 1)
     histograms = np.zeros((num_digits, 1 << bits), dtype=np.int64)
-    for i in range(n):
-        key = keys[i]
-        for digit in range(num_digits):
-            histograms[digit, _digit(key, np.uint64(low + bits * digit), mask)] += 1
-    source, target = keys, buffer
+    _count_digit(source[:n], histograms[0], np.uint64(low), mask)
     offsets = np.empty(1 << bits, dtype=np.int64)
     for digit in range(num_digits):
         shift = np.uint64(low + bits * digit)
+        next_shift = np.uint64(low + bits * (digit + 1))
+        counts_next = digit + 1 < num_digits
         if histograms[digit, _digit(source[0], shift, mask)] == n:
+            if counts_next:
+                _count_digit(source[:n], histograms[digit + 1], next_shift, mask)
             continue
         running = 0
         for d in range(1 << bits):
             offsets[d] = running
             running += histograms[digit, d]
-        _scatter_by_digit(source, target, offsets, 0, n, shift, mask)
+        if counts_next:
+            _scatter_counting_next(
+                source[:n], target, offsets, shift, mask, histograms[digit + 1], next_shift
+            )
+        else:
+            _scatter_by_digit(source, target, offsets, 0, n, shift, mask)
         source, target = target, source
     return source
 
