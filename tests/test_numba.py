@@ -61,7 +61,7 @@ def _sorted_keys(errors: np.ndarray, fg: np.ndarray, radix_min: int) -> np.ndarr
     batch = numba_cpu._extension_batch(errors[None], fg[None], grad[None])
     keys = np.zeros(errors.size, dtype=np.uint64)
     buffer = np.zeros(errors.size, dtype=np.uint64)
-    n, n_fg = numba_cpu._pack_range(batch, 0, 0, errors.size, keys, 0, True)
+    n, n_fg = numba_cpu._pack_range(batch, 0, 0, errors.size, keys, 0, True, True)
     assert n == int((errors > 0).sum()) and n_fg == int(fg.sum())
     assert bool(np.all(grad[errors <= 0] == 0)), "non-positive errors get gradient 0 at once"
     if n == 0:
@@ -561,3 +561,42 @@ def test_leftover_segments_split_across_threads(monkeypatch, gen, threads):
     assert blocked == list(range(7 - 7 % threads, 7))
     assert torch.equal(split_grad, whole_grad)
     torch.testing.assert_close(split_loss, whole_loss, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("blocked", [False, True], ids=["serial", "blocked"])
+def test_dense_chunks_fall_back_where_a_pixel_is_not_sorted(monkeypatch, gen, blocked):
+    """Packing tries a vectorized pass per chunk of pixels and redoes a chunk where some pixel
+    is not sorted (error <= 0 or ignored): segments of many chunks with such pixels in a few
+    chunks only (and at chunk edges) match the reference, serial and split across threads."""
+    chunk = numba_cpu._PACK_CHUNK
+    num_pixels = 6 * chunk + 123
+    errors = torch.rand(3, num_pixels, generator=gen, dtype=torch.float64) + 0.01
+    fg = torch.rand(3, num_pixels, generator=gen) < 0.3
+    errors[0, [5, chunk - 1, chunk, 4 * chunk + 7]] = 0.0  # row 0: a few chunks fail
+    errors[1, 2 * chunk:3 * chunk] = -torch.inf  # row 1: one whole chunk of padding
+    # row 2: every pixel sorted: all chunks dense
+    if blocked:
+        monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_PIXELS", 1)
+        monkeypatch.setattr(numba_cpu.numba, "get_num_threads", lambda: 4)
+    for dtype in (torch.float32, torch.float64):
+        for row in range(3):  # one segment at a time: rows < threads takes the blocked path
+            loss, grad = numba_cpu.lovasz_extension(errors[row:row + 1].to(dtype), fg[row:row + 1])
+            ref_loss, ref_grad = get_backend("numpy").run(errors[row:row + 1].to(dtype),
+                                                          fg[row:row + 1])
+            assert_close_report(loss, ref_loss, LOSS_TOLERANCE[dtype], f"row {row} loss")
+            assert_close_report(grad, ref_grad, GRAD_TOLERANCE[dtype], f"row {row} grad")
+
+
+def test_dense_chunks_in_batch_segments_with_ignored_pixels(monkeypatch, gen):
+    """Batch segments (one row per image) of several chunks each, ignored pixels in some
+    chunks: the fused softmax path matches the generic one."""
+    chunk = numba_cpu._PACK_CHUNK
+    probas = torch.randn(3, 4, 1, 2 * chunk + 50, generator=gen, dtype=torch.float64)
+    probas = probas.softmax(dim=1)
+    labels = torch.randint(0, 4, (3, 1, 2 * chunk + 50), generator=gen)
+    labels[1, 0, chunk + 3] = 255
+    labels[2, 0, :10] = 255
+    fused, generic = _fused_and_generic(
+        monkeypatch, lovasz_softmax, probas, labels, ignore_index=255
+    )
+    _assert_same(fused, generic, torch.float64, "batch segments")
