@@ -210,41 +210,43 @@ def _key_bits(keys, start, stop):
 
 
 @njit(inline="always")
-def _pack_dense(row_labels, row_values, j0, j1, packed, first_offset, values, fg_label,
-                ignore_label, has_ignore, slope_bg, intercept_bg, slope_fg, intercept_fg):
-    """Keys of pixels [j0, j1) of a row written to packed[0:j1 - j0], every pixel whether it
-    is sorted or not: a loop without branches that the compiler vectorizes. Returns (pixels
-    sorted, fg pixels); when that is not every pixel, the keys written are not usable."""
+def _classify(label, score, rule):
+    """(fg, error, sorted) of one pixel under the segment's ``rule`` = (fg label, ignore
+    label, has ignore, slope and intercept on background, on fg): it is sorted when valid
+    (not ignored) with a positive error."""
+    fg_label, ignore_label, has_ignore, slope_bg, intercept_bg, slope_fg, intercept_fg = rule
+    valid = not (has_ignore and label == ignore_label)
+    is_fg = valid and label == fg_label
+    error = _error_of(score, is_fg, slope_bg, intercept_bg, slope_fg, intercept_fg)
+    return is_fg, error, valid and error > 0
+
+
+@njit(inline="always")
+def _pack_dense(chunk_labels, chunk_values, chunk_offset, packed, values, rule):
+    """Keys of every pixel of a chunk written to packed[0:len], sorted or not: a loop without
+    branches that the compiler vectorizes. Returns (pixels sorted, fg pixels); when that is
+    not every pixel, the keys written are not usable."""
     kept = 0
     n_fg = 0
-    # views from j0: indices from 0 (no negative-index handling, which stops vectorization)
-    chunk_labels = row_labels[j0:j1]
-    chunk_values = row_values[j0:j1]
-    chunk_offset = first_offset + j0
-    for j in range(j1 - j0):
-        label = chunk_labels[j]
-        valid = not (has_ignore and label == ignore_label)
-        is_fg = valid and label == fg_label
-        error = _error_of(chunk_values[j], is_fg, slope_bg, intercept_bg, slope_fg, intercept_fg)
+    for j in range(chunk_labels.shape[0]):
+        is_fg, error, is_sorted = _classify(chunk_labels[j], chunk_values[j], rule)
         n_fg += np.int64(is_fg)
-        kept += np.int64(valid and error > 0)
+        kept += np.int64(is_sorted)
         packed[j] = _packed_key(values, error, chunk_offset + j, is_fg)
     return kept, n_fg
 
 
 @njit(inline="always")
-def _pack_compact(row_labels, row_values, row_grad, j0, j1, packed, first_offset, values,
-                  fg_label, ignore_label, has_ignore, slope_bg, intercept_bg, slope_fg,
-                  intercept_fg, pack):
-    """Keys of the sorted pixels among [j0, j1) of a row, packed from packed[0], the others'
-    gradient set to 0 (both only with ``pack``). Returns (pixels sorted, fg pixels)."""
+def _pack_compact(chunk_labels, chunk_values, chunk_grad, chunk_offset, packed, values, rule,
+                  pack):
+    """Keys of the sorted pixels of a chunk, packed from packed[0], the others' gradient set
+    to 0 (both only with ``pack``). Returns (pixels sorted, fg pixels)."""
     kept = 0
     n_fg = 0
-    chunk_labels = row_labels[j0:j1]
-    chunk_values = row_values[j0:j1]
-    chunk_grad = row_grad[j0:j1]
-    chunk_offset = first_offset + j0
-    for j in range(j1 - j0):
+    # the same classification as _classify, written out: through the helper's returned flags
+    # this branchy loop ran 1.6x slower (measured on the hinge)
+    fg_label, ignore_label, has_ignore, slope_bg, intercept_bg, slope_fg, intercept_fg = rule
+    for j in range(chunk_labels.shape[0]):
         label = chunk_labels[j]
         valid = not (has_ignore and label == ignore_label)
         is_fg = valid and label == fg_label
@@ -281,8 +283,7 @@ def _pack_range(batch, s, start, stop, keys, out, pack, try_dense):
     """
     values, labels, grad = batch.values, batch.labels, batch.grad
     value_base, label_base = batch.value_base[s], batch.label_base[s]
-    fg_label, ignore_label, has_ignore = batch.fg_label[s], batch.ignore_label, batch.has_ignore
-    slope_bg, intercept_bg, slope_fg, intercept_fg = _affine(batch)
+    rule = (batch.fg_label[s], batch.ignore_label, batch.has_ignore) + _affine(batch)
     num_cols = batch.num_cols
     n_fg = 0
     dense = pack and try_dense
@@ -301,20 +302,21 @@ def _pack_range(batch, s, start, stop, keys, out, pack, try_dense):
         row_grad = grad[first_value:first_value + length]
         for j0 in range(0, length, _PACK_CHUNK):
             j1 = min(j0 + _PACK_CHUNK, length)
+            # chunk views, indexed from 0: no negative-index handling (it stops vectorization)
+            chunk_labels = row_labels[j0:j1]
+            chunk_values = row_values[j0:j1]
             packed = keys[out:]
             if dense:
                 kept, chunk_fg = _pack_dense(
-                    row_labels, row_values, j0, j1, packed, first_offset, values, fg_label,
-                    ignore_label, has_ignore, slope_bg, intercept_bg, slope_fg, intercept_fg,
+                    chunk_labels, chunk_values, first_offset + j0, packed, values, rule
                 )
                 if kept == j1 - j0:
                     out += kept
                     n_fg += chunk_fg
                     continue
             kept, chunk_fg = _pack_compact(
-                row_labels, row_values, row_grad, j0, j1, packed, first_offset, values,
-                fg_label, ignore_label, has_ignore, slope_bg, intercept_bg, slope_fg,
-                intercept_fg, pack,
+                chunk_labels, chunk_values, row_grad[j0:j1], first_offset + j0, packed, values,
+                rule, pack,
             )
             out += kept
             n_fg += chunk_fg
