@@ -8,7 +8,7 @@ LAM = 0.1  # a step comparable to a learning rate; larger steps merge more pixel
 
 
 class ProxLovaszHinge:
-    """``prox_lovasz_hinge(logits, labels, lam)``: exact (decomposition) and greedy paths."""
+    """``prox_lovasz_hinge(logits, labels, lam)``: the exact and the greedy method."""
 
     params = [common.PIXELS, common.PER_IMAGE, common.PROX_METHODS]
     param_names = ["pixels", "per_image", "method"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import random
 import sys
 
@@ -250,6 +251,11 @@ def test_bad_inputs():
 
 
 def test_missing_numba_says_how_to_install(monkeypatch):
+    import lovasz_kernels.optim
+
+    kernels = importlib.import_module("lovasz_kernels.optim._prox_kernels")
+    # the re-import below rebinds the package's attribute too: restored after the test
+    monkeypatch.setattr(lovasz_kernels.optim, "_prox_kernels", kernels)
     monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` now raises ImportError
     monkeypatch.delitem(sys.modules, "lovasz_kernels.optim._prox_kernels")
     with pytest.raises(ImportError, match=r"pip install 'lovasz-kernels\[numba\]'"):
@@ -286,3 +292,147 @@ def test_concurrent_threads_match_sequential_calls():
         for _ in range(3):
             for result, expected in zip(pool.map(run, inputs), sequential):
                 assert torch.equal(result, expected)
+
+
+# ---------------------------------------------------------------------------------------
+# the exact kernel's two routes: one merge with PAV pooling (certified), and the recursive
+# splitting it falls back on; each must be the prox on its own
+
+def _kernel_rows(logits, labels, lam, merge_first: bool):
+    """``_prox_exact_rows`` on float64 rows (label 255 ignored): (prox, loss_in, loss_out)."""
+    import numpy as np
+
+    from lovasz_kernels.optim import _prox_kernels as kernels
+
+    logits = np.ascontiguousarray(logits, dtype=np.float64)
+    labels = np.ascontiguousarray(labels, dtype=np.int64)
+    rows = logits.shape[0]
+    out = np.empty_like(logits)
+    loss_in, loss_out = np.zeros(rows), np.zeros(rows)
+    workspace = np.empty(kernels.workspace_slots(logits.shape[1]))
+    kernels._prox_exact_rows(logits, labels, 255, True, np.full(rows, lam), out, loss_in,
+                             loss_out, workspace, merge_first)
+    return out, loss_in, loss_out
+
+
+@pytest.mark.parametrize("merge_first", [True, False], ids=["merge", "splitting"])
+def test_each_exact_route_is_certified_on_tiny_problems(merge_first):
+    rng = random.Random(f"routes-{merge_first}")
+    for trial in range(120):
+        num_pixels = 1 + trial % 8
+        kind = ["mixed", "all_fg", "all_bg", "mixed"][trial % 4]
+        logits, labels = _tiny_case(rng, num_pixels, kind)
+        lam = rng.choice([1e-3, 0.05, 0.3, 1.0, 4.0, 50.0])
+        codes = [[255 if y is None else y for y in labels]]
+        out = _kernel_rows([logits], codes, lam, merge_first)[0][0].tolist()
+        certificate = prox_certificate(logits, labels, out, lam)
+        assert max(certificate["negative_s"], certificate["polytope"],
+                   certificate["complementarity"]) <= 1e-9, (logits, labels, lam, certificate)
+        assert max(abs(a - b) for a, b in zip(out, brute_prox(logits, labels, lam))) <= 1e-9
+
+
+@pytest.mark.parametrize("lam_per_pixel", [1e-6, 1e-3, 0.05, 0.15, 1.0, 20.0])
+def test_exact_routes_agree_on_larger_problems(lam_per_pixel):
+    """Merge and splitting on a few thousand pixels, from steps that move no pixel's order
+    to steps where most pixels pool or clip (0.15 per pixel is where the prox direction
+    starts to differ from the hinge gradient, see the README), with ties, ignored pixels,
+    no foreground and no background."""
+    import numpy as np
+
+    rng = np.random.default_rng(int(lam_per_pixel * 1e6))
+    num_pixels = 3000
+    logits = rng.standard_normal((6, num_pixels))
+    logits[1] = np.round(logits[1] * 4) / 4  # many ties, inside and across labels
+    labels = (rng.random((6, num_pixels)) > 0.7).astype(np.int64)
+    labels[2, rng.random(num_pixels) < 0.2] = 255
+    labels[3] = 0
+    labels[4] = 1
+    logits[5] = 0.0  # every margin 1: one tie of all pixels
+    lam = lam_per_pixel * num_pixels
+    merged = _kernel_rows(logits, labels, lam, merge_first=True)
+    split = _kernel_rows(logits, labels, lam, merge_first=False)
+    np.testing.assert_allclose(merged[0], split[0], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(merged[1], split[1], rtol=1e-12)
+    np.testing.assert_allclose(merged[2], split[2], rtol=1e-9, atol=1e-12)
+
+
+def test_certificate_rejects_a_wrong_pooling():
+    """The merge's result is used only when :func:`_certify_groups` accepts it: pooling
+    pixels that the prox keeps apart must fail the check, the true grouping must pass."""
+    import numpy as np
+
+    from lovasz_kernels.optim import _prox_kernels as kernels
+
+    z_pos = np.array([3.0, 0.5])
+    z_neg = np.array([2.0])
+    n_fg, lam = 2, 0.1
+    inverse_union = np.array([1.0 / (n_fg + b) for b in range(z_neg.shape[0] + 1)])
+    prefix = [np.empty(3), np.empty(3), np.empty(2), np.empty(2)]
+    kernels._compensated_prefix(z_pos, prefix[0], prefix[1])
+    kernels._compensated_prefix(z_neg, prefix[2], prefix[3])
+    level_pos, level_neg = np.empty(2), np.empty(1)
+
+    def certify(starts_pos, starts_neg):
+        groups = len(starts_pos) - 1
+        return kernels._certify_groups(
+            z_pos, z_neg, n_fg, lam, inverse_union, *prefix,
+            np.array(starts_pos, dtype=np.int64), np.array(starts_neg, dtype=np.int64),
+            np.zeros(groups + 1), 0, groups, level_pos, level_neg,
+        )[0]
+
+    # merged order of the prox: fg 3.0, bg 2.0, fg 0.5, each its own level
+    singletons = certify([0, 1, 1, 2], [0, 0, 1, 1])
+    all_pooled = certify([0, 2], [0, 1])
+    assert singletons and not all_pooled
+
+
+def test_kernel_checks_its_workspace():
+    import numpy as np
+
+    from lovasz_kernels.optim import _prox_kernels as kernels
+
+    logits = np.zeros((1, 10))
+    labels = np.zeros((1, 10), dtype=np.int64)
+    short = np.empty(kernels.workspace_slots(10) - 1)
+    with pytest.raises(ValueError, match="workspace"):
+        kernels._prox_exact_rows(logits, labels, 255, False, np.ones(1), np.empty((1, 10)),
+                                 np.zeros(1), np.zeros(1), short, True)
+    with pytest.raises(ValueError, match="workspace"):
+        kernels._prox_greedy_rows(logits, labels, 255, False, np.ones(1), -1, np.empty((1, 10)),
+                                  np.zeros(1), np.zeros(1), short)
+
+
+def test_merge_route_is_certified_on_random_problems():
+    """The fast route must be the one taken: a merge whose check fails still gives the
+    prox (through the splitting), only slowly, so no other test would notice."""
+    import numpy as np
+
+    from lovasz_kernels.optim import _prox_kernels as kernels
+
+    rng = np.random.default_rng(3)
+    for trial in range(300):
+        size = int(rng.integers(2, 300))
+        z = rng.choice([0.1, 0.5, 1.0, 1.5], size) if trial % 2 else rng.random(size) * 2
+        is_fg = rng.random(size) < rng.random()
+        z_pos, z_neg = np.sort(z[is_fg])[::-1].copy(), np.sort(z[~is_fg])[::-1].copy()
+        n_pos, n_neg = z_pos.shape[0], z_neg.shape[0]
+        n_fg = n_pos + int(rng.integers(0, 50))  # foreground pixels outside V+
+        lam = float(10 ** rng.uniform(-2, 3))
+        inverse_union = np.array([1.0 / (n_fg + b) if n_fg + b else 0.0 for b in range(n_neg + 1)])
+        prefix = [np.empty(n_pos + 1), np.empty(n_pos + 1), np.empty(n_neg + 1),
+                  np.empty(n_neg + 1)]
+        kernels._compensated_prefix(z_pos, prefix[0], prefix[1])
+        kernels._compensated_prefix(z_neg, prefix[2], prefix[3])
+        weights = [np.empty(n_neg + 1) for _ in range(3)]
+        kernels._merge_weights(z_neg, n_fg, lam, inverse_union, *weights)
+        start_pos = np.empty(size + 1, dtype=np.int64)
+        start_neg = np.empty(size + 1, dtype=np.int64)
+        group_level, group_sum = np.empty(size + 1), np.empty(size + 1)
+        level_pos, level_neg = np.empty(n_pos), np.empty(n_neg)
+        groups = kernels._merge_and_pool(z_pos, z_neg, *weights, 0, n_pos, 0, n_neg, level_pos,
+                                         level_neg, start_pos, start_neg, group_level, group_sum)
+        certified, _ = kernels._certify_groups(
+            z_pos, z_neg, n_fg, lam, inverse_union, *prefix, start_pos, start_neg, group_level,
+            0, groups, level_pos, level_neg,
+        )
+        assert certified, (trial, list(z_pos), list(z_neg), n_fg, lam)

@@ -9,8 +9,12 @@ foreground pixel of the segment.
 
 Two kernels, both writing the prox logits and two loss values per segment:
 
-- :func:`_prox_exact_rows`: projection onto the base polytope by divide and conquer over the
-  two sorted lists (foreground and background margins), then clipping at 0.
+- :func:`_prox_exact_rows`: projection onto the base polytope, then clipping at 0. The
+  foreground and background margins are sorted; one merge of the two lists by their
+  would-be prox values, with adjacent violators pooled, gives a candidate that a check of
+  each pooled group certifies (:func:`_merge_and_pool`, :func:`_certify_groups`: linear
+  time). Where the check fails, the divide and conquer of DESIGN.md §4 solves the segment
+  (:func:`_solve_block`, ~log2 P sweeps per pixel).
 - :func:`_prox_greedy_rows`: the paper's greedy minimization path (Appendix C).
 
 This module imports without numba; :data:`NUMBA_AVAILABLE` says whether the kernels exist.
@@ -30,6 +34,10 @@ try:
 except ImportError as error:  # pragma: no cover - exercised by a test that hides numba
     NUMBA_AVAILABLE = False
     NUMBA_IMPORT_ERROR = str(error)
+
+# blocks of the recursive splitting up to this many pixels first try one merge
+# (:func:`_merge_and_pool`)
+MERGE_LIMIT = 128
 
 
 if NUMBA_AVAILABLE:
@@ -67,9 +75,13 @@ if NUMBA_AVAILABLE:
             return view.view(np.float32)[:count], start + slots
         return view.view(np.uint32)[:count], start + slots
 
+    @njit(cache=True)
     def workspace_slots(num_pixels):
-        """float64 slots of workspace the kernels need for rows of ``num_pixels`` pixels."""
-        return 10 * num_pixels + 64
+        """float64 slots of workspace the kernels need for rows of ``num_pixels`` = P
+        pixels: the label lists 2 P, the sorted lists 2 P (their radix sorts borrow 2 P past
+        them), the levels P and the exact prox's arrays 10 P. The kernels check it: a slice
+        past the end would silently come out short."""
+        return 15 * num_pixels + 64
 
     @njit(cache=True)
     def _radix_sort(keys, positions, keys_out, positions_out):
@@ -132,9 +144,15 @@ if NUMBA_AVAILABLE:
             while stop < count and keys[stop] == keys[start]:
                 stop += 1
             if stop - start > 1:
-                run = np.argsort(-z[start:stop], kind="mergesort")
-                z[start:stop] = z[start:stop][run]
-                order[start:stop] = order[start:stop][run]
+                ordered = True  # usually the float64 margins are equal too: no re-sort
+                for k in range(start + 1, stop):
+                    if z[k] > z[k - 1]:
+                        ordered = False
+                        break
+                if not ordered:
+                    run = np.argsort(-z[start:stop], kind="mergesort")
+                    z[start:stop] = z[start:stop][run]
+                    order[start:stop] = order[start:stop][run]
             start = stop
 
     @njit(cache=True, parallel=True)
@@ -216,34 +234,184 @@ if NUMBA_AVAILABLE:
         return total
 
     @njit(cache=True)
-    def _solve_if_ordered(z_pos, z_neg, p_lo, p_hi, n_lo, n_hi, n_fg, lam, level_pos, level_neg):
-        """Try the block's greedy vertex: merged in decreasing z, x = z − λ·(increments).
+    def _block_level(prefix_pos, error_pos, prefix_neg, error_neg, p_lo, p_hi, n_lo, n_hi,
+                     n_fg, lam):
+        """The level c = (z(block) − G(block)) / |block| of a block (p_lo, p_hi, n_lo, n_hi)
+        as one level: s = z − c then sums to G(block) = λ (φ(p_hi, n_hi) − φ(p_lo, n_lo))."""
+        total = ((prefix_pos[p_hi] - prefix_pos[p_lo]) + (prefix_neg[n_hi] - prefix_neg[n_lo])
+                 + ((error_pos[p_hi] - error_pos[p_lo]) + (error_neg[n_hi] - error_neg[n_lo])))
+        gain = lam * _jaccard_delta(p_lo, n_lo, p_hi, n_hi, n_fg)
+        return (total - gain) / ((p_hi - p_lo) + (n_hi - n_lo))
 
-        If x keeps the order of z, s = λ·(increments) is a vertex of the block's base
-        polytope that maximizes ⟨s, x⟩, so x is the block's prox (every pixel its own level):
-        write it and return (True, Δ̄ contribution of relu(x)). Otherwise return (False, 0)
-        (the levels written are overwritten later).
+    @njit(cache=True)
+    def _most_violated(z_pos, z_neg, n_fg, lam, inverse_union, level, p_lo, p_hi, n_lo, n_hi):
+        """The set of the block most violating s(A) ≤ G(A) for s = z − ``level``, as the
+        numbers (a, b) of its foreground and background pixels; (0, 0) when the block is one
+        level (no violation above rounding).
+
+        G(a, b) = λ (φ(p_lo + a, n_lo + b) − φ(p_lo, n_lo)) is the set function contracted by
+        everything above the block. s keeps z's order within each label, so the most
+        violated set takes a prefix of each list; one sweep over b finds it: for b
+        background pixels, G is linear in a with slope λ / (n_fg + n_lo + b), so the best a
+        counts the s values above that slope, and it only grows with b.
         """
+        size_pos = p_hi - p_lo
+        size_neg = n_hi - n_lo
+        best = 0.0
+        best_a = 0
+        best_b = 0
+        a = 0
+        s_pos = 0.0
+        s_neg = 0.0
+        phi_above = (p_lo + n_lo) * inverse_union[n_lo]
+        for b in range(size_neg + 1):
+            inverse = inverse_union[n_lo + b]
+            if size_pos > 0:
+                slope = lam * inverse
+                while a < size_pos and z_pos[p_lo + a] - level > slope:
+                    s_pos += z_pos[p_lo + a] - level
+                    a += 1
+            phi = (p_lo + a + n_lo + b) * inverse
+            h = lam * (phi - phi_above) - s_pos - s_neg
+            if h < best:
+                best = h
+                best_a = a
+                best_b = b
+            if b < size_neg:
+                s_neg += z_neg[n_lo + b] - level
+        # the running sums round by a few ulps of Σ|z − level| ≤ size · (largest deviation,
+        # at an end of a sorted list): smaller violations are noise (and splitting on them
+        # would be harmless anyway)
+        deviation = 0.0
+        if size_pos > 0:
+            deviation = max(abs(z_pos[p_lo] - level), abs(z_pos[p_hi - 1] - level))
+        if size_neg > 0:
+            deviation = max(deviation, abs(z_neg[n_lo] - level), abs(z_neg[n_hi - 1] - level))
+        tolerance = 1e-13 * ((size_pos + size_neg) * deviation + lam)
+        proper = (best_a + best_b > 0) and (best_a + best_b < size_pos + size_neg)
+        if best < -tolerance and proper:
+            return best_a, best_b
+        return 0, 0
+
+    @njit(cache=True, inline="always")
+    def _write_level(level, p_lo, p_hi, n_lo, n_hi, n_fg, level_pos, level_neg):
+        """Write one level for the whole block; returns its Δ̄ contribution at relu(level)."""
+        for k in range(p_lo, p_hi):
+            level_pos[k] = level
+        for k in range(n_lo, n_hi):
+            level_neg[k] = level
+        if level > 0.0:
+            return level * _jaccard_delta(p_lo, n_lo, p_hi, n_hi, n_fg)
+        return 0.0
+
+    @njit(cache=True)
+    def _merge_weights(z_neg, n_fg, lam, inverse_union, shift_pos, base_neg, slope_neg):
+        """The terms of the would-be prox values of :func:`_merge_and_pool`, per background
+        count j: a foreground pixel moves down by shift_pos[j] = λ / (n_fg + j), the next
+        background one, after i foreground pixels, lands at base_neg[j] + i · slope_neg[j]
+        (its increment is (n_fg − i) / ((n_fg + j)(n_fg + j + 1)), or 1 for the first pixel
+        without foreground)."""
+        n_neg = z_neg.shape[0]
+        for j in range(n_neg + 1):
+            shift_pos[j] = lam * inverse_union[j]
+        for j in range(n_neg):
+            slope = lam * inverse_union[j] * inverse_union[j + 1]
+            slope_neg[j] = slope
+            base_neg[j] = z_neg[j] - n_fg * slope
+        if n_fg == 0 and n_neg > 0:
+            slope_neg[0] = 0.0
+            base_neg[0] = z_neg[0] - lam
+
+    @njit(cache=True)
+    def _merge_and_pool(z_pos, z_neg, shift_pos, base_neg, slope_neg, p_lo, p_hi, n_lo, n_hi,
+                        level_pos, level_neg, start_pos, start_neg, group_level, group_sum):
+        """One merge of the block's two lists (p_lo, p_hi, n_lo, n_hi) into pooled groups: the
+        candidate prox where every pixel is its own level unless neighbours must pool.
+
+        With i foreground and j background pixels placed, the next foreground pixel would
+        get x = z − λ (φ(i + 1, j) − φ(i, j)) = z − shift_pos[j] and the next background one
+        x = z − λ (φ(i, j + 1) − φ(i, j)) = base_neg[j] + i · slope_neg[j]
+        (:func:`_merge_weights`); the larger is placed. A waiting candidate's value only
+        rises, so when the prox has every pixel at its own level this merge finds its order.
+        Where x would increase, groups pool (PAV) at the mean x of their pixels. The result
+        is the prox when every pooled group is one level of its contracted set function:
+        s = z − x then sums to G over the chain of groups and lies in each group's base
+        polytope, hence in the block's, and ⟨s, x⟩ = λ Δ̄(x), the optimality condition.
+        :func:`_certify_groups` checks that and writes the pooled levels.
+
+        Returns the number of groups; group g starts at (start_pos[g], start_neg[g]); its x
+        is group_level[g] (``group_sum`` holds the sums of pooling). The four arrays need
+        room for one group more than pixels. The levels of single pixels are written here.
+        """
+        groups = 0
         i = p_lo
         j = n_lo
-        previous = np.inf
+        for _ in range((p_hi - p_lo) + (n_hi - n_lo)):
+            # no branch on which pixel comes next (it is unpredictable), and few operations
+            # between i, j and the next i, j (the loop is latency bound)
+            x_pos = z_pos[i] - shift_pos[j] if i < p_hi else -np.inf
+            x_neg = base_neg[j] + i * slope_neg[j] if j < n_hi else -np.inf
+            take_pos = x_pos >= x_neg
+            # a pixel's level is written on every pass until it is placed: the last write is
+            # its own (pooled groups are written again below)
+            if i < p_hi:
+                level_pos[i] = x_pos
+            if j < n_hi:
+                level_neg[j] = x_neg
+            start_pos[groups] = i
+            start_neg[groups] = j
+            x = max(x_pos, x_neg)  # not a select on take_pos: LLVM may make that a branch
+            group_level[groups] = x
+            group_sum[groups] = x
+            i += np.int64(take_pos)
+            j += np.int64(not take_pos)
+            groups += 1
+            while groups > 1 and group_level[groups - 1] > group_level[groups - 2]:
+                # pool: the level of the group is the mean of its pixels' x (sums kept as
+                # sums; :func:`_certify_groups` recomputes the pooled levels exactly)
+                groups -= 1
+                merged_sum = group_sum[groups - 1] + group_sum[groups]
+                group_sum[groups - 1] = merged_sum
+                group_level[groups - 1] = merged_sum / ((i - start_pos[groups - 1])
+                                                        + (j - start_neg[groups - 1]))
+        start_pos[groups] = p_hi
+        start_neg[groups] = n_hi
+        return groups
+
+    @njit(cache=True)
+    def _certify_groups(z_pos, z_neg, n_fg, lam, inverse_union, prefix_pos, error_pos,
+                        prefix_neg, error_neg, start_pos, start_neg, group_level, first, stop,
+                        level_pos, level_neg):
+        """Check the groups ``first`` to ``stop`` − 1 of :func:`_merge_and_pool` and write the
+        pooled ones' levels; returns (True, Δ̄ contribution of their relu(x)), or (False, 0)
+        when a pooled group is not one level of its contracted set function
+        (:func:`_most_violated` finds a set). A single pixel always is; a pooled group's
+        level is recomputed from the compensated prefix sums (:func:`_block_level`)."""
         loss = 0.0
-        while i < p_hi or j < n_hi:
-            if j == n_hi or (i < p_hi and z_pos[i] >= z_neg[j]):
-                increment = _jaccard_delta(i, j, i + 1, j, n_fg)
-                x = z_pos[i] - lam * increment
-                level_pos[i] = x
-                i += 1
-            else:
-                increment = _jaccard_delta(i, j, i, j + 1, n_fg)
-                x = z_neg[j] - lam * increment
-                level_neg[j] = x
-                j += 1
-            if x > previous:
+        last_union = inverse_union.shape[0] - 1
+        for group in range(first, stop):
+            a_lo = start_pos[group]
+            a_hi = start_pos[group + 1]
+            b_lo = start_neg[group]
+            b_hi = start_neg[group + 1]
+            level = group_level[group]
+            if (a_hi - a_lo) + (b_hi - b_lo) == 1:
+                # the pixel's Jaccard increment, blended without a branch on its label
+                # (unpredictable)
+                increment_pos = inverse_union[b_lo]
+                increment_neg = ((n_fg - a_lo) * inverse_union[b_lo]
+                                 * inverse_union[min(b_lo + 1, last_union)])
+                increment_neg = increment_neg if n_fg + b_lo > 0 else 1.0  # φ(0, 1) − φ(0, 0)
+                is_pos = np.float64(a_hi - a_lo)
+                loss += max(level, 0.0) * (increment_neg + is_pos * (increment_pos - increment_neg))
+                continue
+            level = _block_level(prefix_pos, error_pos, prefix_neg, error_neg, a_lo, a_hi,
+                                 b_lo, b_hi, n_fg, lam)
+            split_a, split_b = _most_violated(z_pos, z_neg, n_fg, lam, inverse_union, level,
+                                              a_lo, a_hi, b_lo, b_hi)
+            if split_a + split_b > 0:
                 return False, 0.0
-            previous = x
-            if x > 0.0:
-                loss += x * increment
+            loss += _write_level(level, a_lo, a_hi, b_lo, b_hi, n_fg, level_pos, level_neg)
         return True, loss
 
     @njit(cache=True)
@@ -267,123 +435,72 @@ if NUMBA_AVAILABLE:
             error[k + 1] = low
 
     @njit(cache=True)
-    def _decompose_blocks(z_pos, z_neg, n_fg, lam, inverse_union, prefix_pos, error_pos,
-                          prefix_neg, error_neg, blocks, head, tail, breadth, level_pos,
-                          level_neg):
-        """Solve the pending blocks rows [head, tail) of ``blocks`` (p_lo, p_hi, n_lo, n_hi).
-
-        ``breadth`` = 0: depth first (a stack; the prefix block is pushed last, so blocks
-        leave from the top level down) until none is left. ``breadth`` > 0: breadth first (a
-        queue) until ``breadth`` blocks are pending or ``blocks`` is full. Returns
-        (loss of the solved blocks, head, tail).
+    def _solve_block(z_pos, z_neg, n_fg, lam, inverse_union, prefix_pos, error_pos,
+                     prefix_neg, error_neg, shift_pos, base_neg, slope_neg, block, stack,
+                     start_pos, start_neg, group_level, group_sum, level_pos, level_neg):
+        """Levels of one block (p_lo, p_hi, n_lo, n_hi) by recursive splitting at the most
+        violated set (Fujishige/Groenevelt decomposition), depth first: ``stack`` has at
+        least its pixel count + 1 rows; the prefix block is pushed last, so blocks leave
+        from the top level down. Blocks of at most MERGE_LIMIT pixels first try
+        :func:`_merge_and_pool` (the group arrays: MERGE_LIMIT + 1 entries). Returns Δ̄
+        of the block's clipped levels.
         """
         loss = 0.0
-        while tail > head:
-            if breadth > 0:
-                if tail - head >= breadth or tail + 2 > blocks.shape[0]:
-                    break
-                row = head
-                head += 1
-            else:
-                tail -= 1
-                row = tail
-            p_lo = blocks[row, 0]
-            p_hi = blocks[row, 1]
-            n_lo = blocks[row, 2]
-            n_hi = blocks[row, 3]
-            size_pos = p_hi - p_lo
-            size_neg = n_hi - n_lo
-            if size_pos + size_neg <= 32:
-                # half of all blocks are singletons, most of the others tiny: try the
-                # order-preserving solution first, which needs no sweep
-                ordered, block_loss = _solve_if_ordered(
-                    z_pos, z_neg, p_lo, p_hi, n_lo, n_hi, n_fg, lam, level_pos, level_neg
+        stack[0, :] = block
+        tail = 1
+        while tail > 0:
+            tail -= 1
+            p_lo = stack[tail, 0]
+            p_hi = stack[tail, 1]
+            n_lo = stack[tail, 2]
+            n_hi = stack[tail, 3]
+            if (p_hi - p_lo) + (n_hi - n_lo) <= MERGE_LIMIT:
+                groups = _merge_and_pool(
+                    z_pos, z_neg, shift_pos, base_neg, slope_neg, p_lo, p_hi, n_lo, n_hi,
+                    level_pos, level_neg, start_pos, start_neg, group_level, group_sum,
                 )
-                if ordered:
+                solved, block_loss = _certify_groups(
+                    z_pos, z_neg, n_fg, lam, inverse_union, prefix_pos, error_pos, prefix_neg,
+                    error_neg, start_pos, start_neg, group_level, 0, groups, level_pos,
+                    level_neg,
+                )
+                if solved:
                     loss += block_loss
                     continue
-            total = ((prefix_pos[p_hi] - prefix_pos[p_lo]) + (prefix_neg[n_hi] - prefix_neg[n_lo])
-                     + ((error_pos[p_hi] - error_pos[p_lo]) + (error_neg[n_hi] - error_neg[n_lo])))
-            gain = lam * _jaccard_delta(p_lo, n_lo, p_hi, n_hi, n_fg)
-            level = (total - gain) / (size_pos + size_neg)
-
-            # sweep over b with the monotone pointer a; h(a, b) = G(a, b) − s(A)
-            best = 0.0
-            best_a = 0
-            best_b = 0
-            a = 0
-            s_pos = 0.0
-            s_neg = 0.0
-            phi_above = (p_lo + n_lo) * inverse_union[n_lo]
-            for b in range(size_neg + 1):
-                inverse = inverse_union[n_lo + b]
-                if size_pos > 0:
-                    slope = lam * inverse
-                    while a < size_pos and z_pos[p_lo + a] - level > slope:
-                        s_pos += z_pos[p_lo + a] - level
-                        a += 1
-                phi = (p_lo + a + n_lo + b) * inverse
-                h = lam * (phi - phi_above) - s_pos - s_neg
-                if h < best:
-                    best = h
-                    best_a = a
-                    best_b = b
-                if b < size_neg:
-                    s_neg += z_neg[n_lo + b] - level
-            # the running sums round by a few ulps of Σ|z − level| ≤ size · (largest deviation,
-            # at an end of a sorted list): smaller violations are noise (and splitting on them
-            # would be harmless anyway)
-            deviation = 0.0
-            if size_pos > 0:
-                deviation = max(abs(z_pos[p_lo] - level), abs(z_pos[p_hi - 1] - level))
-            if size_neg > 0:
-                deviation = max(deviation, abs(z_neg[n_lo] - level),
-                                abs(z_neg[n_hi - 1] - level))
-            tolerance = 1e-13 * ((size_pos + size_neg) * deviation + lam)
-            proper = (best_a + best_b > 0) and (best_a + best_b < size_pos + size_neg)
-            if best < -tolerance and proper:
+            level = _block_level(prefix_pos, error_pos, prefix_neg, error_neg, p_lo, p_hi,
+                                 n_lo, n_hi, n_fg, lam)
+            split_a, split_b = _most_violated(z_pos, z_neg, n_fg, lam, inverse_union, level,
+                                              p_lo, p_hi, n_lo, n_hi)
+            if split_a + split_b > 0:
                 # push the rest first so that the top block (higher levels) is popped first
-                blocks[tail, 0] = p_lo + best_a
-                blocks[tail, 1] = p_hi
-                blocks[tail, 2] = n_lo + best_b
-                blocks[tail, 3] = n_hi
-                blocks[tail + 1, 0] = p_lo
-                blocks[tail + 1, 1] = p_lo + best_a
-                blocks[tail + 1, 2] = n_lo
-                blocks[tail + 1, 3] = n_lo + best_b
+                stack[tail, 0] = p_lo + split_a
+                stack[tail, 1] = p_hi
+                stack[tail, 2] = n_lo + split_b
+                stack[tail, 3] = n_hi
+                stack[tail + 1, 0] = p_lo
+                stack[tail + 1, 1] = p_lo + split_a
+                stack[tail + 1, 2] = n_lo
+                stack[tail + 1, 3] = n_lo + split_b
                 tail += 2
             else:
-                for k in range(p_lo, p_hi):
-                    level_pos[k] = level
-                for k in range(n_lo, n_hi):
-                    level_neg[k] = level
-                if level > 0.0:
-                    loss += level * _jaccard_delta(p_lo, n_lo, p_hi, n_hi, n_fg)
-        return loss, head, tail
+                loss += _write_level(level, p_lo, p_hi, n_lo, n_hi, n_fg, level_pos, level_neg)
+        return loss
 
     @njit(cache=True, parallel=True)
-    def _decompose(z_pos, z_neg, n_fg, lam, level_pos, level_neg, workspace):
+    def _decompose(z_pos, z_neg, n_fg, lam, level_pos, level_neg, merge_first, workspace):
         """Levels of prox_{λΔ̄}(z) (no clipping) on V+; returns (Δ̄_J(relu(levels)),
-        Δ̄_J(relu(z))), the second computed beside the first (serial) splits.
+        Δ̄_J(relu(z))), the second computed beside the first.
 
-        A block is a range [p_lo, p_hi) of the sorted foreground margins and [n_lo, n_hi) of
-        the background ones; everything above it in both lists has already been assigned to
-        higher levels, so its set function is the contraction
-        G(a, b) = λ (φ(p_lo + a, n_lo + b) − φ(p_lo, n_lo)).  The block is one level
-        c = (z(block) − G(all)) / |block| unless some set violates s(A) ≤ G(A) for
-        s = z − c; the most violated set takes a prefix of each list (s keeps z's order) and
-        is found by one sweep: for b background pixels, G is linear in a with slope
-        λ / (n_fg + n_lo + b), so the best a counts the s values above that slope, and it only
-        grows with b. A violated block splits into that prefix block and the rest
-        (Fujishige/Groenevelt decomposition); blocks leave the stack from the top level
-        down, which gives the loss of the clipped levels on the way. Blocks are independent
-        once split: the first splits go breadth first until 16 blocks are pending, which then
-        run depth first in parallel (``prange``), each with :func:`_decompose_blocks`.
-        Blocks of ≤ 32 pixels first try :func:`_solve_if_ordered` (most end as singletons):
-        on a 512² image this halves the time. Random inputs split evenly: ~log2 P sweeps per pixel.
+        When ``merge_first``, all of V+ goes through :func:`_merge_and_pool` (one pass, on
+        one thread while the other computes the prefix sums and the input's loss) and
+        :func:`_certify_groups` (in two halves, in parallel). That is the prox whenever the
+        check passes, which it did on every input tried, at every λ; otherwise, or without
+        ``merge_first``, V+ is solved by :func:`_solve_block` (recursive splitting, ~log2 P
+        sweeps per pixel).
         """
         n_pos = z_pos.shape[0]
         n_neg = z_neg.shape[0]
+        count = n_pos + n_neg
         # 1 / (n_fg + b) for every background count b: the sweep multiplies instead of dividing
         # (φ(a, b) = (a + b) / (n_fg + b); 0 for the empty set when n_fg = 0)
         inverse_union, free = _take_wide(workspace, 0, n_neg + 1, np.float64(0))
@@ -394,47 +511,60 @@ if NUMBA_AVAILABLE:
         error_pos, free = _take_wide(workspace, free, n_pos + 1, np.float64(0))
         prefix_neg, free = _take_wide(workspace, free, n_neg + 1, np.float64(0))
         error_neg, free = _take_wide(workspace, free, n_neg + 1, np.float64(0))
-        _compensated_prefix(z_pos, prefix_pos, error_pos)
-        _compensated_prefix(z_neg, prefix_neg, error_neg)
-        queue = np.empty((64, 4), dtype=np.int64)
-        queue[0, 0] = 0
-        queue[0, 1] = n_pos
-        queue[0, 2] = 0
-        queue[0, 3] = n_neg
-        # the first splits (serial) on one thread, the input's loss on the other
-        first_losses = np.zeros(2)
-        queue_ends = np.zeros(2, dtype=np.int64)
-        for task in prange(2):
+        shift_pos, free = _take_wide(workspace, free, n_neg + 1, np.float64(0))
+        base_neg, free = _take_wide(workspace, free, n_neg + 1, np.float64(0))
+        slope_neg, free = _take_wide(workspace, free, n_neg + 1, np.float64(0))
+        start_pos, free = _take_wide(workspace, free, count + 1, np.int64(0))
+        start_neg, free = _take_wide(workspace, free, count + 1, np.int64(0))
+        group_level, free = _take_wide(workspace, free, count + 1, np.float64(0))
+        group_sum, free = _take_wide(workspace, free, count + 1, np.float64(0))
+        num_groups = np.zeros(1, dtype=np.int64)
+        loss_in = np.zeros(1)
+        for task in prange(2):  # the merge on one thread, what it does not need on the other
             if task == 0:
-                breadth_loss, head, tail = _decompose_blocks(
-                    z_pos, z_neg, n_fg, lam, inverse_union, prefix_pos, error_pos,
-                    prefix_neg, error_neg, queue, 0, 1, 16, level_pos, level_neg,
-                )
-                first_losses[0] = breadth_loss
-                queue_ends[0] = head
-                queue_ends[1] = tail
+                _merge_weights(z_neg, n_fg, lam, inverse_union, shift_pos, base_neg, slope_neg)
+                if merge_first:
+                    num_groups[0] = _merge_and_pool(
+                        z_pos, z_neg, shift_pos, base_neg, slope_neg, 0, n_pos, 0, n_neg,
+                        level_pos, level_neg, start_pos, start_neg, group_level, group_sum,
+                    )
             else:
-                first_losses[1] = _extension_of_sorted(z_pos, z_neg, n_fg)
-        loss = first_losses[0]
-        head = queue_ends[0]
-        tail = queue_ends[1]
-        pending = tail - head
-        losses = np.zeros(pending)
-        for k in prange(pending):
-            block = queue[head + k]
-            stack = np.empty((block[1] - block[0] + block[3] - block[2] + 1, 4), dtype=np.int64)
-            stack[0, :] = block
-            losses[k] = _decompose_blocks(
-                z_pos, z_neg, n_fg, lam, inverse_union, prefix_pos, error_pos, prefix_neg,
-                error_neg, stack, 0, 1, 0, level_pos, level_neg,
-            )[0]
-        for k in range(pending):
-            loss += losses[k]
-        return loss, first_losses[1]
+                _compensated_prefix(z_pos, prefix_pos, error_pos)
+                _compensated_prefix(z_neg, prefix_neg, error_neg)
+                loss_in[0] = _extension_of_sorted(z_pos, z_neg, n_fg)
+        if merge_first:
+            half_losses = np.zeros(2)
+            certified = np.ones(2, dtype=np.bool_)
+            for half in prange(2):
+                certified[half], half_losses[half] = _certify_groups(
+                    z_pos, z_neg, n_fg, lam, inverse_union, prefix_pos, error_pos, prefix_neg,
+                    error_neg, start_pos, start_neg, group_level, half * num_groups[0] // 2,
+                    (half + 1) * num_groups[0] // 2, level_pos, level_neg,
+                )
+            if certified[0] and certified[1]:
+                return half_losses[0] + half_losses[1], loss_in[0]
+        stack = np.empty((count + 1, 4), dtype=np.int64)
+        whole = np.array([0, n_pos, 0, n_neg], dtype=np.int64)
+        loss = _solve_block(
+            z_pos, z_neg, n_fg, lam, inverse_union, prefix_pos, error_pos, prefix_neg,
+            error_neg, shift_pos, base_neg, slope_neg, whole, stack, start_pos, start_neg,
+            group_level, group_sum, level_pos, level_neg,
+        )
+        return loss, loss_in[0]
+
+    @njit(cache=True, parallel=True)
+    def _write_logits(out, idx_pos, level_pos, idx_neg, level_neg):
+        """The prox logits of V+ from its levels clipped at 0: X = y (1 − relu(level))."""
+        n_pos = idx_pos.shape[0]
+        for k in prange(n_pos + idx_neg.shape[0]):
+            if k < n_pos:
+                out[idx_pos[k]] = 1.0 - max(level_pos[k], 0.0)
+            else:
+                out[idx_neg[k - n_pos]] = max(level_neg[k - n_pos], 0.0) - 1.0
 
     @njit(cache=True)
     def _prox_exact_rows(logits, labels, ignore_label, has_ignore, lam, out, loss_in,
-                         loss_out, workspace):
+                         loss_out, workspace, merge_first):
         """Exact prox of λ[s]·Δ̄_J(relu(1 − y·F)) for every row s.
 
         Parameters: logits (S, P) float32 or float64, labels (S, P) (1 is foreground; a
@@ -442,7 +572,10 @@ if NUMBA_AVAILABLE:
         workspace float64 with ``workspace_slots(P)`` slots (every temporary array lives
         there). Writes out (S, P) float64 (a copy of logits except on V+), loss_in[s] = Δ̄ at
         the input and loss_out[s] = Δ̄ at the prox (both without the factor λ).
+        ``merge_first``: see :func:`_decompose` (False only to test the splitting alone).
         """
+        if workspace.shape[0] < workspace_slots(logits.shape[1]):
+            raise ValueError("workspace smaller than workspace_slots(P)")
         for row in range(logits.shape[0]):
             out[row, :] = logits[row, :]
             n_fg, z_pos, idx_pos, z_neg, idx_neg, free = _split_by_label(
@@ -455,12 +588,9 @@ if NUMBA_AVAILABLE:
             level_pos, free = _take_wide(workspace, free, z_pos.shape[0], np.float64(0))
             level_neg, free = _take_wide(workspace, free, z_neg.shape[0], np.float64(0))
             loss_out[row], loss_in[row] = _decompose(
-                z_pos, z_neg, n_fg, lam[row], level_pos, level_neg, workspace[free:]
+                z_pos, z_neg, n_fg, lam[row], level_pos, level_neg, merge_first, workspace[free:]
             )
-            for k in range(z_pos.shape[0]):
-                out[row, idx_pos[k]] = 1.0 - max(level_pos[k], 0.0)
-            for k in range(z_neg.shape[0]):
-                out[row, idx_neg[k]] = max(level_neg[k], 0.0) - 1.0
+            _write_logits(out[row], idx_pos, level_pos, idx_neg, level_neg)
 
     # ---------------------------------------------------------------------------------------
     # greedy minimization path (paper, Appendix C)
@@ -670,6 +800,8 @@ if NUMBA_AVAILABLE:
                           loss_in, loss_out, workspace):
         """The greedy path for every row (same arguments as :func:`_prox_exact_rows`, plus
         ``max_steps``, −1 for no limit). Returns True when every row reached t = λ."""
+        if workspace.shape[0] < workspace_slots(logits.shape[1]):
+            raise ValueError("workspace smaller than workspace_slots(P)")
         all_finished = True
         for row in range(logits.shape[0]):
             out[row, :] = logits[row, :]

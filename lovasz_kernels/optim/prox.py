@@ -7,8 +7,9 @@ min_m Δ̄_J(relu(m)) + ‖m − m0‖² / (2λ), solved per segment by the numb
 
 - pixels with m0 ≤ 0 and ignored pixels are returned unchanged (bit for bit);
 - on V+ = {m0 > 0}: m = max(m0 − Π_{B(λΔ_J)}(m0), 0), the base-polytope projection computed
-  by divide and conquer over the sorted foreground and background margins; n_fg counts every
-  foreground pixel of the segment, including those already classified with margin;
+  from the sorted foreground and background margins (one merge with pooling, certified;
+  divide and conquer where the certificate fails); n_fg counts every foreground pixel of the
+  segment, including those already classified with margin;
 - ``per_image=True`` makes the loss a mean over the B' images that have a valid pixel, so each
   image gets the prox of its own loss with λ / B'.
 """
@@ -162,7 +163,7 @@ def _prox(
         if method == "exact":
             kernels._prox_exact_rows(
                 logits_host, labels_host, ignore_label, has_ignore, lam_rows, out, loss_in,
-                loss_out, workspace,
+                loss_out, workspace, True,
             )
         else:
             finished = bool(kernels._prox_greedy_rows(
@@ -211,9 +212,11 @@ def prox_lovasz_hinge(
         Label of ignored pixels; they are returned unchanged.
     method
         ``"exact"``: the exact prox (DESIGN.md §4): pixels with margin 1 − y·F ≤ 0 are
-        unchanged; on the others, the projection onto the base polytope of λΔ_J by divide and
-        conquer over the two sorted label lists, clipped at margin 0. Typically
-        O(P log P) per image (a sort and ~log P linear sweeps), O(P²) in the worst case.
+        unchanged; on the others, the projection onto the base polytope of λΔ_J, clipped at
+        margin 0. The two label lists are sorted (radix sort), then merged once by their
+        would-be prox values with adjacent violators pooled; a check of each pooled group
+        certifies the result (it passed on every input tried). Where it fails, divide and
+        conquer over the two lists solves the image: ~log P linear sweeps, O(P²) at worst.
         ``"greedy"``: the paper's approximate minimization path (Appendix C): margins move
         along −g (the Lovász gradient in their initial order), neighbours that meet merge and
         move with their mean g, groups that reach margin 0 freeze, until step λ. It equals

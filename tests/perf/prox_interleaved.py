@@ -19,7 +19,8 @@ import torch
 from lovasz_kernels import lovasz_hinge
 from lovasz_kernels.optim import prox_lovasz_hinge
 
-CASES = [("exact", 0.01), ("exact", 0.1), ("exact", 1.0), ("exact", 100.0), ("greedy", 1.0)]
+CASES = [("exact", 0.01), ("exact", 0.1), ("exact", 1.0), ("exact", 100.0), ("exact", 4e4),
+         ("greedy", 1.0)]
 
 
 def main() -> None:
