@@ -109,15 +109,53 @@ def check_finite(name: str, tensor: torch.Tensor, hint: str = "") -> None:
         )
 
 
-def check_labels(
-    labels: torch.Tensor, valid_values: str, num_classes: int, ignore_index: int | None
-) -> None:
-    """Labels must be integers in ``[0, num_classes)`` or equal to ``ignore_index``."""
-    if labels.dtype.is_floating_point or labels.dtype.is_complex:
+def valid_pixels(labels: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
+    """Bool mask of the pixels whose label is not ``ignore_index``.
+
+    The comparison is made on int64 values, never in the labels' own dtype: ``uint8`` labels
+    compared with ``ignore_index=256`` (or int32 labels with ``2**40``, or ``-100``) would
+    wrap around and ignore a real class. An ``ignore_index`` the labels cannot hold simply
+    matches no pixel. Every entry point (losses, prox, metrics) uses this one rule.
+    """
+    if ignore_index is None:
+        return torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
+    if labels.dtype == torch.int64:
+        return labels != ignore_index
+    return labels.to(torch.int64) != ignore_index
+
+
+def label_values(name: str, labels: torch.Tensor, *, binary: bool) -> torch.Tensor:
+    """Labels as the int64 class indices every kernel reads.
+
+    Integer and bool labels are accepted for every loss. With ``binary`` (the hinge, the
+    sigmoid case C == 1, the prox) floating masks are accepted too, as
+    segmentation_models_pytorch users pass them (``y.float()``); their values must be whole
+    numbers (0, 1 or the ignore label), checked with the other value checks.
+    """
+    if labels.dtype.is_complex or (labels.dtype.is_floating_point and not binary):
         raise TypeError(
-            f"labels must be an integer or bool tensor of class indices; got {labels.dtype} "
+            f"{name} must be an integer or bool tensor of class indices; got {labels.dtype} "
             "(convert with labels.long())"
         )
+    if labels.dtype.is_floating_point:
+        if _validate_values and labels.numel():
+            whole = labels == torch.round(labels)
+            if not bool(whole.all()):
+                example = float(labels[~whole].flatten()[0])
+                raise ValueError(
+                    f"{name} as a floating mask must hold whole numbers (0, 1 or the ignore "
+                    f"label); got {int((~whole).sum())} other values (e.g. {example:g})"
+                )
+        return labels.to(torch.int64)
+    return labels if labels.dtype == torch.int64 else labels.to(torch.int64)
+
+
+def check_labels(
+    labels: torch.Tensor, valid_values: str, num_classes: int, ignore_index: int | None,
+    name: str = "labels",
+) -> None:
+    """Labels (int64, see :func:`label_values`) must lie in ``[0, num_classes)`` or equal
+    ``ignore_index``."""
     if not _validate_values or labels.numel() == 0 or labels.dtype == torch.bool:
         return
     # one pass settles the usual case; the census below (three passes) runs only when some
@@ -125,15 +163,13 @@ def check_labels(
     low, high = (int(bound) for bound in torch.aminmax(labels))
     if low >= 0 and high < num_classes:
         return
-    out_of_range = (labels < 0) | (labels >= num_classes)
-    if ignore_index is not None:
-        out_of_range &= labels != ignore_index
+    out_of_range = ((labels < 0) | (labels >= num_classes)) & valid_pixels(labels, ignore_index)
     n_bad = int(out_of_range.sum())
     if n_bad:
         example = int(labels[out_of_range].flatten()[0])
         ignore = "" if ignore_index is None else f" or ignore_index={ignore_index}"
         raise ValueError(
-            f"labels must be in {valid_values}{ignore}; got {n_bad} out-of-range values "
+            f"{name} must be in {valid_values}{ignore}; got {n_bad} out-of-range values "
             f"(e.g. {example})"
         )
 

@@ -304,6 +304,7 @@ def lovasz_hinge(
     per_image = _validate.check_flag("per_image", per_image)
     ignore_index = _validate.check_ignore_index(ignore_index)
     logits_2d, labels_2d = _hinge_shapes(logits, labels)
+    labels_2d = _validate.label_values("labels", labels_2d, binary=True)
     _validate.check_labels(labels_2d, "{0, 1}", 2, ignore_index)
     _validate.check_finite("logits", logits_2d)
     _distributed.check_dist_options(process_group, dist_mode, bins, allow_fp16_grid=False)
@@ -381,9 +382,7 @@ def _hinge_plan(labels: torch.Tensor, ignore_index: int | None, per_image: bool)
 
 
 def _valid_mask(labels: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
-    if ignore_index is None:
-        return torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
-    return labels != ignore_index
+    return _validate.valid_pixels(labels, ignore_index)
 
 
 def _softmax_shapes(
@@ -491,6 +490,7 @@ def lovasz_softmax(
     chosen_classes = _validate.resolve_classes(classes, num_classes)
     weights_per_class = _validate.resolve_class_weights(class_weights, num_classes, probas.device)
     valid_range = "{0, 1}" if sigmoid_case else f"[0, {num_classes})"
+    labels_2d = _validate.label_values("labels", labels_2d, binary=sigmoid_case)
     _validate.check_labels(labels_2d, valid_range, max(num_classes, 2), ignore_index)
     _distributed.check_dist_options(process_group, dist_mode, bins, allow_fp16_grid=True)
     chosen = select_backend(backend, probas.device)

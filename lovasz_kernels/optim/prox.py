@@ -130,6 +130,7 @@ def _prox(
     ignore_index = _validate.check_ignore_index(ignore_index)
     kernel_max_steps = check_method(method, max_steps)
     logits_2d, labels_2d = _hinge_shapes(logits, labels)
+    labels_2d = _validate.label_values("labels", labels_2d, binary=True)
     _validate.check_labels(labels_2d, "{0, 1}", 2, ignore_index)
     _validate.check_finite("logits", logits_2d)
     kernels = _kernels()
