@@ -11,18 +11,15 @@ A backend is a module under ``lovasz_kernels/backends/`` that defines
     (the triton backend accepts CPU tensors under ``TRITON_INTERPRET=1``);
 ``details() -> str`` (optional)
     one line for ``lovasz-kernels info`` about how it will run (threads, device, mode).
-``lovasz_segments(scores, labels, plan) -> (loss, grad) | None`` (optional)
-    the fused loss path: the whole loss of a :class:`lovasz_kernels.losses.SegmentPlan`
-    straight from ``scores`` (B, C, P) in the compute dtype (the hinge's logits with C = 1,
-    or probabilities) and ``labels`` (B, P) int64, with no (S, P) errors/fg tensors. Segment
-    s is channel ``plan.channel[s]`` of image ``plan.image[s]`` (of every image when
-    ``plan.image`` is None); its fg is the valid pixels (label != ``plan.ignore_index``)
-    labelled ``plan.fg_label[s]``; its errors are ``1 - score`` on fg and
-    ``plan.bg_offset + score`` elsewhere. Returns the 0-d float64 total
-    ``Σ_s plan.weight[s] · extension_s`` and its gradient w.r.t. ``scores`` (B, C, P), the
-    weight and the sign (-1 on fg, +1 on background) folded into one scatter; or None to
-    decline, and the loss layer then builds the segments for ``lovasz_extension``. Segments
-    never share a pixel of the gradient. Without it, the losses use ``lovasz_extension``.
+``lovasz_loss(scores, labels, plan) -> (loss, grad)`` (optional)
+    a fused way to run a whole loss call, described by a
+    :class:`lovasz_kernels._plan.SegmentPlan`, straight from ``scores`` (B, C, P) (the
+    hinge's logits with C = 1, or probabilities, in their own dtype) and ``labels`` (B, P)
+    int64, with no (S, P) errors/fg tensors. Returns the 0-d float64 total
+    ``Σ_s plan.weight[s] · extension_s`` and its gradient w.r.t. ``scores`` (B, C, P) in the
+    compute dtype, the weight and the sign (-1 on foreground, +1 elsewhere) folded into one
+    scatter. Without it, :func:`lovasz_kernels._plan.generic_lovasz_loss` runs the plan
+    through ``lovasz_extension``.
 
 and one :func:`register_backend` line at the bottom of this file. Modules are imported
 lazily, so an optional dependency that is missing costs nothing until that backend is asked for.
@@ -38,6 +35,7 @@ from types import ModuleType
 import torch
 
 from lovasz_kernels import _validate
+from lovasz_kernels._plan import SegmentPlan, generic_lovasz_loss
 
 ExtensionResult = tuple[torch.Tensor, torch.Tensor]
 
@@ -105,12 +103,6 @@ class Backend:
         describe: Callable[[], str] | None = getattr(self._load(), "details", None)
         return "" if describe is None else describe()
 
-    def lovasz_segments(self) -> Callable[..., ExtensionResult | None] | None:
-        """The module's fused loss path ``lovasz_segments`` when it has one, else None."""
-        if not self.availability()[0]:
-            return None
-        return getattr(self._load(), "lovasz_segments", None)
-
     def require(self, device: torch.device) -> None:
         """Raise with the reason and a fix when this backend cannot run on ``device``."""
         available, reason = self.availability()
@@ -142,6 +134,16 @@ class Backend:
                 torch.zeros_like(errors),
             )
         return self._load().lovasz_extension(errors, fg)
+
+    def run_loss(
+        self, scores: torch.Tensor, labels: torch.Tensor, plan: SegmentPlan
+    ) -> ExtensionResult:
+        """Run one loss call (see :mod:`lovasz_kernels._plan`): the backend's fused
+        ``lovasz_loss`` when it has one, else the generic path through :meth:`run`."""
+        fused = getattr(self._load(), "lovasz_loss", None)
+        if fused is not None:
+            return fused(scores, labels, plan)
+        return generic_lovasz_loss(self.run, scores, labels, plan)
 
 
 _BACKENDS: dict[str, Backend] = {}

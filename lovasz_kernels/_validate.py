@@ -124,6 +124,15 @@ def valid_pixels(labels: torch.Tensor, ignore_index: int | None) -> torch.Tensor
     return labels.to(torch.int64) != ignore_index
 
 
+def check_label_dtype(name: str, labels: torch.Tensor, *, binary: bool) -> None:
+    """Integer and bool labels for every loss; floating 0/1 masks too when ``binary``."""
+    if labels.dtype.is_complex or (labels.dtype.is_floating_point and not binary):
+        raise TypeError(
+            f"{name} must be an integer or bool tensor of class indices; got {labels.dtype} "
+            "(convert with labels.long())"
+        )
+
+
 def label_values(name: str, labels: torch.Tensor, *, binary: bool) -> torch.Tensor:
     """Labels as the int64 class indices every kernel reads.
 
@@ -132,11 +141,7 @@ def label_values(name: str, labels: torch.Tensor, *, binary: bool) -> torch.Tens
     segmentation_models_pytorch users pass them (``y.float()``); their values must be whole
     numbers (0, 1 or the ignore label), checked with the other value checks.
     """
-    if labels.dtype.is_complex or (labels.dtype.is_floating_point and not binary):
-        raise TypeError(
-            f"{name} must be an integer or bool tensor of class indices; got {labels.dtype} "
-            "(convert with labels.long())"
-        )
+    check_label_dtype(name, labels, binary=binary)
     if labels.dtype.is_floating_point:
         if _validate_values and labels.numel():
             whole = labels == torch.round(labels)
@@ -263,18 +268,31 @@ def normalize_class_weights(class_weights: object) -> torch.Tensor | None:
         if class_weights.dim() == 0:
             raise TypeError(f"{expected}; got a 0-d tensor")
         weights = class_weights.detach().to(device="cpu", dtype=torch.float64)
-    elif isinstance(class_weights, Sequence) and not isinstance(class_weights, str):
-        try:
-            weights = torch.tensor(list(class_weights), dtype=torch.float64)
-        except (TypeError, ValueError, RuntimeError):
-            raise TypeError(f"{expected}; got {class_weights!r}") from None
-    else:
+        check_class_weight_values(weights)
+        return weights
+    if not isinstance(class_weights, Sequence) or isinstance(class_weights, str):
         raise TypeError(f"{expected}; got {type(class_weights).__name__}")
+    # plain Python numbers are checked in Python: no tensor read (nothing for a compiler to
+    # trace, no device synchronisation)
+    try:
+        values = [float(weight) for weight in class_weights]
+    except (TypeError, ValueError):
+        raise TypeError(f"{expected}; got {class_weights!r}") from None
+    if any(isinstance(weight, (bool, str)) for weight in class_weights):
+        raise TypeError(f"{expected}; got {class_weights!r}")
+    if not all(math.isfinite(value) and value >= 0 for value in values):
+        raise ValueError(f"class_weights must be finite and >= 0; got {values}")
+    if values and not any(value > 0 for value in values):
+        raise ValueError("class_weights must have at least one positive weight")
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def check_class_weight_values(weights: torch.Tensor) -> None:
+    """Finite, non-negative, at least one positive (one read of C values)."""
     if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
         raise ValueError(f"class_weights must be finite and >= 0; got {weights.tolist()}")
     if weights.numel() and not bool((weights > 0).any()):
         raise ValueError("class_weights must have at least one positive weight")
-    return weights
 
 
 def resolve_class_weights(
@@ -294,20 +312,7 @@ def resolve_class_weights(
 
 def check_extension_inputs(errors: object, fg: object) -> None:
     """The kernel contract: errors (S, P) float, fg (S, P) bool, no NaN, no +inf."""
-    errors = check_floating("errors", errors)
-    fg = check_tensor("fg", fg)
-    if errors.dim() != 2:
-        raise ValueError(
-            f"errors must have shape (S, P) (segments x pixels); got {shape_str(errors.shape)}"
-        )
-    if fg.dtype != torch.bool:
-        raise TypeError(f"fg must be a bool tensor; got {fg.dtype}")
-    if fg.shape != errors.shape:
-        raise ValueError(
-            f"fg must have the shape of errors {shape_str(errors.shape)}; "
-            f"got {shape_str(fg.shape)}"
-        )
-    check_same_device("fg", fg, "errors", errors)
+    check_extension_shapes(errors, fg)
     if _validate_values and errors.numel():
         errors = errors.detach()
         n_nan = int(torch.isnan(errors).sum())
@@ -323,3 +328,21 @@ def check_extension_inputs(errors: object, fg: object) -> None:
                 f"padding pixels (errors == -inf) must have fg == False; got {n_fg_padding} "
                 "padding pixels marked foreground"
             )
+
+
+def check_extension_shapes(errors: object, fg: object) -> None:
+    """errors (S, P) float and fg (S, P) bool on one device (reads no value)."""
+    errors = check_floating("errors", errors)
+    fg = check_tensor("fg", fg)
+    if errors.dim() != 2:
+        raise ValueError(
+            f"errors must have shape (S, P) (segments x pixels); got {shape_str(errors.shape)}"
+        )
+    if fg.dtype != torch.bool:
+        raise TypeError(f"fg must be a bool tensor; got {fg.dtype}")
+    if fg.shape != errors.shape:
+        raise ValueError(
+            f"fg must have the shape of errors {shape_str(errors.shape)}; "
+            f"got {shape_str(fg.shape)}"
+        )
+    check_same_device("fg", fg, "errors", errors)

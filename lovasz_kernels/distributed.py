@@ -50,8 +50,6 @@ With ``per_image=True`` no collective is made and ``process_group`` is ignored.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 
@@ -98,34 +96,90 @@ def _all_gather_equal(local: torch.Tensor, group: dist.ProcessGroup) -> torch.Te
     return out.view(world, *local.shape)
 
 
-@dataclass
-class GlobalBatch:
-    """What the census of a distributed loss call learned, and how to finish it.
+# the options every rank of one call must share, in the order of the agreement's header
+_AGREED_OPTIONS = ("C (classes)", "kind of loss", "dist_mode", "bins", "dtype", "classes")
+_CODES = {
+    "kind of loss": ("probas", "softmax_of_logits", "hinge"),
+    "dist_mode": DIST_MODES,
+    "classes": ("present", "all", "list"),
+}
 
-    ``columns[r]`` is the number of pixel columns (the P of the local (S, P) segments) of rank
-    r; ``rank`` is this process's index in the group.
+
+class GroupBatch:
+    """The distributed side of one batch loss call: the loss over the pixels of every rank.
+
+    Made inside the loss operator on every rank; its collectives, in order:
+
+    1. :meth:`agree`: an all-gather of a fixed-size header (this rank's pixel count, whether
+       its inputs passed validation, and a code of every option that must match), so ranks
+       called with different options, or with one rank's inputs rejected, all raise the same
+       ``ValueError`` instead of deadlocking or aborting in a collective of mismatched sizes;
+    2. :meth:`census`: an all-gather of the per-class pixel counts, summed, so that every
+       rank counts the same classes;
+    3. :meth:`extension_with`'s extension: the exact gather or the histogram all-reduce.
     """
 
-    group: dist.ProcessGroup
-    mode: str
-    bins: int | str
-    columns: list[int]
-    rank: int
-    value_range: float | None  # the errors' known upper bound (1 for softmax), None: measure
+    def __init__(
+        self, group_name: str, mode: str, bins: str, local_columns: int,
+        value_range: float | None,
+    ) -> None:
+        from torch.distributed.distributed_c10d import _resolve_process_group
 
-    def extension(
-        self, errors: torch.Tensor, fg: torch.Tensor, backend: Backend
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(S,) global segment losses and the (S, P_local) gradient of the local pixels."""
-        if self.mode == "exact":
-            return self._exact(errors, fg, backend)
-        return histogram_extension(
-            errors, fg, self.bins, self.value_range, self.group, sum(self.columns)
-        )
+        self.group = _resolve_process_group(group_name)
+        self.mode = mode
+        self.bins: int | str = bins if bins == "fp16" else int(bins)
+        self.local_columns = local_columns
+        self.value_range = value_range  # the errors' known upper bound (1 for softmax)
+        self.columns: list[int] = []  # every rank's local pixel count, after agree()
+        self.rank = dist.get_rank(self.group)
+
+    def agree(self, options: dict[str, object], device: torch.device, failed: bool) -> None:
+        """Exchange the header; raise on every rank if any rank failed or options differ.
+
+        ``options`` maps each name of ``_AGREED_OPTIONS`` to this rank's value.
+        """
+        codes = [_option_code(name, options[name]) for name in _AGREED_OPTIONS]
+        header = torch.tensor([self.local_columns, int(failed), *codes], dtype=torch.int64,
+                              device=device)
+        every = _all_gather_equal(header, self.group).tolist()
+        self.columns = [row[0] for row in every]
+        failed_ranks = [rank for rank, row in enumerate(every) if row[1]]
+        if failed_ranks and not failed:
+            raise ValueError(
+                f"rank(s) {failed_ranks} of the process group rejected their inputs (see the "
+                "error on those ranks); the distributed loss cannot go on without them"
+            )
+        for position, name in enumerate(_AGREED_OPTIONS, start=2):
+            values = [row[position] for row in every]
+            if len(set(values)) > 1:
+                shown = ", ".join(
+                    f"rank {rank}: {_option_text(name, value)}" for rank, value in enumerate(values)
+                )
+                raise ValueError(
+                    f"every rank of the process group must call the loss with the same "
+                    f"{name}; got {shown}"
+                )
+
+    def census(self, counts: torch.Tensor) -> torch.Tensor:
+        """``counts`` (int64, 1-D, the same length on every rank) summed over the ranks."""
+        return _all_gather_equal(counts.to(torch.int64), self.group).sum(dim=0)
+
+    def extension_with(self, backend: Backend):
+        """The extension of the global segments, run by ``backend`` (exact mode), for
+        :func:`lovasz_kernels._plan.generic_lovasz_loss`."""
+        def extension(errors: torch.Tensor, fg: torch.Tensor):
+            if self.mode == "exact":
+                return self._exact(errors, fg, backend)
+            return histogram_extension(
+                errors, fg, self.bins, self.value_range, self.group, sum(self.columns)
+            )
+
+        return extension
 
     def _exact(
         self, errors: torch.Tensor, fg: torch.Tensor, backend: Backend
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(S,) global segment losses and the (S, P_local) gradient of the local pixels."""
         num_segments, local_columns = errors.shape
         widest = max(self.columns)
         padded_errors = errors.new_full((num_segments, widest), -torch.inf)
@@ -149,30 +203,27 @@ class GlobalBatch:
         return segment_loss, global_grad[:, start : start + local_columns]
 
 
-def census(
-    group: dist.ProcessGroup,
-    local_columns: int,
-    counts: torch.Tensor,
-    mode: str,
-    bins: int | str,
-    value_range: float | None,
-) -> tuple[torch.Tensor, GlobalBatch]:
-    """All-gather the local column count and sum the local ``counts`` (int64, 1-D) over ranks.
+def _option_code(name: str, value: object) -> int:
+    if name in _CODES:
+        return _CODES[name].index(value)
+    if name == "bins":
+        return -1 if value == "fp16" else int(value)
+    if name == "dtype":
+        return _DTYPE_CODES.index(value)
+    return int(value)
 
-    One collective of ``world * (len(counts) + 1)`` integers: the global counts decide which
-    segments exist (identically on every rank), the column counts size the exact gather.
-    """
-    local = torch.cat([counts.new_tensor([local_columns]), counts.to(torch.int64)])
-    every = _all_gather_equal(local, group)
-    batch = GlobalBatch(
-        group=group,
-        mode=mode,
-        bins=bins,
-        columns=[int(n) for n in every[:, 0].tolist()],
-        rank=dist.get_rank(group),
-        value_range=value_range,
-    )
-    return every[:, 1:].sum(dim=0), batch
+
+def _option_text(name: str, code: int) -> str:
+    if name in _CODES:
+        return repr(_CODES[name][code])
+    if name == "bins":
+        return "'fp16'" if code == -1 else str(code)
+    if name == "dtype":
+        return str(_DTYPE_CODES[code])
+    return str(code)
+
+
+_DTYPE_CODES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # --------------------------------------------------------------------------------------------

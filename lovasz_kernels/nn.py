@@ -1,16 +1,15 @@
 """``nn.Module`` wrappers of the Lovász losses."""
 
-from __future__ import annotations
-
 from collections.abc import Sequence
+from typing import List, Optional  # noqa: UP035 - TorchScript reads attribute annotations
 
 import torch
 from torch import nn
 
-from lovasz_kernels import _validate
+from lovasz_kernels import _ops, _validate
 from lovasz_kernels._registry import get_backend
 from lovasz_kernels.distributed import check_dist_options
-from lovasz_kernels.losses import lovasz_hinge, lovasz_softmax
+from lovasz_kernels.losses import lovasz_hinge, lovasz_softmax, softmax_loss
 
 __all__ = ["LovaszHingeLoss", "LovaszSoftmaxLoss"]
 
@@ -64,8 +63,21 @@ class LovaszHingeLoss(nn.Module):
         self.process_group = process_group
         self.dist_mode = dist_mode
         self.bins = bins
+        self._backend_name = "" if backend is None else backend
+        self._distributed = process_group is not None
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            if self._distributed:
+                raise RuntimeError(
+                    "a scripted Lovász loss cannot take a process_group; use the eager or "
+                    "torch.compile'd module for the global-batch loss")
+            return _ops.lovasz_loss(logits, labels, None, "present", [], self.per_image,
+                                    self.ignore_index, "hinge", self._backend_name)
+        return self._eager_forward(logits, labels)
+
+    @torch.jit.unused
+    def _eager_forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return lovasz_hinge(
             logits, labels, per_image=self.per_image, ignore_index=self.ignore_index,
             backend=self.backend, process_group=self.process_group, dist_mode=self.dist_mode,
@@ -97,7 +109,8 @@ class LovaszSoftmaxLoss(nn.Module):
     >>> loss = criterion(torch.randn(2, 4, 8, 8), torch.randint(0, 4, (2, 8, 8)))
     """
 
-    class_weights: torch.Tensor | None
+    class_weights: Optional[torch.Tensor]  # noqa: UP045 - TorchScript reads Optional
+    _class_list: List[int]  # noqa: UP006
 
     def __init__(
         self,
@@ -128,8 +141,24 @@ class LovaszSoftmaxLoss(nn.Module):
         self.process_group = process_group
         self.dist_mode = dist_mode
         self.bins = bins
+        self._classes_mode = self.classes if isinstance(self.classes, str) else "list"
+        self._class_list = [] if isinstance(self.classes, str) else sorted(self.classes)
+        self._backend_name = "" if backend is None else backend
+        self._distributed = process_group is not None
 
     def forward(self, probas: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            if self._distributed:
+                raise RuntimeError(
+                    "a scripted Lovász loss cannot take a process_group; use the eager or "
+                    "torch.compile'd module for the global-batch loss")
+            return softmax_loss(probas, labels, self.class_weights, self._classes_mode,
+                                self._class_list, self.per_image, self.ignore_index,
+                                self.from_logits, self._backend_name)
+        return self._eager_forward(probas, labels)
+
+    @torch.jit.unused
+    def _eager_forward(self, probas: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return lovasz_softmax(
             probas, labels, classes=self.classes, per_image=self.per_image,
             ignore_index=self.ignore_index, class_weights=self.class_weights,

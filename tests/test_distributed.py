@@ -450,6 +450,60 @@ def case_ddp_gradient_factor(rank: int, world: int, group: dist.ProcessGroup) ->
             _expect_close(got.grad, want * scale / world, rtol=1e-9, atol=1e-12)
 
 
+def case_compiled_fullgraph(rank: int, world: int, group: dist.ProcessGroup) -> None:
+    """torch.compile(fullgraph=True) through the process group: the eager global loss."""
+    sizes = BATCH_SIZES[world]
+    probas, labels = _softmax_batch(6, sum(sizes), sizes)
+    mine = _rank_slice(sizes, rank)
+    logits = probas.log()[mine]
+
+    def loss_of(scores, labels):
+        return lovasz_softmax(scores, labels, from_logits=True, ignore_index=IGNORE,
+                              process_group=group)
+
+    expected_loss, expected_grad = _loss_and_grad(loss_of, logits, labels[mine])
+    compiled = torch.compile(loss_of, fullgraph=True, backend="aot_eager")
+    loss, grad = _loss_and_grad(compiled, logits, labels[mine])
+    _expect(loss.item() == expected_loss.item(), f"compiled {loss.item()} != {expected_loss}")
+    _expect_close(grad, expected_grad, rtol=1e-12, atol=0, msg="compiled")
+
+
+def case_ranks_disagree_or_fail(rank: int, world: int, group: dist.ProcessGroup) -> None:
+    """Different options on one rank, or one rank's inputs rejected: every rank raises the
+    same kind of ValueError (no deadlock, no abort in a mismatched collective)."""
+    sizes = BATCH_SIZES[world]
+    probas, labels = _softmax_batch(7, sum(sizes), sizes)
+    mine = _rank_slice(sizes, rank)
+    last = world - 1
+    wrong = {
+        "dist_mode": {"dist_mode": "histogram" if rank == last else "exact"},
+        "bins": {"dist_mode": "histogram", "bins": 64 if rank == last else 128},
+        "C (classes)": {"classes_cut": rank == last},
+        "classes": {"classes": "all" if rank == last else "present"},
+    }
+    for option, kwargs in wrong.items():
+        scores = probas[mine]
+        if kwargs.pop("classes_cut", False):  # one class fewer on the last rank
+            scores = scores[:, :-1] / scores[:, :-1].sum(dim=1, keepdim=True)
+        try:
+            lovasz_softmax(scores, labels[mine].clamp(max=scores.shape[1] - 1),
+                           process_group=group, **kwargs)
+        except ValueError as exc:
+            _expect(f"with the same {option}" in str(exc), f"{option}: {exc}")
+        else:
+            _expect(False, f"{option}: no error on rank {rank}")
+    bad = labels[mine].clone()
+    if rank == last and bad.numel():
+        bad.view(-1)[0] = 99
+    try:
+        lovasz_softmax(probas[mine], bad, ignore_index=IGNORE, process_group=group)
+    except ValueError as exc:
+        expected = "labels must be in" if rank == last else "rejected their inputs"
+        _expect(expected in str(exc), f"rejected inputs on rank {rank}: {exc}")
+    else:
+        _expect(not bad.numel(), f"rejected inputs: no error on rank {rank}")
+
+
 CASES = {
     name[len("case_"):]: fn for name, fn in sorted(globals().items()) if name.startswith("case_")
 }

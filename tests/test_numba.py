@@ -242,7 +242,7 @@ def test_non_contiguous_inputs_are_copied_once(gen):
 
 
 # --------------------------------------------------------------------------------------------
-# The fused loss path (lovasz_segments): keys packed straight from the scores and labels
+# The fused loss path (lovasz_loss): keys packed straight from the scores and labels
 
 
 def _loss_and_grad(loss_fn, scores, labels, backend_name="numba", **options):
@@ -253,9 +253,9 @@ def _loss_and_grad(loss_fn, scores, labels, backend_name="numba", **options):
 
 
 def _fused_and_generic(monkeypatch, loss_fn, scores, labels, **options):
-    """(loss, grad) through lovasz_segments, then with it removed (build + lovasz_extension);
-    fails unless each run took the path it names."""
-    calls = {"lovasz_segments": 0, "lovasz_extension": 0}
+    """(loss, grad) through lovasz_loss, then with it removed (the generic path through
+    lovasz_extension); fails unless each run took the path it names."""
+    calls = {"lovasz_loss": 0, "lovasz_extension": 0}
     for entry_point in calls:
         original = getattr(numba_cpu, entry_point)
 
@@ -265,10 +265,10 @@ def _fused_and_generic(monkeypatch, loss_fn, scores, labels, **options):
 
         monkeypatch.setattr(numba_cpu, entry_point, spy)
     fused = _loss_and_grad(loss_fn, scores, labels, **options)
-    assert calls == {"lovasz_segments": 1, "lovasz_extension": 0}, calls
-    monkeypatch.delattr(numba_cpu, "lovasz_segments")
+    assert calls == {"lovasz_loss": 1, "lovasz_extension": 0}, calls
+    monkeypatch.delattr(numba_cpu, "lovasz_loss")
     generic = _loss_and_grad(loss_fn, scores, labels, **options)
-    assert calls == {"lovasz_segments": 1, "lovasz_extension": 1}, calls
+    assert calls == {"lovasz_loss": 1, "lovasz_extension": 1}, calls
     monkeypatch.undo()
     return fused, generic
 
@@ -371,23 +371,28 @@ def test_fused_within_segment_path(monkeypatch, gen, per_image):
     monkeypatch.setattr(numba_cpu.numba, "get_num_threads", lambda: 3)
     monkeypatch.setattr(numba_cpu, "RADIX_MIN_KEYS", 0)
     fused = _loss_and_grad(lovasz_hinge, logits, labels, per_image=per_image, ignore_index=2)
-    monkeypatch.delattr(numba_cpu, "lovasz_segments")
+    monkeypatch.delattr(numba_cpu, "lovasz_loss")
     generic = _loss_and_grad(lovasz_hinge, logits, labels, per_image=per_image, ignore_index=2)
     _assert_same(fused, generic, torch.float32, "blocked hinge")
 
 
 def test_fused_path_declines_offsets_beyond_the_key_field(monkeypatch, gen):
-    """A batch segment whose (B, C, P) offsets overflow the 31-bit field returns None and the
-    loss is built for lovasz_extension (whose keys only index B * P pixels)."""
+    """A batch segment whose (B, C, P) offsets overflow the 31-bit field takes the generic path
+    through lovasz_extension (whose keys only index B * P pixels)."""
     probas = torch.randn(3, 4, 10, 10, generator=gen).softmax(dim=1)
     labels = torch.randint(0, 4, (3, 10, 10), generator=gen)
     plan_args = (probas.reshape(3, 4, 100), labels.reshape(3, 100))
     monkeypatch.setattr(numba_cpu, "MAX_PIXELS", 2 * 400 + 100 - 1)
-    from lovasz_kernels.losses import SegmentPlan
+    from lovasz_kernels._plan import SegmentPlan
 
     plan = SegmentPlan(None, torch.arange(4), torch.arange(4),
-                       torch.full((4,), 0.25, dtype=torch.float64), 0.0, None)
-    assert numba_cpu.lovasz_segments(*plan_args, plan) is None
+                       torch.full((4,), 0.25, dtype=torch.float64), 0.0, None, dense=False)
+    extension_calls = []
+    original = numba_cpu.lovasz_extension
+    monkeypatch.setattr(numba_cpu, "lovasz_extension",
+                        lambda *args: extension_calls.append(1) or original(*args))
+    numba_cpu.lovasz_loss(*plan_args, plan)
+    assert extension_calls == [1]
     declined = _loss_and_grad(lovasz_softmax, probas, labels)
     monkeypatch.undo()
     fused = _loss_and_grad(lovasz_softmax, probas, labels)

@@ -1,7 +1,7 @@
 """The ``numba`` backend: radix sort of packed keys and one fused pass, on CPU threads.
 
 Two entry points share every kernel: :func:`lovasz_extension` on (S, P) errors and fg, and
-the fused loss path :func:`lovasz_segments`, which reads the losses' scores (B, C, P) and
+the fused loss path :func:`lovasz_loss`, which reads the losses' scores (B, C, P) and
 labels (B, P) directly, so no (S, P) errors/fg tensors exist and the weighted, signed
 gradient is scattered once into (B, C, P). Both describe their input as a
 :class:`SegmentBatch` (where each segment's pixels are, how labels make fg and errors); the
@@ -44,6 +44,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from lovasz_kernels._plan import SegmentPlan, generic_lovasz_loss
 from lovasz_kernels._scratch import scratch
 from lovasz_kernels._validate import compute_dtype as _compute_dtype
 from lovasz_kernels.backends._host import errors_to_numpy, fg_to_numpy, results_to_torch
@@ -750,32 +751,33 @@ def _narrow_labels(
     return np.ascontiguousarray(labels.numpy()).reshape(-1), ignore_label
 
 
-def lovasz_segments(
-    scores: torch.Tensor, labels: torch.Tensor, plan
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The fused loss path (see :mod:`lovasz_kernels._registry`): total weighted loss and its
+def lovasz_loss(
+    scores: torch.Tensor, labels: torch.Tensor, plan: SegmentPlan
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused loss path (see :mod:`lovasz_kernels._plan`): total weighted loss and its
     gradient w.r.t. ``scores`` (B, C, P), keys packed straight from scores and labels.
 
-    Returns None (the loss layer then builds the segments) when a batch segment's pixel
-    offsets in the (B, C, P) layout do not fit the keys' 31-bit field.
+    A batch segment whose pixel offsets in the (B, C, P) layout do not fit the keys' 31-bit
+    field takes the generic path instead.
     """
     batch_size, num_channels, num_pixels = scores.shape
-    num_segments = plan.channel.numel()
     image_stride = num_channels * num_pixels
     if plan.image is None:  # a segment is one channel of every image
         rows, widest_offset = batch_size, (batch_size - 1) * image_stride + num_pixels
     else:
         rows, widest_offset = 1, num_pixels
     if widest_offset > MAX_PIXELS:
-        return None
+        return generic_lovasz_loss(lovasz_extension, scores, labels, plan)
     values = _host_floats(scores.detach())
-    if num_segments and num_pixels and batch_size:
-        channel = plan.channel.numpy().astype(np.int64) * num_pixels
+    weight = plan.weight.numpy()
+    counted = np.flatnonzero(weight > 0)  # a dense plan lists segments that do not count
+    if counted.size and num_pixels and batch_size:
+        channel = plan.channel.numpy()[counted].astype(np.int64) * num_pixels
         if plan.image is None:
-            value_base, label_base = channel, np.zeros(num_segments, dtype=np.int64)
+            value_base, label_base = channel, np.zeros(counted.size, dtype=np.int64)
             all_segments = num_channels
         else:
-            image = plan.image.numpy().astype(np.int64)
+            image = plan.image.numpy()[counted].astype(np.int64)
             value_base, label_base = image * image_stride + channel, image * num_pixels
             all_segments = batch_size * num_channels
         # the kernels write every pixel of every segment (0 where unsorted): when the segments
@@ -796,10 +798,10 @@ def lovasz_segments(
             ignore_label=ignore_label,
             has_ignore=plan.ignore_index is not None,
             value_base=value_base, label_base=label_base,
-            fg_label=plan.fg_label.numpy().astype(np.int64),
-            grad_scale=plan.weight.numpy().astype(np.float64),
+            fg_label=plan.fg_label.numpy()[counted].astype(np.int64),
+            grad_scale=weight[counted].astype(np.float64),
         )
-        segment_loss = _run_batch(batch, num_segments)
+        segment_loss = _run_batch(batch, counted.size)
         total = float(np.dot(segment_loss, batch.grad_scale))
     else:
         grad = np.zeros(values.shape, dtype=values.dtype)
@@ -826,4 +828,4 @@ def details() -> str:
     return f"numba {numba.__version__}, {numba.get_num_threads()} threads, threading layer {layer}"
 
 
-__all__ = ["availability", "details", "lovasz_extension", "lovasz_segments"]
+__all__ = ["availability", "details", "lovasz_extension", "lovasz_loss"]

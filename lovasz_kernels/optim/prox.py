@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from lovasz_kernels import _validate
+from lovasz_kernels._ops import hinge_shapes
 from lovasz_kernels._scratch import scratch
-from lovasz_kernels.losses import _hinge_shapes
 
 __all__ = ["GreedyProx", "lovasz_hinge_moreau", "prox_lovasz_hinge"]
 
@@ -129,7 +129,7 @@ def _prox(
     per_image = _validate.check_flag("per_image", per_image)
     ignore_index = _validate.check_ignore_index(ignore_index)
     kernel_max_steps = check_method(method, max_steps)
-    logits_2d, labels_2d = _hinge_shapes(logits, labels)
+    logits_2d, labels_2d = hinge_shapes(logits, labels)
     labels_2d = _validate.label_values("labels", labels_2d, binary=True)
     _validate.check_labels(labels_2d, "{0, 1}", 2, ignore_index)
     _validate.check_finite("logits", logits_2d)

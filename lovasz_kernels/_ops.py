@@ -1,0 +1,410 @@
+"""The losses and the kernel as PyTorch custom operators (namespace ``lovasz_kernels``).
+
+Everything that depends on values — the value checks, which classes are present, how many
+segments there are, which backend runs and the run itself — happens inside an operator that
+compilers treat as opaque, with a fake implementation that gives shapes and dtypes only. So
+``torch.compile`` (default and ``fullgraph=True``) traces a loss call as one node, and Dynamo
+never reaches a ``.item()``, a numba dispatcher or a collective.
+
+Operators (all functional, outputs never alias inputs):
+
+``lovasz_kernels::lovasz_loss(scores, labels, class_weights, classes, class_list, per_image,
+ignore_index, kind, backend, group_name, dist_mode, bins) -> (loss, grad)``
+    The whole loss of one call (:func:`lovasz_kernels.lovasz_softmax` or
+    :func:`lovasz_kernels.lovasz_hinge`) and its gradient w.r.t. ``scores``, computed once in
+    forward; backward only scales the saved gradient.
+``lovasz_kernels::lovasz_extension(errors, fg, backend) -> (loss, grad)``
+    The kernel on (S, P) segments; the per-segment loss is differentiable w.r.t. ``errors``.
+``lovasz_kernels::lovasz_grad(gt_sorted) -> increments``
+    Algorithm 1 of the paper.
+
+Autograd. The Lovász extension is piecewise linear, so its gradient is the saved ``grad``
+output and its second derivative is zero almost everywhere. The formula is registered on the
+operators (so TorchScript and direct ``torch.ops`` calls differentiate) and used by an
+``autograd.Function`` with ``setup_context`` around each of them, through which the Python
+functions call the operators: that form is what ``torch.func`` transforms require. ``vmap``
+runs the operator once per mapped slice.
+"""
+
+from typing import Optional
+
+import torch
+
+from lovasz_kernels import _validate
+from lovasz_kernels._jaccard import jaccard_increments
+from lovasz_kernels._plan import generic_lovasz_loss, plan_segments, reads_are_free
+from lovasz_kernels._registry import select_backend
+
+# what the scores of a loss call are: the value checks and the background error offset
+LOSS_KINDS = {
+    "probas": 0.0,  # probabilities, (B, C, *spatial); C == 1: P(class 1)
+    "softmax_of_logits": 0.0,  # the same, computed by from_logits=True from logits
+    "hinge": 1.0,  # logits of the foreground, (B, *spatial) or (B, 1, *spatial)
+}
+CLASS_MODES = ("present", "all", "list")
+
+
+# --------------------------------------------------------------------------------------------
+# Shapes (metadata only: called by the Python functions, the operators and their fakes)
+
+
+def loss_shapes(
+    kind: str, scores: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of the inputs as scores (B, C, P) and labels (B, P), or a ValueError naming them.
+
+    ``kind="hinge"``: logits (B, *spatial) or (B, 1, *spatial), labels (B, *spatial) (C = 1).
+    Otherwise probabilities (B, C, *spatial) and labels (B, *spatial); with C == 1 labels
+    may also have the probabilities' shape.
+    """
+    shape = _validate.shape_str
+    if kind == "hinge":
+        if scores.dim() == 0:
+            raise ValueError(
+                "logits must have shape (B, *spatial) or (B, 1, *spatial); got a scalar")
+        squeezable = (
+            scores.dim() >= 2 and scores.shape[1] == 1
+            and labels.shape == scores.shape[:1] + scores.shape[2:]
+        )
+        if labels.shape != scores.shape and not squeezable:
+            raise ValueError(
+                f"labels must have shape (B, *spatial) matching logits (B, *spatial) or "
+                f"(B, 1, *spatial); got {shape(labels.shape)} for logits {shape(scores.shape)}"
+            )
+        batch, num_pixels = scores.shape[0], _pixels(labels.shape[1:])
+        return scores.reshape(batch, 1, num_pixels), labels.reshape(batch, num_pixels)
+    name = "probas"
+    if scores.dim() < 2:
+        raise ValueError(f"{name} must have shape (B, C, *spatial); got {shape(scores.shape)}")
+    batch, num_classes = scores.shape[:2]
+    if num_classes == 0:
+        raise ValueError(
+            f"{name} must have at least one class (C >= 1) in shape (B, C, *spatial); "
+            f"got {shape(scores.shape)}"
+        )
+    expected = scores.shape[:1] + scores.shape[2:]
+    sigmoid_layout = num_classes == 1 and labels.shape == scores.shape
+    if labels.shape != expected and not sigmoid_layout:
+        raise ValueError(
+            f"labels must have shape {shape(expected)} (B, *spatial) matching {name} "
+            f"(B, C, *spatial); got {shape(labels.shape)} for {name} {shape(scores.shape)}"
+        )
+    num_pixels = _pixels(scores.shape[2:])
+    return scores.reshape(batch, num_classes, num_pixels), labels.reshape(batch, num_pixels)
+
+
+def hinge_shapes(
+    logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of a binary problem as (B, P) views (see :func:`loss_shapes`)."""
+    logits_3d, labels_2d = loss_shapes("hinge", logits, labels)
+    return logits_3d[:, 0], labels_2d
+
+
+def _pixels(spatial: torch.Size) -> int:
+    count = 1
+    for size in spatial:
+        count *= size
+    return count
+
+
+def check_loss_arguments(
+    kind: str, scores: torch.Tensor, labels: torch.Tensor,
+    class_weights: torch.Tensor | None, classes: str, class_list: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every check that reads no value; returns the (B, C, P) / (B, P) views."""
+    if kind not in LOSS_KINDS:
+        raise ValueError(f"kind must be one of {sorted(LOSS_KINDS)}; got {kind!r}")
+    if classes not in CLASS_MODES:
+        raise ValueError(f"classes must be one of {CLASS_MODES}; got {classes!r}")
+    scores_name = "logits" if kind == "hinge" else "probas"
+    _validate.check_floating(scores_name, scores)
+    _validate.check_same_device("labels", labels, scores_name, scores)
+    scores_3d, labels_2d = loss_shapes(kind, scores, labels)
+    num_classes = scores_3d.shape[1]
+    _validate.check_label_dtype("labels", labels, binary=num_classes == 1)
+    if classes == "list":
+        _validate.resolve_classes(list(class_list), num_classes)
+    if class_weights is not None:
+        if class_weights.shape != (num_classes,):
+            raise ValueError(
+                f"class_weights must have shape ({num_classes},), one weight per class; "
+                f"got {_validate.shape_str(class_weights.shape)}"
+            )
+        _validate.check_same_device("class_weights", class_weights, scores_name, scores)
+    return scores_3d, labels_2d
+
+
+# --------------------------------------------------------------------------------------------
+# The loss operator
+
+
+@torch.library.custom_op("lovasz_kernels::lovasz_loss", mutates_args=())
+def lovasz_loss_op(
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    class_weights: torch.Tensor | None,
+    classes: str,
+    class_list: list[int],
+    per_image: bool,
+    ignore_index: int | None,
+    kind: str,
+    backend: str,
+    group_name: str,
+    dist_mode: str,
+    bins: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss (0-d, compute dtype) and its gradient w.r.t. ``scores`` (shape of ``scores``,
+    compute dtype) of one loss call; see the module docstring and :mod:`lovasz_kernels._plan`.
+
+    ``backend`` "" picks one for the device; ``group_name`` "" means no process group;
+    ``bins`` is the histogram mode's bin count as text, or "fp16".
+    """
+    scores_3d, labels_2d = check_loss_arguments(
+        kind, scores, labels, class_weights, classes, class_list)
+    num_classes = scores_3d.shape[1]
+    group_batch = None
+    if group_name and not per_image:
+        from lovasz_kernels.distributed import GroupBatch
+
+        group_batch = GroupBatch(group_name, dist_mode, bins, labels_2d.numel(),
+                                 value_range=None if kind == "hinge" else 1.0)
+    try:
+        labels_2d = _validate.label_values("labels", labels_2d, binary=num_classes == 1)
+        if _validate.validate_values_enabled():
+            _check_loss_values(kind, scores_3d, labels_2d, ignore_index, class_weights)
+        chosen = select_backend(backend or None, scores.device)
+    except ValueError:
+        if group_batch is not None:  # the other ranks must not wait for this one
+            group_batch.agree(_agreed_options(scores_3d, kind, dist_mode, bins, classes),
+                              labels.device, failed=True)
+        raise
+    plan_options = dict(
+        labels=labels_2d, num_classes=num_classes, classes=classes, class_list=list(class_list),
+        class_weights=None if class_weights is None else class_weights.to(torch.float64),
+        per_image=per_image, ignore_index=ignore_index, bg_offset=LOSS_KINDS[kind],
+    )
+    if group_batch is not None:
+        group_batch.agree(_agreed_options(scores_3d, kind, dist_mode, bins, classes),
+                          labels.device, failed=False)
+        plan = plan_segments(**plan_options, reduce_counts=group_batch.census)
+        loss, grad = generic_lovasz_loss(group_batch.extension_with(chosen), scores_3d,
+                                         labels_2d, plan)
+    else:
+        plan = plan_segments(**plan_options)
+        loss, grad = chosen.run_loss(scores_3d, labels_2d, plan)
+    compute = _validate.compute_dtype(scores.dtype)
+    return loss.to(compute), grad.to(compute).reshape(scores.shape)
+
+
+@lovasz_loss_op.register_fake
+def _lovasz_loss_fake(scores, labels, class_weights, classes, class_list, per_image,
+                      ignore_index, kind, backend, group_name, dist_mode, bins):
+    check_loss_arguments(kind, scores, labels, class_weights, classes, class_list)
+    compute = _validate.compute_dtype(scores.dtype)
+    return (scores.new_empty((), dtype=compute),
+            scores.new_empty(scores.shape, dtype=compute))
+
+
+def _agreed_options(
+    scores: torch.Tensor, kind: str, dist_mode: str, bins: str, classes: str
+) -> dict[str, object]:
+    """What every rank of a distributed call must share (see ``GroupBatch.agree``)."""
+    return {"C (classes)": scores.shape[1], "kind of loss": kind, "dist_mode": dist_mode,
+            "bins": bins, "dtype": scores.dtype, "classes": classes}
+
+
+def _check_loss_values(
+    kind: str, scores: torch.Tensor, labels: torch.Tensor, ignore_index: int | None,
+    class_weights: torch.Tensor | None,
+) -> None:
+    """The checks that read values (one pass each; a device synchronisation on a GPU)."""
+    num_classes = scores.shape[1]
+    valid_range = "{0, 1}" if num_classes == 1 else f"[0, {num_classes})"
+    _validate.check_labels(labels, valid_range, max(num_classes, 2), ignore_index)
+    if kind == "hinge":
+        _validate.check_finite("logits", scores)
+    elif kind == "softmax_of_logits":
+        _validate.check_finite("probas (softmax of the logits, from_logits=True)", scores,
+                               "; the logits hold NaN or +inf")
+    else:
+        _validate.check_probas(scores)
+    if class_weights is not None:
+        _validate.check_class_weight_values(class_weights)
+
+
+# --------------------------------------------------------------------------------------------
+# The kernel operators
+
+
+@torch.library.custom_op("lovasz_kernels::lovasz_extension", mutates_args=())
+def lovasz_extension_op(
+    errors: torch.Tensor, fg: torch.Tensor, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss (S,) and gradient (S, P) of the Lovász extension of each row (see
+    :func:`lovasz_kernels.lovasz_extension`)."""
+    _validate.check_extension_inputs(errors, fg)
+    return select_backend(backend or None, errors.device).run(errors, fg)
+
+
+@lovasz_extension_op.register_fake
+def _lovasz_extension_fake(errors, fg, backend):
+    _validate.check_extension_shapes(errors, fg)
+    loss = errors.new_empty(errors.shape[:1], dtype=_validate.compute_dtype(errors.dtype))
+    return loss, errors.new_empty(errors.shape)
+
+
+@torch.library.custom_op("lovasz_kernels::lovasz_grad", mutates_args=())
+def lovasz_grad_op(gt_sorted: torch.Tensor) -> torch.Tensor:
+    """Algorithm 1 of the paper on (..., P) sorted ground truth (see
+    :func:`lovasz_kernels.lovasz_grad`)."""
+    dtype = _increments_dtype(gt_sorted)
+    if gt_sorted.dtype != torch.bool:
+        if _validate.validate_values_enabled() and bool(
+            ((gt_sorted != 0) & (gt_sorted != 1)).any()
+        ):
+            raise ValueError("gt_sorted must contain only 0 and 1 (or be a bool tensor)")
+        gt_sorted = gt_sorted != 0
+    if gt_sorted.shape[-1] == 0:
+        return torch.zeros(gt_sorted.shape, dtype=dtype, device=gt_sorted.device)
+    return jaccard_increments(gt_sorted, dtype)
+
+
+@lovasz_grad_op.register_fake
+def _lovasz_grad_fake(gt_sorted):
+    return gt_sorted.new_empty(gt_sorted.shape, dtype=_increments_dtype(gt_sorted))
+
+
+def _increments_dtype(gt_sorted: torch.Tensor) -> torch.dtype:
+    return torch.float64 if gt_sorted.dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd: one formula for both operators that return (loss, grad)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.set_materialize_grads(False)
+    ctx.input_dtype = inputs[0].dtype
+    ctx.save_for_backward(output[1])
+
+
+def _backward(ctx, d_loss: torch.Tensor | None, d_grad: torch.Tensor | None):
+    """d input = d_loss · saved gradient; the saved gradient's own derivative is zero a.e."""
+    (saved,) = ctx.saved_tensors
+    others = (None,) * (len(ctx.needs_input_grad) - 1)
+    if d_loss is None:
+        # only the gradient output is differentiated (double backward): zero a.e.
+        zero = None if d_grad is None else torch.zeros_like(saved, dtype=ctx.input_dtype)
+        return (zero, *others)
+    if _is_unit_host_scalar(d_loss) and not _graph_kept():
+        # loss.backward(): the saved gradient is the answer, no full-size multiply. Safe to
+        # hand out only when the graph is released after this step: then nothing else refers
+        # to it and autograd may adopt it as .grad (a retained graph would see later in-place
+        # changes of that .grad)
+        return (saved.to(ctx.input_dtype), *others)
+    scale = d_loss.reshape(d_loss.shape + (1,) * (saved.dim() - d_loss.dim()))
+    return ((scale * saved).to(ctx.input_dtype), *others)
+
+
+def _is_unit_host_scalar(d_loss: torch.Tensor) -> bool:
+    """d_loss is a plain 1 on a device whose values are free to read, and no transform or
+    tracer is active."""
+    return (
+        d_loss.numel() == 1
+        and reads_are_free(d_loss.device)
+        and not d_loss.requires_grad
+        and not torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()
+        and bool(d_loss == 1)
+    )
+
+
+def _graph_kept() -> bool:
+    """Whether the running backward keeps the graph (``retain_graph``/``create_graph``)."""
+    try:
+        return bool(torch._C._autograd._get_current_graph_task_keep_graph())
+    except (AttributeError, RuntimeError):  # not inside the autograd engine: assume kept
+        return True
+
+
+lovasz_loss_op.register_autograd(_backward, setup_context=_setup_context)
+lovasz_extension_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _vmap_by_slices(operator):
+    """A vmap rule that runs ``operator`` once per mapped slice and stacks (loss, grad)."""
+
+    def rule(info, in_dims, *args):
+        results = []
+        for index in range(info.batch_size):
+            # in_dims mirrors the arguments (a list argument gets a list of Nones)
+            sliced = [arg.select(dim, index) if isinstance(dim, int) else arg
+                      for arg, dim in zip(args, in_dims)]
+            results.append(operator(*sliced))
+        losses = torch.stack([loss for loss, _ in results])
+        grads = torch.stack([grad for _, grad in results])
+        return (losses, grads), (0, 0)
+
+    return rule
+
+
+def _differentiable(operator, name: str) -> type[torch.autograd.Function]:
+    """``operator`` wrapped in an ``autograd.Function`` with ``setup_context`` (the form
+    ``torch.func`` transforms require) and the operators' formula and vmap rule."""
+
+    overload = operator._opoverload  # what Dynamo traces in a closure (not the op's record)
+
+    def forward(*args):
+        return overload(*args)
+
+    return type(name, (torch.autograd.Function,), {
+        "__doc__": f"{operator} with the operators' autograd formula, for torch.func.",
+        "forward": staticmethod(forward),
+        "setup_context": staticmethod(_setup_context),
+        "backward": staticmethod(_backward),
+        "vmap": staticmethod(_vmap_by_slices(operator)),
+    })
+
+
+_LossFunction = _differentiable(lovasz_loss_op, "_LossFunction")
+_ExtensionFunction = _differentiable(lovasz_extension_op, "_ExtensionFunction")
+
+
+def lovasz_loss(
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    class_weights: Optional[torch.Tensor],  # noqa: UP045 - TorchScript reads Optional, not X | None
+    classes: str,
+    class_list: list[int],
+    per_image: bool,
+    ignore_index: Optional[int],  # noqa: UP045
+    kind: str,
+    backend: str,
+    group_name: str = "",
+    dist_mode: str = "exact",
+    bins: str = "65536",
+) -> torch.Tensor:
+    """The loss of one call through :data:`lovasz_loss_op`, differentiable (also under
+    ``torch.func``); arguments as the operator's."""
+    if torch.jit.is_scripting():  # TorchScript calls the operator (its autograd is registered)
+        return torch.ops.lovasz_kernels.lovasz_loss(
+            scores, labels, class_weights, classes, class_list, per_image, ignore_index, kind,
+            backend, group_name, dist_mode, bins)[0]
+    if not (torch.is_grad_enabled() and scores.requires_grad):
+        # nothing to differentiate (evaluation, no_grad): the bare operator
+        return lovasz_loss_op(
+            scores, labels, class_weights, classes, class_list, per_image, ignore_index, kind,
+            backend, group_name, dist_mode, bins)[0]
+    return _LossFunction.apply(
+        scores, labels, class_weights, classes, class_list, per_image, ignore_index, kind,
+        backend, group_name, dist_mode, bins)[0]
+
+
+def lovasz_extension(
+    errors: torch.Tensor, fg: torch.Tensor, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, grad) of :data:`lovasz_extension_op`, the loss differentiable w.r.t. errors."""
+    if not (torch.is_grad_enabled() and errors.requires_grad):
+        return lovasz_extension_op(errors, fg, backend)
+    return _ExtensionFunction.apply(errors, fg, backend)

@@ -1,0 +1,361 @@
+"""The losses in modern training loops: torch.compile, torch.func, double backward,
+TorchScript, value checks inside the operator, and calls with no host synchronisation.
+
+Every comparison is against eager, for every CPU backend (triton through its interpreter where
+a call is cheap). Compiled graphs are small (one conv and the loss) so Inductor's codegen stays
+in seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import lovasz_kernels
+from lovasz_kernels import (
+    LovaszHingeLoss,
+    LovaszSoftmaxLoss,
+    _plan,
+    lovasz_extension,
+    lovasz_grad,
+    lovasz_hinge,
+    lovasz_softmax,
+    set_validate_values,
+)
+
+TOLERANCE = dict(rtol=1e-6, atol=1e-6)
+# TorchScript is deprecated in favour of torch.compile, and says so when a module is scripted
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script:DeprecationWarning")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _inputs(gen, classes=4, batch=2, side=6):
+    images = torch.randn(batch, 3, side, side + 1, generator=gen)
+    labels = torch.randint(0, classes, (batch, side, side + 1), generator=gen)
+    labels[0, :2] = 255
+    labels[1, :, :3] = 0
+    return images, labels
+
+
+def _model(classes=4):
+    torch.manual_seed(0)
+    return torch.nn.Conv2d(3, classes, 3, padding=1)
+
+
+def _grads(model):
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile
+
+
+def test_compiled_training_step_matches_eager(backend, gen):
+    """A whole step (model, loss, backward) under torch.compile's default mode."""
+    images, labels = _inputs(gen)
+    model = _model()
+
+    def step(images, labels):
+        model.zero_grad()
+        loss = lovasz_softmax(model(images), labels, from_logits=True, ignore_index=255,
+                              backend=backend)
+        loss.backward()
+        return loss
+
+    eager_loss = step(images, labels)
+    eager_grads = _grads(model)
+    compiled = torch.compile(step)
+    for _ in range(2):  # the second call runs the cached graph
+        compiled_loss = compiled(images, labels)
+        torch.testing.assert_close(compiled_loss, eager_loss, **TOLERANCE)
+        for got, expected in zip(_grads(model), eager_grads):
+            torch.testing.assert_close(got, expected, **TOLERANCE)
+
+
+_SOFTMAX_OPTIONS = [
+    dict(),
+    dict(from_logits=True),
+    dict(from_logits=True, ignore_index=255),
+    dict(ignore_index=255, per_image=True),
+    dict(from_logits=True, classes="all"),
+    dict(from_logits=True, classes=[0, 2], per_image=True, ignore_index=255),
+    dict(from_logits=True, class_weights=[0.5, 0.0, 2.0, 1.0]),
+    dict(from_logits=True, class_weights=torch.tensor([1.0, 2.0, 0.0, 3.0]), per_image=True),
+]
+
+
+@pytest.mark.parametrize("options", _SOFTMAX_OPTIONS, ids=lambda o: str(o)[:60])
+def test_fullgraph_softmax_matches_eager(backend, gen, options):
+    """fullgraph=True: no graph break anywhere in our code, the eager loss and gradient."""
+    images, labels = _inputs(gen)
+    if "ignore_index" not in options:
+        labels = labels.clamp(max=3)
+    model = _model()
+    from_logits = options.get("from_logits", False)
+
+    def loss_of(images):
+        scores = model(images)
+        scores = scores if from_logits else scores.softmax(dim=1)
+        return lovasz_softmax(scores, labels, backend=backend, **options)
+
+    _assert_compiled_matches_eager(loss_of, images, model)
+
+
+@pytest.mark.parametrize("per_image", [True, False])
+def test_fullgraph_hinge_matches_eager(backend, gen, per_image):
+    images, labels = _inputs(gen, classes=2)
+    model = _model(classes=1)
+
+    def loss_of(images):
+        return lovasz_hinge(model(images), labels, per_image=per_image, ignore_index=255,
+                            backend=backend)
+
+    _assert_compiled_matches_eager(loss_of, images, model)
+
+
+def _assert_compiled_matches_eager(loss_of, images, model):
+    images = images.clone().requires_grad_()
+    eager = loss_of(images)
+    (eager_grad,) = torch.autograd.grad(eager, images)
+    compiled = torch.compile(loss_of, fullgraph=True)
+    got = compiled(images)
+    (got_grad,) = torch.autograd.grad(got, images)
+    torch.testing.assert_close(got, eager, **TOLERANCE)
+    torch.testing.assert_close(got_grad, eager_grad, **TOLERANCE)
+    explained = torch._dynamo.explain(loss_of)(images)
+    assert explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_kernel_api_compiles_fullgraph(backend, gen):
+    errors = torch.randn(3, 17, generator=gen, dtype=torch.float64, requires_grad=True)
+    fg = torch.rand(3, 17, generator=gen) < 0.4
+
+    def total(errors):
+        loss, _ = lovasz_extension(errors * 2, fg, backend=backend)
+        return loss.sum() + lovasz_grad(fg).sum()
+
+    eager = total(errors)
+    (eager_grad,) = torch.autograd.grad(eager, errors)
+    got = torch.compile(total, fullgraph=True)(errors)
+    (got_grad,) = torch.autograd.grad(got, errors)
+    torch.testing.assert_close(got, eager, **TOLERANCE)
+    torch.testing.assert_close(got_grad, eager_grad, **TOLERANCE)
+
+
+@pytest.mark.parametrize(
+    ("make_bad", "message"),
+    [
+        (lambda p, y: (p, y.masked_fill(y == 1, 7)), r"labels must be in \[0, 4\)"),
+        (lambda p, y: (p.masked_fill(y[:, None] == 2, float("nan")), y), r"probas must be finite"),
+        (lambda p, y: (p * 2, y), r"probas must lie in \[0, 1\]"),
+    ],
+    ids=["label range", "nan", "not probabilities"],
+)
+def test_value_checks_run_inside_the_compiled_graph(gen, make_bad, message):
+    """Checks that read values live in the operator: same ValueError, eager or compiled."""
+    images, labels = _inputs(gen)
+    probas = _model()(images).softmax(dim=1).detach()
+    probas, labels = make_bad(probas, labels)
+    with pytest.raises(ValueError, match=message):
+        lovasz_softmax(probas, labels, ignore_index=255)
+    compiled = torch.compile(lambda p: lovasz_softmax(p, labels, ignore_index=255),
+                             fullgraph=True)
+    with pytest.raises(ValueError, match=message):
+        compiled(probas)
+    set_validate_values(False)
+    try:
+        compiled(probas)  # switched off: the same graph runs without them
+    finally:
+        set_validate_values(True)
+
+
+def test_autocast_logits_give_a_float32_loss(backend, gen):
+    """Under autocast the model's bfloat16 logits go through a float32 softmax: a float32
+    loss, float32 parameter gradients, close to the loss of the float32 model."""
+    images, labels = _inputs(gen)
+    model = _model()
+    reference = lovasz_softmax(model(images), labels, from_logits=True, ignore_index=255,
+                               backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(images)
+        assert logits.dtype == torch.bfloat16
+        loss = lovasz_softmax(logits, labels, from_logits=True, ignore_index=255,
+                              backend=backend)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+               for p in model.parameters())
+    assert abs(loss.item() - reference.item()) < 0.05
+
+
+# --------------------------------------------------------------------------------------------
+# torch.func and double backward
+
+
+def test_func_grad_matches_autograd(backend, gen):
+    probas = _model()(_inputs(gen)[0]).softmax(dim=1).detach()
+    labels = _inputs(gen)[1]
+    logits = torch.randn(2, 6, 7, generator=gen)
+    hinge_labels = (labels == 1).long()
+    for fn, x in (
+        (lambda p: lovasz_softmax(p, labels, ignore_index=255, backend=backend), probas),
+        (lambda p: lovasz_softmax(p, labels, per_image=True, ignore_index=255,
+                                  backend=backend), probas),
+        (lambda z: lovasz_hinge(z, hinge_labels, backend=backend), logits),
+        (lambda e: lovasz_extension(e, hinge_labels.reshape(2, -1).bool(),
+                                    backend=backend)[0].sum(), logits.reshape(2, -1)),
+    ):
+        expected_x = x.clone().requires_grad_()
+        (expected,) = torch.autograd.grad(fn(expected_x), expected_x)
+        torch.testing.assert_close(torch.func.grad(fn)(x), expected, **TOLERANCE)
+
+
+def test_vmap_runs_each_slice(gen):
+    """vmap maps the loss over a leading dimension (one operator call per slice), also for
+    per-sample gradients (vmap of grad)."""
+    probas = torch.randn(3, 2, 4, 5, 6, generator=gen).softmax(dim=2)
+    labels = torch.randint(0, 4, (3, 2, 5, 6), generator=gen)
+    mapped = torch.func.vmap(lambda p, y: lovasz_softmax(p, y, backend="torch"))(probas, labels)
+    looped = torch.stack([lovasz_softmax(p, y, backend="torch") for p, y in zip(probas, labels)])
+    torch.testing.assert_close(mapped, looped)
+    per_sample = torch.func.vmap(torch.func.grad(
+        lambda p, y: lovasz_softmax(p, y, backend="torch")))(probas, labels)
+    for i, (p, y) in enumerate(zip(probas, labels)):
+        expected = torch.func.grad(lambda p, y=y: lovasz_softmax(p, y, backend="torch"))(p)
+        torch.testing.assert_close(per_sample[i], expected)
+
+
+@pytest.mark.parametrize("loss", ["hinge", "softmax", "extension"])
+def test_second_derivative_is_zero(backend, gen, loss):
+    """Piecewise linear: double backward (gradient penalties) returns zeros, no exception."""
+    labels = torch.randint(0, 3, (2, 5, 6), generator=gen)
+    if loss == "hinge":
+        x = torch.randn(2, 5, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+        value = lovasz_hinge(x, (labels == 1).long(), backend=backend)
+    elif loss == "softmax":
+        x = torch.rand(2, 3, 5, 6, generator=gen, dtype=torch.float64)
+        x = (x / x.sum(dim=1, keepdim=True)).requires_grad_()
+        value = lovasz_softmax(x, labels, backend=backend)
+    else:
+        x = torch.randn(2, 30, generator=gen, dtype=torch.float64, requires_grad=True)
+        value = lovasz_extension(x, labels.reshape(2, -1) == 1, backend=backend)[0].sum()
+    (grad,) = torch.autograd.grad(value, x, create_graph=True)
+    assert grad.requires_grad
+    penalty = (grad ** 2).sum()
+    (second,) = torch.autograd.grad(penalty, x)
+    assert torch.equal(second, torch.zeros_like(x))
+    hessian_row = torch.autograd.functional.hessian(
+        lambda z: lovasz_hinge(z, (labels[:1] == 1).long(), backend=backend),
+        torch.randn(1, 5, 6, generator=gen, dtype=torch.float64))
+    assert not hessian_row.any()
+
+
+# --------------------------------------------------------------------------------------------
+# TorchScript
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        lambda b: LovaszSoftmaxLoss(from_logits=True, ignore_index=255, backend=b),
+        lambda b: LovaszSoftmaxLoss(classes=[0, 3], per_image=True, class_weights=[1, 2, 0, 4],
+                                    ignore_index=255, from_logits=True, backend=b),
+        lambda b: LovaszHingeLoss(per_image=False, ignore_index=255, backend=b),
+    ],
+    ids=["softmax", "softmax options", "hinge"],
+)
+def test_modules_script_and_match_eager(backend, gen, module):
+    criterion = module(backend)
+    scripted = torch.jit.script(criterion)
+    images, labels = _inputs(gen)
+    classes = 1 if isinstance(criterion, LovaszHingeLoss) else 4
+    if classes == 1:
+        labels = torch.where(labels == 255, labels, labels % 2)
+    scores = _model(classes)(images).detach()
+    results = []
+    for fn in (criterion, scripted):
+        x = scores.clone().requires_grad_()
+        value = fn(x, labels)
+        value.backward()
+        results.append((value.detach(), x.grad))
+    torch.testing.assert_close(results[1][0], results[0][0], **TOLERANCE)
+    torch.testing.assert_close(results[1][1], results[0][1], **TOLERANCE)
+
+
+# --------------------------------------------------------------------------------------------
+# No host synchronisation
+
+
+@contextlib.contextmanager
+def _host_reads_forbidden():
+    """Make every Python-level device-to-host read raise (a GPU synchronisation)."""
+    saved = {}
+
+    def forbidden(name):
+        def raiser(*args, **kwargs):
+            raise AssertionError(f"host synchronisation: Tensor.{name}")
+        return raiser
+
+    for name in ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__", "numpy"):
+        saved[name] = getattr(torch.Tensor, name)
+        setattr(torch.Tensor, name, forbidden(name))
+    try:
+        yield
+    finally:
+        for name, original in saved.items():
+            setattr(torch.Tensor, name, original)
+
+
+@pytest.fixture
+def device_path(monkeypatch):
+    """The plan as a GPU builds it (every segment listed, with weights), value checks off."""
+    monkeypatch.setitem(_plan._SETTINGS, "read_values_on_cpu", False)
+    set_validate_values(False)
+    yield
+    set_validate_values(True)
+
+
+_SYNC_FREE_BACKENDS = ["torch", "triton"]
+
+
+@pytest.mark.parametrize("sync_free_backend", _SYNC_FREE_BACKENDS)
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(per_image=True, ignore_index=255), dict(classes=[0, 2]),
+     dict(classes="all", class_weights=[1.0, 0.0, 2.0, 1.0])],
+    ids=str,
+)
+def test_gpu_path_makes_no_host_synchronisation(gen, device_path, sync_free_backend, options):
+    backend = lovasz_kernels.get_backend(sync_free_backend)
+    if "cpu" not in backend.supported_devices() or not backend.availability()[0]:
+        pytest.skip(f"{sync_free_backend} does not run on CPU tensors here")
+    probas = torch.randn(2, 4, 5, 6, generator=gen).softmax(dim=1).requires_grad_()
+    labels = torch.randint(0, 3, (2, 5, 6), generator=gen)  # class 3 absent
+    labels[1, 0] = 255
+    if "ignore_index" not in options:
+        labels[1, 0] = 1
+    weights = options.get("class_weights")
+    if weights is not None:  # a tensor built before: a list is copied to the device per call
+        options = dict(options, class_weights=torch.tensor(weights, dtype=torch.float64))
+    with _host_reads_forbidden():
+        loss = lovasz_softmax(probas, labels, backend=sync_free_backend, **options)
+        loss.backward()
+        hinge = lovasz_hinge(probas[:, 0], labels.clamp(max=1), backend=sync_free_backend)
+    set_validate_values(True)
+    _plan._SETTINGS["read_values_on_cpu"] = True
+    expected = probas.detach().clone().requires_grad_()
+    expected_loss = lovasz_softmax(expected, labels, backend="numpy", **options)
+    expected_loss.backward()
+    torch.testing.assert_close(loss.detach(), expected_loss.detach(), **TOLERANCE)
+    torch.testing.assert_close(probas.grad, expected.grad, **TOLERANCE)
+    torch.testing.assert_close(
+        hinge, lovasz_hinge(probas[:, 0].detach(), labels.clamp(max=1), backend="numpy"),
+        **TOLERANCE)
