@@ -23,6 +23,7 @@ from lovasz_kernels.metrics import (
     dataset_miou,
     image_miou,
     per_class_iou,
+    per_image_iou,
     per_image_miou,
 )
 from lovasz_kernels.nn import LovaszHingeLoss, LovaszSoftmaxLoss
@@ -48,6 +49,7 @@ __all__ = [
     "lovasz_hinge",
     "lovasz_softmax",
     "per_class_iou",
+    "per_image_iou",
     "per_image_miou",
     "register_backend",
     "registered_backends",
