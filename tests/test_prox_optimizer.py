@@ -13,6 +13,7 @@ pytest.importorskip("numba", reason="the prox kernels need numba")
 
 from lovasz_kernels import lovasz_hinge  # noqa: E402
 from lovasz_kernels.optim import ProxLovasz, lovasz_hinge_moreau, prox_lovasz_hinge  # noqa: E402
+from tests.helpers import tie_free_margins  # noqa: E402
 
 _EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "prox_vs_momentum.py"
 
@@ -69,6 +70,23 @@ def test_matches_sgd_on_the_moreau_envelope(gen, options):
         sgd.step()
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("per_image", [True, False])
+def test_tiny_lam_step_follows_the_hinge_gradient(gen, per_image):
+    """With margins far apart compared with λ, the backpropagated direction is the hinge
+    gradient to rounding at every λ, down to 1e-300 (not F − prox divided by λ, which keeps
+    nothing of it)."""
+    logits, labels = tie_free_margins(gen, (2, 64, 128))
+    scores = logits.clone().requires_grad_()
+    lovasz_hinge(scores, labels, per_image=per_image, backend="numpy").backward()
+    for lam in (1e-8, 1e-12, 1e-300):
+        point = torch.nn.Parameter(logits.clone())
+        optimizer = ProxLovasz([point], lr=1.0, momentum=0.0, lam=lam)
+        optimizer.step(lambda point=point: (point, labels, {"per_image": per_image}))
+        error = float((point.grad - scores.grad).abs().max() / scores.grad.abs().max())
+        assert error <= 1e-12, (lam, error)
+        torch.testing.assert_close(point.detach(), logits - scores.grad, rtol=0, atol=1e-15)
 
 
 def _train(model, optimizer, images, labels, steps):

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from lovasz_kernels import _validate
-from lovasz_kernels.optim.prox import _prox, check_lam, check_method
+from lovasz_kernels.optim.prox import check_lam, check_method, compute_prox
 
 __all__ = ["ProxLovasz"]
 
@@ -212,7 +212,7 @@ class ProxLovasz(torch.optim.Optimizer):
             logits, labels, options = self._parse_closure_output(closure())
             lam = self._step_lam()
             group = self.param_groups[0]
-            result = _prox(
+            result = compute_prox(
                 logits.detach(),
                 labels,
                 lam,
@@ -221,7 +221,7 @@ class ProxLovasz(torch.optim.Optimizer):
                 group["method"],
                 group["max_steps"],
             )
-            logits.backward(result.direction(lam, logits))
+            logits.backward(result.direction(logits))
         self.prox_finished = result.finished
 
         for group in self.param_groups:
