@@ -212,6 +212,52 @@ def test_bad_closures(gen):
         optimizer.step(lambda: (logits, labels))
     with pytest.raises(ValueError, match="closure options must be among"):
         optimizer.step(lambda: (scores, labels, {"classes": "all"}))
+    with pytest.raises(TypeError, match=r"must return \(logits, labels\).*got tuple of 4"):
+        optimizer.step(lambda: (scores, labels, {}, None))
+
+
+@pytest.mark.parametrize("options", ["per_image", None, [("per_image", False)], False])
+def test_closure_options_must_be_a_dict(gen, options):
+    logits, labels = _problem(gen)
+    scores = torch.nn.Parameter(logits.clone())
+    optimizer = ProxLovasz([scores], lr=0.1)
+    expected = (r"the closure must return \(logits, labels\) or \(logits, labels, options\) "
+                r"with options a dict .*; got options .* of type")
+    with pytest.raises(TypeError, match=expected):
+        optimizer.step(lambda: (scores, labels, options))
+    assert torch.equal(scores.detach(), logits)  # nothing moved
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "error", "match"),
+    [
+        ("momentum", float("nan"), ValueError, "Invalid momentum value"),
+        ("momentum", -0.5, ValueError, "Invalid momentum value"),
+        ("lr", -0.1, ValueError, "Invalid learning rate"),
+        ("lr", float("inf"), ValueError, "Invalid learning rate"),
+        ("lr", "0.1", TypeError, "lr must be a number"),
+        ("dampening", 2.0, ValueError, "Invalid dampening value"),
+        ("weight_decay", float("nan"), ValueError, "Invalid weight_decay value"),
+        ("nesterov", "yes", TypeError, "nesterov must be True or False"),
+        ("lam", -1.0, ValueError, "lam must be a positive"),
+        ("method", "fista", ValueError, "method must be 'exact' or 'greedy'"),
+    ],
+)
+def test_group_hyperparameters_are_checked_at_each_step(gen, key, value, error, match):
+    """A group edited after construction (by hand, a scheduler or add_param_group) gets the
+    constructor's checks at the next step, before anything moves."""
+    logits, labels = _problem(gen)
+    scores = torch.nn.Parameter(logits.clone())
+    other = torch.nn.Parameter(torch.zeros(3))
+    optimizer = ProxLovasz([scores], lr=0.1)
+    optimizer.add_param_group({"params": [other]})
+    optimizer.step(lambda: (scores, labels))
+    before = scores.detach().clone()
+    optimizer.param_groups[1][key] = value
+    with pytest.raises(error, match=match):
+        optimizer.step(lambda: (scores, labels))
+    assert torch.equal(scores.detach(), before)
+    assert not torch.isnan(scores).any()
 
 
 def test_greedy_optimizer_reports_whether_the_path_finished(gen):
