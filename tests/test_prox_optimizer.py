@@ -52,7 +52,8 @@ def test_identity_model_one_step_is_the_prox(gen):
     ids=["momentum", "nesterov-wd", "dampening"],
 )
 def test_matches_sgd_on_the_moreau_envelope(gen, options):
-    """The update is torch's SGD applied to the envelope's gradient (F − prox)/λ."""
+    """The update is torch's SGD applied to the envelope's gradient (F − prox)/λ, bit for
+    bit: the same direction goes through the same functional update."""
     images = torch.randn(2, 3, 6, 6, generator=gen)
     labels = (torch.rand(2, 6, 6, generator=gen) > 0.5).long()
     models = [torch.nn.Conv2d(3, 1, 3, padding=1) for _ in range(2)]
@@ -69,7 +70,31 @@ def test_matches_sgd_on_the_moreau_envelope(gen, options):
         lovasz_hinge_moreau(models[1](images)[:, 0], labels, 0.2).backward()
         sgd.step()
     for a, b in zip(models[0].parameters(), models[1].parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert torch.equal(a, b)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(prox_opt.state[a]["momentum_buffer"], sgd.state[b]["momentum_buffer"])
+
+
+def test_sgd_state_dict_loads_into_prox_lovasz(gen):
+    """The momentum buffers are SGD's: a checkpoint of torch.optim.SGD resumes in ProxLovasz
+    (and back) with the same buffers."""
+    model = torch.nn.Conv2d(3, 1, 3, padding=1)
+    images = torch.randn(2, 3, 6, 6, generator=gen)
+    labels = (torch.rand(2, 6, 6, generator=gen) > 0.5).long()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    lovasz_hinge_moreau(model(images)[:, 0], labels, 0.05).backward()
+    sgd.step()
+    prox_opt = ProxLovasz(model.parameters(), lr=0.05, momentum=0.9)
+    prox_opt.load_state_dict(sgd.state_dict())
+    for param in model.parameters():
+        assert torch.equal(prox_opt.state[param]["momentum_buffer"],
+                           sgd.state[param]["momentum_buffer"])
+    prox_opt.step(lambda: (model(images)[:, 0], labels))
+    back = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    back.load_state_dict(prox_opt.state_dict())
+    for param in model.parameters():
+        assert torch.equal(back.state[param]["momentum_buffer"],
+                           prox_opt.state[param]["momentum_buffer"])
 
 
 @pytest.mark.parametrize("per_image", [True, False])

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
+from torch.optim.sgd import sgd
 
 from lovasz_kernels import _validate
 from lovasz_kernels.optim.prox import check_lam, check_method, compute_prox
@@ -49,6 +50,10 @@ class ProxLovasz(torch.optim.Optimizer):
             g_θ         = g_θ + μ b_t if nesterov else b_t             # if μ ≠ 0
             θ           = θ − γ g_θ
         return L(F), the Lovász hinge of the logits before the step
+
+    The last four lines are :func:`torch.optim.sgd.sgd`, the functional form of
+    :class:`torch.optim.SGD`, called with g_θ as the gradient: the momentum buffers are
+    ``state[p]["momentum_buffer"]`` as in SGD.
 
     Parameters
     ----------
@@ -240,27 +245,27 @@ class ProxLovasz(torch.optim.Optimizer):
             logits.backward(result.direction(logits))
         self.prox_finished = result.finished
 
+        # the parameter update is torch's SGD with momentum, fed the backpropagated direction
         for group in self.param_groups:
-            lr = group["lr"]
+            params = [param for param in group["params"] if param.grad is not None]
             momentum = group["momentum"]
-            dampening = group["dampening"]
-            weight_decay = group["weight_decay"]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                grad = param.grad
-                if weight_decay != 0:
-                    grad = grad.add(param, alpha=weight_decay)
-                if momentum != 0:
-                    state = self.state[param]
-                    buffer = state.get("momentum_buffer")
-                    if buffer is None:
-                        buffer = torch.clone(grad).detach()
-                        state["momentum_buffer"] = buffer
-                    else:
-                        buffer.mul_(momentum).add_(grad, alpha=1 - dampening)
-                    grad = grad.add(buffer, alpha=momentum) if group["nesterov"] else buffer
-                param.add_(grad, alpha=-lr)
+            buffers = []
+            if momentum != 0:
+                buffers = [self.state[param].get("momentum_buffer") for param in params]
+            sgd(
+                params,
+                [param.grad for param in params],
+                buffers,
+                has_sparse_grad=any(param.grad.is_sparse for param in params),
+                weight_decay=group["weight_decay"],
+                momentum=momentum,
+                lr=group["lr"],
+                dampening=group["dampening"],
+                nesterov=group["nesterov"],
+                maximize=False,
+            )
+            for param, buffer in zip(params, buffers):  # sgd creates the first buffers
+                self.state[param]["momentum_buffer"] = buffer
 
         out_dtype = _validate.compute_dtype(logits.dtype)
         return torch.tensor(result.loss_input, dtype=out_dtype, device=logits.device)
