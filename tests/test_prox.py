@@ -306,6 +306,55 @@ def test_bad_inputs():
         prox_lovasz_hinge(torch.zeros(1, 2, dtype=torch.long), torch.tensor([[0, 1]]), 0.1)
 
 
+@pytest.mark.parametrize("method", ["exact", "greedy"])
+def test_float_and_bool_masks_equal_integer_labels(gen, method):
+    """Binary masks as segmentation_models_pytorch users pass them (y.float(), bool): values
+    exactly 0/1 or the ignore label give the prox and the envelope of integer labels."""
+    logits = torch.randn(2, 9, 7, generator=gen, dtype=torch.float64)
+    labels = (torch.rand(2, 9, 7, generator=gen) > 0.6).long()
+    masked = labels.clone()
+    masked[0, :2] = 255
+
+    def outputs(mask, ignore_index):
+        prox = prox_lovasz_hinge(logits, mask, 0.4, ignore_index=ignore_index, method=method)
+        point = logits.clone().requires_grad_()
+        value = lovasz_hinge_moreau(point, mask, 0.4, ignore_index=ignore_index, method=method)
+        value.backward()
+        return (prox.prox if method == "greedy" else prox), value.detach(), point.grad
+
+    for reference, variants, ignore_index in (
+        (labels, [labels.float(), labels.double(), labels.half(), labels.bool()], None),
+        (masked, [masked.float(), masked.double()], 255),
+    ):
+        expected = outputs(reference, ignore_index)
+        for mask in variants:
+            for got, want in zip(outputs(mask, ignore_index), expected):
+                assert torch.equal(got, want), mask.dtype
+
+
+@pytest.mark.parametrize("value", [0.5, -1.0, 2.0, float("nan")])
+def test_float_mask_values_other_than_0_1_are_rejected(value):
+    mask = torch.tensor([[0.0, 1.0, 1.0, value]])
+    expected = "labels as a floating mask must hold whole numbers|labels must be in"
+    with pytest.raises(ValueError, match=expected):
+        prox_lovasz_hinge(torch.zeros(1, 4), mask, 0.1)
+    with pytest.raises(ValueError, match=expected):
+        lovasz_hinge_moreau(torch.zeros(1, 4, requires_grad=True), mask, 0.1)
+
+
+@pytest.mark.parametrize("ignore_index", [256, -100, 2**40])
+def test_ignore_index_the_labels_cannot_hold_ignores_nothing(gen, ignore_index):
+    """uint8 labels compared with 256 (or −100) in their own dtype would wrap to 0 (or 156)
+    and ignore every background pixel: compared as int64, nothing is ignored."""
+    logits = torch.randn(2, 6, 8, generator=gen, dtype=torch.float64)
+    labels = (torch.rand(2, 6, 8, generator=gen) > 0.5).to(torch.uint8)
+    expected = prox_lovasz_hinge(logits, labels.long(), 0.3)
+    got = prox_lovasz_hinge(logits, labels, 0.3, ignore_index=ignore_index)
+    assert torch.equal(got, expected)
+    value = lovasz_hinge_moreau(logits, labels, 0.3, ignore_index=ignore_index)
+    assert float(value) == float(lovasz_hinge_moreau(logits, labels.long(), 0.3))
+
+
 def test_missing_numba_says_how_to_install(monkeypatch):
     import lovasz_kernels.optim
 

@@ -114,6 +114,30 @@ def test_tiny_lam_step_follows_the_hinge_gradient(gen, per_image):
         torch.testing.assert_close(point.detach(), logits - scores.grad, rtol=0, atol=1e-15)
 
 
+def test_float_masks_step_like_integer_labels(gen):
+    """segmentation_models_pytorch users pass y.float() masks: exactly 0/1 (or the ignore
+    label) they give the same step as integer labels; anything else is rejected."""
+    logits, labels = _problem(gen)
+    labels[0, 0] = 255
+    results = []
+    for mask in (labels, labels.float(), labels.double(), labels.to(torch.uint8)):
+        scores = torch.nn.Parameter(logits.clone())
+        optimizer = ProxLovasz([scores], lr=0.3, momentum=0.0)
+        loss = optimizer.step(lambda scores=scores, mask=mask: (scores, mask,
+                                                                 {"ignore_index": 255}))
+        results.append((float(loss), scores.detach()))
+    for loss, point in results[1:]:
+        assert loss == results[0][0]
+        assert torch.equal(point, results[0][1])
+    bad = labels.float()
+    bad[1, 2, 3] = 0.5
+    scores = torch.nn.Parameter(logits.clone())
+    optimizer = ProxLovasz([scores], lr=0.3)
+    with pytest.raises(ValueError, match="labels as a floating mask must hold whole numbers"):
+        optimizer.step(lambda: (scores, bad))
+    assert torch.equal(scores.detach(), logits)
+
+
 def _train(model, optimizer, images, labels, steps):
     losses = []
     for _ in range(steps):

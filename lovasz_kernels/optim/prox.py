@@ -225,7 +225,8 @@ def prox_lovasz_hinge(
     logits
         F: (B, *spatial) or (B, 1, *spatial) float scores of the foreground class.
     labels
-        (B, *spatial) integer or bool labels in {0, 1} or ``ignore_index``.
+        (B, *spatial) labels in {0, 1} or ``ignore_index``: integer, bool, or a floating mask
+        (``y.float()``) whose values are exactly those.
     lam
         λ > 0, the step of the proximal operator. Each segment's step (λ / B' per image)
         must be a normal float64 (≥ 2.2e-308); any smaller λ raises a ValueError.

@@ -78,13 +78,15 @@ class ProxLovasz(torch.optim.Optimizer):
     ``step(closure)`` requires a closure that runs the forward pass and returns
     ``(logits, labels)`` or ``(logits, labels, options)`` with ``options`` a dict of
     ``per_image`` (default True) and ``ignore_index`` (default None) for
-    :func:`~lovasz_kernels.lovasz_hinge`. Every group's hyperparameters are checked again
-    at each step, with the messages of the constructor. The closure runs with gradients
-    enabled; ``step`` backpropagates the proximal direction from ``logits`` itself. As with
-    any optimizer, call ``zero_grad()`` (in the closure or before ``step``): gradients
-    already in ``.grad`` (for example from a regularizer's ``backward()`` inside the
-    closure) are added to the proximal direction. The prox runs on the CPU (numba); GPU
-    logits are copied to the host and the direction back, once each per step.
+    :func:`~lovasz_kernels.lovasz_hinge`; labels may be integer, bool or a floating mask
+    whose values are exactly 0/1 (or the ignore label). Every group's hyperparameters are
+    checked again at each step, with the messages of the constructor. The closure runs with
+    gradients enabled; ``step`` backpropagates the proximal direction from ``logits``
+    itself. As with any optimizer, call ``zero_grad()`` (in the closure or before
+    ``step``): gradients already in ``.grad`` (for example from a regularizer's
+    ``backward()`` inside the closure) are added to the proximal direction. The prox runs
+    on the CPU (numba); GPU logits are copied to the host and the direction back, once each
+    per step.
 
     A large λ makes the direction (F − prox)/λ tend to a squared-hinge gradient that loses the
     Jaccard weighting; λ of the order of the learning rate gives a direction close to the
