@@ -826,6 +826,7 @@ if NUMBA_AVAILABLE:
         a_done = 0
         b_done = 0
         k = 0
+        elapsed = stop / lam  # the path's time in units of λ (1 when it finished)
         while k < count:
             group_end = end[k]
             if state[k] == 0:
@@ -833,25 +834,29 @@ if NUMBA_AVAILABLE:
                 level = max(level, 0.0)
             else:
                 level = 0.0
-            # merges keep a moving group's total margin at Σz − t·Σg, so a pixel's shift is
-            # its deviation from the group's mean z plus t times the group's mean increment:
-            # formed without subtracting the margin from z (see _write_level), deviations
-            # taken from the group's first margin
-            deviation_sum = 0.0
-            for position in range(k, group_end):
-                deviation_sum += z[position] - z[k]
-            mean_deviation = deviation_sum / size[k]
-            mean_increment = g_sum[k] / size[k]
             a_group = 0
             for position in range(k, group_end):
                 margins[position] = level
-                if level > 0.0:
-                    unit_shift[position] = (((z[position] - z[k]) - mean_deviation) / lam
-                                            + stop / lam * mean_increment)
-                else:
-                    unit_shift[position] = z[position] / lam
                 if is_fg[position]:
                     a_group += 1
+            # merges keep a moving group's total margin at Σz − t·Σg, so a pixel's shift is
+            # t times the group's mean increment plus its deviation from the group's mean z:
+            # formed without subtracting the margin from z (see _write_level), deviations
+            # taken from the group's first margin
+            if level > 0.0:
+                shift = elapsed * (g_sum[k] / size[k])
+                if group_end - k == 1:
+                    unit_shift[k] = shift
+                else:
+                    deviation_sum = 0.0
+                    for position in range(k, group_end):
+                        deviation_sum += z[position] - z[k]
+                    mean_deviation = deviation_sum / size[k]
+                    for position in range(k, group_end):
+                        unit_shift[position] = ((z[position] - z[k]) - mean_deviation) / lam + shift
+            else:
+                for position in range(k, group_end):
+                    unit_shift[position] = z[position] / lam
             b_group = group_end - k - a_group
             if level > 0.0:
                 loss += level * _jaccard_delta(a_done, b_done, a_done + a_group,

@@ -192,7 +192,8 @@ def compute_prox(
                 out, direction, loss_in, loss_out, workspace,
             ))
         # (F − prox) / λ = (F − prox) / λ_row · (λ_row / λ), and λ_row / λ is the row's weight
-        direction *= weight[:, None]
+        if num_counted > 1:
+            direction *= weight[:, None]
     out_tensor = torch.from_numpy(out)
     prox = out_tensor.reshape(logits.shape).to(device=logits.device, dtype=logits.dtype)
     return ProxResult(
