@@ -7,7 +7,10 @@ kernel only touches V+ = {valid pixels with m0 > 0}; Δ_J of a set of a foregrou
 background pixels of V+ is φ(a, b) = (a + b) / (n_fg + b), where n_fg counts *every*
 foreground pixel of the segment.
 
-Two kernels, both writing the prox logits and two loss values per segment:
+Two kernels, both writing the prox logits, the direction (F − prox) / λ and two loss values
+per segment. The direction is built from each pixel's shift per unit of λ, never as a
+difference of F and the prox: that difference keeps only the digits of F that λ moves, none
+at all once λ is below the logits' resolution.
 
 - :func:`_prox_exact_rows`: projection onto the base polytope, then clipping at 0. The
   foreground and background margins are sorted; one merge of the two lists by their
