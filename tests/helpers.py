@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from lovasz_kernels._cases import GRAD_TOLERANCE, LOSS_TOLERANCE, Tolerance, mismatches
@@ -12,6 +14,7 @@ __all__ = [
     "assert_close_report",
     "distinct_float32",
     "tie_free_errors",
+    "tie_free_margins",
 ]
 
 # bit ranges of finite values in (-2, 2) excluding ±0, per 16-bit dtype: drawing distinct
@@ -40,6 +43,20 @@ def tie_free_errors(
         while torch.unique(values[r]).numel() != cols:  # practically never
             values[r] = torch.randn(cols, generator=generator, dtype=torch.float64).to(dtype)
     return values
+
+
+def tie_free_margins(
+    generator: torch.Generator, shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Binary (logits, labels): float64 logits whose hinge margins 1 − y·F are all distinct
+    (3/P apart in (−1, 2), none 0, across the whole batch), 40% foreground. A prox step too
+    small to move a margin past another has the hinge gradient as its direction."""
+    count = math.prod(shape)
+    ranks = torch.randperm(count, generator=generator, dtype=torch.float64)
+    margins = -1.0 + 3.0 * (ranks + 0.5) / count
+    labels = (torch.rand(count, generator=generator) > 0.6).long()
+    logits = (1.0 - margins) * (2 * labels - 1)
+    return logits.reshape(shape), labels.reshape(shape)
 
 
 def distinct_float32(num_pixels: int, generator: torch.Generator) -> torch.Tensor:

@@ -18,6 +18,7 @@ from lovasz_kernels.optim import (  # noqa: E402
     prox_lovasz_hinge,
 )
 from reference.brute_prox import brute_prox, prox_certificate  # noqa: E402
+from tests.helpers import tie_free_margins  # noqa: E402
 
 # values on a coarse grid make ties (between labels, and with the margin-0 boundary: a logit
 # of ±1 is margin 0) frequent
@@ -116,6 +117,61 @@ def test_small_lam_direction_is_the_hinge_gradient(gen, per_image):
     lovasz_hinge(scores, labels, per_image=per_image, ignore_index=255,
                  backend="numpy").backward()
     torch.testing.assert_close(direction, scores.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["exact", "greedy"])
+@pytest.mark.parametrize("per_image", [True, False])
+def test_tiny_lam_direction_and_envelope_keep_full_precision(gen, per_image, method):
+    """The direction (F − prox)/λ must not be formed by subtracting the prox from F: the
+    difference keeps only the digits of F that λ moves (3 left at λ = 1e-8 on 65536
+    pixels, none at 1e-12, and at 1e-300 an envelope of ~1e268)."""
+    logits, labels = tie_free_margins(gen, (2, 128, 256))
+    scores = logits.clone().requires_grad_()
+    hinge = lovasz_hinge(scores, labels, per_image=per_image, backend="numpy")
+    hinge.backward()
+    for lam in (1e-8, 1e-10, 1e-12, 1e-100, 1e-300):
+        point = logits.clone().requires_grad_()
+        envelope = lovasz_hinge_moreau(point, labels, lam, per_image=per_image, method=method)
+        envelope.backward()
+        error = float((point.grad - scores.grad).abs().max() / scores.grad.abs().max())
+        assert error <= 1e-12, (lam, error)
+        # below the hinge (F is a candidate of the minimum) by about λ‖gradient‖²/2, that is
+        # equal to it up to the rounding of two sums of 65536 terms in different orders
+        value, at_input = float(envelope.detach()), float(hinge.detach())
+        assert value <= at_input * (1 + 1e-13), (lam, value, at_input)
+        assert value == pytest.approx(at_input, rel=1e-13), lam
+
+
+@pytest.mark.parametrize(("method", "max_steps"), [("exact", None), ("greedy", None),
+                                                   ("greedy", 40)])
+def test_direction_equals_the_difference_where_that_is_accurate(gen, method, max_steps):
+    """At λ of order 1, F − prox loses nothing: the direction the kernels build from the
+    shifts must equal it, with pooled groups, margins clipped at 0, ties, ignored pixels
+    and a greedy path stopped early."""
+    logits = torch.randn(3, 30, 40, generator=gen, dtype=torch.float64)
+    logits[1] = torch.round(logits[1] * 4) / 4  # many ties, inside and across labels
+    labels = (torch.rand(3, 30, 40, generator=gen) > 0.6).long()
+    labels[2, :5] = 255
+    for lam in (0.05, 1.0, 30.0, 2000.0):
+        point = logits.clone().requires_grad_()
+        options = {"ignore_index": 255, "method": method, "max_steps": max_steps}
+        lovasz_hinge_moreau(point, labels, lam, **options).backward()
+        prox = prox_lovasz_hinge(logits, labels, lam, **options)
+        if method == "greedy":
+            prox = prox.prox
+        torch.testing.assert_close(point.grad, (logits - prox) / lam, rtol=0, atol=1e-12)
+
+
+def test_lam_below_what_float64_resolves_is_rejected():
+    logits = torch.tensor([[0.5, -0.2], [0.3, 0.1]], dtype=torch.float64)
+    labels = torch.tensor([[1, 0], [0, 1]])
+    # each of the two images takes lam / 2, which must stay a normal float64
+    with pytest.raises(ValueError, match="lam must be at least 4.45.*got 4e-308"):
+        lovasz_hinge_moreau(logits, labels, 4e-308)
+    with pytest.raises(ValueError, match="lam must be at least"):
+        prox_lovasz_hinge(logits, labels, 1e-320, per_image=False)
+    value = lovasz_hinge_moreau(logits, labels, 4e-308, per_image=False)
+    assert float(value) == float(lovasz_hinge(logits, labels, per_image=False))
 
 
 def test_moreau_envelope_value_and_gradient(gen):
@@ -250,6 +306,55 @@ def test_bad_inputs():
         prox_lovasz_hinge(torch.zeros(1, 2, dtype=torch.long), torch.tensor([[0, 1]]), 0.1)
 
 
+@pytest.mark.parametrize("method", ["exact", "greedy"])
+def test_float_and_bool_masks_equal_integer_labels(gen, method):
+    """Binary masks as segmentation_models_pytorch users pass them (y.float(), bool): values
+    exactly 0/1 or the ignore label give the prox and the envelope of integer labels."""
+    logits = torch.randn(2, 9, 7, generator=gen, dtype=torch.float64)
+    labels = (torch.rand(2, 9, 7, generator=gen) > 0.6).long()
+    masked = labels.clone()
+    masked[0, :2] = 255
+
+    def outputs(mask, ignore_index):
+        prox = prox_lovasz_hinge(logits, mask, 0.4, ignore_index=ignore_index, method=method)
+        point = logits.clone().requires_grad_()
+        value = lovasz_hinge_moreau(point, mask, 0.4, ignore_index=ignore_index, method=method)
+        value.backward()
+        return (prox.prox if method == "greedy" else prox), value.detach(), point.grad
+
+    for reference, variants, ignore_index in (
+        (labels, [labels.float(), labels.double(), labels.half(), labels.bool()], None),
+        (masked, [masked.float(), masked.double()], 255),
+    ):
+        expected = outputs(reference, ignore_index)
+        for mask in variants:
+            for got, want in zip(outputs(mask, ignore_index), expected):
+                assert torch.equal(got, want), mask.dtype
+
+
+@pytest.mark.parametrize("value", [0.5, -1.0, 2.0, float("nan")])
+def test_float_mask_values_other_than_0_1_are_rejected(value):
+    mask = torch.tensor([[0.0, 1.0, 1.0, value]])
+    expected = "labels as a floating mask must hold whole numbers|labels must be in"
+    with pytest.raises(ValueError, match=expected):
+        prox_lovasz_hinge(torch.zeros(1, 4), mask, 0.1)
+    with pytest.raises(ValueError, match=expected):
+        lovasz_hinge_moreau(torch.zeros(1, 4, requires_grad=True), mask, 0.1)
+
+
+@pytest.mark.parametrize("ignore_index", [256, -100, 2**40])
+def test_ignore_index_the_labels_cannot_hold_ignores_nothing(gen, ignore_index):
+    """uint8 labels compared with 256 (or −100) in their own dtype would wrap to 0 (or 156)
+    and ignore every background pixel: compared as int64, nothing is ignored."""
+    logits = torch.randn(2, 6, 8, generator=gen, dtype=torch.float64)
+    labels = (torch.rand(2, 6, 8, generator=gen) > 0.5).to(torch.uint8)
+    expected = prox_lovasz_hinge(logits, labels.long(), 0.3)
+    got = prox_lovasz_hinge(logits, labels, 0.3, ignore_index=ignore_index)
+    assert torch.equal(got, expected)
+    value = lovasz_hinge_moreau(logits, labels, 0.3, ignore_index=ignore_index)
+    assert float(value) == float(lovasz_hinge_moreau(logits, labels.long(), 0.3))
+
+
 def test_missing_numba_says_how_to_install(monkeypatch):
     import lovasz_kernels.optim
 
@@ -299,7 +404,8 @@ def test_concurrent_threads_match_sequential_calls():
 # splitting it falls back on; each must be the prox on its own
 
 def _kernel_rows(logits, labels, lam, merge_first: bool):
-    """``_prox_exact_rows`` on float64 rows (label 255 ignored): (prox, loss_in, loss_out)."""
+    """``_prox_exact_rows`` on float64 rows (label 255 ignored): (prox, loss_in, loss_out,
+    direction)."""
     import numpy as np
 
     from lovasz_kernels.optim import _prox_kernels as kernels
@@ -310,9 +416,10 @@ def _kernel_rows(logits, labels, lam, merge_first: bool):
     out = np.empty_like(logits)
     loss_in, loss_out = np.zeros(rows), np.zeros(rows)
     workspace = np.empty(kernels.workspace_slots(logits.shape[1]))
-    kernels._prox_exact_rows(logits, labels, 255, True, np.full(rows, lam), out, loss_in,
-                             loss_out, workspace, merge_first)
-    return out, loss_in, loss_out
+    direction = np.empty_like(logits)
+    kernels._prox_exact_rows(logits, labels, 255, True, np.full(rows, lam), out, direction,
+                             loss_in, loss_out, workspace, merge_first)
+    return out, loss_in, loss_out, direction
 
 
 @pytest.mark.parametrize("merge_first", [True, False], ids=["merge", "splitting"])
@@ -354,6 +461,21 @@ def test_exact_routes_agree_on_larger_problems(lam_per_pixel):
     np.testing.assert_allclose(merged[0], split[0], rtol=0, atol=1e-9)
     np.testing.assert_allclose(merged[1], split[1], rtol=1e-12)
     np.testing.assert_allclose(merged[2], split[2], rtol=1e-9, atol=1e-12)
+    # each route's direction, built from the shifts, is (F − prox) / λ
+    for route in (merged, split):
+        np.testing.assert_allclose(route[3], (logits - route[0]) / lam, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("merge_first", [True, False], ids=["merge", "splitting"])
+def test_each_exact_route_keeps_the_direction_at_tiny_lam(gen, merge_first):
+    logits, labels = tie_free_margins(gen, (1, 5000))
+    scores = logits.clone().requires_grad_()
+    lovasz_hinge(scores, labels, backend="numpy").backward()
+    for lam in (1e-9, 1e-13, 1e-300):
+        direction = _kernel_rows(logits.numpy(), labels.numpy(), lam, merge_first)[3]
+        error = float((torch.from_numpy(direction) - scores.grad).abs().max()
+                      / scores.grad.abs().max())
+        assert error <= 1e-12, (lam, error)
 
 
 def test_certificate_rejects_a_wrong_pooling():
@@ -377,7 +499,7 @@ def test_certificate_rejects_a_wrong_pooling():
         return kernels._certify_groups(
             z_pos, z_neg, n_fg, lam, inverse_union, *prefix,
             np.array(starts_pos, dtype=np.int64), np.array(starts_neg, dtype=np.int64),
-            np.zeros(groups + 1), 0, groups, level_pos, level_neg,
+            np.zeros(groups + 1), 0, groups, level_pos, level_neg, np.empty(3),
         )[0]
 
     # merged order of the prox: fg 3.0, bg 2.0, fg 0.5, each its own level
@@ -396,10 +518,10 @@ def test_kernel_checks_its_workspace():
     short = np.empty(kernels.workspace_slots(10) - 1)
     with pytest.raises(ValueError, match="workspace"):
         kernels._prox_exact_rows(logits, labels, 255, False, np.ones(1), np.empty((1, 10)),
-                                 np.zeros(1), np.zeros(1), short, True)
+                                 np.empty((1, 10)), np.zeros(1), np.zeros(1), short, True)
     with pytest.raises(ValueError, match="workspace"):
         kernels._prox_greedy_rows(logits, labels, 255, False, np.ones(1), -1, np.empty((1, 10)),
-                                  np.zeros(1), np.zeros(1), short)
+                                  np.empty((1, 10)), np.zeros(1), np.zeros(1), short)
 
 
 def test_merge_route_is_certified_on_random_problems():
@@ -433,6 +555,6 @@ def test_merge_route_is_certified_on_random_problems():
                                          level_neg, start_pos, start_neg, group_level, group_sum)
         certified, _ = kernels._certify_groups(
             z_pos, z_neg, n_fg, lam, inverse_union, *prefix, start_pos, start_neg, group_level,
-            0, groups, level_pos, level_neg,
+            0, groups, level_pos, level_neg, np.empty(size),
         )
         assert certified, (trial, list(z_pos), list(z_neg), n_fg, lam)

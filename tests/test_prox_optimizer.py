@@ -13,6 +13,7 @@ pytest.importorskip("numba", reason="the prox kernels need numba")
 
 from lovasz_kernels import lovasz_hinge  # noqa: E402
 from lovasz_kernels.optim import ProxLovasz, lovasz_hinge_moreau, prox_lovasz_hinge  # noqa: E402
+from tests.helpers import tie_free_margins  # noqa: E402
 
 _EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "prox_vs_momentum.py"
 
@@ -51,7 +52,8 @@ def test_identity_model_one_step_is_the_prox(gen):
     ids=["momentum", "nesterov-wd", "dampening"],
 )
 def test_matches_sgd_on_the_moreau_envelope(gen, options):
-    """The update is torch's SGD applied to the envelope's gradient (F − prox)/λ."""
+    """The update is torch's SGD applied to the envelope's gradient (F − prox)/λ, bit for
+    bit: the same direction goes through the same functional update."""
     images = torch.randn(2, 3, 6, 6, generator=gen)
     labels = (torch.rand(2, 6, 6, generator=gen) > 0.5).long()
     models = [torch.nn.Conv2d(3, 1, 3, padding=1) for _ in range(2)]
@@ -68,7 +70,72 @@ def test_matches_sgd_on_the_moreau_envelope(gen, options):
         lovasz_hinge_moreau(models[1](images)[:, 0], labels, 0.2).backward()
         sgd.step()
     for a, b in zip(models[0].parameters(), models[1].parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert torch.equal(a, b)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(prox_opt.state[a]["momentum_buffer"], sgd.state[b]["momentum_buffer"])
+
+
+def test_sgd_state_dict_loads_into_prox_lovasz(gen):
+    """The momentum buffers are SGD's: a checkpoint of torch.optim.SGD resumes in ProxLovasz
+    (and back) with the same buffers."""
+    model = torch.nn.Conv2d(3, 1, 3, padding=1)
+    images = torch.randn(2, 3, 6, 6, generator=gen)
+    labels = (torch.rand(2, 6, 6, generator=gen) > 0.5).long()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    lovasz_hinge_moreau(model(images)[:, 0], labels, 0.05).backward()
+    sgd.step()
+    prox_opt = ProxLovasz(model.parameters(), lr=0.05, momentum=0.9)
+    prox_opt.load_state_dict(sgd.state_dict())
+    for param in model.parameters():
+        assert torch.equal(prox_opt.state[param]["momentum_buffer"],
+                           sgd.state[param]["momentum_buffer"])
+    prox_opt.step(lambda: (model(images)[:, 0], labels))
+    back = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    back.load_state_dict(prox_opt.state_dict())
+    for param in model.parameters():
+        assert torch.equal(back.state[param]["momentum_buffer"],
+                           prox_opt.state[param]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("per_image", [True, False])
+def test_tiny_lam_step_follows_the_hinge_gradient(gen, per_image):
+    """With margins far apart compared with λ, the backpropagated direction is the hinge
+    gradient to rounding at every λ, down to 1e-300 (not F − prox divided by λ, which keeps
+    nothing of it)."""
+    logits, labels = tie_free_margins(gen, (2, 64, 128))
+    scores = logits.clone().requires_grad_()
+    lovasz_hinge(scores, labels, per_image=per_image, backend="numpy").backward()
+    for lam in (1e-8, 1e-12, 1e-300):
+        point = torch.nn.Parameter(logits.clone())
+        optimizer = ProxLovasz([point], lr=1.0, momentum=0.0, lam=lam)
+        optimizer.step(lambda point=point: (point, labels, {"per_image": per_image}))
+        error = float((point.grad - scores.grad).abs().max() / scores.grad.abs().max())
+        assert error <= 1e-12, (lam, error)
+        torch.testing.assert_close(point.detach(), logits - scores.grad, rtol=0, atol=1e-15)
+
+
+def test_float_masks_step_like_integer_labels(gen):
+    """segmentation_models_pytorch users pass y.float() masks: exactly 0/1 (or the ignore
+    label) they give the same step as integer labels; anything else is rejected."""
+    logits, labels = _problem(gen)
+    labels[0, 0] = 255
+    results = []
+    for mask in (labels, labels.float(), labels.double(), labels.to(torch.uint8)):
+        scores = torch.nn.Parameter(logits.clone())
+        optimizer = ProxLovasz([scores], lr=0.3, momentum=0.0)
+        loss = optimizer.step(lambda scores=scores, mask=mask: (scores, mask,
+                                                                 {"ignore_index": 255}))
+        results.append((float(loss), scores.detach()))
+    for loss, point in results[1:]:
+        assert loss == results[0][0]
+        assert torch.equal(point, results[0][1])
+    bad = labels.float()
+    bad[1, 2, 3] = 0.5
+    scores = torch.nn.Parameter(logits.clone())
+    optimizer = ProxLovasz([scores], lr=0.3)
+    with pytest.raises(ValueError, match="labels as a floating mask must hold whole numbers"):
+        optimizer.step(lambda: (scores, bad))
+    assert torch.equal(scores.detach(), logits)
 
 
 def _train(model, optimizer, images, labels, steps):
@@ -194,6 +261,52 @@ def test_bad_closures(gen):
         optimizer.step(lambda: (logits, labels))
     with pytest.raises(ValueError, match="closure options must be among"):
         optimizer.step(lambda: (scores, labels, {"classes": "all"}))
+    with pytest.raises(TypeError, match=r"must return \(logits, labels\).*got tuple of 4"):
+        optimizer.step(lambda: (scores, labels, {}, None))
+
+
+@pytest.mark.parametrize("options", ["per_image", None, [("per_image", False)], False])
+def test_closure_options_must_be_a_dict(gen, options):
+    logits, labels = _problem(gen)
+    scores = torch.nn.Parameter(logits.clone())
+    optimizer = ProxLovasz([scores], lr=0.1)
+    expected = (r"the closure must return \(logits, labels\) or \(logits, labels, options\) "
+                r"with options a dict .*; got options .* of type")
+    with pytest.raises(TypeError, match=expected):
+        optimizer.step(lambda: (scores, labels, options))
+    assert torch.equal(scores.detach(), logits)  # nothing moved
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "error", "match"),
+    [
+        ("momentum", float("nan"), ValueError, "Invalid momentum value"),
+        ("momentum", -0.5, ValueError, "Invalid momentum value"),
+        ("lr", -0.1, ValueError, "Invalid learning rate"),
+        ("lr", float("inf"), ValueError, "Invalid learning rate"),
+        ("lr", "0.1", TypeError, "lr must be a number"),
+        ("dampening", 2.0, ValueError, "Invalid dampening value"),
+        ("weight_decay", float("nan"), ValueError, "Invalid weight_decay value"),
+        ("nesterov", "yes", TypeError, "nesterov must be True or False"),
+        ("lam", -1.0, ValueError, "lam must be a positive"),
+        ("method", "fista", ValueError, "method must be 'exact' or 'greedy'"),
+    ],
+)
+def test_group_hyperparameters_are_checked_at_each_step(gen, key, value, error, match):
+    """A group edited after construction (by hand, a scheduler or add_param_group) gets the
+    constructor's checks at the next step, before anything moves."""
+    logits, labels = _problem(gen)
+    scores = torch.nn.Parameter(logits.clone())
+    other = torch.nn.Parameter(torch.zeros(3))
+    optimizer = ProxLovasz([scores], lr=0.1)
+    optimizer.add_param_group({"params": [other]})
+    optimizer.step(lambda: (scores, labels))
+    before = scores.detach().clone()
+    optimizer.param_groups[1][key] = value
+    with pytest.raises(error, match=match):
+        optimizer.step(lambda: (scores, labels))
+    assert torch.equal(scores.detach(), before)
+    assert not torch.isnan(scores).any()
 
 
 def test_greedy_optimizer_reports_whether_the_path_finished(gen):

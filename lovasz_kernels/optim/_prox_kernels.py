@@ -7,7 +7,10 @@ kernel only touches V+ = {valid pixels with m0 > 0}; Δ_J of a set of a foregrou
 background pixels of V+ is φ(a, b) = (a + b) / (n_fg + b), where n_fg counts *every*
 foreground pixel of the segment.
 
-Two kernels, both writing the prox logits and two loss values per segment:
+Two kernels, both writing the prox logits, the direction (F − prox) / λ and two loss values
+per segment. The direction is built from each pixel's shift per unit of λ, never as a
+difference of F and the prox: that difference keeps only the digits of F that λ moves, none
+at all once λ is below the logits' resolution.
 
 - :func:`_prox_exact_rows`: projection onto the base polytope, then clipping at 0. The
   foreground and background margins are sorted; one merge of the two lists by their
@@ -79,9 +82,9 @@ if NUMBA_AVAILABLE:
     def workspace_slots(num_pixels):
         """float64 slots of workspace the kernels need for rows of ``num_pixels`` = P
         pixels: the label lists 2 P, the sorted lists 2 P (their radix sorts borrow 2 P past
-        them), the levels P and the exact prox's arrays 10 P. The kernels check it: a slice
-        past the end would silently come out short."""
-        return 15 * num_pixels + 64
+        them), the levels P, the shifts P and the exact prox's arrays 10 P. The kernels check
+        it: a slice past the end would silently come out short."""
+        return 16 * num_pixels + 64
 
     @njit(cache=True)
     def _radix_sort(keys, positions, keys_out, positions_out):
@@ -294,14 +297,39 @@ if NUMBA_AVAILABLE:
         return 0, 0
 
     @njit(cache=True, inline="always")
-    def _write_level(level, p_lo, p_hi, n_lo, n_hi, n_fg, level_pos, level_neg):
-        """Write one level for the whole block; returns its Δ̄ contribution at relu(level)."""
+    def _write_level(level, p_lo, p_hi, n_lo, n_hi, n_fg, z_pos, z_neg, lam, level_pos,
+                     level_neg, unit_shift):
+        """Write one level for the whole block, and each pixel's shift per unit of λ;
+        returns the block's Δ̄ contribution at relu(level).
+
+        A pixel's shift z − level is its deviation from the block's mean margin plus the
+        block's mean Jaccard increment times λ. Both parts are formed without subtracting
+        the level from z (which would leave nothing of a shift far below the margins'
+        resolution): the deviations are taken from the block's first margin (exact when the
+        margins lie within a factor of 2, as pooled margins do unless λ is large), and the
+        increment comes from the integer counts. ``unit_shift`` holds the foreground pixels
+        of V+, then the background ones.
+        """
+        size = (p_hi - p_lo) + (n_hi - n_lo)
+        reference = z_pos[p_lo] if p_hi > p_lo else z_neg[n_lo]
+        deviation_sum = 0.0
         for k in range(p_lo, p_hi):
             level_pos[k] = level
+            deviation_sum += z_pos[k] - reference
         for k in range(n_lo, n_hi):
             level_neg[k] = level
+            deviation_sum += z_neg[k] - reference
+        mean_deviation = deviation_sum / size
+        increment = _jaccard_delta(p_lo, n_lo, p_hi, n_hi, n_fg)
+        mean_increment = increment / size
+        offset_neg = z_pos.shape[0]
+        for k in range(p_lo, p_hi):
+            unit_shift[k] = ((z_pos[k] - reference) - mean_deviation) / lam + mean_increment
+        for k in range(n_lo, n_hi):
+            unit_shift[offset_neg + k] = (((z_neg[k] - reference) - mean_deviation) / lam
+                                          + mean_increment)
         if level > 0.0:
-            return level * _jaccard_delta(p_lo, n_lo, p_hi, n_hi, n_fg)
+            return level * increment
         return 0.0
 
     @njit(cache=True)
@@ -381,14 +409,16 @@ if NUMBA_AVAILABLE:
     @njit(cache=True)
     def _certify_groups(z_pos, z_neg, n_fg, lam, inverse_union, prefix_pos, error_pos,
                         prefix_neg, error_neg, start_pos, start_neg, group_level, first, stop,
-                        level_pos, level_neg):
+                        level_pos, level_neg, unit_shift):
         """Check the groups ``first`` to ``stop`` − 1 of :func:`_merge_and_pool` and write the
-        pooled ones' levels; returns (True, Δ̄ contribution of their relu(x)), or (False, 0)
-        when a pooled group is not one level of its contracted set function
-        (:func:`_most_violated` finds a set). A single pixel always is; a pooled group's
-        level is recomputed from the compensated prefix sums (:func:`_block_level`)."""
+        pooled ones' levels and every pixel's shift per unit of λ (see :func:`_write_level`);
+        returns (True, Δ̄ contribution of their relu(x)), or (False, 0) when a pooled group
+        is not one level of its contracted set function (:func:`_most_violated` finds a set).
+        A single pixel always is, and its shift is λ times its Jaccard increment; a pooled
+        group's level is recomputed from the compensated prefix sums (:func:`_block_level`)."""
         loss = 0.0
         last_union = inverse_union.shape[0] - 1
+        offset_neg = z_pos.shape[0]
         for group in range(first, stop):
             a_lo = start_pos[group]
             a_hi = start_pos[group + 1]
@@ -402,8 +432,10 @@ if NUMBA_AVAILABLE:
                 increment_neg = ((n_fg - a_lo) * inverse_union[b_lo]
                                  * inverse_union[min(b_lo + 1, last_union)])
                 increment_neg = increment_neg if n_fg + b_lo > 0 else 1.0  # φ(0, 1) − φ(0, 0)
-                is_pos = np.float64(a_hi - a_lo)
-                loss += max(level, 0.0) * (increment_neg + is_pos * (increment_pos - increment_neg))
+                is_pos = a_hi - a_lo
+                increment = increment_neg + is_pos * (increment_pos - increment_neg)
+                loss += max(level, 0.0) * increment
+                unit_shift[offset_neg + b_lo + is_pos * (a_lo - offset_neg - b_lo)] = increment
                 continue
             level = _block_level(prefix_pos, error_pos, prefix_neg, error_neg, a_lo, a_hi,
                                  b_lo, b_hi, n_fg, lam)
@@ -411,7 +443,8 @@ if NUMBA_AVAILABLE:
                                               a_lo, a_hi, b_lo, b_hi)
             if split_a + split_b > 0:
                 return False, 0.0
-            loss += _write_level(level, a_lo, a_hi, b_lo, b_hi, n_fg, level_pos, level_neg)
+            loss += _write_level(level, a_lo, a_hi, b_lo, b_hi, n_fg, z_pos, z_neg, lam,
+                                 level_pos, level_neg, unit_shift)
         return True, loss
 
     @njit(cache=True)
@@ -437,7 +470,8 @@ if NUMBA_AVAILABLE:
     @njit(cache=True)
     def _solve_block(z_pos, z_neg, n_fg, lam, inverse_union, prefix_pos, error_pos,
                      prefix_neg, error_neg, shift_pos, base_neg, slope_neg, block, stack,
-                     start_pos, start_neg, group_level, group_sum, level_pos, level_neg):
+                     start_pos, start_neg, group_level, group_sum, level_pos, level_neg,
+                     unit_shift):
         """Levels of one block (p_lo, p_hi, n_lo, n_hi) by recursive splitting at the most
         violated set (Fujishige/Groenevelt decomposition), depth first: ``stack`` has at
         least its pixel count + 1 rows; the prefix block is pushed last, so blocks leave
@@ -462,7 +496,7 @@ if NUMBA_AVAILABLE:
                 solved, block_loss = _certify_groups(
                     z_pos, z_neg, n_fg, lam, inverse_union, prefix_pos, error_pos, prefix_neg,
                     error_neg, start_pos, start_neg, group_level, 0, groups, level_pos,
-                    level_neg,
+                    level_neg, unit_shift,
                 )
                 if solved:
                     loss += block_loss
@@ -483,13 +517,17 @@ if NUMBA_AVAILABLE:
                 stack[tail + 1, 3] = n_lo + split_b
                 tail += 2
             else:
-                loss += _write_level(level, p_lo, p_hi, n_lo, n_hi, n_fg, level_pos, level_neg)
+                loss += _write_level(level, p_lo, p_hi, n_lo, n_hi, n_fg, z_pos, z_neg, lam,
+                                     level_pos, level_neg, unit_shift)
         return loss
 
     @njit(cache=True, parallel=True)
-    def _decompose(z_pos, z_neg, n_fg, lam, level_pos, level_neg, merge_first, workspace):
-        """Levels of prox_{λΔ̄}(z) (no clipping) on V+; returns (Δ̄_J(relu(levels)),
-        Δ̄_J(relu(z))), the second computed beside the first.
+    def _decompose(z_pos, z_neg, n_fg, lam, level_pos, level_neg, unit_shift, merge_first,
+                   workspace):
+        """Levels of prox_{λΔ̄}(z) (no clipping) on V+ and each pixel's shift z − level per
+        unit of λ (``unit_shift``: foreground pixels, then background ones; see
+        :func:`_write_level`); returns (Δ̄_J(relu(levels)), Δ̄_J(relu(z))), the second computed
+        beside the first.
 
         When ``merge_first``, all of V+ goes through :func:`_merge_and_pool` (one pass, on
         one thread while the other computes the prefix sums and the input's loss) and
@@ -539,7 +577,7 @@ if NUMBA_AVAILABLE:
                 certified[half], half_losses[half] = _certify_groups(
                     z_pos, z_neg, n_fg, lam, inverse_union, prefix_pos, error_pos, prefix_neg,
                     error_neg, start_pos, start_neg, group_level, half * num_groups[0] // 2,
-                    (half + 1) * num_groups[0] // 2, level_pos, level_neg,
+                    (half + 1) * num_groups[0] // 2, level_pos, level_neg, unit_shift,
                 )
             if certified[0] and certified[1]:
                 return half_losses[0] + half_losses[1], loss_in[0]
@@ -548,36 +586,48 @@ if NUMBA_AVAILABLE:
         loss = _solve_block(
             z_pos, z_neg, n_fg, lam, inverse_union, prefix_pos, error_pos, prefix_neg,
             error_neg, shift_pos, base_neg, slope_neg, whole, stack, start_pos, start_neg,
-            group_level, group_sum, level_pos, level_neg,
+            group_level, group_sum, level_pos, level_neg, unit_shift,
         )
         return loss, loss_in[0]
 
     @njit(cache=True, parallel=True)
-    def _write_logits(out, idx_pos, level_pos, idx_neg, level_neg):
-        """The prox logits of V+ from its levels clipped at 0: X = y (1 − relu(level))."""
+    def _write_logits(out, direction, idx_pos, z_pos, level_pos, idx_neg, z_neg, level_neg,
+                      unit_shift, lam):
+        """The prox logits of V+ from its levels clipped at 0, X = y (1 − relu(level)), and
+        the direction (F − X) / λ = −y (z − relu(level)) / λ: the pixel's shift per unit of λ,
+        or z / λ where the level is clipped (never formed as a difference of F and X, which
+        cancels when λ is small)."""
         n_pos = idx_pos.shape[0]
         for k in prange(n_pos + idx_neg.shape[0]):
             if k < n_pos:
-                out[idx_pos[k]] = 1.0 - max(level_pos[k], 0.0)
+                level = level_pos[k]
+                out[idx_pos[k]] = 1.0 - max(level, 0.0)
+                direction[idx_pos[k]] = -(unit_shift[k] if level > 0.0 else z_pos[k] / lam)
             else:
-                out[idx_neg[k - n_pos]] = max(level_neg[k - n_pos], 0.0) - 1.0
+                level = level_neg[k - n_pos]
+                out[idx_neg[k - n_pos]] = max(level, 0.0) - 1.0
+                direction[idx_neg[k - n_pos]] = (unit_shift[k] if level > 0.0
+                                                 else z_neg[k - n_pos] / lam)
 
     @njit(cache=True)
-    def _prox_exact_rows(logits, labels, ignore_label, has_ignore, lam, out, loss_in,
-                         loss_out, workspace, merge_first):
+    def _prox_exact_rows(logits, labels, ignore_label, has_ignore, lam, out, direction,
+                         loss_in, loss_out, workspace, merge_first):
         """Exact prox of λ[s]·Δ̄_J(relu(1 − y·F)) for every row s.
 
         Parameters: logits (S, P) float32 or float64, labels (S, P) (1 is foreground; a
         label equal to ``ignore_label`` is ignored when ``has_ignore``), lam (S,) float64,
         workspace float64 with ``workspace_slots(P)`` slots (every temporary array lives
-        there). Writes out (S, P) float64 (a copy of logits except on V+), loss_in[s] = Δ̄ at
-        the input and loss_out[s] = Δ̄ at the prox (both without the factor λ).
+        there). Writes out (S, P) float64 (a copy of logits except on V+), direction (S, P)
+        float64 = (F − out) / λ[s] (0 outside V+; computed from the shifts, see
+        :func:`_write_logits`), loss_in[s] = Δ̄ at the input and loss_out[s] = Δ̄ at the prox
+        (both without the factor λ).
         ``merge_first``: see :func:`_decompose` (False only to test the splitting alone).
         """
         if workspace.shape[0] < workspace_slots(logits.shape[1]):
             raise ValueError("workspace smaller than workspace_slots(P)")
         for row in range(logits.shape[0]):
             out[row, :] = logits[row, :]
+            direction[row, :] = 0.0
             n_fg, z_pos, idx_pos, z_neg, idx_neg, free = _split_by_label(
                 logits[row], labels[row], ignore_label, has_ignore, workspace
             )
@@ -587,10 +637,14 @@ if NUMBA_AVAILABLE:
                 continue
             level_pos, free = _take_wide(workspace, free, z_pos.shape[0], np.float64(0))
             level_neg, free = _take_wide(workspace, free, z_neg.shape[0], np.float64(0))
+            unit_shift, free = _take_wide(workspace, free, z_pos.shape[0] + z_neg.shape[0],
+                                          np.float64(0))
             loss_out[row], loss_in[row] = _decompose(
-                z_pos, z_neg, n_fg, lam[row], level_pos, level_neg, merge_first, workspace[free:]
+                z_pos, z_neg, n_fg, lam[row], level_pos, level_neg, unit_shift, merge_first,
+                workspace[free:],
             )
-            _write_logits(out[row], idx_pos, level_pos, idx_neg, level_neg)
+            _write_logits(out[row], direction[row], idx_pos, z_pos, level_pos, idx_neg, z_neg,
+                          level_neg, unit_shift, lam[row])
 
     # ---------------------------------------------------------------------------------------
     # greedy minimization path (paper, Appendix C)
@@ -641,9 +695,10 @@ if NUMBA_AVAILABLE:
         return size
 
     @njit(cache=True)
-    def _greedy_path(z, is_fg, n_fg, lam, max_steps, margins):
+    def _greedy_path(z, is_fg, n_fg, lam, max_steps, margins, unit_shift):
         """Follow the paper's minimization path for margins z (decreasing); returns
-        (Δ̄_J(relu(margins)), finished).
+        (Δ̄_J(relu(margins)), finished), and writes each pixel's shift z − margin per unit of
+        λ to ``unit_shift``.
 
         Groups of consecutive pixels move down at speed ḡ (the mean Jaccard increment of the
         group, in the order of z); a group that meets its lower neighbour merges with it, a
@@ -774,6 +829,7 @@ if NUMBA_AVAILABLE:
         a_done = 0
         b_done = 0
         k = 0
+        elapsed = stop / lam  # the path's time in units of λ (1 when it finished)
         while k < count:
             group_end = end[k]
             if state[k] == 0:
@@ -786,6 +842,24 @@ if NUMBA_AVAILABLE:
                 margins[position] = level
                 if is_fg[position]:
                     a_group += 1
+            # merges keep a moving group's total margin at Σz − t·Σg, so a pixel's shift is
+            # t times the group's mean increment plus its deviation from the group's mean z:
+            # formed without subtracting the margin from z (see _write_level), deviations
+            # taken from the group's first margin
+            if level > 0.0:
+                shift = elapsed * (g_sum[k] / size[k])
+                if group_end - k == 1:
+                    unit_shift[k] = shift
+                else:
+                    deviation_sum = 0.0
+                    for position in range(k, group_end):
+                        deviation_sum += z[position] - z[k]
+                    mean_deviation = deviation_sum / size[k]
+                    for position in range(k, group_end):
+                        unit_shift[position] = ((z[position] - z[k]) - mean_deviation) / lam + shift
+            else:
+                for position in range(k, group_end):
+                    unit_shift[position] = z[position] / lam
             b_group = group_end - k - a_group
             if level > 0.0:
                 loss += level * _jaccard_delta(a_done, b_done, a_done + a_group,
@@ -797,7 +871,7 @@ if NUMBA_AVAILABLE:
 
     @njit(cache=True)
     def _prox_greedy_rows(logits, labels, ignore_label, has_ignore, lam, max_steps, out,
-                          loss_in, loss_out, workspace):
+                          direction, loss_in, loss_out, workspace):
         """The greedy path for every row (same arguments as :func:`_prox_exact_rows`, plus
         ``max_steps``, −1 for no limit). Returns True when every row reached t = λ."""
         if workspace.shape[0] < workspace_slots(logits.shape[1]):
@@ -805,6 +879,7 @@ if NUMBA_AVAILABLE:
         all_finished = True
         for row in range(logits.shape[0]):
             out[row, :] = logits[row, :]
+            direction[row, :] = 0.0
             n_fg, z_pos, idx_pos, z_neg, idx_neg, _ = _split_by_label(
                 logits[row], labels[row], ignore_label, has_ignore, workspace
             )
@@ -833,12 +908,16 @@ if NUMBA_AVAILABLE:
                     index[k] = idx_neg[j]
                     j += 1
             margins = np.empty(count)
-            loss, finished = _greedy_path(z, is_fg, n_fg, lam[row], max_steps, margins)
+            unit_shift = np.empty(count)
+            loss, finished = _greedy_path(z, is_fg, n_fg, lam[row], max_steps, margins,
+                                          unit_shift)
             loss_out[row] = loss
             all_finished = all_finished and finished
             for k in range(count):
                 if is_fg[k]:
                     out[row, index[k]] = 1.0 - margins[k]
+                    direction[row, index[k]] = -unit_shift[k]
                 else:
                     out[row, index[k]] = margins[k] - 1.0
+                    direction[row, index[k]] = unit_shift[k]
         return all_finished

@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import math
 import numbers
+import sys
 from types import ModuleType
 from typing import NamedTuple
 
@@ -46,25 +47,33 @@ class GreedyProx(NamedTuple):
     finished: bool
 
 
-class _ProxResult(NamedTuple):
+class ProxResult(NamedTuple):
     """Everything one kernel call gives, for the public functions and the optimizer."""
 
     prox: torch.Tensor  # logits layout and dtype, on the logits' device
-    scores_host: np.ndarray  # F on the host (float32 or float64: exact in float64), (B, P)
-    prox_host: np.ndarray  # the prox as float64 on the host, (B, P)
+    # (F − prox) / λ as float64 on the host, (B, P); the kernels form it from each pixel's
+    # shift, never as a difference of F and the prox (that cancels when λ is small)
+    direction_host: np.ndarray
+    lam: float
     loss_input: float  # Lovász hinge at F (the mean over counted segments)
     loss_prox: float  # Lovász hinge at the prox
     finished: bool
 
-    def direction(self, lam: float, like: torch.Tensor) -> torch.Tensor:
+    def direction(self, like: torch.Tensor) -> torch.Tensor:
         """(F − prox) / λ in the layout, dtype and device of ``like`` (the logits)."""
-        direction = torch.from_numpy((self.scores_host - self.prox_host) / lam)
+        direction = torch.from_numpy(self.direction_host)
         return direction.reshape(like.shape).to(device=like.device, dtype=like.dtype)
 
-    def squared_distance(self) -> float:
-        """‖F − prox‖² in float64."""
-        difference = self.scores_host - self.prox_host
-        return float(np.dot(difference.ravel(), difference.ravel()))
+    def envelope(self) -> float:
+        """The Moreau envelope L(prox) + ‖F − prox‖² / (2λ), as L(prox) + λ‖direction‖²/2.
+
+        Never above L(F) (F itself is a candidate of the minimum): the two losses are
+        summed in different orders, and at a λ too small to move the prox by a rounding
+        step they may differ by a few ulps the wrong way.
+        """
+        direction = self.direction_host.ravel()
+        value = self.loss_prox + 0.5 * self.lam * float(np.dot(direction, direction))
+        return min(value, self.loss_input)
 
 
 def _kernels() -> ModuleType:
@@ -112,7 +121,7 @@ def check_method(method: object, max_steps: object) -> int:
     return int(max_steps)
 
 
-def _prox(
+def compute_prox(
     logits: object,
     labels: object,
     lam: object,
@@ -120,8 +129,9 @@ def _prox(
     ignore_index: object,
     method: object,
     max_steps: object,
-) -> _ProxResult:
-    """Validate, run the kernel on a float64 CPU copy, and map the result back."""
+) -> ProxResult:
+    """Validate, run the kernel on a CPU copy, and map the result back: the one entry point
+    of :func:`prox_lovasz_hinge`, :func:`lovasz_hinge_moreau` and ``ProxLovasz``."""
     logits = _validate.check_floating("logits", logits)
     labels = _validate.check_tensor("labels", labels)
     _validate.check_same_device("labels", labels, "logits", logits)
@@ -150,8 +160,18 @@ def _prox(
     # the loss is the mean of the counted segments' losses: each gets λ / (their number)
     weight = np.where(counted, 1.0 / max(num_counted, 1), 0.0)
     lam_rows = lam * weight
+    smallest_step = sys.float_info.min  # the smallest normal float64
+    if num_counted and lam / num_counted < smallest_step:
+        # the direction divides pooled margins' deviations by each segment's step: a step
+        # that is subnormal has lost its precision (or is 0)
+        raise ValueError(
+            f"lam must be at least {smallest_step * num_counted:.4g} here (each of the "
+            f"{num_counted} segments takes a step lam / {num_counted}, which must be a normal "
+            f"float64, >= {smallest_step:.4g}); got {lam!r}"
+        )
 
     out = np.empty(logits_host.shape, dtype=np.float64)
+    direction = np.empty(logits_host.shape, dtype=np.float64)  # (F − prox) / λ of each row
     loss_in = np.zeros(logits_host.shape[0])
     loss_out = np.zeros(logits_host.shape[0])
     finished = True
@@ -163,20 +183,23 @@ def _prox(
         )
         if method == "exact":
             kernels._prox_exact_rows(
-                logits_host, labels_host, ignore_label, has_ignore, lam_rows, out, loss_in,
-                loss_out, workspace, True,
+                logits_host, labels_host, ignore_label, has_ignore, lam_rows, out, direction,
+                loss_in, loss_out, workspace, True,
             )
         else:
             finished = bool(kernels._prox_greedy_rows(
                 logits_host, labels_host, ignore_label, has_ignore, lam_rows, kernel_max_steps,
-                out, loss_in, loss_out, workspace,
+                out, direction, loss_in, loss_out, workspace,
             ))
+        # (F − prox) / λ = (F − prox) / λ_row · (λ_row / λ), and λ_row / λ is the row's weight
+        if num_counted > 1:
+            direction *= weight[:, None]
     out_tensor = torch.from_numpy(out)
     prox = out_tensor.reshape(logits.shape).to(device=logits.device, dtype=logits.dtype)
-    return _ProxResult(
+    return ProxResult(
         prox=prox,
-        scores_host=logits_host.reshape(logits_2d.shape),
-        prox_host=out.reshape(logits_2d.shape),
+        direction_host=direction.reshape(logits_2d.shape),
+        lam=lam,
         loss_input=float(np.dot(weight, loss_in)),
         loss_prox=float(np.dot(weight, loss_out)),
         finished=finished,
@@ -203,9 +226,11 @@ def prox_lovasz_hinge(
     logits
         F: (B, *spatial) or (B, 1, *spatial) float scores of the foreground class.
     labels
-        (B, *spatial) integer or bool labels in {0, 1} or ``ignore_index``.
+        (B, *spatial) labels in {0, 1} or ``ignore_index``: integer, bool, or a floating mask
+        (``y.float()``) whose values are exactly those.
     lam
-        λ > 0, the step of the proximal operator.
+        λ > 0, the step of the proximal operator. Each segment's step (λ / B' per image)
+        must be a normal float64 (≥ 2.2e-308); any smaller λ raises a ValueError.
     per_image
         True: L is the mean over the B' images with a valid pixel, so each image gets the
         prox of its own hinge with λ / B'. False: one segment over the batch, step λ.
@@ -245,7 +270,7 @@ def prox_lovasz_hinge(
     >>> prox_lovasz_hinge(logits, labels, lam=0.1)
     tensor([[ 0.5250, -0.2167,  2.0000,  0.2667]], dtype=torch.float64)
     """
-    result = _prox(logits, labels, lam, per_image, ignore_index, method, max_steps)
+    result = compute_prox(logits, labels, lam, per_image, ignore_index, method, max_steps)
     if method == "greedy":
         return GreedyProx(result.prox, result.finished)
     return result.prox
@@ -258,12 +283,13 @@ class _MoreauFunction(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx, logits, labels, lam, per_image, ignore_index, method, max_steps
     ):
-        result = _prox(logits.detach(), labels, lam, per_image, ignore_index, method, max_steps)
-        lam_value = check_lam(lam)
-        value = result.loss_prox + result.squared_distance() / (2 * lam_value)
+        result = compute_prox(
+            logits.detach(), labels, lam, per_image, ignore_index, method, max_steps
+        )
+        value = result.envelope()
         ctx.logits_dtype = logits.dtype
         if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(result.direction(lam_value, logits))
+            ctx.save_for_backward(result.direction(logits))
         out_dtype = _validate.compute_dtype(logits.dtype)
         return torch.tensor(value, dtype=out_dtype, device=logits.device)
 
@@ -290,6 +316,17 @@ def lovasz_hinge_moreau(
     λ → 0. Its gradient is the proximal direction (F − prox_λ(F)) / λ, so a gradient step of
     size λ on it is exactly a proximal step on the hinge (paper, Appendix C); it works with
     any optimizer.
+
+    Neither is formed from the difference F − prox, which keeps nothing of the step once λ
+    is below the logits' resolution: the kernels compute each pixel's shift per unit of λ
+    directly (its Jaccard increment, or its pooled group's mean increment plus its
+    deviation from the group's mean margin), and the value is L(prox) + λ‖d‖²/2, never
+    above L(F). Where no two margins are within λ of each other the gradient is the hinge's
+    gradient to rounding at any λ down to 1e-300. Tied margins are the exception at small
+    λ: once λ times the gap between the increments of a tie falls below the margins'
+    resolution (~1e-16), which pixels of the tie pool is decided by rounding, and the
+    gradient moves from the pooled one towards the hinge gradient of one order of the tie
+    (a subgradient).
 
     Parameters
     ----------

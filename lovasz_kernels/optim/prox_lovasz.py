@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
+from torch.optim.sgd import sgd
 
 from lovasz_kernels import _validate
-from lovasz_kernels.optim.prox import _prox, check_lam, check_method
+from lovasz_kernels.optim.prox import check_lam, check_method, compute_prox
 
 __all__ = ["ProxLovasz"]
 
@@ -50,6 +51,10 @@ class ProxLovasz(torch.optim.Optimizer):
             θ           = θ − γ g_θ
         return L(F), the Lovász hinge of the logits before the step
 
+    The last four lines are :func:`torch.optim.sgd.sgd`, the functional form of
+    :class:`torch.optim.SGD`, called with g_θ as the gradient: the momentum buffers are
+    ``state[p]["momentum_buffer"]`` as in SGD.
+
     Parameters
     ----------
     params
@@ -73,12 +78,15 @@ class ProxLovasz(torch.optim.Optimizer):
     ``step(closure)`` requires a closure that runs the forward pass and returns
     ``(logits, labels)`` or ``(logits, labels, options)`` with ``options`` a dict of
     ``per_image`` (default True) and ``ignore_index`` (default None) for
-    :func:`~lovasz_kernels.lovasz_hinge`. The closure runs with gradients enabled; ``step``
-    backpropagates the proximal direction from ``logits`` itself. As with any optimizer, call
-    ``zero_grad()`` (in the closure or before ``step``): gradients already in ``.grad``
-    (for example from a regularizer's ``backward()`` inside the closure) are added to the
-    proximal direction. The prox runs on the CPU (numba); GPU logits are copied to the host
-    and the direction back, once each per step.
+    :func:`~lovasz_kernels.lovasz_hinge`; labels may be integer, bool or a floating mask
+    whose values are exactly 0/1 (or the ignore label). Every group's hyperparameters are
+    checked again at each step, with the messages of the constructor. The closure runs with
+    gradients enabled; ``step`` backpropagates the proximal direction from ``logits``
+    itself. As with any optimizer, call ``zero_grad()`` (in the closure or before
+    ``step``): gradients already in ``.grad`` (for example from a regularizer's
+    ``backward()`` inside the closure) are added to the proximal direction. The prox runs
+    on the CPU (numba); GPU logits are copied to the host and the direction back, once each
+    per step.
 
     A large λ makes the direction (F − prox)/λ tend to a squared-hinge gradient that loses the
     Jaccard weighting; λ of the order of the learning rate gives a direction close to the
@@ -129,7 +137,9 @@ class ProxLovasz(torch.optim.Optimizer):
 
     @staticmethod
     def _check_group(group: dict[str, Any]) -> None:
-        """Validate a group's hyperparameters (the defaults, then every group)."""
+        """Validate a group's hyperparameters: the defaults and every group in ``__init__``,
+        and every group again at each step (a scheduler, a user or ``add_param_group`` may
+        have changed them since; a NaN momentum would turn every parameter into NaN)."""
         lr = _check_number("lr", group["lr"], "Invalid learning rate")
         if lr <= 0.0:
             raise ValueError(f"Invalid learning rate: {group['lr']} (lr must be > 0)")
@@ -175,11 +185,22 @@ class ProxLovasz(torch.optim.Optimizer):
 
     @staticmethod
     def _parse_closure_output(output: object) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        expected = "the closure must return (logits, labels) or (logits, labels, options)"
+        expected = (
+            "the closure must return (logits, labels) or (logits, labels, options) with "
+            f"options a dict of {' and '.join(map(repr, _CLOSURE_OPTIONS))}"
+        )
         if not isinstance(output, (tuple, list)) or len(output) not in (2, 3):
-            raise TypeError(f"{expected}; got {type(output).__name__}")
+            received = type(output).__name__
+            if isinstance(output, (tuple, list)):
+                received += f" of {len(output)} values"
+            raise TypeError(f"{expected}; got {received}")
         logits, labels = output[0], output[1]
-        options = dict(output[2]) if len(output) == 3 else {}
+        options = output[2] if len(output) == 3 else {}
+        if not isinstance(options, Mapping):
+            raise TypeError(
+                f"{expected}, such as {{'per_image': False}}; got options {options!r} of type "
+                f"{type(options).__name__}"
+            )
         unknown = sorted(set(options) - set(_CLOSURE_OPTIONS))
         if unknown:
             raise ValueError(
@@ -208,11 +229,13 @@ class ProxLovasz(torch.optim.Optimizer):
                 "ProxLovasz.step needs a closure returning (logits, labels): the direction "
                 "depends on the logits, not on a precomputed gradient"
             )
+        for group in self.param_groups:
+            self._check_group(group)
         with torch.enable_grad():
             logits, labels, options = self._parse_closure_output(closure())
             lam = self._step_lam()
             group = self.param_groups[0]
-            result = _prox(
+            result = compute_prox(
                 logits.detach(),
                 labels,
                 lam,
@@ -221,30 +244,30 @@ class ProxLovasz(torch.optim.Optimizer):
                 group["method"],
                 group["max_steps"],
             )
-            logits.backward(result.direction(lam, logits))
+            logits.backward(result.direction(logits))
         self.prox_finished = result.finished
 
+        # the parameter update is torch's SGD with momentum, fed the backpropagated direction
         for group in self.param_groups:
-            lr = group["lr"]
+            params = [param for param in group["params"] if param.grad is not None]
             momentum = group["momentum"]
-            dampening = group["dampening"]
-            weight_decay = group["weight_decay"]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                grad = param.grad
-                if weight_decay != 0:
-                    grad = grad.add(param, alpha=weight_decay)
-                if momentum != 0:
-                    state = self.state[param]
-                    buffer = state.get("momentum_buffer")
-                    if buffer is None:
-                        buffer = torch.clone(grad).detach()
-                        state["momentum_buffer"] = buffer
-                    else:
-                        buffer.mul_(momentum).add_(grad, alpha=1 - dampening)
-                    grad = grad.add(buffer, alpha=momentum) if group["nesterov"] else buffer
-                param.add_(grad, alpha=-lr)
+            buffers = []
+            if momentum != 0:
+                buffers = [self.state[param].get("momentum_buffer") for param in params]
+            sgd(
+                params,
+                [param.grad for param in params],
+                buffers,
+                has_sparse_grad=any(param.grad.is_sparse for param in params),
+                weight_decay=group["weight_decay"],
+                momentum=momentum,
+                lr=group["lr"],
+                dampening=group["dampening"],
+                nesterov=group["nesterov"],
+                maximize=False,
+            )
+            for param, buffer in zip(params, buffers):  # sgd creates the first buffers
+                self.state[param]["momentum_buffer"] = buffer
 
         out_dtype = _validate.compute_dtype(logits.dtype)
         return torch.tensor(result.loss_input, dtype=out_dtype, device=logits.device)
