@@ -183,13 +183,14 @@ def lovasz_loss_op(
         labels=labels_2d, num_classes=num_classes, classes=classes, class_list=list(class_list),
         class_weights=None if class_weights is None else class_weights.to(torch.float64),
         per_image=per_image, ignore_index=ignore_index, bg_offset=LOSS_KINDS[kind],
+        labels_checked=_validate.validate_values_enabled(),
     )
     if group_batch is not None:
         group_batch.agree(_agreed_options(scores_3d, kind, dist_mode, bins, classes),
                           labels.device, failed=False)
         plan = plan_segments(**plan_options, reduce_counts=group_batch.census)
         loss, grad = generic_lovasz_loss(group_batch.extension_with(chosen), scores_3d,
-                                         labels_2d, plan)
+                                         labels_2d, plan, chunked=False)
     else:
         plan = plan_segments(**plan_options)
         loss, grad = chosen.run_loss(scores_3d, labels_2d, plan)

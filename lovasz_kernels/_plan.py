@@ -86,14 +86,14 @@ def plan_segments(
     ignore_index: int | None,
     bg_offset: float,
     reduce_counts: CountReducer | None = None,
+    labels_checked: bool = False,
 ) -> SegmentPlan:
     """The plan of a loss call: which segments count and with which coefficient.
 
     Parameters
     ----------
     labels
-        (B, P) int64 labels (validated, or garbage-tolerant: out-of-range values count as
-        ignored here and never index out of bounds).
+        (B, P) int64 labels.
     num_classes
         C; C == 1 is the binary case (the channel scores class 1: sigmoid or hinge). Then the
         foreground class counts in every segment with a valid pixel, present or not.
@@ -104,6 +104,9 @@ def plan_segments(
     per_image
         Segments per (image, class) and the loss is the mean over images that have a counted
         segment of each image's weighted class mean; else one segment per class over the batch.
+    labels_checked
+        The labels were validated (in range or ``ignore_index``); otherwise out-of-range
+        labels count as ignored here and never index out of bounds.
     reduce_counts
         Batch segments only: sums the flat per-class and valid pixel counts over the ranks of
         a process group, so that every rank counts the same classes.
@@ -111,15 +114,21 @@ def plan_segments(
     batch, num_pixels = labels.shape
     device = labels.device
     bins = max(num_classes, 2)
-    # one scatter of (image, label) pairs into B·bins counters; ignored and out-of-range
-    # labels go to one extra counter at the end
-    in_range = valid_pixels(labels, ignore_index) & (labels >= 0) & (labels < bins)
-    image_offset = torch.arange(batch, device=device, dtype=torch.int64)[:, None] * bins
-    pair = torch.where(in_range, labels + image_offset, batch * bins)
-    counts = torch.zeros(batch * bins + 1, dtype=torch.int64, device=device)
-    if pair.numel():
-        counts.scatter_add_(0, pair.reshape(-1), torch.ones((), dtype=torch.int64,
-                                                            device=device).expand(pair.numel()))
+    # one count of (image, label) pairs into B·bins counters; ignored labels (and, when the
+    # values were not checked, out-of-range ones) go to one extra counter at the end
+    pair = labels + torch.arange(0, batch * bins, bins, device=device)[:, None]
+    counted = None if ignore_index is None else labels != ignore_index
+    if not labels_checked:
+        in_range = (labels >= 0) & (labels < bins)
+        counted = in_range if counted is None else counted & in_range
+    if counted is not None:
+        pair = torch.where(counted, pair, batch * bins)
+    if reads_are_free(device):
+        counts = torch.bincount(pair.reshape(-1), minlength=batch * bins + 1)
+    else:  # bincount reads the largest value to size its output: a synchronisation
+        counts = torch.zeros(batch * bins + 1, dtype=torch.int64, device=device)
+        counts.scatter_add_(0, pair.reshape(-1), torch.ones(
+            (), dtype=torch.int64, device=device).expand(pair.numel()))
     class_pixels = counts[: batch * bins].reshape(batch, bins)
     valid_count = class_pixels.sum(dim=1, keepdim=True)
     if not per_image:
@@ -168,68 +177,122 @@ def plan_segments(
 
 
 def segment_errors(
-    scores: torch.Tensor, labels: torch.Tensor, plan: SegmentPlan
+    scores: torch.Tensor, labels: torch.Tensor, plan: SegmentPlan, start: int = 0,
+    stop: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (S, P') errors and foreground of the plan's segments (``-inf`` / False where
-    ignored), in the scores' compute dtype; P' = P per image, B·P for batch segments."""
+    """The (k, P') errors and foreground of segments ``start:stop`` of the plan (``-inf`` /
+    False where ignored), in the scores' compute dtype; P' = P per image, B·P for batch
+    segments."""
+    stop = plan.num_segments if stop is None else stop
     batch, num_channels, num_pixels = scores.shape
     compute = torch.promote_types(scores.dtype, torch.float32)
-    valid = valid_pixels(labels, plan.ignore_index)
-    fg_label = plan.fg_label[:, None]
+    fg_label = plan.fg_label[start:stop, None]
     if plan.image is None:
-        channels = scores if plan.dense else scores[:, plan.channel]
-        segment_scores = channels.transpose(0, 1).reshape(plan.num_segments, batch * num_pixels)
-        segment_labels, segment_valid = labels.reshape(1, -1), valid.reshape(1, -1)
-    elif plan.dense:
-        # (B, C, P) broadcast against (B, 1, P) labels: no per-segment copy of the labels
-        segment_scores = scores
-        segment_labels, segment_valid = labels[:, None, :], valid[:, None, :]
-        fg_label = plan.fg_label.reshape(batch, num_channels, 1)
+        channels = scores[:, start:stop] if plan.dense else scores[:, plan.channel[start:stop]]
+        segment_scores = channels.transpose(0, 1).reshape(stop - start, batch * num_pixels)
+        segment_labels = labels.reshape(1, -1)
+    elif plan.dense and start % num_channels == 0 and stop % num_channels == 0:
+        # whole images: (k, C, P) scores against (k, 1, P) labels, no per-segment label copy
+        first, last = start // num_channels, stop // num_channels
+        segment_scores = scores[first:last]
+        segment_labels = labels[first:last, None, :]
+        fg_label = plan.fg_label[start:stop].reshape(last - first, num_channels, 1)
     else:
-        segment_scores = scores[plan.image, plan.channel]
-        segment_labels, segment_valid = labels[plan.image], valid[plan.image]
+        rows = scores.reshape(batch * num_channels, num_pixels)
+        segment_scores = rows[start:stop] if plan.dense else rows[_rows(plan, start, stop,
+                                                                        num_channels)]
+        segment_labels = labels[plan.image[start:stop]]
+    segment_valid = valid_pixels(segment_labels, plan.ignore_index)
     fg = (segment_labels == fg_label) & segment_valid
     segment_scores = segment_scores.to(compute)
     errors = torch.where(fg, 1 - segment_scores, segment_scores + plan.bg_offset)
     errors = errors.masked_fill_(~segment_valid, -torch.inf)
     num_cols = errors.shape[-1]
-    return errors.reshape(plan.num_segments, num_cols), fg.reshape(plan.num_segments, num_cols)
+    return errors.reshape(stop - start, num_cols), fg.reshape(stop - start, num_cols)
 
 
-def scatter_segment_grad(
-    error_grad: torch.Tensor, fg: torch.Tensor, plan: SegmentPlan, shape: torch.Size
-) -> torch.Tensor:
-    """d total / d scores (B, C, P) from the per-segment d extension / d errors (S, P')."""
-    batch, num_channels, num_pixels = shape
-    coefficient = plan.weight.to(error_grad.dtype)[:, None]
-    signed = torch.where(fg, -error_grad, error_grad).mul_(coefficient)
+def _rows(plan: SegmentPlan, start: int, stop: int, num_channels: int) -> torch.Tensor:
+    """Rows of segments start:stop (per-image) in the scores viewed as (B·C, P)."""
+    return plan.image[start:stop] * num_channels + plan.channel[start:stop]
+
+
+def write_segment_grad(
+    grad: torch.Tensor, error_grad: torch.Tensor, fg: torch.Tensor, plan: SegmentPlan,
+    start: int = 0,
+) -> None:
+    """Add segments start:start+k's d extension / d errors (k, P'), weighted and signed
+    (d error / d score is -1 on foreground), into their places of ``grad`` (B, C, P).
+
+    ``error_grad`` is consumed (scaled in place).
+    """
+    batch, num_channels, num_pixels = grad.shape
+    stop = start + error_grad.shape[0]
+    weight = plan.weight[start:stop, None].to(error_grad.dtype)
+    sign_and_weight = fg.to(error_grad.dtype).mul_(-2).add_(1).mul_(weight)
+    signed = error_grad.mul_(sign_and_weight)
     if plan.image is None:
-        per_channel = signed.reshape(plan.num_segments, batch, num_pixels).transpose(0, 1)
+        per_channel = signed.reshape(stop - start, batch, num_pixels).transpose(0, 1)
         if plan.dense:
-            return per_channel.contiguous()
-        grad = signed.new_zeros(shape)
-        grad[:, plan.channel] = per_channel
-        return grad
+            grad[:, start:stop] = per_channel
+        else:
+            grad[:, plan.channel[start:stop]] = per_channel
+        return
+    rows = grad.view(batch * num_channels, num_pixels)
     if plan.dense:
-        return signed.reshape(shape)
-    grad = signed.new_zeros(shape)
-    grad[plan.image, plan.channel] = signed
-    return grad
+        rows[start:stop] = signed
+    else:
+        rows[_rows(plan, start, stop, num_channels)] = signed
+
+
+# A segment's temporaries on the generic path, per pixel, in bytes (errors, labels, foreground
+# and the sign in the loss layer; keys, sorted keys, int64 order, counts and increments in the
+# torch backend): the generic path runs at most a memory budget's worth of segments at once.
+GENERIC_BYTES_PER_PIXEL = 64
+# Below this budget chunking saves nothing worth a second pass (and costs parallelism)
+MIN_CHUNK_BYTES = 32 << 20
+
+
+def segments_per_chunk(
+    plan: SegmentPlan, scores: torch.Tensor, budget_bytes: int | None = None
+) -> int:
+    """How many segments the generic path runs at once: their temporaries stay within the
+    budget (by default the size of the gradient, so the whole call needs about twice the
+    input), but never fewer than the threads that sort rows in parallel on the CPU."""
+    batch, num_channels, num_pixels = scores.shape
+    compute = torch.promote_types(scores.dtype, torch.float32)
+    if budget_bytes is None:
+        budget_bytes = max(scores.numel() * compute.itemsize, MIN_CHUNK_BYTES)
+    columns = num_pixels * (batch if plan.image is None else 1)
+    count = budget_bytes // max(columns * GENERIC_BYTES_PER_PIXEL, 1)
+    if plan.image is not None and plan.dense and count >= num_channels:
+        count -= count % num_channels  # whole images: labels broadcast, not copied
+    threads = torch.get_num_threads() if scores.device.type == "cpu" else 1
+    return int(max(count, threads, 1))
 
 
 def generic_lovasz_loss(
-    extension: ExtensionFn, scores: torch.Tensor, labels: torch.Tensor, plan: SegmentPlan
+    extension: ExtensionFn, scores: torch.Tensor, labels: torch.Tensor, plan: SegmentPlan,
+    chunked: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The default way to run a plan: segments as (S, P) errors, one ``extension`` call.
+    """The default way to run a plan: segments as (k, P') errors, ``extension`` called on
+    chunks of segments sized by :func:`segments_per_chunk` (one chunk when not ``chunked``:
+    the distributed extensions are collectives, called the same number of times on every
+    rank).
 
     Returns the 0-d float64 total loss and its gradient w.r.t. the scores (B, C, P) in the
     scores' compute dtype.
     """
-    if plan.num_segments == 0:  # (never skip on an empty local batch: ranks call together)
-        compute = torch.promote_types(scores.dtype, torch.float32)
-        return (torch.zeros((), dtype=torch.float64, device=scores.device),
-                torch.zeros(scores.shape, dtype=compute, device=scores.device))
-    errors, fg = segment_errors(scores, labels, plan)
-    segment_loss, error_grad = extension(errors, fg)
-    loss = torch.dot(segment_loss.to(torch.float64), plan.weight)
-    return loss, scatter_segment_grad(error_grad, fg, plan, scores.shape)
+    compute = torch.promote_types(scores.dtype, torch.float32)
+    # a dense plan writes every pixel; otherwise pixels of no segment keep 0
+    allocate = torch.empty if plan.dense else torch.zeros
+    grad = allocate(scores.shape, dtype=compute, device=scores.device)
+    loss = torch.zeros((), dtype=torch.float64, device=scores.device)
+    step = segments_per_chunk(plan, scores) if chunked else max(plan.num_segments, 1)
+    for start in range(0, plan.num_segments, step):
+        stop = min(start + step, plan.num_segments)
+        errors, fg = segment_errors(scores, labels, plan, start, stop)
+        segment_loss, error_grad = extension(errors, fg)
+        del errors
+        loss += torch.dot(segment_loss.to(torch.float64), plan.weight[start:stop])
+        write_segment_grad(grad, error_grad, fg, plan, start)
+    return loss, grad
