@@ -254,22 +254,35 @@ class Prepared:
             return errors[present], fg[present]
         return errors, fg
 
+    def _error_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        """A gradient w.r.t. the scores as one w.r.t. the (S, P) errors, in float64."""
+        grad = grad.detach().to(torch.float64)
+        if self.workload.loss == "extension":
+            return grad
+        # d error / d score is −1 on fg and +1 elsewhere, for the softmax (1 − p or p) and the
+        # hinge (1 − logit · (2y − 1)) alike
+        _, fg = self.errors_and_fg
+        score_grad = _segment_rows(self.workload, grad)
+        return torch.where(fg.to(grad.device), -score_grad, score_grad)
+
     def tie_group_sums(self, grad: torch.Tensor) -> torch.Tensor:
         """The gradient summed over each group of equal errors of a segment, per pixel.
 
         Tied errors may be sorted in any order, which moves the gradient within the group but
         not its total: comparing these sums compares two answers whatever their tie order.
         """
-        errors, fg = self.errors_and_fg
-        grad = grad.detach().to(torch.float64)
-        if self.workload.loss == "extension":
-            error_grad = grad
-        else:
-            # d error / d score is −1 on fg and +1 elsewhere, for the softmax (1 − p or p)
-            # and the hinge (1 − logit · (2y − 1)) alike
-            score_grad = _segment_rows(self.workload, grad)
-            error_grad = torch.where(fg.to(grad.device), -score_grad, score_grad)
-        return _cases.tie_group_sums(errors.to(grad.device), error_grad)
+        errors, _ = self.errors_and_fg
+        return _cases.tie_group_sums(errors.to(grad.device), self._error_grad(grad))
+
+    def tie_group_tolerance(self, grad: torch.Tensor, tol: _cases.Tolerance) -> torch.Tensor:
+        """Per pixel, the sum over its tie group of the per-entry tolerance around ``grad``.
+
+        A group's total may be off by its members' tolerances together: a half-precision
+        gradient is rounded once per pixel, and a large tie group adds up those roundings.
+        """
+        errors, _ = self.errors_and_fg
+        per_entry = tol.atol + tol.rtol * self._error_grad(grad).abs()
+        return _cases.tie_group_sums(errors.to(grad.device), per_entry)
 
 
 def _fwd_bwd(workload: Workload, contender: str, scores: torch.Tensor,
