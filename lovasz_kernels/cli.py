@@ -74,14 +74,18 @@ def _device(text: str) -> torch.device:
     return device
 
 
-def _backends(requested: str | None, device: torch.device, *, interpreters: bool) -> list[str]:
+def _backends(requested: str | None, device: torch.device, *, interpreters: bool,
+              reference: bool = True) -> list[str]:
     """Backends to run on ``device``, saying why each other one is skipped.
 
     Named backends may run through an interpreter; by default (none named) only
-    ``interpreters=True`` allows that. A named backend that cannot run at all is an error.
+    ``interpreters=True`` allows that, and ``reference=False`` leaves out the numpy reference.
+    A named backend that cannot run at all is an error.
     """
-    names = registered_backends() if requested is None else [
-        n.strip() for n in requested.split(",") if n.strip()]
+    if requested is None:
+        names = [n for n in registered_backends() if reference or n != REFERENCE]
+    else:
+        names = [n.strip() for n in requested.split(",") if n.strip()]
     chosen, skipped = [], []
     for name in names:
         try:
@@ -187,7 +191,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
                        (3 if args.quick else 5))
     budget = _budget(args.budget)
     out = _writable_folder(args.out)
-    names = _backends(args.backend, device, interpreters=False)
+    if device.type == "cuda":
+        print(f"the {REFERENCE} reference runs on CPU copies, for cross-checks where it is "
+              "cheap (elsewhere the torch backend in float64 on the GPU checks)")
+    names = _backends(args.backend, device, interpreters=False,
+                      reference=device.type == "cpu")
     sides = args.pixels or list(bench.QUICK_SIDES if args.quick else bench.DEFAULT_SIDES)
     per_image = args.per_image if args.per_image is not None else args.loss == "hinge"
     class_counts = [1] if args.loss == "hinge" else args.classes
@@ -197,8 +205,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     clock = measure.clock_for(device)
     meter, memory = measure.peak_meter_for(device)
     ctx = report.context(settings, clock.name, memory, report.card_name(device))
-    if settings.layout == "gpu" and REFERENCE in names:
-        print(f"the {REFERENCE} reference runs on CPU copies, for cross-checks only")
     print(f"{len(workloads)} workload(s) x {len(settings.contenders)} contenders "
           f"({', '.join(settings.contenders)}), median of {repeat} interleaved rounds; "
           f"skipping any call estimated above {budget:g} s (--budget)")
