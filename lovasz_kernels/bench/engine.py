@@ -119,22 +119,18 @@ def _run_workload(workload: Workload, settings: Settings, budget: Budget,
         }
 
     contenders = settings.contenders
-    reference = budget.reference_for_check(workload, reference_timed=REFERENCE in contenders)
-    result["reference"] = reference
-    start = time.perf_counter()
-    ref_loss, ref_grad = prepared.reference(reference)
-    if reference == REFERENCE:
-        budget.record(REFERENCE, workload, time.perf_counter() - start)
-    ref_groups = prepared.tie_group_sums(ref_grad)
-    loss_tol = _cases.LOSS_TOLERANCE[workload.torch_dtype]
-    group_tol = prepared.tie_group_tolerance(ref_grad, _cases.GRAD_TOLERANCE[workload.torch_dtype])
+    check = _CrossCheck(prepared, budget.reference_for_check(
+        workload, reference_timed=REFERENCE in contenders))
+    result["reference"] = check.reference
+    if check.reference == REFERENCE:
+        budget.record(REFERENCE, workload, check.seconds)
 
     with ExitStack() as cleanup:
         calls: dict[str, Callable[[], object]] = {}
         for name in contenders:
-            entry: dict = {"samples_s": [], "median_s": None}
             if name == LOOP and workload.loss == "extension":
                 continue  # the loop is a loss; the kernel has no loop to compare with
+            entry: dict = {"samples_s": [], "median_s": None}
             result["contenders"][name] = entry
             reason = budget.skip_reason(name, workload)
             if reason:
@@ -146,31 +142,11 @@ def _run_workload(workload: Workload, settings: Settings, budget: Budget,
                 calls[name]()  # warm-up
                 entry["status"] = FLOOR_STATUS
                 continue
-            try:
-                if name == reference:
-                    loss, grad = ref_loss, ref_grad  # the reference's own first call
-                else:
-                    loss, grad = prepared.fwd_bwd(name)  # warm-up and cross-check
-            except Exception as exc:  # report and go on: one broken backend spoils no table
-                entry["status"] = f"ERROR: {type(exc).__name__}: {exc}"
-                progress.say(f"{name} failed at {workload.name}: {entry['status']}")
-                continue
-            groups = prepared.tie_group_sums(grad)
-            entry["max_abs_loss_deviation"] = _cases.max_deviation(loss, ref_loss)
-            entry["max_abs_grad_deviation"] = _cases.max_deviation(groups, ref_groups)
-            bad = int(_cases.mismatches(loss, ref_loss, loss_tol).sum()
-                      + ((groups - ref_groups.to(groups.device)).abs()
-                         > group_tol.to(groups.device)).sum())
-            if name == LOOP:
-                entry["status"] = LOOP_STATUS
-            elif name == reference:
-                entry["status"] = "reference"
-            elif bad:
-                entry["status"] = f"MISMATCH ({bad} entries)"
-                continue  # a wrong answer has no speed
+            entry.update(check.run(name))  # also the warm-up
+            if entry["status"] in ("ok", "reference", LOOP_STATUS):  # a wrong answer has no speed
+                calls[name] = lambda name=name: prepared.fwd_bwd(name)
             else:
-                entry["status"] = "ok"
-            calls[name] = lambda name=name: prepared.fwd_bwd(name)
+                progress.say(f"{name} at {workload.name}: {entry['status']}")
         progress.update(1)
 
         times = measure.interleaved_times(calls, settings.repeat, clock,
@@ -186,6 +162,52 @@ def _run_workload(workload: Workload, settings: Settings, budget: Budget,
                     result["contenders"][name]["peak_bytes"] = meter.extra_peak_bytes(call)
         progress.update(1)
     return result
+
+
+class _CrossCheck:
+    """The cross-check's answer for a workload, and each contender's comparison with it.
+
+    Gradients are compared per tie group (see ``Prepared.tie_group_sums``), each group's total
+    against the sum of its members' tolerances.
+    """
+
+    def __init__(self, prepared: Prepared, reference: str):
+        self.prepared = prepared
+        self.reference = reference
+        start = time.perf_counter()
+        self.loss, self.grad = prepared.reference(reference)
+        self.seconds = time.perf_counter() - start
+        dtype = prepared.workload.torch_dtype
+        self.groups = prepared.tie_group_sums(self.grad)
+        self.group_tol = prepared.tie_group_tolerance(self.grad, _cases.GRAD_TOLERANCE[dtype])
+        self.loss_tol = _cases.LOSS_TOLERANCE[dtype]
+
+    def run(self, name: str) -> dict:
+        """Run contender ``name`` once: its status and deviations from the answer."""
+        if name == self.reference:
+            loss, grad = self.loss, self.grad  # the reference's own first call
+        else:
+            try:
+                loss, grad = self.prepared.fwd_bwd(name)
+            except Exception as exc:  # report and go on: one broken backend spoils no table
+                return {"status": f"ERROR: {type(exc).__name__}: {exc}"}
+        groups = self.prepared.tie_group_sums(grad)
+        bad_loss = int(_cases.mismatches(loss, self.loss, self.loss_tol).sum())
+        bad_grad = int(((groups - self.groups.to(groups.device)).abs()
+                        > self.group_tol.to(groups.device)).sum())
+        if name == LOOP:
+            # float cumulative counts and cancelling differences: reported, not held to the
+            # backends' tolerance
+            status = LOOP_STATUS
+        elif name == self.reference:
+            status = "reference"
+        elif bad_loss or bad_grad:
+            status = f"MISMATCH ({bad_loss} loss, {bad_grad} grad entries)"
+        else:
+            status = "ok"
+        return {"status": status,
+                "max_abs_loss_deviation": _cases.max_deviation(loss, self.loss),
+                "max_abs_grad_deviation": _cases.max_deviation(groups, self.groups)}
 
 
 def _floor_call(layout: str, errors: torch.Tensor, fg: torch.Tensor,
