@@ -23,7 +23,6 @@ import os
 import torch
 
 from lovasz_kernels import bench
-from lovasz_kernels.bench import rules
 
 FULL = os.environ.get("LOVASZ_BENCH_GRID", "").lower() == "full"
 CUDA_AVAILABLE = torch.cuda.is_available()
@@ -37,7 +36,6 @@ def workloads(loss: str, suite=None) -> list[str]:
 
 
 def contenders(loss: str, device: str = "cpu") -> list[str]:
-    """Backends that run natively on ``device`` (the numpy reference in the full grid only:
-    an oracle, not something to pick for speed), then the per-class loop for the losses."""
-    names = [b for b in rules.runnable_backends(device) if FULL or b != rules.REFERENCE]
-    return names + ([] if loss == "extension" else [bench.LOOP])
+    """The standard contenders (``bench.standard_contenders``); the full grid adds the numpy
+    reference."""
+    return bench.standard_contenders(loss, device, reference=FULL)

@@ -32,6 +32,7 @@ from lovasz_kernels.bench.rules import (
     Budget,
     backend_problem,
     runnable_backends,
+    standard_contenders,
 )
 from lovasz_kernels.bench.workloads import (
     CUDA_SUITE,
@@ -51,5 +52,5 @@ __all__ = [
     "CUDA_SUITE", "DEFAULT_BUDGET_S", "DEFAULT_SIDES", "FLOOR", "FULL_SUITE_EXTRA", "LOOP",
     "QUICK_SIDES", "REFERENCE", "SUITE", "Budget", "OverBudget", "Prepared", "Settings",
     "Workload", "backend_problem", "failures", "hinge_inputs", "run", "runnable_backends",
-    "softmax_inputs", "warmed_call",
+    "softmax_inputs", "standard_contenders", "warmed_call",
 ]

@@ -52,6 +52,14 @@ def runnable_backends(device_type: str) -> list[str]:
     return [n for n in registered_backends() if backend_problem(n, device_type) is None]
 
 
+def standard_contenders(loss: str, device_type: str, *, reference: bool = False) -> list[str]:
+    """What the asv suite and ``tests/perf`` time on a workload of ``loss``: the backends that
+    run natively on ``device_type``, the numpy reference only with ``reference`` (an oracle,
+    not something to pick for speed), then the per-class loop for the losses."""
+    backends = [b for b in runnable_backends(device_type) if reference or b != REFERENCE]
+    return backends + ([] if loss == "extension" else [LOOP])
+
+
 def relative_work(contender: str, workload: Workload) -> float:
     """Relative cost of a call, to scale a measured time to another workload."""
     sort_work = workload.elements * math.log2(max(workload.segment_pixels, 2))
