@@ -448,9 +448,9 @@ def test_gpu_layout_on_cpu_tensors(monkeypatch):
         assert set(result["contenders"]) == {"torch", bench.LOOP, bench.FLOOR}
         assert result["reference"] == TORCH_FLOAT64
         assert result["contenders"]["torch"]["status"] == "ok"
-        elements = 3 * result["pixels"]
-        assert result["bytes_model"] == {"ideal": floors.ideal_bytes(elements, result["pixels"]),
-                                         "floor": 16 * elements}
+        pixels = result["pixels_per_image"]
+        assert result["bytes_model"] == {"ideal": floors.ideal_bytes(3 * pixels, pixels),
+                                         "floor": 16 * 3 * pixels}
 
 
 def test_settings_validate():

@@ -233,7 +233,8 @@ def plot(results: list[dict], title: str, path: str) -> bool:
                 continue
             for name, entry in result["contenders"].items():
                 if entry.get("median_s") is not None:
-                    series.setdefault(name, []).append((result["pixels"], entry["median_s"]))
+                    point = (result["pixels_per_image"], entry["median_s"])
+                    series.setdefault(name, []).append(point)
         for name, points in series.items():
             points.sort()
             style = {"linestyle": "--", "color": "0.4" if name == LOOP else "0.7"} \

@@ -131,7 +131,7 @@ class Workload:
         """The workload's fields for a JSON record."""
         return {
             "workload": self.name, "description": self.describe(), "loss": self.loss,
-            "batch": self.batch, "side": self.side, "pixels": self.pixels_per_image,
+            "batch": self.batch, "side": self.side, "pixels_per_image": self.pixels_per_image,
             "classes": None if self.loss == "hinge" else self.classes,
             "per_image": self.per_image, "dtype": self.dtype, "segments": self.segments,
             "pixels_per_segment": self.segment_pixels,
