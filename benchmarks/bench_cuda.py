@@ -1,76 +1,77 @@
-"""GPU: ``lovasz_softmax`` fwd+bwd per backend, the sort floor, and achieved GB/s (asv).
+"""GPU: fwd+bwd per contender, achieved GB/s, peak GPU memory, and the sort floor (asv).
 
-Every combination raises ``NotImplementedError`` (skipped) without a CUDA device. The numpy
-reference does not run here (it is a CPU oracle); ``torch.sort`` of the same (S, P) float32
-keys is timed as the floor, and ``track_achieved_bandwidth`` reports GB/s against the byte model
-of ``lovasz_kernels._baselines.ideal_bytes`` (an ideal key build + one sort pass + post-sort
-pass; the sort floor's row counts one pass over its keys).
+Defined only where torch sees a CUDA device (asv lists nothing here otherwise). The numpy
+reference does not run on GPU tensors; the floor is one ``torch.sort`` of the integer keys the
+triton backend sorts, and ``track_achieved_bandwidth`` divides the byte model of
+``lovasz_kernels.bench.floors.ideal_bytes`` by the median of CUDA-event timings.
 """
 
 from __future__ import annotations
 
 import statistics
-import time
 
-import torch
-
-import lovasz_kernels
+from lovasz_kernels import bench
+from lovasz_kernels.bench import floors, measure
 
 from . import common
 
+DEVICE = "cuda"
 ROUNDS = 20  # timed calls per GB/s figure (median)
+WORKLOADS = common.workloads("softmax", bench.CUDA_SUITE) + common.workloads(
+    "hinge", bench.CUDA_SUITE)
 
 
-class CudaLovaszSoftmax:
-    """``lovasz_softmax`` forward + backward on CUDA tensors."""
+def _synchronized(call):
+    """asv times on the host: wait for the GPU so its time counts."""
+    return lambda: measure.WallClock(DEVICE).measure(call)
 
-    params = [common.PIXELS, common.CLASSES, common.GPU_BACKENDS, common.PER_IMAGE,
-              common.DTYPES]
-    param_names = ["pixels", "classes", "backend", "per_image", "dtype"]
-    timeout = 180
 
-    def setup(self, pixels, classes, backend, per_image, dtype):
-        common.require(backend, "cuda", pixels, classes, per_image)
-        probas, labels = common.softmax_inputs(pixels, classes, dtype, "cuda")
-        num_segments, segment_pixels = common.segments(pixels, classes, per_image)
-        if backend == common.SORT_FLOOR:
-            keys = common.sort_keys(num_segments, segment_pixels, "cuda")
-            self.call = lambda: torch.sort(keys, dim=1, descending=True)
-            self.bytes = 16 * keys.numel()  # one pass: read keys, write keys + int64 indices
-        else:
-            if backend == common.LOOP:
-                def loss(scores):
-                    return common.loop_softmax(scores, labels, per_image)
-            else:
-                def loss(scores):
-                    return lovasz_kernels.lovasz_softmax(scores, labels, per_image=per_image,
-                                                         backend=backend)
-            self.call = lambda: loss(probas.detach().requires_grad_()).backward()
-            self.bytes = common.ideal_bytes(num_segments * segment_pixels, pixels,
-                                            probas.element_size())
-        self.call()
-        torch.cuda.synchronize()
+class _CudaFwdBwd:
+    """fwd+bwd on CUDA tensors: time, GB/s against the byte model, extra peak memory."""
 
-    def time_fwd_bwd(self, *params):
-        self.call()
-        torch.cuda.synchronize()
+    param_names = ["workload", "contender"]
+    timeout = 300
 
-    def track_achieved_bandwidth(self, *params):
-        seconds = []
-        for _ in range(ROUNDS):
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            self.call()
-            torch.cuda.synchronize()
-            seconds.append(time.perf_counter() - start)
-        return self.bytes / statistics.median(seconds) / 1e9
+    def setup(self, workload, contender):
+        self.call = bench.warmed_call(workload, contender, DEVICE)
+        self.timed = _synchronized(self.call)
+        parsed = bench.Workload.parse(workload)
+        self.bytes = floors.ideal_bytes(parsed.elements, parsed.pixels,
+                                        parsed.torch_dtype.itemsize)
+
+    def time_fwd_bwd(self, workload, contender):
+        self.timed()
+
+    def track_achieved_bandwidth(self, workload, contender):
+        clock = measure.clock_for(DEVICE)
+        times = measure.interleaved_times({"call": self.call}, ROUNDS, clock)["call"]
+        return self.bytes / statistics.median(times) / 1e9
 
     track_achieved_bandwidth.unit = "GB/s"
 
-    def track_peak_gpu_memory(self, *params):
-        torch.cuda.reset_peak_memory_stats()
-        self.call()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / 2**20
+    def track_peak_memory(self, workload, contender):
+        meter, _ = measure.peak_meter_for(DEVICE)
+        return meter.extra_peak_bytes(self.call) / 2**20
 
-    track_peak_gpu_memory.unit = "MiB"
+    track_peak_memory.unit = "MiB"
+
+
+class _CudaSortFloor:
+    """One ``torch.sort`` of the triton keys of each workload's segments."""
+
+    param_names = ["workload"]
+    timeout = 300
+
+    def setup(self, workload):
+        self.timed = _synchronized(bench.warmed_call(workload, bench.FLOOR, DEVICE))
+
+    def time_sort(self, workload):
+        self.timed()
+
+
+if common.CUDA_AVAILABLE:
+    class CudaLovaszLoss(_CudaFwdBwd):
+        params = [WORKLOADS, common.contenders("softmax", DEVICE)]
+
+    class CudaSortFloor(_CudaSortFloor):
+        params = [WORKLOADS]

@@ -1,31 +1,30 @@
-"""Proximal operator of the Lovász hinge (``lovasz_kernels.optim``), once it exists (asv)."""
+"""Proximal operator of the Lovász hinge (``lovasz_kernels.optim``) (asv)."""
 
 from __future__ import annotations
 
-from . import common
+from lovasz_kernels import bench
 
 LAM = 0.1  # a step comparable to a learning rate; larger steps merge more pixels
+FOREGROUND = 0.3
 
 
 class ProxLovaszHinge:
-    """``prox_lovasz_hinge(logits, labels, lam)``: the exact and the greedy method."""
+    """``prox_lovasz_hinge(logits, labels, lam)``: the exact and the greedy method, on one
+    image of ``side`` x ``side`` pixels (30% foreground)."""
 
-    params = [common.PIXELS, common.PER_IMAGE, common.PROX_METHODS]
-    param_names = ["pixels", "per_image", "method"]
+    params = [[256, 512], ["exact", "greedy"]]
+    param_names = ["side", "method"]
     timeout = 180
 
-    def setup(self, pixels, per_image, method):
-        try:
-            from lovasz_kernels.optim import prox_lovasz_hinge
-        except ImportError:  # commits before the optimizer landed
-            raise NotImplementedError("lovasz_kernels.optim is not in this commit") from None
-        self.logits, self.labels = common.hinge_inputs(pixels, "float32")
-        self.run = lambda: prox_lovasz_hinge(self.logits, self.labels, LAM,
-                                             per_image=per_image, method=method)
+    def setup(self, side, method):
+        from lovasz_kernels.optim import prox_lovasz_hinge
+
+        logits, labels = bench.hinge_inputs(1, side, foreground=FOREGROUND)
+        self.run = lambda: prox_lovasz_hinge(logits, labels, LAM, method=method)
         self.run()
 
-    def time_prox(self, *params):
+    def time_prox(self, side, method):
         self.run()
 
-    def peakmem_prox(self, *params):
+    def peakmem_prox(self, side, method):
         self.run()

@@ -1,15 +1,19 @@
-"""Fixed inputs for cross-validating backends (``lovasz-kernels check``).
+"""Fixed inputs for cross-validating backends (``lovasz-kernels check``), and how to compare.
 
-Random and awkward segments for the bare kernel: ties, padding, empty segments, no
-foreground, one pixel, half precision, a wide segment. Deterministic: seeded generator.
+Random and awkward segments for the bare kernel (ties, padding, empty segments, no
+foreground, one pixel, half precision, a wide segment) and a few loss-level cases, with the
+tolerances and the tie-order-independent comparison every cross-check uses. Deterministic:
+seeded generators.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+
+from lovasz_kernels.losses import lovasz_hinge, lovasz_softmax
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,41 @@ def extension_cases(device: torch.device | str = "cpu", seed: int = 0) -> Iterat
     yield case("wide segment 1x2^18", randn(1, 1 << 18).float(), coin(1, 1 << 18, p=0.3))
 
 
+LossCase = Callable[[str, torch.device], tuple[torch.Tensor, torch.Tensor]]
+
+
+def loss_cases() -> list[tuple[str, LossCase]]:
+    """Loss-level cases: (name, run(backend, device) -> (loss, grad of the input)), float64,
+    with an ignore label, per-image and batch modes, all classes counted."""
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 6, 17, 23, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 6, (3, 17, 23), generator=gen)
+    labels[0, :4] = 255
+    binary = torch.randint(0, 2, (3, 17, 23), generator=gen)
+
+    def softmax_case(**kwargs) -> LossCase:
+        def run(backend: str, device: torch.device):
+            scores = logits.to(device).softmax(dim=1).requires_grad_()
+            loss = lovasz_softmax(scores, labels.to(device), ignore_index=255, backend=backend,
+                                  **kwargs)
+            return loss, torch.autograd.grad(loss, scores)[0]
+        return run
+
+    def hinge_case(**kwargs) -> LossCase:
+        def run(backend: str, device: torch.device):
+            scores = logits[:, 0].to(device).requires_grad_()
+            loss = lovasz_hinge(scores, binary.to(device), backend=backend, **kwargs)
+            return loss, torch.autograd.grad(loss, scores)[0]
+        return run
+
+    return [
+        ("softmax batch, ignore", softmax_case()),
+        ("softmax per-image, all classes", softmax_case(per_image=True, classes="all")),
+        ("hinge per-image", hinge_case()),
+        ("hinge batch", hinge_case(per_image=False)),
+    ]
+
+
 def _tie_free(errors: torch.Tensor) -> bool:
     """No two equal positive errors in a row (ties among errors <= 0 carry no gradient)."""
     for row in errors:
@@ -65,16 +104,16 @@ def tie_group_sums(errors: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
     The order of tied errors is arbitrary, but each tie group's total gradient is not: it is
     Δ_J(prefix ending after the group) − Δ_J(prefix before it). Comparing these sums compares
-    two backends' gradients on tied inputs.
+    two backends' gradients on tied inputs. Computed on the tensors' device, in memory linear
+    in their size.
     """
     errors = errors.to(torch.float64)
     grad = grad.to(torch.float64)
-    _, inverse = torch.unique(errors, return_inverse=True)
-    groups_per_row = int(inverse.max()) + 1 if inverse.numel() else 1
-    rows = torch.arange(errors.shape[0], device=errors.device)[:, None]
-    group = rows * groups_per_row + inverse
-    sums = torch.zeros(errors.shape[0] * groups_per_row, dtype=torch.float64,
-                       device=errors.device)
+    _, value_ids = torch.unique(errors, return_inverse=True)
+    num_values = int(value_ids.max()) + 1 if value_ids.numel() else 1
+    segment_ids = torch.arange(errors.shape[0], device=errors.device)[:, None]
+    _, group = torch.unique(segment_ids * num_values + value_ids, return_inverse=True)
+    sums = torch.zeros(group.numel(), dtype=torch.float64, device=errors.device)
     sums.index_add_(0, group.flatten(), grad.flatten())
     return sums[group]
 
@@ -105,34 +144,16 @@ LOSS_TOLERANCE = {
 
 
 def mismatches(actual: torch.Tensor, expected: torch.Tensor, tol: Tolerance) -> torch.Tensor:
-    """Boolean mask of entries outside the tolerance (compared in float64 on the CPU)."""
-    actual = actual.detach().to("cpu", torch.float64)
-    expected = expected.detach().to("cpu", torch.float64)
+    """Boolean mask of entries outside the tolerance (compared in float64 on the device of
+    ``actual``)."""
+    actual = actual.detach().to(torch.float64)
+    expected = expected.detach().to(actual.device, torch.float64)
     return (actual - expected).abs() > tol.atol + tol.rtol * expected.abs()
 
 
 def max_deviation(actual: torch.Tensor, expected: torch.Tensor) -> float:
     if actual.numel() == 0:
         return 0.0
-    diff = actual.detach().to("cpu", torch.float64) - expected.detach().to("cpu", torch.float64)
+    actual = actual.detach().to(torch.float64)
+    diff = actual - expected.detach().to(actual.device, torch.float64)
     return float(diff.abs().max())
-
-
-def softmax_tie_group_sums(
-    probas: torch.Tensor, labels: torch.Tensor, grad: torch.Tensor
-) -> torch.Tensor:
-    """:func:`tie_group_sums` for a ``lovasz_softmax`` gradient w.r.t. (B, C, ...) probas.
-
-    Groups pixels by (class, error); each such group is a union of whole tie groups of the
-    segments (per image or per batch), so its gradient total does not depend on tie order.
-    """
-    batch, num_classes = probas.shape[:2]
-
-    def per_class(x: torch.Tensor) -> torch.Tensor:
-        x = x.detach().to("cpu", torch.float64).reshape(batch, num_classes, -1)
-        return x.transpose(0, 1).reshape(num_classes, -1)
-
-    fg = labels.cpu().reshape(1, -1) == torch.arange(num_classes)[:, None]
-    errors = torch.where(fg, 1 - per_class(probas), per_class(probas))
-    error_grad = torch.where(fg, -per_class(grad), per_class(grad))
-    return tie_group_sums(errors, error_grad)

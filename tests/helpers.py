@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
+import types
+from collections.abc import Iterator
 
 import torch
 
+from lovasz_kernels import Backend, get_backend, register_backend
 from lovasz_kernels._cases import GRAD_TOLERANCE, LOSS_TOLERANCE, Tolerance, mismatches
+from lovasz_kernels._registry import unregister_backend
 
 __all__ = [
     "GRAD_TOLERANCE",
     "LOSS_TOLERANCE",
     "assert_close_report",
     "distinct_float32",
+    "registered_fake_backend",
     "tie_free_errors",
     "tie_free_margins",
 ]
@@ -83,3 +90,31 @@ def assert_close_report(
             f"{what}: {int(bad.sum())} of {bad.numel()} entries differ beyond "
             f"rtol={tol.rtol}, atol={tol.atol}; first at {where}: got {a}, expected {e}"
         )
+
+
+@contextlib.contextmanager
+def registered_fake_backend(
+    name: str, scale_grad: float = 1.0, scale_loss: float = 1.0, raises: str | None = None,
+    unavailable: str | None = None,
+) -> Iterator[str]:
+    """A backend registered as ``name`` for the block: the numpy reference's answer with the
+    gradient and loss scaled, or raising ``RuntimeError(raises)``, or unavailable (reason)."""
+    module = types.ModuleType(f"tests_fake_backend_{name}")
+
+    def lovasz_extension(errors, fg):
+        if raises:
+            raise RuntimeError(raises)
+        loss, grad = get_backend("numpy").run(errors, fg)
+        return loss * scale_loss, grad * scale_grad
+
+    module.lovasz_extension = lovasz_extension
+    if unavailable:
+        module.availability = lambda: (False, unavailable)
+    sys.modules[module.__name__] = module
+    register_backend(Backend(name=name, module=module.__name__, devices=("cpu",), priority=0,
+                             summary="a test double"))
+    try:
+        yield name
+    finally:
+        unregister_backend(name)
+        del sys.modules[module.__name__]

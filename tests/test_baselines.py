@@ -6,13 +6,10 @@ import pytest
 import torch
 
 from lovasz_kernels import lovasz_hinge, lovasz_softmax
-from lovasz_kernels._baselines import (
-    SORT_PASS_BYTES,
-    hinge_inputs,
-    ideal_bytes,
+from lovasz_kernels.bench import hinge_inputs, softmax_inputs
+from lovasz_kernels.bench.baselines import (
     per_class_loop_lovasz_softmax,
     per_image_loop_lovasz_hinge,
-    softmax_inputs,
 )
 
 
@@ -50,21 +47,3 @@ def test_softmax_loop_without_present_classes_is_zero():
     loss = per_class_loop_lovasz_softmax(probas, torch.full((1, 2, 2), 7))
     loss.backward()
     assert loss.item() == 0 and probas.grad.abs().sum() == 0
-
-
-def test_inputs_are_seeded_and_shaped():
-    probas, labels = softmax_inputs(2, 4, 8, torch.float16)
-    again, labels_again = softmax_inputs(2, 4, 8, torch.float16)
-    assert probas.shape == (2, 4, 8, 8) and probas.dtype == torch.float16
-    assert labels.shape == (2, 8, 8) and int(labels.max()) < 4
-    assert torch.equal(probas, again) and torch.equal(labels, labels_again)
-    torch.testing.assert_close(probas.float().sum(1), torch.ones(2, 8, 8), atol=3e-3, rtol=0)
-    logits, binary = hinge_inputs(3, 5)
-    assert logits.shape == binary.shape == (3, 5, 5) and set(binary.unique().tolist()) <= {0, 1}
-
-
-def test_byte_model():
-    # float32: 4 (scores) + 8 (keys+indices) + 16 (sort pass) + 8 (post-sort read) + 4 (grad)
-    assert ideal_bytes(1000, 10) == 40 * 1000 + 8 * 10
-    assert ideal_bytes(1000, 10, score_bytes=2, label_bytes=1) == 36 * 1000 + 10
-    assert SORT_PASS_BYTES == 16

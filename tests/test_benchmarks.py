@@ -1,4 +1,4 @@
-"""The asv suite (benchmarks/) stays in step with the registry and runs."""
+"""The asv suite (benchmarks/): its grid holds only what runs here, and every body runs."""
 
 from __future__ import annotations
 
@@ -9,80 +9,108 @@ import pkgutil
 import pytest
 
 import benchmarks
-from benchmarks import common
-from lovasz_kernels import available_backends, registered_backends
+from benchmarks import bench_cuda, common
+from lovasz_kernels import bench
+from lovasz_kernels.bench import rules
 
 
-def _benchmark_classes():
+def _benchmark_classes(include_private: bool = False):
     for info in pkgutil.iter_modules(benchmarks.__path__):
         module = importlib.import_module(f"benchmarks.{info.name}")
-        for _, cls in inspect.getmembers(module, inspect.isclass):
-            if cls.__module__ == module.__name__ and hasattr(cls, "params"):
+        for name, cls in inspect.getmembers(module, inspect.isclass):
+            if (cls.__module__ == module.__name__ and hasattr(cls, "param_names")
+                    and (include_private or not name.startswith("_"))):
                 yield cls
 
 
-CLASSES = list(_benchmark_classes())
+CLASSES = [cls for cls in _benchmark_classes() if hasattr(cls, "params")]
+# the GPU classes are defined only with CUDA; their bodies also run on CPU tensors (below)
+CUDA_BODIES = [bench_cuda._CudaFwdBwd, bench_cuda._CudaSortFloor]
+
+
+def _methods(obj) -> list[str]:
+    return [m for m in dir(obj) if m.startswith(("time_", "peakmem_", "track_"))]
 
 
 def test_suite_has_every_operation_family():
     names = {cls.__name__ for cls in CLASSES}
-    assert {"LovaszSoftmax", "LovaszHinge", "LovaszExtension", "ProxLovaszHinge",
-            "CudaLovaszSoftmax"} <= names
+    assert {"LovaszSoftmax", "LovaszHinge", "LovaszExtension", "SortFloor",
+            "ProxLovaszHinge"} <= names
+    assert ("CudaLovaszLoss" in names) == common.CUDA_AVAILABLE
 
 
-@pytest.mark.parametrize("cls", [c for c in CLASSES if "backend" in c.param_names],
-                         ids=lambda c: c.__name__)
-def test_every_registered_backend_is_in_the_grid(cls):
-    grid = cls.params[cls.param_names.index("backend")]
-    missing = set(registered_backends()) - set(grid)
-    assert not missing, f"{cls.__name__} does not time {sorted(missing)}"
-    assert common.LOOP in grid  # the yardstick
+def test_grid_holds_only_what_runs_here():
+    """No combination is enumerated only to be skipped (asv would print n/a)."""
+    for cls in CLASSES:
+        if "contender" not in cls.param_names:
+            continue
+        device = bench_cuda.DEVICE if cls.__module__ == bench_cuda.__name__ else "cpu"
+        contenders = cls.params[cls.param_names.index("contender")]
+        for name in contenders:
+            if name != bench.LOOP:
+                assert rules.backend_problem(name, device) is None, (cls.__name__, name)
+        assert set(rules.runnable_backends(device)) - {rules.REFERENCE} <= set(contenders)
+        assert (bench.LOOP in contenders) == (cls.__name__ != "LovaszExtension")
+        budget = rules.Budget(device_type=device)
+        for workload in cls.params[0]:
+            for contender in contenders:
+                assert budget.skip_reason(contender, bench.Workload.parse(workload)) is None
 
 
-def test_grids_are_append_only():
-    """Existing grid values never change (results stay comparable); new ones go at the end."""
-    assert common.PIXELS[:4] == [64**2, 256**2, 512**2, 1024**2]
-    assert common.CLASSES[:3] == [2, 21, 150]
-    assert common.PER_IMAGE[:2] == [False, True]
-    assert common.DTYPES[:2] == ["float32", "float16"]
-    assert common.BACKENDS[:5] == ["numpy", "torch", "numba", "triton", "loop"]
+def test_default_grid_is_the_standard_suite():
+    by_name = {cls.__name__: cls.params[0] for cls in CLASSES}
+    timed = by_name["LovaszSoftmax"] + by_name["LovaszHinge"] + by_name["LovaszExtension"]
+    assert timed == [w.name for w in bench.SUITE]
+    assert by_name["SortFloor"] == by_name["LovaszSoftmax"] + by_name["LovaszHinge"]
+    assert rules.REFERENCE not in common.contenders("softmax")  # the oracle: full grid only
 
 
-@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
-def test_each_benchmark_runs_on_the_smallest_input(cls):
-    """setup + every time_/peakmem_/track_ body at the first grid point with torch (or skip)."""
-    params = [values[0] for values in cls.params]
-    if "backend" in cls.param_names:
-        params[cls.param_names.index("backend")] = "torch"
-    bench = cls()
-    try:
-        bench.setup(*params)
-    except NotImplementedError as exc:
-        pytest.skip(f"asv would skip it here: {exc}")
-    methods = [m for m in dir(bench) if m.startswith(("time_", "peakmem_", "track_"))]
-    assert methods
-    for name in methods:
-        result = getattr(bench, name)(*params)
+def test_full_grid(monkeypatch):
+    monkeypatch.setattr(common, "FULL", True)
+    names = common.workloads("softmax")
+    assert names[:len(common.workloads("softmax", bench.SUITE))] == \
+        common.workloads("softmax", bench.SUITE)  # appended, never changed
+    assert "softmax 8x512x512x21 batch float32" in names
+    assert rules.REFERENCE in common.contenders("softmax")
+
+
+def test_standard_suite_is_append_only():
+    """Existing workloads never change (results stay comparable); new ones go at the end."""
+    assert [w.name for w in bench.SUITE[:10]] == [
+        "softmax 1x512x512x21 batch float32", "softmax 1x256x256x150 batch float32",
+        "softmax 8x64x64x5 per-image float32", "softmax 4x256x256x21 per-image float32",
+        "softmax 1x1024x1024x2 batch float32", "softmax 16x32x32x21 per-image float32",
+        "hinge 1x1024x1024 per-image float32", "hinge 8x256x256 per-image float32",
+        "extension 1x512x512x21 batch float32", "extension 1x1024x1024x2 batch float32"]
+
+
+def _smallest(workloads: list[str]) -> str:
+    return min(workloads, key=lambda name: bench.Workload.parse(name).elements)
+
+
+@pytest.mark.parametrize("cls", CLASSES + CUDA_BODIES, ids=lambda c: c.__name__)
+def test_each_benchmark_runs_on_the_smallest_input(cls, monkeypatch):
+    """setup + every time_/peakmem_/track_ body once, on the smallest workload, with torch
+    (the GPU bodies on CPU tensors)."""
+    monkeypatch.setattr(bench_cuda, "DEVICE", "cpu")
+    monkeypatch.setattr(bench_cuda, "ROUNDS", 2)
+    values = {"contender": "torch", "side": 256, "method": "exact"}
+    if "workload" in cls.param_names:
+        values["workload"] = _smallest(bench_cuda.WORKLOADS if cls in CUDA_BODIES
+                                       else cls.params[0])
+    params = [values[name] for name in cls.param_names]
+    instance = cls()
+    instance.setup(*params)
+    assert _methods(instance)
+    for name in _methods(instance):
+        result = getattr(instance, name)(*params)
         if name.startswith("track_"):
-            assert result > 0
+            assert result >= 0
+    if hasattr(instance, "teardown"):
+        instance.teardown(*params)
 
 
-def test_unavailable_and_too_slow_combinations_are_skipped():
-    with pytest.raises(NotImplementedError, match="reference would take"):
-        common.require("torch", "cpu", 1024**2, 150, False)
-    with pytest.raises(NotImplementedError, match="per-class loop would take"):
-        common.require(common.LOOP, "cpu", 512**2, 150, False)
-    with pytest.raises(NotImplementedError, match="unknown backend"):
-        common.require("no-such-backend", "cpu", 64**2, 2, False)
-    for name, (available, _) in available_backends().items():
-        if not available:
-            with pytest.raises(NotImplementedError):
-                common.require(name, "cpu", 64**2, 2, False)
-    common.require("torch", "cpu", 512**2, 21, False)  # the headline sizes run
-    common.require(common.LOOP, "cpu", 512**2, 21, False)
-
-
-def test_image_shapes_hold_the_pixel_count():
-    for pixels in common.PIXELS:
-        height, width = common.image_shape(pixels)
-        assert common.BATCH * height * width == pixels
+def test_over_budget_is_not_implemented():
+    """What asv reports as n/a in the full grid: the cost model's verdict."""
+    with pytest.raises(NotImplementedError, match="estimated"):
+        bench.warmed_call("softmax 1x1024x1024x150 batch float32", "numpy")

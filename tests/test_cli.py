@@ -12,8 +12,9 @@ from importlib import metadata
 import pytest
 import torch
 
-import lovasz_kernels.backends.torch_eager as torch_eager
-from lovasz_kernels import cli, registered_backends
+from lovasz_kernels import __version__, cli, registered_backends
+from lovasz_kernels.bench import engine, report
+from tests.helpers import registered_fake_backend
 
 SUMMARY = re.compile(r"^(\d+) passed, (\d+) failed$", re.MULTILINE)
 
@@ -67,6 +68,13 @@ def test_no_command_is_a_usage_error(capsys):
     assert "usage: lovasz-kernels" in capsys.readouterr().err
 
 
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"lovasz-kernels {__version__}"
+
+
 # --------------------------------------------------------------------------------------------
 # check
 
@@ -112,16 +120,10 @@ def test_check_unknown_backend(capsys):
     assert "passed" not in captured.out
 
 
-def test_check_detects_wrong_backend(capsys, monkeypatch):
-    """A torch backend whose losses are 1% off must be caught on every case with a loss."""
-    original = torch_eager.lovasz_extension
-
-    def off_by_one_percent(errors, fg):
-        loss, grad = original(errors, fg)
-        return loss * 1.01, grad
-
-    monkeypatch.setattr(torch_eager, "lovasz_extension", off_by_one_percent)
-    assert cli.main(["check", "--backend", "torch"]) == 1
+def test_check_detects_wrong_backend(capsys):
+    """A backend whose losses are 1% off must be caught on every case with a loss."""
+    with registered_fake_backend("off", scale_loss=1.01):
+        assert cli.main(["check", "--backend", "off"]) == 1
     out = capsys.readouterr().out
     assert "MISMATCH" in out
     rows = {row[0]: row[-1] for row in _table_rows(out)}
@@ -149,16 +151,19 @@ def test_bench_small(capsys, tmp_path):
     out = capsys.readouterr().out
     assert status == 0, out
     assert "4 classes x 24x24 pixels" in out and "median of 1" in out
+    assert "(numpy, torch, loop, floor)" in out
     header = next(line for line in out.splitlines() if line.startswith("backend"))
     assert re.split(r" {2,}", header) == [
-        "backend", "median ms", "vs numpy", "vs loop", "max |Δgrad| (tie groups)"]
+        "backend", "median ms", "vs numpy", "vs loop", "/ floor", "peak MB", "x input",
+        "max |Δgrad| (tie groups)"]
     assert re.search(r"^numpy\s+\d+\.\d+\s+1\.00x\s+\d+\.\d\dx\s", out, re.MULTILINE), out
     assert re.search(r"^torch\s+\d+\.\d+\s+\d+\.\d\dx\s", out, re.MULTILINE), out
     # the public per-class loop is timed next to the backends; its deviation is only reported
-    assert re.search(r"^loop\s+\d+\.\d+\s+\d+\.\d\dx\s+1\.00x\s+\S+ \(not checked\)$", out,
+    assert re.search(r"^loop\s+\d+\.\d+\s+\d+\.\d\dx\s+1\.00x\s.*\S+ \(not checked\)$", out,
                      re.MULTILINE), out
+    assert re.search(r"^floor\s+\d+\.\d+\s", out, re.MULTILINE), out
     assert "MISMATCH" not in out
-    assert (tmp_path / cli.BENCH_JSON).is_file() and (tmp_path / cli.BENCH_PNG).is_file()
+    assert (tmp_path / report.BENCH_JSON).is_file() and (tmp_path / report.BENCH_PNG).is_file()
     assert elapsed < 20
 
 
@@ -169,36 +174,38 @@ def test_bench_grid_json_and_plot(capsys, tmp_path):
     out = capsys.readouterr().out
     assert status == 0, out
     assert out.count("pixels, per_image=True, cpu, median of 2 interleaved rounds") == 4
-    document = json.loads((tmp_path / cli.BENCH_JSON).read_text())
+    document = json.loads((tmp_path / report.BENCH_JSON).read_text())
     assert document["command"].startswith("lovasz-kernels bench --out ")
     assert document["machine"]["cpu_count"] >= 1
     assert document["versions"]["torch"] == metadata.version("torch")
+    assert document["settings"]["contenders"] == ["numpy", "torch", "loop", "floor"]
     results = document["results"]
     assert sorted((r["side"], r["classes"]) for r in results) == [
         (8, 2), (8, 3), (16, 2), (16, 3)]
     for result in results:
         assert result["per_image"] is True and result["batch"] == 2
         assert result["segments"] == 2 * result["classes"]
-        assert set(result["rows"]) == {"numpy", "torch", "loop"}
-        for name, row in result["rows"].items():
-            assert len(row["samples_s"]) == 2, name
-            assert row["median_s"] == sorted(row["samples_s"])[0] + (
-                sorted(row["samples_s"])[1] - sorted(row["samples_s"])[0]) / 2
-        assert result["rows"]["torch"]["status"] == "ok"
-        assert result["rows"]["torch"]["max_abs_grad_deviation"] < 1e-6
-    png = (tmp_path / cli.BENCH_PNG).read_bytes()
+        assert set(result["contenders"]) == {"numpy", "torch", "loop", "floor"}
+        for name, entry in result["contenders"].items():
+            assert len(entry["samples_s"]) == 2, name
+        assert result["contenders"]["torch"]["status"] == "ok"
+        assert result["contenders"]["torch"]["max_abs_grad_deviation"] < 1e-6
+    png = (tmp_path / report.BENCH_PNG).read_bytes()
     assert png.startswith(b"\x89PNG")
 
 
-def test_bench_hinge(capsys, tmp_path):
-    status = cli.main(_bench(tmp_path, "--loss", "hinge", "--backend", "numpy,torch",
+@pytest.mark.parametrize("loss,heading", [
+    ("hinge", "lovasz_hinge fwd+bwd, float32, batch 3 x 16x16 pixels, per_image=True"),
+    ("extension", "lovasz_extension, float32, 21 segments x 768 pixels"),
+])
+def test_bench_other_losses(capsys, tmp_path, loss, heading):
+    status = cli.main(_bench(tmp_path, "--loss", loss, "--backend", "numpy,torch",
                              "--pixels", "16", "--batch", "3", "--repeat", "1"))
     out = capsys.readouterr().out
     assert status == 0, out
-    assert "lovasz_hinge fwd+bwd, float32, batch 3 x 16x16 pixels, per_image=True" in out
-    result = json.loads((tmp_path / cli.BENCH_JSON).read_text())["results"][0]
-    assert result["classes"] is None and result["segments"] == 3
-    assert result["rows"]["torch"]["status"] == "ok"
+    assert heading in out
+    result = json.loads((tmp_path / report.BENCH_JSON).read_text())["results"][0]
+    assert result["contenders"]["torch"]["status"] == "ok"
 
 
 def test_bench_budget_skips_and_says_so(capsys, tmp_path):
@@ -207,10 +214,10 @@ def test_bench_budget_skips_and_says_so(capsys, tmp_path):
                              "--classes", "2", "--repeat", "1", "--budget", "0"))
     out = capsys.readouterr().out
     assert status == 0, out
-    assert re.search(r"skipping lovasz_softmax .* 32x32 pixels.*: the numpy reference is "
-                     r"estimated .* s per call > --budget 0 s", out), out
-    results = json.loads((tmp_path / cli.BENCH_JSON).read_text())["results"]
-    assert [r["skipped"] is None for r in results] == [True, False]
+    assert re.search(r"skipping numpy at softmax 1x32x32x2 batch float32: estimated .* s per "
+                     r"call > budget 0 s", out), out
+    results = json.loads((tmp_path / report.BENCH_JSON).read_text())["results"]
+    assert results[1]["contenders"]["numpy"]["status"].startswith("skipped")
 
 
 def test_bench_without_tqdm_and_matplotlib(capsys, tmp_path, monkeypatch):
@@ -223,76 +230,25 @@ def test_bench_without_tqdm_and_matplotlib(capsys, tmp_path, monkeypatch):
     assert status == 0, captured.out
     assert "tqdm is not installed: no progress bar" in captured.err
     assert "matplotlib is not installed: no plot" in captured.out
-    assert (tmp_path / cli.BENCH_JSON).is_file() and not (tmp_path / cli.BENCH_PNG).exists()
+    assert (tmp_path / report.BENCH_JSON).is_file() and not (tmp_path / report.BENCH_PNG).exists()
 
 
-def test_bench_detects_wrong_gradient(capsys, monkeypatch, tmp_path):
-    original = torch_eager.lovasz_extension
-
-    def doubled_gradient(errors, fg):
-        loss, grad = original(errors, fg)
-        return loss, grad * 2
-
-    monkeypatch.setattr(torch_eager, "lovasz_extension", doubled_gradient)
-    status = cli.main(_bench(tmp_path, "--backend", "numpy,torch", "--pixels", "8",
-                             "--classes", "3", "--repeat", "1"))
+def test_bench_detects_wrong_gradient(capsys, tmp_path):
+    with registered_fake_backend("doubled", scale_grad=2.0):
+        status = cli.main(_bench(tmp_path, "--backend", "numpy,doubled", "--pixels", "8",
+                                 "--classes", "3", "--repeat", "1"))
     out = capsys.readouterr().out
     assert status == 1
     # not timed: a wrong answer has no speed
-    assert re.search(r"^torch\s+-\s+-\s+-\s+\S+ MISMATCH$", out, re.MULTILINE), out
-    row = json.loads((tmp_path / cli.BENCH_JSON).read_text())["results"][0]["rows"]["torch"]
-    assert row["status"].startswith("MISMATCH") and row["samples_s"] == []
+    assert re.search(r"^doubled\s+-\s+-\s+-\s+-\s+-\s+-\s+\S+ MISMATCH$", out, re.MULTILINE), out
+    entry = json.loads((tmp_path / report.BENCH_JSON).read_text())["results"][0]["contenders"]
+    assert entry["doubled"]["status"].startswith("MISMATCH") and entry["doubled"]["samples_s"] == []
 
 
-def test_bench_cuda_table_has_sort_floor_and_bandwidth():
-    """The GPU table (tested on a made-up result: no GPU needed)."""
-    result = {"dtype": "float32", "segments": 21, "pixels_per_segment": 1 << 20, "batch": 1,
-              "pixels": 1 << 20, "rows": {
-                  "torch": {"status": "ok", "median_s": 4e-3, "max_abs_grad_deviation": 0.0},
-                  "loop": {"status": "reported", "median_s": 8e-2,
-                           "max_abs_grad_deviation": 1e-3},
-                  cli.SORT_FLOOR: {"status": "not checked", "median_s": 1e-3},
-              }}
-    text = cli._bench_table(result, ["torch", "loop", cli.SORT_FLOOR], "heading", 3,
-                            torch.device("cuda"))
-    lines = text.splitlines()
-    assert re.split(r" {2,}", lines[1]) == [
-        "backend", "median ms", "vs sort", "GB/s", "vs loop", "max |Δgrad| (tie groups)"]
-    elements = 21 << 20
-    model = 40 * elements + 8 * (1 << 20)
-    assert model == cli._baselines.ideal_bytes(elements, 1 << 20)
-    torch_row = re.split(r" {2,}", lines[3])
-    assert torch_row[:5] == ["torch", "4.000", "0.25x", f"{model / 4e-3 / 1e9:.0f}", "20.00x"]
-    sort_row = re.split(r" {2,}", lines[5])
-    assert sort_row[:4] == [cli.SORT_FLOOR, "1.000", "1.00x", f"{16 * elements / 1e-3 / 1e9:.0f}"]
-    assert "ideal key build" in text
-
-
-def test_bench_gpu_layout_on_cpu_tensors(capsys, tmp_path, monkeypatch):
-    """The --device cuda code path, run on CPU tensors (no GPU needed): the reference is only
-    a cross-check, the sort floor is timed, GB/s is printed."""
-    monkeypatch.setattr(cli, "_gpu_mode", lambda device: True)
-    status = cli.main(_bench(tmp_path, "--backend", "numpy,torch", "--pixels", "8,16",
-                             "--classes", "3", "--repeat", "2"))
-    out = capsys.readouterr().out
-    assert status == 0, out
-    assert "the numpy reference runs on CPU copies, for the cross-check only" in out
-    assert re.search(r"^torch\s+\d+\.\d+\s+\d+\.\d\dx\s+\d+\s+\d+\.\d\dx\s+0\.0e\+00$", out,
-                     re.MULTILINE), out
-    assert re.search(r"^torch\.sort\s+\d+\.\d+\s+1\.00x\s+\d+\s", out, re.MULTILINE), out
-    assert not re.search(r"^numpy\s", out, re.MULTILINE)
-    document = json.loads((tmp_path / cli.BENCH_JSON).read_text())
-    assert "ideal" in document["byte_model"]
-    rows = document["results"][-1]["rows"]
-    assert set(rows) == {"torch", "loop", cli.SORT_FLOOR}
-    assert len(rows[cli.SORT_FLOOR]["samples_s"]) == 2
-
-
-def test_bench_cuda_without_a_gpu(capsys, tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present")
-    assert cli.main(_bench(tmp_path, "--device", "cuda", "--pixels", "8")) == 2
-    assert "no CUDA device" in capsys.readouterr().err
+def test_bench_unknown_backend(capsys, tmp_path):
+    assert cli.main(_bench(tmp_path, "--backend", "numpy,nope", "--pixels", "8",
+                           "--repeat", "1")) == 2
+    assert "error: --backend unknown backend 'nope'" in capsys.readouterr().err
 
 
 def test_bench_bad_pixels(capsys, tmp_path):
@@ -301,7 +257,64 @@ def test_bench_bad_pixels(capsys, tmp_path):
     assert "comma-separated integers" in capsys.readouterr().err
 
 
-def test_bench_unknown_backend(capsys, tmp_path):
-    assert cli.main(_bench(tmp_path, "--backend", "numpy,nope", "--pixels", "8",
-                           "--repeat", "1")) == 2
-    assert "unknown backend 'nope'" in capsys.readouterr().err
+# --------------------------------------------------------------------------------------------
+# bad flags: a clear error and exit status 2 before any work
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if a command starts working."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("work started despite a bad flag")
+
+    monkeypatch.setattr(engine, "run", refuse)
+    monkeypatch.setattr(cli._cases, "extension_cases", refuse)
+
+
+def _assert_usage_error(capsys, argv, flag, message):
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert f"error: {flag} " in captured.err and message in captured.err, captured.err
+    assert "workload(s)" not in captured.out and "passed" not in captured.out
+
+
+@pytest.mark.parametrize("args,flag,message", [
+    (["--batch", "0"], "--batch", "must be a positive integer; got 0"),
+    (["--batch", "-1"], "--batch", "must be a positive integer; got -1"),
+    (["--repeat", "0"], "--repeat", "must be a positive integer; got 0"),
+    (["--budget", "nan"], "--budget", "got nan"),
+    (["--budget", "-1"], "--budget", "got -1.0"),
+    (["--out", "/dev/null"], "--out", "must be a folder; /dev/null is a file"),
+    (["--device", "meta"], "--device", "must be cpu or cuda (or cuda:N); got 'meta'"),
+    (["--device", "nope"], "--device", "must be cpu or cuda (or cuda:N); got 'nope'"),
+])
+def test_bench_bad_flags(capsys, tmp_path, no_work, args, flag, message):
+    argv = ["bench", *args] if args[0] == "--out" else _bench(tmp_path, *args)
+    _assert_usage_error(capsys, argv, flag, message)
+
+
+def test_bench_unwritable_out(capsys, tmp_path, no_work):
+    (tmp_path / "a-file").write_text("")
+    _assert_usage_error(capsys, ["bench", "--out", str(tmp_path / "a-file" / "results")],
+                        "--out", "cannot write into")
+
+
+@pytest.mark.parametrize("command", ["bench", "check"])
+def test_cuda_without_a_gpu(capsys, tmp_path, no_work, command):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    argv = _bench(tmp_path, "--device", "cuda") if command == "bench" else [
+        "check", "--device", "cuda"]
+    _assert_usage_error(capsys, argv, "--device", "cuda: torch sees no CUDA device here")
+
+
+@pytest.mark.parametrize("command", ["bench", "check"])
+def test_nothing_runnable(capsys, tmp_path, no_work, command):
+    argv = _bench(tmp_path) if command == "bench" else ["check"]
+    with registered_fake_backend("absent", unavailable="no such device here"):
+        _assert_usage_error(capsys, [*argv, "--backend", "absent"], "--backend",
+                            "nothing can run here (absent: no such device here)")
+
+
+def test_check_of_the_reference_alone_checks_nothing(capsys, no_work):
+    _assert_usage_error(capsys, ["check", "--backend", "numpy"], "--backend", "nothing to check")

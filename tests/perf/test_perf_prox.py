@@ -1,4 +1,4 @@
-"""The exact prox of the Lovász hinge next to the hinge's own fwd+bwd (issue 5's yardstick).
+"""The exact prox of the Lovász hinge next to the hinge's own fwd+bwd, its yardstick.
 
     pytest tests/perf/test_perf_prox.py --benchmark-only
 
@@ -12,20 +12,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lovasz_kernels import available_backends, lovasz_hinge
+from lovasz_kernels import available_backends, bench, lovasz_hinge
 
 optim = pytest.importorskip("lovasz_kernels.optim")
 
 SIDES = [256, 512]
+FOREGROUND = 0.3
 PROX_CASES = [("exact", 0.01), ("exact", 0.1), ("exact", 1.0), ("exact", 100.0), ("exact", 4e4),
               ("greedy", 1.0)]
 
 
 def _image(side: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(1, side, side, generator=gen)
-    labels = (torch.rand(1, side, side, generator=gen) > 0.7).long()
-    return logits, labels
+    return bench.hinge_inputs(1, side, foreground=FOREGROUND)
 
 
 @pytest.mark.parametrize("side", SIDES, ids=[f"{s}^2" for s in SIDES])
