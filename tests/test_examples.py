@@ -107,3 +107,11 @@ def test_minimizers_take_the_middle_of_a_flat_minimum(synthetic_threshold):
     biases = torch.linspace(-1, 1, 5, dtype=torch.float64)
     curves = {"flat": torch.tensor([3.0, 1.0, 1.0, 1.0, 2.0], dtype=torch.float64)}
     assert math.isclose(synthetic_threshold.minimizers(curves, biases)["flat"], 0.0)
+
+
+def test_compiled_training_example_runs_with_no_graph_break():
+    example = load_example("compiled_training")
+    result = example.main(["--batch", "1", "--side", "12", "--classes", "3", "--rounds", "1",
+                           "--backend", "torch"])
+    assert result["graph_breaks"] == 0
+    assert result["same_loss_and_grads"]

@@ -359,3 +359,71 @@ def test_gpu_path_makes_no_host_synchronisation(gen, device_path, sync_free_back
     torch.testing.assert_close(
         hinge, lovasz_hinge(probas[:, 0].detach(), labels.clamp(max=1), backend="numpy"),
         **TOLERANCE)
+
+
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@_CUDA
+@pytest.mark.parametrize("cuda_backend", ["triton", "torch"])
+@pytest.mark.parametrize("per_image", [False, True])
+def test_cuda_loss_and_backward_never_synchronise(cuda_backend, per_image):
+    """With value checks off, a CUDA call makes no host synchronisation (CUDA's own sync
+    debug mode turns any into an error)."""
+    backend = lovasz_kernels.get_backend(cuda_backend)
+    if not backend.availability()[0]:
+        pytest.skip(backend.availability()[1])
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.randn(2, 5, 64, 64, device="cuda", generator=gen, requires_grad=True)
+    labels = torch.randint(0, 4, (2, 64, 64), device="cuda", generator=gen)
+    labels[0, :3] = 255
+    expected = lovasz_softmax(logits, labels, from_logits=True, ignore_index=255,
+                              per_image=per_image, backend=cuda_backend)
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    torch.cuda.synchronize()
+    set_validate_values(False)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = lovasz_softmax(logits, labels, from_logits=True, ignore_index=255,
+                              per_image=per_image, backend=cuda_backend)
+        (grad,) = torch.autograd.grad(loss, logits)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        set_validate_values(True)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=1e-6)
+
+
+@_CUDA
+def test_cuda_graph_capture_replays_the_loss():
+    """Sync-free, so a CUDA graph can capture the loss operator and replay it."""
+    backend = lovasz_kernels.get_backend("triton")
+    if not backend.availability()[0]:
+        pytest.skip(backend.availability()[1])
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    probas = torch.randn(2, 5, 64, 64, device="cuda", generator=gen).softmax(dim=1)
+    labels = torch.randint(0, 5, (2, 64, 64), device="cuda", generator=gen)
+    expected_loss, expected_grad = torch.ops.lovasz_kernels.lovasz_loss(
+        probas, labels, None, "present", [], False, None, "probas", "triton", "", "exact",
+        "65536")
+    set_validate_values(False)
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm up: compile and autotune outside the capture
+                torch.ops.lovasz_kernels.lovasz_loss(
+                    probas, labels, None, "present", [], False, None, "probas", "triton", "",
+                    "exact", "65536")
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            loss, grad = torch.ops.lovasz_kernels.lovasz_loss(
+                probas, labels, None, "present", [], False, None, "probas", "triton", "",
+                "exact", "65536")
+        graph.replay()
+        torch.cuda.synchronize()
+    finally:
+        set_validate_values(True)
+    torch.testing.assert_close(loss, expected_loss)
+    torch.testing.assert_close(grad, expected_grad)
