@@ -15,7 +15,13 @@ from lovasz_kernels._registry import (
     registered_backends,
 )
 from lovasz_kernels._validate import set_validate_values, validate_values_enabled
-from lovasz_kernels.losses import lovasz_extension, lovasz_grad, lovasz_hinge, lovasz_softmax
+from lovasz_kernels.losses import (
+    lovasz_extension,
+    lovasz_grad,
+    lovasz_hinge,
+    lovasz_sigmoid,
+    lovasz_softmax,
+)
 from lovasz_kernels.metrics import (
     ConfusionMatrix,
     batch_miou,
@@ -26,7 +32,7 @@ from lovasz_kernels.metrics import (
     per_image_iou,
     per_image_miou,
 )
-from lovasz_kernels.nn import LovaszHingeLoss, LovaszSoftmaxLoss
+from lovasz_kernels.nn import LovaszHingeLoss, LovaszSigmoidLoss, LovaszSoftmaxLoss
 from lovasz_kernels.sampling import EquiBatchSampler
 
 __version__ = "0.1.0"
@@ -37,6 +43,7 @@ __all__ = [
     "ConfusionMatrix",
     "EquiBatchSampler",
     "LovaszHingeLoss",
+    "LovaszSigmoidLoss",
     "LovaszSoftmaxLoss",
     "available_backends",
     "batch_miou",
@@ -47,6 +54,7 @@ __all__ = [
     "lovasz_extension",
     "lovasz_grad",
     "lovasz_hinge",
+    "lovasz_sigmoid",
     "lovasz_softmax",
     "per_class_iou",
     "per_image_iou",

@@ -26,6 +26,7 @@ functions call the operators: that form is what ``torch.func`` transforms requir
 runs the operator once per mapped slice.
 """
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -35,11 +36,30 @@ from lovasz_kernels._jaccard import jaccard_increments
 from lovasz_kernels._plan import generic_lovasz_loss, plan_segments, reads_are_free
 from lovasz_kernels._registry import select_backend
 
-# what the scores of a loss call are: the value checks and the background error offset
+
+@dataclass(frozen=True)
+class LossKind:
+    """What the scores and labels of a loss call are."""
+
+    scores_name: str  # the scores' name in messages: "probas" or "logits"
+    bg_offset: float  # a background pixel's error is score + bg_offset (foreground: 1 - score)
+    multilabel: bool  # labels (B, C, *spatial): one binary problem per channel
+    value_check: str  # "simplex" (probabilities summing to 1), "unit_interval", "finite"
+    checked_name: str = ""  # the name the value checks use, when not scores_name
+
+
 LOSS_KINDS = {
-    "probas": 0.0,  # probabilities, (B, C, *spatial); C == 1: P(class 1)
-    "softmax_of_logits": 0.0,  # the same, computed by from_logits=True from logits
-    "hinge": 1.0,  # logits of the foreground, (B, *spatial) or (B, 1, *spatial)
+    # lovasz_softmax: probabilities (B, C, *spatial), labels (B, *spatial); C == 1: P(class 1)
+    "probas": LossKind("probas", 0.0, False, "simplex"),
+    "softmax_of_logits": LossKind(
+        "probas", 0.0, False, "finite", "probas (softmax of the logits, from_logits=True)"),
+    # lovasz_hinge: logits (B, *spatial) or (B, 1, *spatial), labels (B, *spatial)
+    "hinge": LossKind("logits", 1.0, False, "finite"),
+    # multilabel: scores and labels (B, C, *spatial), labels in {0, 1}
+    "multilabel_hinge": LossKind("logits", 1.0, True, "finite"),
+    "multilabel_probas": LossKind("probas", 0.0, True, "unit_interval"),
+    "sigmoid_of_logits": LossKind(
+        "probas", 0.0, True, "finite", "probas (sigmoid of the logits, from_logits=True)"),
 }
 CLASS_MODES = ("present", "all", "list")
 
@@ -51,13 +71,27 @@ CLASS_MODES = ("present", "all", "list")
 def loss_shapes(
     kind: str, scores: torch.Tensor, labels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Views of the inputs as scores (B, C, P) and labels (B, P), or a ValueError naming them.
+    """Views of the inputs as scores (B, C, P) and labels (B, P) ((B, C, P) for a multilabel
+    kind), or a ValueError naming them.
 
     ``kind="hinge"``: logits (B, *spatial) or (B, 1, *spatial), labels (B, *spatial) (C = 1).
     Otherwise probabilities (B, C, *spatial) and labels (B, *spatial); with C == 1 labels
     may also have the probabilities' shape.
     """
     shape = _validate.shape_str
+    if LOSS_KINDS[kind].multilabel:
+        name = LOSS_KINDS[kind].scores_name
+        if scores.dim() < 2 or scores.shape[1] == 0:
+            raise ValueError(f"{name} must have shape (B, C, *spatial) with C >= 1 channels; "
+                             f"got {shape(scores.shape)}")
+        if labels.shape != scores.shape:
+            raise ValueError(
+                f"labels must have the shape of {name} {shape(scores.shape)} (B, C, *spatial): "
+                f"one binary mask per channel; got {shape(labels.shape)}")
+        batch, channels = scores.shape[:2]
+        num_pixels = _pixels(scores.shape[2:])
+        return (scores.reshape(batch, channels, num_pixels),
+                labels.reshape(batch, channels, num_pixels))
     if kind == "hinge":
         if scores.dim() == 0:
             raise ValueError(
@@ -117,12 +151,13 @@ def check_loss_arguments(
         raise ValueError(f"kind must be one of {sorted(LOSS_KINDS)}; got {kind!r}")
     if classes not in CLASS_MODES:
         raise ValueError(f"classes must be one of {CLASS_MODES}; got {classes!r}")
-    scores_name = "logits" if kind == "hinge" else "probas"
+    scores_name = LOSS_KINDS[kind].scores_name
     _validate.check_floating(scores_name, scores)
     _validate.check_same_device("labels", labels, scores_name, scores)
     scores_3d, labels_2d = loss_shapes(kind, scores, labels)
     num_classes = scores_3d.shape[1]
-    _validate.check_label_dtype("labels", labels, binary=num_classes == 1)
+    binary = num_classes == 1 or LOSS_KINDS[kind].multilabel
+    _validate.check_label_dtype("labels", labels, binary=binary)
     if classes == "list":
         _validate.resolve_classes(list(class_list), num_classes)
     if class_weights is not None:
@@ -168,9 +203,10 @@ def lovasz_loss_op(
         from lovasz_kernels.distributed import GroupBatch
 
         group_batch = GroupBatch(group_name, dist_mode, bins, labels_2d.numel(),
-                                 value_range=None if kind == "hinge" else 1.0)
+                                 value_range=None if LOSS_KINDS[kind].bg_offset else 1.0)
     try:
-        labels_2d = _validate.label_values("labels", labels_2d, binary=num_classes == 1)
+        labels_2d = _validate.label_values(
+            "labels", labels_2d, binary=num_classes == 1 or LOSS_KINDS[kind].multilabel)
         if _validate.validate_values_enabled():
             _check_loss_values(kind, scores_3d, labels_2d, ignore_index, class_weights)
         chosen = select_backend(backend or None, scores.device)
@@ -182,8 +218,9 @@ def lovasz_loss_op(
     plan_options = dict(
         labels=labels_2d, num_classes=num_classes, classes=classes, class_list=list(class_list),
         class_weights=None if class_weights is None else class_weights.to(torch.float64),
-        per_image=per_image, ignore_index=ignore_index, bg_offset=LOSS_KINDS[kind],
+        per_image=per_image, ignore_index=ignore_index, bg_offset=LOSS_KINDS[kind].bg_offset,
         labels_checked=_validate.validate_values_enabled(),
+        multilabel=LOSS_KINDS[kind].multilabel,
     )
     if group_batch is not None:
         group_batch.agree(_agreed_options(scores_3d, kind, dist_mode, bins, classes),
@@ -220,16 +257,15 @@ def _check_loss_values(
     class_weights: torch.Tensor | None,
 ) -> None:
     """The checks that read values (one pass each; a device synchronisation on a GPU)."""
-    num_classes = scores.shape[1]
-    valid_range = "{0, 1}" if num_classes == 1 else f"[0, {num_classes})"
-    _validate.check_labels(labels, valid_range, max(num_classes, 2), ignore_index)
-    if kind == "hinge":
-        _validate.check_finite("logits", scores)
-    elif kind == "softmax_of_logits":
-        _validate.check_finite("probas (softmax of the logits, from_logits=True)", scores,
-                               "; the logits hold NaN or +inf")
+    loss_kind = LOSS_KINDS[kind]
+    num_classes = 2 if loss_kind.multilabel else max(scores.shape[1], 2)
+    valid_range = "{0, 1}" if num_classes == 2 else f"[0, {num_classes})"
+    _validate.check_labels(labels, valid_range, num_classes, ignore_index)
+    name = loss_kind.checked_name or loss_kind.scores_name
+    if loss_kind.value_check == "finite":
+        _validate.check_finite(name, scores)
     else:
-        _validate.check_probas(scores)
+        _validate.check_probas(scores, simplex=loss_kind.value_check == "simplex")
     if class_weights is not None:
         _validate.check_class_weight_values(class_weights)
 

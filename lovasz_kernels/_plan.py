@@ -48,7 +48,8 @@ class SegmentPlan:
     Segment s is channel ``channel[s]`` of image ``image[s]``, or of every image when
     ``image`` is None (a batch segment: its pixels are the B·P pixels of that channel, image
     by image). Its foreground is the valid pixels (label != ``ignore_index``) labelled
-    ``fg_label[s]``. A pixel's error is ``1 - score`` on foreground and ``bg_offset + score``
+    ``fg_label[s]`` (``multilabel``: labels (B, C, P), and the foreground is label 1 in the
+    segment's own channel). A pixel's error is ``1 - score`` on foreground and ``bg_offset + score``
     elsewhere (softmax: 0, hinge: 1), so d error / d score is -1 on foreground, +1 elsewhere.
     The total loss is ``Σ_s weight[s] · extension_s`` (float64 weights, ≥ 0).
 
@@ -64,6 +65,9 @@ class SegmentPlan:
     bg_offset: float
     ignore_index: int | None
     dense: bool
+    # labels (B, C, P), one binary problem per channel (fg: label 1 in the segment's own
+    # channel), instead of (B, P) class indices
+    multilabel: bool = False
 
     @property
     def num_segments(self) -> int:
@@ -87,13 +91,14 @@ def plan_segments(
     bg_offset: float,
     reduce_counts: CountReducer | None = None,
     labels_checked: bool = False,
+    multilabel: bool = False,
 ) -> SegmentPlan:
     """The plan of a loss call: which segments count and with which coefficient.
 
     Parameters
     ----------
     labels
-        (B, P) int64 labels.
+        (B, P) int64 labels; with ``multilabel`` (B, C, P) in {0, 1, ignore_index}.
     num_classes
         C; C == 1 is the binary case (the channel scores class 1: sigmoid or hinge). Then the
         foreground class counts in every segment with a valid pixel, present or not.
@@ -110,41 +115,30 @@ def plan_segments(
     reduce_counts
         Batch segments only: sums the flat per-class and valid pixel counts over the ranks of
         a process group, so that every rank counts the same classes.
+    multilabel
+        One binary problem per channel: a channel counts in a group ("present") when it has
+        a foreground pixel there, ("all") when it has a valid pixel.
     """
-    batch, num_pixels = labels.shape
-    device = labels.device
-    bins = max(num_classes, 2)
-    # one count of (image, label) pairs into B·bins counters; ignored labels (and, when the
-    # values were not checked, out-of-range ones) go to one extra counter at the end
-    pair = labels + torch.arange(0, batch * bins, bins, device=device)[:, None]
-    counted = None if ignore_index is None else labels != ignore_index
-    if not labels_checked:
-        in_range = (labels >= 0) & (labels < bins)
-        counted = in_range if counted is None else counted & in_range
-    if counted is not None:
-        pair = torch.where(counted, pair, batch * bins)
-    if reads_are_free(device):
-        counts = torch.bincount(pair.reshape(-1), minlength=batch * bins + 1)
-    else:  # bincount reads the largest value to size its output: a synchronisation
-        counts = torch.zeros(batch * bins + 1, dtype=torch.int64, device=device)
-        counts.scatter_add_(0, pair.reshape(-1), torch.ones(
-            (), dtype=torch.int64, device=device).expand(pair.numel()))
-    class_pixels = counts[: batch * bins].reshape(batch, bins)
-    valid_count = class_pixels.sum(dim=1, keepdim=True)
+    if multilabel:
+        fg_count, valid_count = _channel_counts(labels, ignore_index)
+    else:
+        fg_count, valid_count = _class_counts(labels, num_classes, ignore_index, labels_checked)
     if not per_image:
-        class_pixels = class_pixels.sum(dim=0, keepdim=True)
+        fg_count = fg_count.sum(dim=0, keepdim=True)
         valid_count = valid_count.sum(dim=0, keepdim=True)
         if reduce_counts is not None:
-            summed = reduce_counts(torch.cat([class_pixels, valid_count], dim=1).reshape(-1))
-            class_pixels, valid_count = summed[:-1].reshape(1, bins), summed[-1:].reshape(1, 1)
-
-    has_valid = valid_count > 0  # (groups, 1)
-    if num_classes == 1:
+            split = fg_count.numel()
+            summed = reduce_counts(torch.cat([fg_count.reshape(-1), valid_count.reshape(-1)]))
+            fg_count = summed[:split].reshape(fg_count.shape)
+            valid_count = summed[split:].reshape(valid_count.shape)
+    device = labels.device
+    has_valid = valid_count > 0  # (groups, 1), or (groups, C) for multilabel
+    if num_classes == 1 and not multilabel:
         counted = has_valid
     else:
         counted = has_valid.expand(-1, num_classes)
         if classes == "present":
-            counted = counted & (class_pixels[:, :num_classes] > 0)
+            counted = counted & (fg_count[:, :num_classes] > 0)
         elif classes == "list":
             chosen = torch.zeros(num_classes, dtype=torch.bool, device=device)
             chosen[torch.tensor(class_list, dtype=torch.int64, device=device)] = True
@@ -168,12 +162,48 @@ def plan_segments(
         kept = torch.nonzero(weight > 0).reshape(-1)
         channel, weight = channel[kept], weight[kept]
         image = None if image is None else image[kept]
-    # in the binary case channel 0 scores class 1
-    fg_label = channel + 1 if num_classes == 1 else channel
+    if multilabel:
+        fg_label = torch.ones_like(channel)
+    else:  # in the binary case channel 0 scores class 1
+        fg_label = channel + 1 if num_classes == 1 else channel
     return SegmentPlan(
         image=image, channel=channel, fg_label=fg_label, weight=weight, bg_offset=bg_offset,
-        ignore_index=ignore_index, dense=not reads_are_free(device),
+        ignore_index=ignore_index, dense=not reads_are_free(device), multilabel=multilabel,
     )
+
+
+def _class_counts(
+    labels: torch.Tensor, num_classes: int, ignore_index: int | None, labels_checked: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixels of each class (B, max(C, 2)) and valid pixels (B, 1) of each image."""
+    batch, num_pixels = labels.shape
+    device = labels.device
+    bins = max(num_classes, 2)
+    # one count of (image, label) pairs into B·bins counters; ignored labels (and, when the
+    # values were not checked, out-of-range ones) go to one extra counter at the end
+    pair = labels + torch.arange(0, batch * bins, bins, device=device)[:, None]
+    counted = None if ignore_index is None else labels != ignore_index
+    if not labels_checked:
+        in_range = (labels >= 0) & (labels < bins)
+        counted = in_range if counted is None else counted & in_range
+    if counted is not None:
+        pair = torch.where(counted, pair, batch * bins)
+    if reads_are_free(device):
+        counts = torch.bincount(pair.reshape(-1), minlength=batch * bins + 1)
+    else:  # bincount reads the largest value to size its output: a synchronisation
+        counts = torch.zeros(batch * bins + 1, dtype=torch.int64, device=device)
+        counts.scatter_add_(0, pair.reshape(-1), torch.ones(
+            (), dtype=torch.int64, device=device).expand(pair.numel()))
+    class_pixels = counts[: batch * bins].reshape(batch, bins)
+    return class_pixels, class_pixels.sum(dim=1, keepdim=True)
+
+
+def _channel_counts(
+    labels: torch.Tensor, ignore_index: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Foreground (label 1) and valid pixels of each (image, channel), both (B, C)."""
+    valid = valid_pixels(labels, ignore_index)
+    return (labels == 1).sum(dim=-1), valid.sum(dim=-1)
 
 
 def segment_errors(
@@ -186,22 +216,35 @@ def segment_errors(
     stop = plan.num_segments if stop is None else stop
     batch, num_channels, num_pixels = scores.shape
     compute = torch.promote_types(scores.dtype, torch.float32)
-    fg_label = plan.fg_label[start:stop, None]
+    # multilabel: the labels have the scores' layout, are selected like them, and the
+    # foreground of every segment is label 1
+    per_channel = labels if plan.multilabel else None
+    fg_label = 1 if plan.multilabel else plan.fg_label[start:stop, None]
     if plan.image is None:
-        channels = scores[:, start:stop] if plan.dense else scores[:, plan.channel[start:stop]]
-        segment_scores = channels.transpose(0, 1).reshape(stop - start, batch * num_pixels)
-        segment_labels = labels.reshape(1, -1)
+        channels = slice(start, stop) if plan.dense else plan.channel[start:stop]
+        segment_scores = scores[:, channels].transpose(0, 1).reshape(
+            stop - start, batch * num_pixels)
+        if per_channel is None:
+            segment_labels = labels.reshape(1, -1)
+        else:
+            segment_labels = per_channel[:, channels].transpose(0, 1).reshape(
+                stop - start, batch * num_pixels)
     elif plan.dense and start % num_channels == 0 and stop % num_channels == 0:
         # whole images: (k, C, P) scores against (k, 1, P) labels, no per-segment label copy
         first, last = start // num_channels, stop // num_channels
         segment_scores = scores[first:last]
-        segment_labels = labels[first:last, None, :]
-        fg_label = plan.fg_label[start:stop].reshape(last - first, num_channels, 1)
+        if per_channel is None:
+            segment_labels = labels[first:last, None, :]
+            fg_label = plan.fg_label[start:stop].reshape(last - first, num_channels, 1)
+        else:
+            segment_labels = per_channel[first:last]
     else:
-        rows = scores.reshape(batch * num_channels, num_pixels)
-        segment_scores = rows[start:stop] if plan.dense else rows[_rows(plan, start, stop,
-                                                                        num_channels)]
-        segment_labels = labels[plan.image[start:stop]]
+        rows = slice(start, stop) if plan.dense else _rows(plan, start, stop, num_channels)
+        segment_scores = scores.reshape(batch * num_channels, num_pixels)[rows]
+        if per_channel is None:
+            segment_labels = labels[plan.image[start:stop]]
+        else:
+            segment_labels = per_channel.reshape(batch * num_channels, num_pixels)[rows]
     segment_valid = valid_pixels(segment_labels, plan.ignore_index)
     fg = (segment_labels == fg_label) & segment_valid
     segment_scores = segment_scores.to(compute)

@@ -139,9 +139,10 @@ class Backend:
         self, scores: torch.Tensor, labels: torch.Tensor, plan: SegmentPlan
     ) -> ExtensionResult:
         """Run one loss call (see :mod:`lovasz_kernels._plan`): the backend's fused
-        ``lovasz_loss`` when it has one, else the generic path through :meth:`run`."""
+        ``lovasz_loss`` when it has one (single-label plans), else the generic path through
+        :meth:`run`."""
         fused = getattr(self._load(), "lovasz_loss", None)
-        if fused is not None:
+        if fused is not None and not plan.multilabel:
             return fused(scores, labels, plan)
         return generic_lovasz_loss(self.run, scores, labels, plan)
 

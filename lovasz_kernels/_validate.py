@@ -179,8 +179,9 @@ def check_labels(
         )
 
 
-def check_probas(probas: torch.Tensor) -> None:
-    """Probabilities lie in [0, 1] and, for C > 1 classes, sum to one over dim 1.
+def check_probas(probas: torch.Tensor, simplex: bool = True) -> None:
+    """Probabilities lie in [0, 1] and, with ``simplex`` and C > 1 classes, sum to one over
+    dim 1 (multilabel probabilities are independent per channel: no sum).
 
     One pass finds the range: the min and max of a tensor holding a NaN are NaN and an
     infinity is outside [0, 1], so a finite range in [0, 1] proves every value finite and
@@ -195,7 +196,7 @@ def check_probas(probas: torch.Tensor) -> None:
         check_finite("probas", probas, hint)
         raise ValueError(f"probas must lie in [0, 1]; got values in [{low:.4g}, {high:.4g}]{hint}")
     num_classes = probas.shape[1]
-    if num_classes > 1:
+    if simplex and num_classes > 1:
         sums = probas.sum(dim=1, dtype=torch.float32)
         # loose enough for probabilities rounded to bfloat16 (sums off by up to 2^-9) and
         # then widened; tight enough to catch logits or a softmax over the wrong dim

@@ -53,6 +53,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from lovasz_kernels._ops import LOSS_KINDS
 from lovasz_kernels._registry import Backend
 
 __all__ = ["DIST_MODES", "FP16_GRID_BINS", "histogram_extension", "quantize"]
@@ -99,7 +100,7 @@ def _all_gather_equal(local: torch.Tensor, group: dist.ProcessGroup) -> torch.Te
 # the options every rank of one call must share, in the order of the agreement's header
 _AGREED_OPTIONS = ("C (classes)", "kind of loss", "dist_mode", "bins", "dtype", "classes")
 _CODES = {
-    "kind of loss": ("probas", "softmax_of_logits", "hinge"),
+    "kind of loss": tuple(LOSS_KINDS),
     "dist_mode": DIST_MODES,
     "classes": ("present", "all", "list"),
 }

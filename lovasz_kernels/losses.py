@@ -15,7 +15,7 @@ With a ``process_group`` and ``per_image=False`` the segments span the pixels of
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import List, Optional  # noqa: UP035 - TorchScript reads these in softmax_loss
+from typing import List, Optional  # noqa: UP035 - TorchScript reads these in kind_loss
 
 import torch
 
@@ -23,7 +23,9 @@ from lovasz_kernels import _ops, _validate
 from lovasz_kernels import distributed as _distributed
 from lovasz_kernels._registry import get_backend
 
-__all__ = ["lovasz_extension", "lovasz_grad", "lovasz_hinge", "lovasz_softmax"]
+__all__ = [
+    "lovasz_extension", "lovasz_grad", "lovasz_hinge", "lovasz_sigmoid", "lovasz_softmax",
+]
 
 
 def lovasz_extension(
@@ -100,6 +102,10 @@ def lovasz_hinge(
     process_group: torch.distributed.ProcessGroup | None = None,
     dist_mode: str = "exact",
     bins: int = 2**16,
+    *,
+    multilabel: bool = False,
+    classes: str | Sequence[int] = "present",
+    class_weights: Sequence[float] | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Binary Lovász hinge loss (paper §3.2): the Lovász extension of the Jaccard loss of
     the foreground class applied to hinge errors ``1 - logit * (2 * label - 1)``.
@@ -132,6 +138,18 @@ def lovasz_hinge(
     bins
         Histogram mode: uniform bins over [0, max hinge error of the global batch] (hinge
         errors are unbounded, so the range costs one MAX all-reduce).
+    multilabel
+        False (default): one binary problem; logits and labels of shape (B, C, *spatial)
+        with C > 1 are pooled into one mask per image, as segmentation_models_pytorch's
+        ``LovaszLoss(mode="multilabel")`` does. True: logits and labels (B, C, *spatial) hold
+        one binary problem per channel (overlapping classes): one segment per (image, channel)
+        (``per_image=True``) or per channel over the batch, and the loss is the mean over the
+        counted channels (of each image, then over images).
+    classes, class_weights
+        With ``multilabel=True``, as in :func:`lovasz_softmax`, per channel: ``"present"``
+        counts the channels with a foreground pixel in the segment, ``"all"`` every channel
+        with a valid pixel, or a list of channels; weights make the mean over channels a
+        weighted mean.
 
     Returns
     -------
@@ -149,11 +167,89 @@ def lovasz_hinge(
     logits = _validate.check_floating("logits", logits)
     labels = _validate.check_tensor("labels", labels)
     per_image = _validate.check_flag("per_image", per_image)
+    multilabel = _validate.check_flag("multilabel", multilabel)
     ignore_index = _validate.check_ignore_index(ignore_index)
-    _ops.check_loss_arguments("hinge", logits, labels, None, "present", [])
+    if not multilabel and (classes != "present" or class_weights is not None):
+        raise ValueError("classes and class_weights select and weigh the channels of a "
+                         "multilabel problem: pass multilabel=True (a binary hinge has one class)")
+    classes_mode, class_list = _class_selection(classes)
+    weights = _class_weights_tensor(class_weights, logits.device)
+    kind = "multilabel_hinge" if multilabel else "hinge"
+    _ops.check_loss_arguments(kind, logits, labels, weights, classes_mode, class_list)
     _distributed.check_dist_options(process_group, dist_mode, bins, allow_fp16_grid=False)
-    return _ops.lovasz_loss(
-        logits, labels, None, "present", [], per_image, ignore_index, "hinge",
+    return kind_loss(
+        logits, labels, weights, classes_mode, class_list, per_image, ignore_index, kind,
+        _backend_name(backend), _group_name(process_group, per_image), dist_mode, str(bins),
+    )
+
+
+def lovasz_sigmoid(
+    probas: torch.Tensor,
+    labels: torch.Tensor,
+    classes: str | Sequence[int] = "present",
+    per_image: bool = False,
+    ignore_index: int | None = None,
+    class_weights: Sequence[float] | torch.Tensor | None = None,
+    from_logits: bool = False,
+    backend: str | None = None,
+    process_group: torch.distributed.ProcessGroup | None = None,
+    dist_mode: str = "exact",
+    bins: int | str = 2**16,
+) -> torch.Tensor:
+    """Multilabel Lovász-Sigmoid loss: the Lovász-Softmax of each channel as its own binary
+    problem, for overlapping classes (a pixel may belong to several).
+
+    Channel c of every segment is a binary segmentation with probabilities ``probas[:, c]``
+    (a sigmoid output) and mask ``labels[:, c]``; its errors are ``|labels - probas|``. The
+    loss is the mean over the counted channels of their Lovász extensions (per image, then
+    over images, with ``per_image=True``).
+
+    Parameters
+    ----------
+    probas
+        (B, C, *spatial) per-channel probabilities in [0, 1] (they need not sum to one).
+    labels
+        (B, C, *spatial) masks in {0, 1} (integer, bool or floating) or ``ignore_index``.
+    classes
+        ``"present"`` (default): the channels with a foreground pixel in the segment;
+        ``"all"``: every channel with a valid pixel; or a list of channel indices.
+    per_image
+        True: the mean over images (with a counted channel) of each image's mean over
+        channels; False (default): one segment per channel over the whole batch.
+    ignore_index
+        Label value whose pixels are ignored (per channel).
+    class_weights
+        Optional (C,) non-negative weights: the mean over channels becomes a weighted mean.
+    from_logits
+        True: ``probas`` holds logits and the sigmoid is applied here, in float32 or wider.
+    backend, process_group, dist_mode, bins
+        As in :func:`lovasz_softmax`.
+
+    Returns
+    -------
+    Scalar loss in max(probas.dtype, float32); 0 when no channel is counted.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from lovasz_kernels import lovasz_sigmoid
+    >>> logits = torch.randn(2, 3, 8, 8, requires_grad=True)
+    >>> masks = torch.rand(2, 3, 8, 8) > 0.5           # overlapping classes
+    >>> loss = lovasz_sigmoid(logits, masks, from_logits=True)
+    >>> loss.backward()
+    """
+    probas = _validate.check_floating("probas", probas)
+    labels = _validate.check_tensor("labels", labels)
+    per_image = _validate.check_flag("per_image", per_image)
+    from_logits = _validate.check_flag("from_logits", from_logits)
+    ignore_index = _validate.check_ignore_index(ignore_index)
+    classes_mode, class_list = _class_selection(classes)
+    weights = _class_weights_tensor(class_weights, probas.device)
+    kind = "sigmoid_of_logits" if from_logits else "multilabel_probas"
+    _ops.check_loss_arguments(kind, probas, labels, weights, classes_mode, class_list)
+    _distributed.check_dist_options(process_group, dist_mode, bins, allow_fp16_grid=True)
+    return kind_loss(
+        probas, labels, weights, classes_mode, class_list, per_image, ignore_index, kind,
         _backend_name(backend), _group_name(process_group, per_image), dist_mode, str(bins),
     )
 
@@ -242,8 +338,8 @@ def lovasz_softmax(
     kind = "softmax_of_logits" if from_logits else "probas"
     _ops.check_loss_arguments(kind, probas, labels, weights, classes_mode, class_list)
     _distributed.check_dist_options(process_group, dist_mode, bins, allow_fp16_grid=True)
-    return softmax_loss(
-        probas, labels, weights, classes_mode, class_list, per_image, ignore_index, from_logits,
+    return kind_loss(
+        probas, labels, weights, classes_mode, class_list, per_image, ignore_index, kind,
         _backend_name(backend), _group_name(process_group, per_image), dist_mode, str(bins),
     )
 
@@ -252,32 +348,31 @@ def lovasz_softmax(
 # Argument normalization shared by the functions and the modules
 
 
-def softmax_loss(
-    probas: torch.Tensor,
+def kind_loss(
+    scores: torch.Tensor,
     labels: torch.Tensor,
     class_weights: Optional[torch.Tensor],  # noqa: UP045 - TorchScript reads Optional
     classes: str,
     class_list: List[int],  # noqa: UP006
     per_image: bool,
     ignore_index: Optional[int],  # noqa: UP045
-    from_logits: bool,
+    kind: str,
     backend: str,
     group_name: str = "",
     dist_mode: str = "exact",
     bins: str = "65536",
 ) -> torch.Tensor:
-    """:func:`lovasz_softmax` on normalized arguments (TorchScript-compatible): the softmax
-    (sigmoid for C == 1) of logits in float32 or wider, then the loss operator."""
-    kind = "probas"
-    if from_logits:
-        kind = "softmax_of_logits"
-        compute = torch.float64 if probas.dtype == torch.float64 else torch.float32
-        if probas.dim() >= 2 and probas.shape[1] == 1:
-            probas = torch.sigmoid(probas.to(compute))
+    """Any of the losses on normalized arguments (TorchScript-compatible): for the kinds
+    computed from logits, the softmax (sigmoid with one channel, or per channel for
+    multilabel) in float32 or wider; then the loss operator."""
+    if kind == "softmax_of_logits" or kind == "sigmoid_of_logits":
+        compute = torch.float64 if scores.dtype == torch.float64 else torch.float32
+        if kind == "sigmoid_of_logits" or (scores.dim() >= 2 and scores.shape[1] == 1):
+            scores = torch.sigmoid(scores.to(compute))
         else:
-            probas = torch.softmax(probas, dim=1, dtype=compute)
+            scores = torch.softmax(scores, dim=1, dtype=compute)
     return _ops.lovasz_loss(
-        probas, labels, class_weights, classes, class_list, per_image, ignore_index, kind,
+        scores, labels, class_weights, classes, class_list, per_image, ignore_index, kind,
         backend, group_name, dist_mode, bins,
     )
 

@@ -162,3 +162,61 @@ def lovasz_softmax(
                 # error = 1 - p on foreground, p on background
                 grad[b][channel][i] += (-g_i if is_fg else g_i) * weight / total_weight / count
     return sum(image_losses) / count, grad
+
+
+def lovasz_multilabel(
+    scores,
+    labels,
+    hinge: bool,
+    classes="present",
+    per_image: bool = False,
+    ignore_index: int | None = None,
+    class_weights: Sequence[float] | None = None,
+) -> tuple[float, list[list[list[float]]]]:
+    """Multilabel Lovász loss: loss and d loss / d scores as nested lists [b][c][i].
+
+    ``scores`` and ``labels`` are (B, C, P): channel c is its own binary problem with mask
+    ``labels[b][c]``. Errors: the hinge's ``1 - s`` / ``1 + s`` (``hinge``), else the
+    probabilities' ``1 - p`` / ``p``. A channel counts in a segment ("present") when it has a
+    foreground pixel there, ("all") when it has a valid pixel; the loss is the weighted mean
+    over counted channels, per image then over images when ``per_image``.
+    """
+    score_rows = [[_flat(channel) for channel in image] for image in scores]
+    label_rows = [[_flat(channel) for channel in image] for image in labels]
+    batch = len(score_rows)
+    num_channels = len(score_rows[0]) if batch else 0
+    num_pixels = len(score_rows[0][0]) if batch and num_channels else 0
+    grad = [[[0.0] * num_pixels for _ in range(num_channels)] for _ in range(batch)]
+    groups = [[b] for b in range(batch)] if per_image else [list(range(batch))]
+    channels = range(num_channels) if classes in ("present", "all") else classes
+    offset = 1.0 if hinge else 0.0
+    group_results = []
+    for members in groups:
+        parts = []
+        for c in channels:
+            pixels = [(b, i) for b in members for i in range(num_pixels)
+                      if label_rows[b][c][i] != ignore_index]
+            fg = [label_rows[b][c][i] == 1 for (b, i) in pixels]
+            if not pixels or (classes == "present" and not any(fg)):
+                continue
+            weight = 1.0 if class_weights is None else float(class_weights[c])
+            if weight == 0.0:
+                continue
+            errors = [1.0 - float(score_rows[b][c][i]) if is_fg
+                      else offset + float(score_rows[b][c][i])
+                      for (b, i), is_fg in zip(pixels, fg)]
+            loss, g = lovasz_extension(errors, fg)
+            parts.append((weight, loss, c, pixels, fg, g))
+        if parts:
+            group_results.append(parts)
+    if not group_results:
+        return 0.0, grad
+    total = 0.0
+    for parts in group_results:
+        total_weight = sum(part[0] for part in parts)
+        total += sum(w * loss for w, loss, *_ in parts) / total_weight / len(group_results)
+        for weight, _, c, pixels, fg, g in parts:
+            for (b, i), is_fg, g_i in zip(pixels, fg, g):
+                scale = weight / total_weight / len(group_results)
+                grad[b][c][i] += (-g_i if is_fg else g_i) * scale
+    return total, grad

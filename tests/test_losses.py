@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lovasz_kernels.backends.numpy_ref
-from lovasz_kernels import get_backend, lovasz_grad, lovasz_hinge, lovasz_softmax
+from lovasz_kernels import get_backend, lovasz_grad, lovasz_hinge, lovasz_sigmoid, lovasz_softmax
 from reference import naive
 from tests.helpers import GRAD_TOLERANCE, LOSS_TOLERANCE, assert_close_report
 
@@ -325,3 +325,63 @@ def test_zero_weight_classes_are_not_sorted(gen, monkeypatch):
     labels = torch.arange(4).repeat(8).reshape(2, 4, 4)  # every class present
     lovasz_softmax(probas, labels, class_weights=[1.0, 0.0, 2.0, 0.0], backend="numpy")
     assert shapes[-1] == (2, 32)
+
+
+# --------------------------------------------------------------------------------------------
+# Multilabel: one binary problem per channel
+
+
+@pytest.mark.parametrize("hinge", [True, False], ids=["hinge", "sigmoid"])
+@pytest.mark.parametrize("per_image", [False, True])
+@pytest.mark.parametrize(
+    ("classes", "class_weights"),
+    [("present", None), ("all", None), ([0, 2], None), ("present", [1.0, 0.0, 2.5])],
+    ids=["present", "all", "list", "weights"],
+)
+@pytest.mark.parametrize("ignore_index", [None, 255])
+def test_multilabel_matches_oracle(backend, gen, hinge, per_image, classes, class_weights,
+                                   ignore_index):
+    batch, channels = 3, 3
+    labels = (torch.rand(batch, channels, 4, 5, generator=gen) < 0.4).long()
+    labels[:, 1] = 0  # channel 1 has no foreground anywhere: "present" leaves it out
+    labels[1, 2] = 0  # channel 2 absent from image 1 only
+    if ignore_index is not None:
+        labels[torch.rand(labels.shape, generator=gen) < 0.2] = ignore_index
+        labels[2] = ignore_index  # an image with nothing valid
+    if hinge:
+        scores = torch.randn(batch, channels, 4, 5, generator=gen, dtype=torch.float64)
+        loss_fn = lovasz_hinge
+        kwargs = dict(multilabel=True)
+    else:
+        scores = torch.rand(batch, channels, 4, 5, generator=gen, dtype=torch.float64)
+        loss_fn = lovasz_sigmoid
+        kwargs = {}
+    options = dict(classes=classes, per_image=per_image, ignore_index=ignore_index,
+                   class_weights=class_weights)
+    loss, grad = _loss_and_grad(loss_fn, scores, labels, backend=backend, **kwargs, **options)
+    expected_loss, expected_grad = naive.lovasz_multilabel(
+        scores.reshape(batch, channels, -1).tolist(), labels.reshape(batch, channels, -1).tolist(),
+        hinge=hinge, **options)
+    _assert_matches_oracle(loss, grad, expected_loss,
+                           torch.tensor(expected_grad, dtype=torch.float64).reshape(scores.shape))
+
+
+def test_multilabel_float_masks_and_from_logits(backend, gen):
+    logits = torch.randn(2, 3, 6, 5, generator=gen, dtype=torch.float64)
+    masks = torch.rand(2, 3, 6, 5, generator=gen) < 0.5
+    expected = lovasz_sigmoid(logits.sigmoid(), masks.long(), backend=backend)
+    assert lovasz_sigmoid(logits, masks.float(), from_logits=True, backend=backend).item() == (
+        pytest.approx(expected.item(), rel=1e-12))
+
+
+def test_hinge_without_multilabel_pools_the_channels(gen):
+    """The default keeps segmentation_models_pytorch's multilabel convention: (B, C, ...)
+    logits and masks pooled into one binary problem per image."""
+    logits = torch.randn(2, 3, 4, 5, generator=gen, dtype=torch.float64)
+    masks = (torch.rand(2, 3, 4, 5, generator=gen) < 0.5).long()
+    pooled = lovasz_hinge(logits, masks)
+    assert pooled.item() == pytest.approx(
+        lovasz_hinge(logits.reshape(2, -1), masks.reshape(2, -1)).item(), rel=1e-12)
+    assert lovasz_hinge(logits, masks, multilabel=True).item() != pytest.approx(pooled.item())
+    with pytest.raises(ValueError, match="pass multilabel=True"):
+        lovasz_hinge(logits, masks, classes="all")

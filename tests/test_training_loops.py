@@ -16,11 +16,13 @@ import torch
 import lovasz_kernels
 from lovasz_kernels import (
     LovaszHingeLoss,
+    LovaszSigmoidLoss,
     LovaszSoftmaxLoss,
     _plan,
     lovasz_extension,
     lovasz_grad,
     lovasz_hinge,
+    lovasz_sigmoid,
     lovasz_softmax,
     set_validate_values,
 )
@@ -117,6 +119,21 @@ def test_fullgraph_hinge_matches_eager(backend, gen, per_image):
     def loss_of(images):
         return lovasz_hinge(model(images), labels, per_image=per_image, ignore_index=255,
                             backend=backend)
+
+    _assert_compiled_matches_eager(loss_of, images, model)
+
+
+@pytest.mark.parametrize("from_logits", [True, False])
+def test_fullgraph_multilabel_matches_eager(backend, gen, from_logits):
+    images, _ = _inputs(gen)
+    masks = torch.rand(2, 4, 6, 7, generator=gen) < 0.4
+    model = _model()
+
+    def loss_of(images):
+        scores = model(images)
+        sigmoid = lovasz_sigmoid(scores if from_logits else scores.sigmoid(), masks,
+                                 from_logits=from_logits, per_image=True, backend=backend)
+        return sigmoid + lovasz_hinge(scores, masks, multilabel=True, backend=backend)
 
     _assert_compiled_matches_eager(loss_of, images, model)
 
@@ -269,16 +286,24 @@ def test_second_derivative_is_zero(backend, gen, loss):
         lambda b: LovaszSoftmaxLoss(classes=[0, 3], per_image=True, class_weights=[1, 2, 0, 4],
                                     ignore_index=255, from_logits=True, backend=b),
         lambda b: LovaszHingeLoss(per_image=False, ignore_index=255, backend=b),
+        lambda b: LovaszHingeLoss(multilabel=True, classes="all", ignore_index=255, backend=b),
+        lambda b: LovaszSigmoidLoss(from_logits=True, per_image=True, ignore_index=255,
+                                    class_weights=[1, 0, 2, 1], backend=b),
     ],
-    ids=["softmax", "softmax options", "hinge"],
+    ids=["softmax", "softmax options", "hinge", "multilabel hinge", "sigmoid"],
 )
 def test_modules_script_and_match_eager(backend, gen, module):
     criterion = module(backend)
     scripted = torch.jit.script(criterion)
     images, labels = _inputs(gen)
-    classes = 1 if isinstance(criterion, LovaszHingeLoss) else 4
+    multilabel = isinstance(criterion, LovaszSigmoidLoss) or getattr(criterion, "multilabel",
+                                                                         False)
+    classes = 1 if isinstance(criterion, LovaszHingeLoss) and not multilabel else 4
     if classes == 1:
         labels = torch.where(labels == 255, labels, labels % 2)
+    if multilabel:  # one mask per channel
+        labels = (torch.rand(labels.shape[0], 4, *labels.shape[1:], generator=gen) < 0.4).long()
+        labels[:, :, 0] = 255
     scores = _model(classes)(images).detach()
     results = []
     for fn in (criterion, scripted):

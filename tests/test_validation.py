@@ -17,6 +17,7 @@ from lovasz_kernels import (
     lovasz_extension,
     lovasz_grad,
     lovasz_hinge,
+    lovasz_sigmoid,
     lovasz_softmax,
     set_validate_values,
     validate_values_enabled,
@@ -636,3 +637,32 @@ def test_cuda_tensor_to_numpy_backend(gen):
     errors, fg = _errors_fg(gen)
     with pytest.raises(ValueError, match=r"backend 'numpy' runs on cpu tensors only"):
         lovasz_extension(errors.cuda(), fg.cuda(), backend="numpy")
+
+
+# --------------------------------------------------------------------------------------------
+# Shapes and labels of the multilabel losses, and C = 0
+
+
+def test_zero_classes_is_a_value_error_naming_probas():
+    with pytest.raises(ValueError, match=r"probas must have at least one class"):
+        lovasz_softmax(torch.zeros(2, 0, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long))
+
+
+def test_multilabel_labels_need_the_scores_shape(gen):
+    scores = torch.rand(2, 3, 4, 5, generator=gen)
+    with pytest.raises(ValueError, match=r"labels must have the shape of probas \(2, 3, 4, 5\)"):
+        lovasz_sigmoid(scores, torch.zeros(2, 4, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"labels must have the shape of logits"):
+        lovasz_hinge(scores, torch.zeros(2, 4, 5, dtype=torch.long), multilabel=True)
+
+
+def test_multilabel_labels_are_binary_and_probas_in_unit_interval(gen):
+    scores = torch.rand(2, 3, 4, 5, generator=gen)
+    masks = (torch.rand(2, 3, 4, 5, generator=gen) < 0.5).long()
+    bad = masks.clone()
+    bad[0, 1, 2, 3] = 2
+    with pytest.raises(ValueError, match=r"labels must be in \{0, 1\}"):
+        lovasz_sigmoid(scores, bad)
+    with pytest.raises(ValueError, match=r"probas must lie in \[0, 1\]"):
+        lovasz_sigmoid(scores * 3, masks)
+    lovasz_sigmoid(scores * 0.1, masks)  # per-channel probabilities need not sum to one
