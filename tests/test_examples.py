@@ -109,6 +109,8 @@ def test_minimizers_take_the_middle_of_a_flat_minimum(synthetic_threshold):
     assert math.isclose(synthetic_threshold.minimizers(curves, biases)["flat"], 0.0)
 
 
+# Dynamo's own tracing of torch internals raises DeprecationWarnings of TorchScript APIs
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_compiled_training_example_runs_with_no_graph_break():
     example = load_example("compiled_training")
     result = example.main(["--batch", "1", "--side", "12", "--classes", "3", "--rounds", "1",
