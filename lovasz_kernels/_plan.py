@@ -121,8 +121,10 @@ def plan_segments(
     """
     if multilabel:
         fg_count, valid_count = _channel_counts(labels, ignore_index)
-    else:
+    elif classes == "present" and num_classes > 1:
         fg_count, valid_count = _class_counts(labels, num_classes, ignore_index, labels_checked)
+    else:  # only whether each image has a valid pixel matters: no count of classes
+        fg_count = valid_count = _valid_counts(labels, ignore_index)
     if not per_image:
         fg_count = fg_count.sum(dim=0, keepdim=True)
         valid_count = valid_count.sum(dim=0, keepdim=True)
@@ -196,6 +198,14 @@ def _class_counts(
             (), dtype=torch.int64, device=device).expand(pair.numel()))
     class_pixels = counts[: batch * bins].reshape(batch, bins)
     return class_pixels, class_pixels.sum(dim=1, keepdim=True)
+
+
+def _valid_counts(labels: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
+    """Valid pixels (B, 1) of each image (no pass over the labels without an ignore label)."""
+    batch, num_pixels = labels.shape
+    if ignore_index is None:
+        return torch.full((batch, 1), num_pixels, dtype=torch.int64, device=labels.device)
+    return valid_pixels(labels, ignore_index).sum(dim=1, keepdim=True)
 
 
 def _channel_counts(
