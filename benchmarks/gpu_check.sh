@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# The GPU check of lovasz-kernels, for a machine with one CUDA GPU and no network
+# (PyTorch, Triton, numba and pytest installed; no asv). Run from the repository root:
+#
+#   bash benchmarks/gpu_check.sh                 # logs, results.json, gpu_check.tgz in ./gpu_out
+#
+# Environment: OUT (folder, default ./gpu_out), BUDGET (seconds for the whole run, default
+# 450: under 8 minutes), PY (python), DRY_RUN=1 (no GPU needed: each step prints what it would
+# run, taking its minimum time on a simulated clock, so the budget's skip path can be tested
+# on a CPU).
+#
+# Steps in priority order; a step that no longer fits in what is left of BUDGET is skipped and
+# says so in summary.txt. Correctness first (the CUDA and triton tests, real sizes, the
+# cross-check), then the goal timings with CUDA events (lovasz-kernels bench --device cuda:
+# triton against one torch.sort of the keys it sorts, the torch backend and the per-class
+# loop), each sort strategy of the triton backend, then NCCL with a world size of 1.
+set -u
+START=$SECONDS
+BUDGET="${BUDGET:-450}"
+OUT="${OUT:-$PWD/gpu_out}"
+PY="${PY:-$(command -v python3 || command -v python)}"
+DRY_RUN="${DRY_RUN:-0}"
+mkdir -p "$OUT/logs"
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+export HYPOTHESIS_PROFILE=ci
+unset TRITON_INTERPRET  # compiled kernels: the interpreter is for CPU-only machines
+
+SIMULATED=0  # seconds a dry run pretends its steps took
+left() { echo $((BUDGET - (SECONDS - START) - SIMULATED)); }
+note() { echo "$*" | tee -a "$SUMMARY"; }
+
+# step NAME MAX_SECONDS MIN_LEFT CMD...: run CMD with a timeout, log to logs/NAME.log, one
+# summary line with the exit status and the seconds taken; skipped when under MIN_LEFT is left
+step() {
+  local name=$1 max=$2 need=$3
+  shift 3
+  local remaining
+  remaining=$(left)
+  if ((remaining < need)); then
+    note "$(printf '%-28s SKIP (%ss left, %ss needed)' "$name" "$remaining" "$need")"
+    return 0
+  fi
+  ((max > remaining)) && max=$remaining
+  local t0=$SECONDS rc
+  if [ "$DRY_RUN" = 1 ]; then
+    echo "would run (timeout ${max}s): $*" > "$OUT/logs/$name.log"
+    SIMULATED=$((SIMULATED + need))
+    rc=0
+  else
+    timeout -k 5 "$max" "$@" > "$OUT/logs/$name.log" 2>&1
+    rc=$?
+  fi
+  note "$(printf '%-28s rc=%-3s %4ss%s' "$name" "$rc" $((SECONDS - t0)) \
+    "$( ((rc == 124 || rc == 137)) && echo ' TIMEOUT')")"
+  return 0
+}
+
+# ---------------------------------------------------------------------------- the machine
+step 00_environment 60 0 "$PY" - <<'EOF'
+import importlib, os, platform, shutil, sys, sysconfig
+print("python", sys.version.split()[0], platform.platform())
+for name in ("torch", "triton", "numpy", "numba", "pytest", "hypothesis"):
+    try:
+        print(f"{name:10s}", importlib.import_module(name).__version__)
+    except Exception as exc:  # noqa: BLE001 - report and go on
+        print(f"{name:10s} MISSING ({exc})")
+import torch
+print("cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    props = torch.cuda.get_device_properties(0)
+    free, total = torch.cuda.mem_get_info()
+    print(f"device {props.name}, capability {props.major}.{props.minor}, "
+          f"{props.multi_processor_count} SMs, {free / 2**30:.1f} of {total / 2**30:.1f} GiB free")
+    print("nccl available:", torch.distributed.is_nccl_available())
+# Triton builds a C launcher per kernel signature at its first launch: a compiler and Python.h
+compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+print("C compiler for Triton's launchers:", compiler or "NONE: every triton launch will fail")
+include = sysconfig.get_paths()["include"]
+print("Python.h:", os.path.exists(os.path.join(include, "Python.h")), include)
+EOF
+[ "$DRY_RUN" = 1 ] || nvidia-smi > "$OUT/logs/00_nvidia_smi.log" 2>&1
+cat "$OUT/logs/00_environment.log" 2>/dev/null
+
+# ----------------------------------------------------- correctness (compile-bound: in parallel)
+PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider --durations=10)
+A_MAX=$(($(left) < 240 ? $(left) : 240))
+step 01_tests_triton "$A_MAX" 60 "${PYTEST[@]}" tests/test_triton.py &
+step 02_tests_cuda "$A_MAX" 60 "${PYTEST[@]}" tests/test_gpu.py tests/test_training_loops.py \
+  tests/test_metrics.py tests/test_nn.py tests/test_prox.py tests/test_registry.py \
+  tests/test_validation.py tests/test_bench.py -k "cuda or gpu or device" &
+step 03_check_cuda "$A_MAX" 60 "$PY" -m lovasz_kernels.cli check --device cuda &
+wait
+[ "$DRY_RUN" = 1 ] && SIMULATED=$((SIMULATED + 60))  # the parallel steps' clocks ran apart
+
+# ------------------------------------------------ goal timings (alone on the GPU, CUDA events)
+# 2^20 pixels x 21 classes, float32, batch IoU: triton (each sort strategy) vs one torch.sort
+# of the keys triton sorts, the torch backend and the per-class loop
+BENCH=("$PY" -m lovasz_kernels.cli bench --device cuda --classes 21 --budget 30)
+for strategy in rows flat; do
+  LOVASZ_TRITON_SORT=$strategy step "04_goal_2e20x21_fp32_$strategy" 120 50 "${BENCH[@]}" \
+    --pixels 1024 --batch 1 --dtype float32 --backend triton,torch --repeat 20 \
+    --out "$OUT/bench_2e20x21_fp32_$strategy"
+done
+# >= 20x the per-class loop at 8 x 512^2 x 21 (batch IoU)
+step 05_goal_8x512sq_x21 150 50 "${BENCH[@]}" --pixels 512 --batch 8 --dtype float32 \
+  --backend triton,torch --repeat 10 --out "$OUT/bench_8x512sq_x21"
+# 16-bit scores: the sort-free histogram strategy against both sorts
+for strategy in histogram rows flat; do
+  LOVASZ_TRITON_SORT=$strategy step "06_fp16_2e20x21_$strategy" 90 40 "${BENCH[@]}" \
+    --pixels 1024 --batch 1 --dtype float16 --backend triton --repeat 10 \
+    --out "$OUT/bench_2e20x21_fp16_$strategy"
+done
+
+# --------------------------------------------------------------------- NCCL, world size 1
+for mode in exact histogram; do
+  step "07_nccl_$mode" 90 40 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 \
+    examples/ddp_train.py --steps 3 --dist-mode "$mode"
+done
+
+# ------------------------------------------------------------------------ results and logs
+"$PY" - "$OUT" <<'EOF' || true
+import glob, json, os, re, sys
+out = sys.argv[1]
+results = {"summary": open(os.path.join(out, "summary.txt")).read().splitlines(), "bench": {},
+           "tests": {}}
+env = os.path.join(out, "logs", "00_environment.log")
+if os.path.exists(env):
+    results["environment"] = open(env).read().splitlines()
+for path in sorted(glob.glob(os.path.join(out, "bench_*", "lovasz-bench.json"))):
+    results["bench"][os.path.basename(os.path.dirname(path))] = json.load(open(path))
+for path in sorted(glob.glob(os.path.join(out, "logs", "0[1-3]_*.log"))):
+    tail = [line for line in open(path) if re.search(r"\d+ (passed|failed)|passed|FAIL", line)]
+    results["tests"][os.path.basename(path)[:-4]] = tail[-5:]
+with open(os.path.join(out, "results.json"), "w") as handle:
+    json.dump(results, handle, indent=1)
+print("wrote", os.path.join(out, "results.json"))
+EOF
+tar czf "$OUT/gpu_check.tgz" -C "$OUT" logs $(cd "$OUT" && ls -d bench_* 2>/dev/null) 2>/dev/null
+echo
+echo "================ SUMMARY ($((SECONDS - START + SIMULATED))s of ${BUDGET}s)"
+cat "$SUMMARY"
+for log in "$OUT"/logs/0[1-3]_*.log; do
+  [ -f "$log" ] && echo "$(basename "$log" .log): $(grep -E '[0-9]+ (passed|failed)' "$log" | tail -n 1)"
+done
+grep -h -A12 "median of" "$OUT"/logs/0[4-6]_*.log 2>/dev/null | grep -E "^(triton|torch|loop|torch.sort|lovasz)" | head -n 40

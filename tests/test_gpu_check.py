@@ -1,0 +1,35 @@
+"""benchmarks/gpu_check.sh, the check run on a lent GPU machine: its syntax, and its budget
+logic through a dry run (no GPU: each step takes its minimum time on a simulated clock)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.sh"
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+
+
+def test_script_parses():
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+
+
+@pytest.mark.parametrize(("budget", "skipped"), [(1000, 0), (200, 5), (30, 11)])
+def test_dry_run_skips_what_the_budget_cannot_hold(tmp_path, budget, skipped):
+    out = tmp_path / "out"
+    run = subprocess.run(
+        ["bash", str(SCRIPT)], cwd=SCRIPT.parent.parent, capture_output=True, text=True,
+        env={"PATH": "/usr/bin:/bin", "DRY_RUN": "1", "BUDGET": str(budget), "OUT": str(out),
+             "PY": sys.executable},
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert sum("SKIP" in line for line in summary) == skipped, summary
+    assert json.loads((out / "results.json").read_text())["summary"] == summary
+    assert (out / "gpu_check.tgz").stat().st_size > 0
