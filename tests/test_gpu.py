@@ -87,7 +87,7 @@ def test_segment_of_2e25_pixels_matches_float64_definition():
 
 
 def test_offsets_past_2e31_elements_match_rows_run_alone():
-    """(2^20 segments x 2048) fp32 through the loss's fused path takes int64 offsets; three of
+    """(2^20 segments x 2048) fp32 errors take the kernel's int64 offsets; three of
     its rows, run alone (int32 offsets), give the same losses."""
     _triton()
     gen = torch.Generator(device="cuda").manual_seed(0)
