@@ -383,13 +383,11 @@ def test_keys_decode_exactly_and_sort_like_the_errors(device, dtype, gen):
     errors = errors.reshape(1, -1)
     fg = torch.rand(errors.shape, generator=gen) < 0.5
     fg &= errors > -torch.inf
-    keys = torch.empty(errors.shape, dtype=key_dtype, device=device)
-    strides = (*errors.stride(), *fg.stride())
-    module._build_keys_kernel[(1, 1)](
-        errors.to(device), fg.to(device).view(torch.uint8), keys, errors.shape[1], 0, *strides,
-        KEY_DTYPE=module._tl_dtype(key_dtype), KEY_HALF=half, INT64=False,
-        BLOCK=1024,
-    )
+    grad = torch.empty(errors.shape, dtype=dtype)
+    call = module._errors_call(errors.to(device), fg.to(device), grad.to(device))
+    with module._override(tile=1024):
+        keys = module._build_keys(call, flat=False).reshape(errors.shape)
+    assert keys.dtype == key_dtype
     keys = keys.cpu().to(torch.int64)
     assert torch.equal(keys & 1, fg.to(torch.int64))
     clamped = torch.where(errors > 0, errors, torch.zeros_like(errors))

@@ -1,41 +1,75 @@
 """The ``triton`` backend: Triton kernels on CUDA tensors (CPU tensors under the interpreter).
 
-Pipeline for an (S, P) batch of segments (DESIGN.md §1, §5):
+Two entry points run the same kernels:
 
-1. ``_build_keys_kernel``: one integer key per pixel, as wide as the input float (int16 for
-   fp16/bf16, int32 for fp32, int64 for fp64). Errors ≤ 0 (and ``-inf`` padding) map to 0:
-   they carry no loss and no gradient, so their order among themselves is irrelevant, and
-   clamping makes every remaining bit pattern a non-negative, monotone integer. The label is
-   folded into the low bit *without* dropping a value bit: ``key = 2 (bits − 2^(w−2)) + fg``
-   fits in w signed bits exactly, so the sorted keys give back the error and the label with no
-   gather, and values one ulp apart keep their order.
-2. ``torch.sort`` of the keys, descending, per row (CUB segmented radix sort on the GPU; the
-   only step that is not a Triton kernel). Its indices are the scatter targets.
-3. Exact integer prefix counts across tiles, as a reduce-then-scan: ``_tile_counts_kernel``
-   counts foreground pixels per tile (grid S × tiles), ``_scan_tiles_kernel`` turns each row of
-   tile counts into exclusive carries (one program per segment, a chunked ``tl.cumsum`` loop
-   over the few thousand tile totals, not over the pixels) and the segment's n_fg.
-4. ``_apply_kernel`` (grid S × tiles): in-tile ``tl.cumsum`` plus the tile's carry gives c_k;
-   the closed-form Jaccard increment (no cancellation), the gradient scattered back to the
-   pixel's original position, and the tile's loss partial in float64.
+- ``lovasz_loss(scores, labels, plan)``, the fused loss (see :mod:`lovasz_kernels._plan`):
+  the kernels read the scores (B, C, P) in their own dtype and the int64 labels (B, P) in
+  place, form each pixel's error on the fly (``1 − score`` on foreground, ``score +
+  bg_offset`` elsewhere, in float32 for 16-bit scores, float64 for float64; ignored pixels
+  carry no error), and write ``weight[s] · (∓1) · increment`` straight into the (B, C, P)
+  gradient. No (S, P) errors tensor exists, the segment losses are summed with their weights
+  on the device, and nothing is read back to the host.
+- ``lovasz_extension(errors, fg)``, the bare kernel on (S, P) errors (the public kernel API
+  and the distributed exact mode).
+
+A segment is a row of ``num_cols`` pixels: one (image, channel) of P pixels, or for batch
+segments (``per_image=False``) one channel of all B images (B·P pixels, image by image).
+
+Pipeline (the sorting step is chosen per call: see *Sort strategies*):
+
+1. ``_build_keys_kernel``: one integer key per pixel, as wide as the errors (int16 for
+   fp16/bf16 errors, int32 for float32 — what 16-bit scores give —, int64 for float64).
+   Errors ≤ 0 (and ignored pixels) map to 0: they carry no loss and no gradient, so their
+   order among themselves is irrelevant, and clamping makes every remaining bit pattern a
+   non-negative, monotone integer. The label is folded into the low bit *without* dropping a
+   value bit: ``key = 2 (bits − 2^(w−2)) + fg`` fits in w signed bits exactly, so the sorted
+   keys give back the error and the label with no gather, and values one ulp apart keep
+   their order.
+2. The sort, descending per segment: ``torch.sort`` (CUB radix sort on a GPU; the only step
+   that is not a Triton kernel). Its indices are the scatter targets.
+3. Exact integer prefix counts across tiles of the sorted rows, as a reduce-then-scan:
+   ``_tile_counts_kernel`` counts foreground pixels per tile, ``_scan_tiles_kernel`` turns each
+   segment's tile counts into exclusive carries (one program per segment walking the tile
+   totals, not the pixels) and the segment's n_fg.
+4. ``_apply_kernel``: in-tile ``tl.cumsum`` plus the tile's carry gives c_k; the closed-form
+   Jaccard increment (no cancellation), the gradient scattered to the pixel's original
+   position, and the tile's loss partial in float64.
 5. ``_segment_loss_kernel``: a fixed-order float64 sum of the tile partials (deterministic).
 
-On a GPU the key, counts and apply kernels are ``triton.autotune``-d (block size and warps; the
-counts kernel's tile is reused by the apply kernel, as both must cut a row into the same tiles).
-The interpreter times nothing, so it uses fixed tiles; tests force tiny ones (``_override``).
+Launches. Every grid is one-dimensional (CUDA caps grid axes 1 and 2 at 65535, which a
+segment of 2^26 pixels in 1024-pixel tiles would pass): programs map to (segment, tile)
+pairs. Kernels that read pixels in their original order go tile-major (the S programs of one
+pixel tile are adjacent, so a tile of labels comes from memory once and from L2 for the other
+channels); kernels that walk sorted rows go segment-major (consecutive programs scatter into
+the same gradient rows, which stay in L2 while they fill). The tile is a pure function of the
+call's own sizes (``_tile``): the count and apply kernels must cut a row into the same tiles,
+so it is never left to the autotuner, which picks only ``num_warps`` (results do not depend on
+it). The interpreter times nothing and uses fixed tiles; tests force tiny ones
+(``_override``).
 
-Segments of at most ``small_segment_max`` pixels (2048; fp16/bf16/fp32) skip steps 2–5: one
-program per segment packs ``key << 12 | index`` into int64, sorts it in registers with
-``tl.sort`` and does the whole scan, loss and scatter in one kernel (``_small_segment_kernel``).
-The interpreter emulates that bitonic sort slowly, so there this path runs only when forced.
+Sort strategies (``LOVASZ_TRITON_SORT`` or ``_override(sort=...)``; default ``auto``):
 
-fp16/bf16 segments of at least ``histogram_min_pixels`` (2^16) take the sort-free path of
-DESIGN.md §5 instead: ``_histogram_kernel`` counts fg / bg pixels per 16-bit error value
-(integer atomics into 2^15 bins per segment), ``_histogram_scan_kernel`` walks the bins from
-the largest error down with exact int64 carries and gives the exact loss and one gradient per
-bin and class (a tie group's pixels of one class share one increment, the mean of ordering the
-tie fg-first and bg-first: a deterministic subgradient), and ``_histogram_gather_kernel``
-writes each pixel's gradient. O(P + 2^15) per segment, no sort.
+- ``rows``: ``torch.sort`` of the (S, num_cols) keys along dim 1 (a segmented sort, or one
+  sort per row for long rows, as PyTorch decides).
+- ``flat``: one 1-D ``torch.sort`` of int64 ``(S − 1 − segment) << 32 | (key + 2^(w−1))``
+  (keys of at most 32 bits; float64 errors sort by rows): segments stay contiguous and in
+  order, keys descend inside each.
+- ``histogram``: sort-free and exact for 16-bit inputs (fp16/bf16 errors, or fp16/bf16
+  scores whose float32 errors take at most 2 × 2^16 values). ``_histogram_kernel`` counts fg /
+  bg pixels per error rank (integer atomics into a (2, NUM_BINS) table per segment);
+  ``_histogram_scan_kernel`` walks the ranks from the largest error down with exact int64
+  carries and gives the exact loss and one gradient per rank and class (a tie group's pixels
+  of one class share one increment, the mean of ordering the tie fg-first and bg-first: a
+  deterministic subgradient); ``_histogram_gather_kernel`` writes each pixel's gradient.
+  For 16-bit errors the rank is the error's own bits; for 16-bit scores it is looked up in a
+  table of every candidate error (both classes, all 2^16 inputs), sorted once per (dtype,
+  bg_offset, device) and cached (``_histogram_tables``). Other inputs sort by rows.
+- ``auto``: segments of at most ``small_segment_max`` pixels (2048; keys of ≤ 32 bits) are
+  done by one program each (``_small_segment_kernel``: ``key << 12 | column`` sorted in
+  registers with ``tl.sort``, then the whole scan, loss and scatter); 16-bit inputs with
+  segments of at least ``histogram_min_pixels`` (2^16) take ``histogram``; the rest ``rows``.
+  The interpreter emulates the bitonic sort slowly, so there the in-register path runs only
+  when forced. An explicit strategy is used at every size where it is exact.
 
 Interpreter mode: Triton decides at decoration time, i.e. when this module is imported, whether
 ``@triton.jit`` builds compiled kernels or interpreted ones (``knobs.runtime.interpret`` reads
@@ -50,10 +84,14 @@ from __future__ import annotations
 # Triton reads them as strings in both compiled and interpreted mode, and the module still
 # imports (reporting why it cannot run) when triton is not installed.
 import contextlib
+import os
+import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
+from lovasz_kernels._plan import SegmentPlan
 from lovasz_kernels._validate import compute_dtype
 
 try:
@@ -82,22 +120,29 @@ def _device_fn(fn):
     return fn if type(jitted).__name__ == "InterpretedFunction" else jitted
 
 
-def _autotune(configs: list, key: list[str]):
+def _autotune_warps(warps: tuple[int, ...], key: list[str]):
+    """``triton.autotune`` over ``num_warps`` only: a launch's results never depend on it."""
+
     def wrap(kernel):
-        return kernel if triton is None else triton.autotune(configs=configs, key=key)(kernel)
+        if triton is None:
+            return kernel
+        configs = [triton.Config({}, num_warps=w) for w in warps]
+        return triton.autotune(configs=configs, key=key)(kernel)
 
     return wrap
 
 
-def _configs(blocks: tuple[int, ...], warps: tuple[int, ...]) -> list:
-    if triton is None:
-        return []
-    if not blocks:
-        return [triton.Config({}, num_warps=w) for w in warps]
-    return [triton.Config({"BLOCK": b}, num_warps=w) for b in blocks for w in warps]
-
-
-# --------------------------------------------------------------------------------- kernels
+# ----------------------------------------------------------------------- device functions
+#
+# Kernels that read pixels take the same "source" arguments, in this order:
+#   values_ptr, labels_ptr, seg_image_ptr, seg_channel_ptr, seg_label_ptr, pixels_per_image,
+#   ignore_index, bg_offset, stride_vb, stride_vc, stride_vp, stride_lb, stride_lp
+# with the compile-time flags FROM_SCORES, BATCH_SEGMENTS, HAS_IGNORE. For (S, P) errors
+# (FROM_SCORES False) values are the errors and labels the fg bytes, the "image" of segment s
+# is s and the per-segment tables are unused. For a loss call values are the scores (B, C, P),
+# labels the int64 labels (B, P), and the tables the plan's image, channel and fg label.
+# Kernels that write the gradient take grad_ptr, seg_weight_ptr, stride_gb, stride_gc,
+# stride_gp: grad[image, channel, pixel] for scores, grad[s, col] for errors.
 
 
 @_device_fn
@@ -111,7 +156,7 @@ def _make_key(errors, is_fg, KEY_DTYPE: tl.constexpr, KEY_HALF: tl.constexpr):
     """
     bits = errors.to(KEY_DTYPE, bitcast=True)
     # as signed ints, exactly the floats > 0 have bits > 0 (no float compare: the interpreter
-    # keeps bfloat16 as raw uint16); ≤ 0, -0.0 and -inf padding all become +0.0
+    # keeps bfloat16 as raw uint16); ≤ 0, -0.0 and -inf all become +0.0
     bits = tl.where(bits > 0, bits, 0)
     key = (bits - KEY_HALF) * 2 + is_fg
     return key.to(KEY_DTYPE)
@@ -123,6 +168,21 @@ def _key_value(key, KEY_DTYPE: tl.constexpr, KEY_HALF: tl.constexpr, FLOAT_DTYPE
     bits = ((key >> 1) + KEY_HALF).to(KEY_DTYPE)  # arithmetic shift drops the label bit
     value = bits.to(FLOAT_DTYPE, bitcast=True)
     return value, bits > 0, key & 1
+
+
+@_device_fn
+def _flat_key(key, segment, num_segments, KEY_HALF: tl.constexpr):
+    """int64 ``(S − 1 − segment) << 32 | (key + 2^(w−1))`` for the one flat descending sort:
+    segments come out in order, each with its keys descending (keys of w ≤ 32 bits)."""
+    unsigned = key.to(tl.int64) + KEY_HALF + KEY_HALF  # in [0, 2^w): order-preserving
+    return ((num_segments - 1 - segment).to(tl.int64) << 32) | unsigned
+
+
+@_device_fn
+def _flat_key_value(packed, KEY_DTYPE: tl.constexpr, KEY_HALF: tl.constexpr):
+    """Inverse of ``_flat_key``: the pixel's ``_make_key`` key (packed is non-negative)."""
+    low = packed - ((packed >> 32) << 32)
+    return (low - KEY_HALF - KEY_HALF).to(KEY_DTYPE)
 
 
 @_device_fn
@@ -157,86 +217,193 @@ def _sorted_gradient_and_loss(errors, positive, is_fg, fg_seen, position, n_fg,
 
 
 @_device_fn
-def _segment_index(INT64: tl.constexpr):
-    """This program's segment (grid axis 0), as int64 when offsets can pass 2^31."""
-    segment = tl.program_id(0)
+def _program_id(INT64: tl.constexpr):
+    """This program's index in the 1-D grid, as int64 when offsets can pass 2^31."""
+    pid = tl.program_id(0)
     if INT64:
-        segment = segment.to(tl.int64)
-    return segment
+        pid = pid.to(tl.int64)
+    return pid
 
 
 @_device_fn
-def _tile_columns(num_pixels, INT64: tl.constexpr, BLOCK: tl.constexpr):
-    """(segment, tile, columns, columns < P) of a program in a grid (S, cdiv(P, BLOCK)).
+def _pixel_tile(num_segments, tiles_per_image, pixels_per_image, INT64: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """(segment, image slot, pixels, pixels < P) of a program in the tile-major grid
+    tiles × images per segment × segments (segments vary fastest).
 
-    With INT64 all are int64, so ``segment * stride + columns * stride`` cannot overflow.
+    The image slot is the image of a batch segment (0 otherwise); pixels index one image.
     """
-    segment = _segment_index(INT64)
-    tile = tl.program_id(1)
-    if INT64:
-        tile = tile.to(tl.int64)
+    pid = _program_id(INT64)
+    segment = pid % num_segments
+    rest = pid // num_segments
+    slot = rest // tiles_per_image
+    tile = rest - slot * tiles_per_image
+    pixels = tile * BLOCK + tl.arange(0, BLOCK)
+    return segment, slot, pixels, pixels < pixels_per_image
+
+
+@_device_fn
+def _sorted_tile(num_tiles, num_cols, INT64: tl.constexpr, BLOCK: tl.constexpr):
+    """(segment, tile, columns, columns < num_cols) of a program in the segment-major grid
+    segments × tiles (tiles vary fastest)."""
+    pid = _program_id(INT64)
+    segment = pid // num_tiles
+    tile = pid - segment * num_tiles
     cols = tile * BLOCK + tl.arange(0, BLOCK)
-    return segment, tile, cols, cols < num_pixels
+    return segment, tile, cols, cols < num_cols
 
 
 @_device_fn
-def _load_pixels(errors_ptr, fg_ptr, segment, cols, mask,
-                 stride_es, stride_ep, stride_fs, stride_fp):
-    """errors[segment, cols] (0.0 where masked) and fg[segment, cols] != 0 (False where masked).
+def _segment_source(segment, slot, seg_image_ptr, seg_channel_ptr, seg_label_ptr,
+                    FROM_SCORES: tl.constexpr, BATCH_SEGMENTS: tl.constexpr):
+    """(image, channel, fg label) of a segment; a batch segment's image is ``slot``.
 
-    errors, fg: (S, P) strided, fg as uint8 bytes.
+    For (S, P) errors the "image" is the segment's row, the channel 0, the label unused.
     """
-    errors = tl.load(errors_ptr + segment * stride_es + cols * stride_ep, mask=mask, other=0.0)
-    is_fg = tl.load(fg_ptr + segment * stride_fs + cols * stride_fp, mask=mask, other=0)
-    return errors, is_fg != 0
+    image = segment
+    channel = 0
+    fg_label = 0
+    if FROM_SCORES:
+        channel = tl.load(seg_channel_ptr + segment)
+        fg_label = tl.load(seg_label_ptr + segment)
+        image = slot
+        if not BATCH_SEGMENTS:
+            image = tl.load(seg_image_ptr + segment)
+    return image, channel, fg_label
 
 
 @_device_fn
-def _histogram_bin(errors, is_fg, NUM_BINS: tl.constexpr):
-    """Flat index into a segment's (2, NUM_BINS) table (row 0 bg, row 1 fg) by bits of max(e, 0).
+def _column_pixels(image, cols, pixels_per_image, BATCH_SEGMENTS: tl.constexpr):
+    """(image, pixel) of columns of a segment row: a batch segment's row is its images' pixels
+    one image after the other; any other row is one image's pixels."""
+    pixels = cols
+    if BATCH_SEGMENTS:
+        image = cols // pixels_per_image
+        pixels = cols - image * pixels_per_image
+    return image, pixels
 
-    The bits of a non-negative 16-bit float are an order-preserving rank below NUM_BINS = 2^15;
-    errors ≤ 0 share bin 0.
+
+@_device_fn
+def _load_pixels(values_ptr, labels_ptr, image, channel, fg_label, pixels, mask, ignore_index,
+                 stride_vb, stride_vc, stride_vp, stride_lb, stride_lp,
+                 FROM_SCORES: tl.constexpr, HAS_IGNORE: tl.constexpr):
+    """(values, valid, is_fg) of pixels: the raw score or error (0 where masked), whether the
+    pixel counts, and whether it is foreground (False where it does not count).
+
+    Scores: valid = label != ignore_index (compared in int64), is_fg = valid & (label ==
+    fg_label). Errors: every pixel is valid (padding is -inf), is_fg = fg byte != 0.
     """
-    bits = errors.to(tl.int16, bitcast=True).to(tl.int32)
-    return tl.where(bits > 0, bits, 0) + is_fg.to(tl.int32) * NUM_BINS
+    values = tl.load(values_ptr + image * stride_vb + channel * stride_vc + pixels * stride_vp,
+                     mask=mask, other=0.0)
+    labels = tl.load(labels_ptr + image * stride_lb + pixels * stride_lp, mask=mask, other=0)
+    if FROM_SCORES:
+        valid = mask
+        if HAS_IGNORE:
+            valid = valid & (labels != ignore_index)
+        is_fg = valid & (labels == fg_label)
+    else:
+        valid = mask
+        is_fg = labels != 0
+    return values, valid, is_fg
+
+
+@_device_fn
+def _pixel_errors(values, valid, is_fg, bg_offset, FROM_SCORES: tl.constexpr,
+                  ERROR_DTYPE: tl.constexpr):
+    """Errors in ERROR_DTYPE: ``1 − score`` on foreground, ``score + bg_offset`` elsewhere,
+    -inf where the pixel does not count (any error ≤ 0 gets key 0); errors pass through."""
+    errors = values
+    if FROM_SCORES:
+        scores = values.to(ERROR_DTYPE)
+        errors = tl.where(is_fg, 1.0 - scores, scores + bg_offset)
+        errors = tl.where(valid, errors, float("-inf"))
+    return errors
+
+
+@_device_fn
+def _pixel_bins(values, valid, is_fg, rank_ptr, FROM_SCORES: tl.constexpr,
+                NUM_BINS: tl.constexpr):
+    """Flat index into a segment's (2, NUM_BINS) histogram (row 0 bg, row 1 fg).
+
+    16-bit errors: the bits of max(e, 0), an order-preserving rank below 2^15 (errors ≤ 0
+    share bin 0). 16-bit scores: the rank of the pixel's float32 error among every candidate
+    error, from the (2, 2^16) table ``rank`` indexed by (is_fg, the score's bits); pixels that
+    do not count go to bin 0 of the bg row (no loss, no gradient, not in n_fg).
+    """
+    bits = values.to(tl.int16, bitcast=True).to(tl.int32)
+    if FROM_SCORES:
+        index = is_fg.to(tl.int32) * 65536 + (bits & 0xFFFF)
+        bins = tl.load(rank_ptr + index, mask=valid, other=0)
+    else:
+        bins = tl.where(bits > 0, bits, 0)
+    return bins + is_fg.to(tl.int32) * NUM_BINS
+
+
+@_device_fn
+def _store_gradient(grad_ptr, seg_weight_ptr, segment, image, channel, pixels, is_fg,
+                    increments, mask, stride_gb, stride_gc, stride_gp,
+                    FROM_SCORES: tl.constexpr):
+    """grad[image, channel, pixel] = weight[s] · (−1 on fg, +1 elsewhere) · increment for
+    scores (d error / d score is ∓1); grad[s, col] = increment for (S, P) errors."""
+    if FROM_SCORES:
+        weight = tl.load(seg_weight_ptr + segment).to(increments.dtype)
+        increments = tl.where(is_fg, -increments, increments) * weight
+    tl.store(grad_ptr + image * stride_gb + channel * stride_gc + pixels * stride_gp,
+             increments.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------- kernels
 
 
 @_jit
 def _build_keys_kernel(
-    errors_ptr, fg_ptr, keys_ptr, num_pixels, size_class,
-    stride_es, stride_ep, stride_fs, stride_fp,
-    KEY_DTYPE: tl.constexpr, KEY_HALF: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr,
+    values_ptr, labels_ptr, seg_image_ptr, seg_channel_ptr, seg_label_ptr, pixels_per_image,
+    ignore_index, bg_offset, stride_vb, stride_vc, stride_vp, stride_lb, stride_lp,
+    keys_ptr, num_segments, tiles_per_image, num_cols, size_class,
+    FROM_SCORES: tl.constexpr, BATCH_SEGMENTS: tl.constexpr, HAS_IGNORE: tl.constexpr,
+    ERROR_DTYPE: tl.constexpr, KEY_DTYPE: tl.constexpr, KEY_HALF: tl.constexpr,
+    FLAT: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """keys (S, P) contiguous, KEY_DTYPE ← ``_make_key(errors (S, P), fg (S, P) as uint8)``.
+    """keys[s, col] ← ``_make_key(error, fg)`` of every pixel of every segment.
 
-    Grid (S, cdiv(P, BLOCK)). ``size_class`` is only the autotuning key.
+    keys: (S, num_cols) contiguous in KEY_DTYPE, or with FLAT the int64 ``_flat_key`` of
+    each. Tile-major grid over (tile, image slot, segment); ``size_class`` is only the
+    autotuning key.
     """
-    segment, _, cols, mask = _tile_columns(num_pixels, INT64, BLOCK)
-    errors, is_fg = _load_pixels(errors_ptr, fg_ptr, segment, cols, mask,
-                                 stride_es, stride_ep, stride_fs, stride_fp)
+    segment, slot, pixels, mask = _pixel_tile(num_segments, tiles_per_image, pixels_per_image,
+                                              INT64, BLOCK)
+    image, channel, fg_label = _segment_source(segment, slot, seg_image_ptr, seg_channel_ptr,
+                                               seg_label_ptr, FROM_SCORES, BATCH_SEGMENTS)
+    values, valid, is_fg = _load_pixels(values_ptr, labels_ptr, image, channel, fg_label,
+                                        pixels, mask, ignore_index, stride_vb, stride_vc,
+                                        stride_vp, stride_lb, stride_lp, FROM_SCORES, HAS_IGNORE)
+    errors = _pixel_errors(values, valid, is_fg, bg_offset, FROM_SCORES, ERROR_DTYPE)
     key = _make_key(errors, is_fg.to(KEY_DTYPE), KEY_DTYPE, KEY_HALF)
-    tl.store(keys_ptr + segment * num_pixels + cols, key, mask=mask)
+    if FLAT:
+        key = _flat_key(key, segment, num_segments, KEY_HALF)
+    cols = slot * pixels_per_image + pixels
+    tl.store(keys_ptr + segment * num_cols + cols, key, mask=mask)
 
 
 @_jit
 def _tile_counts_kernel(
-    keys_ptr, counts_ptr, num_pixels, counts_stride, size_class,
+    sorted_ptr, counts_ptr, num_cols, num_tiles,
     COUNT_DTYPE: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """counts[s, t] = Σ label bits of sorted keys[s, t·BLOCK : (t+1)·BLOCK] (int32 or int64).
 
-    Grid (S, cdiv(P, BLOCK)); ``counts`` rows are ``counts_stride`` long.
+    sorted: (S, num_cols) keys or flat keys (the label is bit 0 of both); counts (S, num_tiles).
+    Segment-major grid.
     """
-    segment, tile, cols, mask = _tile_columns(num_pixels, INT64, BLOCK)
-    keys = tl.load(keys_ptr + segment * num_pixels + cols, mask=mask, other=0)
+    segment, tile, cols, mask = _sorted_tile(num_tiles, num_cols, INT64, BLOCK)
+    keys = tl.load(sorted_ptr + segment * num_cols + cols, mask=mask, other=0)
     labels = (keys & 1).to(COUNT_DTYPE)
-    tl.store(counts_ptr + segment * counts_stride + tile, tl.sum(labels, axis=0))
+    tl.store(counts_ptr + segment * num_tiles + tile, tl.sum(labels, axis=0))
 
 
 @_jit
 def _scan_tiles_kernel(
-    counts_ptr, carries_ptr, n_fg_ptr, num_tiles, counts_stride,
+    counts_ptr, carries_ptr, n_fg_ptr, num_tiles,
     COUNT_DTYPE: tl.constexpr, INT64: tl.constexpr, SCAN_BLOCK: tl.constexpr,
 ):
     """carries[s, t] = Σ_{u<t} counts[s, u] (exclusive scan); n_fg[s] = Σ_u counts[s, u].
@@ -244,123 +411,159 @@ def _scan_tiles_kernel(
     Grid (S,): one program per segment walks its row of tile totals in chunks of SCAN_BLOCK,
     carrying the running total between chunks (the pixels themselves are never read here).
     """
-    segment = _segment_index(INT64)
-    row = segment * counts_stride
+    segment = _program_id(INT64)
+    row = segment * num_tiles
     carry = tl.full([], 0, COUNT_DTYPE)
-    for start in range(0, num_tiles, SCAN_BLOCK):
+    # a while loop: Triton 3.6's interpreter cannot range() up to a kernel argument
+    start = 0
+    while start < num_tiles:
         idx = start + tl.arange(0, SCAN_BLOCK)
         mask = idx < num_tiles
         counts = tl.load(counts_ptr + row + idx, mask=mask, other=0)
         inclusive = tl.cumsum(counts, axis=0)
         tl.store(carries_ptr + row + idx, carry + inclusive - counts, mask=mask)
         carry += tl.sum(counts, axis=0)
+        start += SCAN_BLOCK
     tl.store(n_fg_ptr + segment, carry)
 
 
 @_jit
 def _apply_kernel(
-    keys_ptr, order_ptr, carries_ptr, n_fg_ptr, grad_ptr, partial_ptr,
-    num_pixels, counts_stride, size_class,
-    KEY_DTYPE: tl.constexpr, KEY_HALF: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
-    COUNT_DTYPE: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr,
+    values_ptr, labels_ptr, seg_image_ptr, seg_channel_ptr, seg_label_ptr, pixels_per_image,
+    ignore_index, bg_offset, stride_vb, stride_vc, stride_vp, stride_lb, stride_lp,
+    grad_ptr, seg_weight_ptr, stride_gb, stride_gc, stride_gp,
+    sorted_ptr, order_ptr, carries_ptr, n_fg_ptr, partial_ptr, num_cols, num_tiles, size_class,
+    FROM_SCORES: tl.constexpr, BATCH_SEGMENTS: tl.constexpr, HAS_IGNORE: tl.constexpr,
+    ERROR_DTYPE: tl.constexpr, KEY_DTYPE: tl.constexpr, KEY_HALF: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, COUNT_DTYPE: tl.constexpr, FLAT: tl.constexpr,
+    INT64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Increments, loss partials and the gradient scatter for one tile of sorted keys.
 
-    keys, order: (S, P) sorted keys and the original column of each; carries, n_fg: from
-    ``_scan_tiles_kernel``. Writes grad[s, order[s, k]] = g_k · 1[e_k > 0] (grad dtype) and
-    partial[s, t] = Σ_{k in tile} max(e_k, 0) g_k in float64. Grid (S, cdiv(P, BLOCK)).
+    sorted, order: (S, num_cols) sorted keys (flat keys with FLAT) and the column each came
+    from (its flat index with FLAT); carries, n_fg: from ``_scan_tiles_kernel``. Writes the
+    gradient of each pixel at its original position (``_store_gradient``) and
+    partial[s, t] = Σ_{k in tile} max(e_k, 0) g_k in float64. Segment-major grid.
     """
-    segment, tile, cols, mask = _tile_columns(num_pixels, INT64, BLOCK)
-    keys = tl.load(keys_ptr + segment * num_pixels + cols, mask=mask, other=0)
-    errors, positive, is_fg = _key_value(keys, KEY_DTYPE, KEY_HALF, grad_ptr.dtype.element_ty)
+    segment, tile, cols, mask = _sorted_tile(num_tiles, num_cols, INT64, BLOCK)
+    row = segment * num_cols
+    keys = tl.load(sorted_ptr + row + cols, mask=mask, other=0)
+    order = tl.load(order_ptr + row + cols, mask=mask, other=0)
+    if FLAT:
+        keys = _flat_key_value(keys, KEY_DTYPE, KEY_HALF)
+        order = order - row
+    if not INT64:
+        order = order.to(tl.int32)  # 32-bit division below for batch segments
+    errors, positive, is_fg = _key_value(keys, KEY_DTYPE, KEY_HALF, ERROR_DTYPE)
     is_fg = tl.where(mask, is_fg, 0).to(COUNT_DTYPE)
-    carry = tl.load(carries_ptr + segment * counts_stride + tile)
+    carry = tl.load(carries_ptr + segment * num_tiles + tile)
     fg_seen = carry + tl.cumsum(is_fg, axis=0)
     n_fg = tl.load(n_fg_ptr + segment)
     grad, partial = _sorted_gradient_and_loss(errors, positive & mask, is_fg, fg_seen,
                                               (cols + 1).to(COUNT_DTYPE), n_fg, COMPUTE_DTYPE)
-    tl.store(partial_ptr + segment * counts_stride + tile, partial)
-    order = tl.load(order_ptr + segment * num_pixels + cols, mask=mask, other=0)
-    grad_row = grad_ptr + segment * num_pixels
-    tl.store(grad_row + order, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+    tl.store(partial_ptr + segment * num_tiles + tile, partial)
+    image, channel, _ = _segment_source(segment, 0, seg_image_ptr, seg_channel_ptr,
+                                        seg_label_ptr, FROM_SCORES, BATCH_SEGMENTS)
+    image, pixels = _column_pixels(image, order, pixels_per_image, BATCH_SEGMENTS)
+    _store_gradient(grad_ptr, seg_weight_ptr, segment, image, channel, pixels, is_fg != 0, grad,
+                    mask, stride_gb, stride_gc, stride_gp, FROM_SCORES)
 
 
 @_jit
 def _segment_loss_kernel(
-    partial_ptr, loss_ptr, num_tiles, counts_stride, INT64: tl.constexpr, SCAN_BLOCK: tl.constexpr,
+    partial_ptr, loss_ptr, num_tiles, INT64: tl.constexpr, SCAN_BLOCK: tl.constexpr,
 ):
     """loss[s] = Σ_t partial[s, t], in float64 and a fixed order (deterministic). Grid (S,)."""
-    segment = _segment_index(INT64)
-    row = partial_ptr + segment * counts_stride
+    segment = _program_id(INT64)
+    row = partial_ptr + segment * num_tiles
     total = tl.zeros([SCAN_BLOCK], dtype=tl.float64)
-    for start in range(0, num_tiles, SCAN_BLOCK):
+    start = 0
+    while start < num_tiles:  # (not range(): see _scan_tiles_kernel)
         idx = start + tl.arange(0, SCAN_BLOCK)
         total += tl.load(row + idx, mask=idx < num_tiles, other=0.0)
+        start += SCAN_BLOCK
     tl.store(loss_ptr + segment, tl.sum(total, axis=0).to(loss_ptr.dtype.element_ty))
 
 
 @_jit
 def _small_segment_kernel(
-    errors_ptr, fg_ptr, grad_ptr, loss_ptr, num_pixels,
-    stride_es, stride_ep, stride_fs, stride_fp,
-    KEY_DTYPE: tl.constexpr, KEY_HALF: tl.constexpr, INDEX_BITS: tl.constexpr,
-    INT64: tl.constexpr, BLOCK: tl.constexpr,
+    values_ptr, labels_ptr, seg_image_ptr, seg_channel_ptr, seg_label_ptr, pixels_per_image,
+    ignore_index, bg_offset, stride_vb, stride_vc, stride_vp, stride_lb, stride_lp,
+    grad_ptr, seg_weight_ptr, stride_gb, stride_gc, stride_gp,
+    loss_ptr, num_cols,
+    FROM_SCORES: tl.constexpr, BATCH_SEGMENTS: tl.constexpr, HAS_IGNORE: tl.constexpr,
+    ERROR_DTYPE: tl.constexpr, KEY_DTYPE: tl.constexpr, KEY_HALF: tl.constexpr,
+    INDEX_BITS: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Whole pipeline for segments of P ≤ BLOCK = 2^INDEX_BITS pixels, one program each.
+    """Whole pipeline for segments of num_cols ≤ BLOCK ≤ 2^INDEX_BITS pixels, one program each.
 
     Packs ``key << INDEX_BITS | column`` (int64; keys of at most 32 bits), sorts it descending
     with ``tl.sort`` (bitonic, in registers), then scans, scatters the gradient and writes the
-    float32 loss. errors, fg: (S, P) strided; grad (S, P) contiguous. Grid (S,).
+    segment's loss. Grid (S,).
     """
-    segment = _segment_index(INT64)
+    segment = _program_id(INT64)
     cols = tl.arange(0, BLOCK)
-    mask = cols < num_pixels
-    errors, is_fg = _load_pixels(errors_ptr, fg_ptr, segment, cols, mask,
-                                 stride_es, stride_ep, stride_fs, stride_fp)
+    mask = cols < num_cols
+    image, channel, fg_label = _segment_source(segment, 0, seg_image_ptr, seg_channel_ptr,
+                                               seg_label_ptr, FROM_SCORES, BATCH_SEGMENTS)
+    images, pixels = _column_pixels(image, cols, pixels_per_image, BATCH_SEGMENTS)
+    values, valid, is_fg = _load_pixels(values_ptr, labels_ptr, images, channel, fg_label,
+                                        pixels, mask, ignore_index, stride_vb, stride_vc,
+                                        stride_vp, stride_lb, stride_lp, FROM_SCORES, HAS_IGNORE)
+    errors = _pixel_errors(values, valid, is_fg, bg_offset, FROM_SCORES, ERROR_DTYPE)
     key = _make_key(errors, is_fg.to(KEY_DTYPE), KEY_DTYPE, KEY_HALF).to(tl.int64)
     # every real key is ≥ −2^31, so (key << INDEX_BITS) ≥ −2^43: padding lanes sort last
     packed = tl.where(mask, (key << INDEX_BITS) | cols, -(1 << 62))
     packed = tl.sort(packed, 0, descending=True)
-    columns = packed & ((1 << INDEX_BITS) - 1)
+    columns = (packed & ((1 << INDEX_BITS) - 1)).to(tl.int32)
     errors, positive, labels = _key_value(packed >> INDEX_BITS, KEY_DTYPE, KEY_HALF,
-                                          grad_ptr.dtype.element_ty)
+                                          ERROR_DTYPE)
     labels = tl.where(mask, labels, 0).to(tl.int32)  # after the sort, position k < P is real
     fg_seen = tl.cumsum(labels, axis=0)
     n_fg = tl.sum(labels, axis=0)
+    compute = tl.float32  # keys of ≤ 32 bits: 16- or 32-bit errors
     grad, loss = _sorted_gradient_and_loss(errors, positive & mask, labels, fg_seen, cols + 1,
-                                           n_fg, tl.float32)
+                                           n_fg, compute)
     tl.store(loss_ptr + segment, loss.to(loss_ptr.dtype.element_ty))
-    tl.store(grad_ptr + segment * num_pixels + columns, grad.to(grad_ptr.dtype.element_ty),
-             mask=mask)
+    images, pixels = _column_pixels(image, columns, pixels_per_image, BATCH_SEGMENTS)
+    _store_gradient(grad_ptr, seg_weight_ptr, segment, images, channel, pixels, labels != 0,
+                    grad, mask, stride_gb, stride_gc, stride_gp, FROM_SCORES)
 
 
 @_jit
 def _histogram_kernel(
-    errors_ptr, fg_ptr, hist_ptr, num_pixels, stride_es, stride_ep, stride_fs, stride_fp,
+    values_ptr, labels_ptr, seg_image_ptr, seg_channel_ptr, seg_label_ptr, pixels_per_image,
+    ignore_index, bg_offset, stride_vb, stride_vc, stride_vp, stride_lb, stride_lp,
+    hist_ptr, rank_ptr, num_segments, tiles_per_image,
+    FROM_SCORES: tl.constexpr, BATCH_SEGMENTS: tl.constexpr, HAS_IGNORE: tl.constexpr,
     NUM_BINS: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """hist[s, fg, bin] += 1 for every pixel; bin = bits of max(e, 0) as a 16-bit float.
+    """hist[s, fg, bin] += 1 for every pixel, bins as in ``_pixel_bins``.
 
-    Bins as in ``_histogram_bin`` (an order-preserving rank; errors ≤ 0 share bin 0).
-    hist: (S, 2, NUM_BINS) int32, zeroed. Grid (S, cdiv(P, BLOCK)).
+    hist: (S, 2, NUM_BINS) int32, zeroed. Tile-major grid over (tile, image slot, segment).
     Integer atomics: the counts do not depend on their order.
     """
-    segment, _, cols, mask = _tile_columns(num_pixels, INT64, BLOCK)
-    errors, is_fg = _load_pixels(errors_ptr, fg_ptr, segment, cols, mask,
-                                 stride_es, stride_ep, stride_fs, stride_fp)
-    bins = _histogram_bin(errors, is_fg, NUM_BINS)
+    segment, slot, pixels, mask = _pixel_tile(num_segments, tiles_per_image, pixels_per_image,
+                                              INT64, BLOCK)
+    image, channel, fg_label = _segment_source(segment, slot, seg_image_ptr, seg_channel_ptr,
+                                               seg_label_ptr, FROM_SCORES, BATCH_SEGMENTS)
+    values, valid, is_fg = _load_pixels(values_ptr, labels_ptr, image, channel, fg_label,
+                                        pixels, mask, ignore_index, stride_vb, stride_vc,
+                                        stride_vp, stride_lb, stride_lp, FROM_SCORES, HAS_IGNORE)
+    bins = _pixel_bins(values, valid, is_fg, rank_ptr, FROM_SCORES, NUM_BINS)
     tl.atomic_add(hist_ptr + segment * (2 * NUM_BINS) + bins, 1, mask=mask)
 
 
 @_jit
 def _histogram_scan_kernel(
-    hist_ptr, bin_grad_ptr, loss_ptr,
-    FLOAT_DTYPE: tl.constexpr, NUM_BINS: tl.constexpr, SCAN_BLOCK: tl.constexpr,
+    hist_ptr, bin_grad_ptr, bin_value_ptr, loss_ptr,
+    NUM_BINS: tl.constexpr, SCAN_BLOCK: tl.constexpr,
 ):
     """Exact loss and per-bin, per-class gradient of one segment from its (fg, bg) histogram.
 
     hist: (S, 2, NUM_BINS) int32 (row 0 bg, row 1 fg); bin_grad: (S, 2, NUM_BINS) float32,
-    same layout; loss: (S,). Grid (S,).
+    same layout; bin_value: (NUM_BINS,) float32, the error of each bin (ascending); loss: (S,).
+    Grid (S,).
 
     Bins are visited from the largest error down, carrying the fg / bg pixels seen so far
     (c, b). A bin holding a fg and β bg pixels moves Δ_J from 1 − I₀/U₀ to 1 − I₁/U₁ with
@@ -405,10 +608,10 @@ def _histogram_scan_kernel(
         first = (union_1 - inter_1).to(tl.float64) / tl.maximum(union_1, 1).to(tl.float64)
         difference = tl.where(union_0 == 0, first, numerator / tl.maximum(denominator, 1.0))
         positive = bins > 0  # bin 0 holds the errors ≤ 0: no loss, no gradient
-        difference = tl.where((fg_count + bg_count > 0) & positive, difference, 0.0)
-        # empty bins may be inf / NaN bit patterns: decode only the occupied ones
-        occupied_bins = tl.where(difference != 0.0, bins, 0).to(tl.int16)
-        value = occupied_bins.to(FLOAT_DTYPE, bitcast=True).to(tl.float32)
+        occupied = (fg_count + bg_count > 0) & positive
+        difference = tl.where(occupied, difference, 0.0)
+        # read the values of occupied bins only: the others may be inf / NaN
+        value = tl.load(bin_value_ptr + bins, mask=occupied, other=0.0)
         loss += value.to(tl.float64) * difference
         # per class, the mean of the fg-first and bg-first orders (see the docstring); a bin
         # with fg has n_fg > 0, so U₀ ≥ 1 there
@@ -428,34 +631,36 @@ def _histogram_scan_kernel(
 
 @_jit
 def _histogram_gather_kernel(
-    errors_ptr, fg_ptr, bin_grad_ptr, grad_ptr, num_pixels, stride_es, stride_ep, stride_fs,
-    stride_fp, NUM_BINS: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr,
+    values_ptr, labels_ptr, seg_image_ptr, seg_channel_ptr, seg_label_ptr, pixels_per_image,
+    ignore_index, bg_offset, stride_vb, stride_vc, stride_vp, stride_lb, stride_lp,
+    grad_ptr, seg_weight_ptr, stride_gb, stride_gc, stride_gp,
+    bin_grad_ptr, rank_ptr, num_segments, tiles_per_image,
+    FROM_SCORES: tl.constexpr, BATCH_SEGMENTS: tl.constexpr, HAS_IGNORE: tl.constexpr,
+    NUM_BINS: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """grad[s, p] = bin_grad[s, fg[s, p], bin(errors[s, p])] in the grad dtype.
+    """Each pixel's gradient from its bin: bin_grad[s, fg, bin] (``_store_gradient``).
 
-    bin_grad: (S, 2, NUM_BINS) float32 (row 0 bg, row 1 fg). Grid (S, cdiv(P, BLOCK)).
+    bin_grad: (S, 2, NUM_BINS) float32 (row 0 bg, row 1 fg). Tile-major grid.
     """
-    segment, _, cols, mask = _tile_columns(num_pixels, INT64, BLOCK)
-    errors, is_fg = _load_pixels(errors_ptr, fg_ptr, segment, cols, mask,
-                                 stride_es, stride_ep, stride_fs, stride_fp)
-    bins = _histogram_bin(errors, is_fg, NUM_BINS)
+    segment, slot, pixels, mask = _pixel_tile(num_segments, tiles_per_image, pixels_per_image,
+                                              INT64, BLOCK)
+    image, channel, fg_label = _segment_source(segment, slot, seg_image_ptr, seg_channel_ptr,
+                                               seg_label_ptr, FROM_SCORES, BATCH_SEGMENTS)
+    values, valid, is_fg = _load_pixels(values_ptr, labels_ptr, image, channel, fg_label,
+                                        pixels, mask, ignore_index, stride_vb, stride_vc,
+                                        stride_vp, stride_lb, stride_lp, FROM_SCORES, HAS_IGNORE)
+    bins = _pixel_bins(values, valid, is_fg, rank_ptr, FROM_SCORES, NUM_BINS)
     grad = tl.load(bin_grad_ptr + segment * (2 * NUM_BINS) + bins, mask=mask, other=0.0)
-    tl.store(grad_ptr + segment * num_pixels + cols, grad.to(grad_ptr.dtype.element_ty),
-             mask=mask)
+    _store_gradient(grad_ptr, seg_weight_ptr, segment, image, channel, pixels, is_fg, grad,
+                    mask, stride_gb, stride_gc, stride_gp, FROM_SCORES)
 
 
-
-# autotuned entry points for compiled mode. The tile size is tuned on the counts kernel and
-# reused by the apply kernel (both must cut the sorted row into the same tiles); the apply
-# kernel then tunes its warps for that tile.
-_TILE_BLOCKS = (1024, 2048, 4096)
-_build_keys_tuned = _autotune(_configs((1024, 2048, 4096), (4, 8)), key=["size_class"])(
-    _build_keys_kernel
-)
-_tile_counts_tuned = _autotune(_configs(_TILE_BLOCKS, (4, 8)), key=["size_class"])(
-    _tile_counts_kernel
-)
-_apply_tuned = _autotune(_configs((), (4, 8, 16)), key=["size_class", "BLOCK"])(_apply_kernel)
+# autotuned entry points for compiled mode: num_warps only (the tile is fixed per call)
+_TUNED_WARPS = (4, 8, 16)
+_TUNE_KEY = ["size_class", "BLOCK", "FROM_SCORES", "FLAT"]
+_build_keys_tuned = _autotune_warps(_TUNED_WARPS[:2], key=_TUNE_KEY)(_build_keys_kernel)
+_apply_tuned = _autotune_warps(_TUNED_WARPS, key=_TUNE_KEY)(_apply_kernel)
+_FIXED_WARPS = 4  # the kernels that are not autotuned (scans, counts, histogram)
 
 try:  # which kind of kernels the decorators built (fixed at import, see the module docstring)
     from triton.runtime.interpreter import InterpretedFunction
@@ -467,46 +672,61 @@ except ImportError:
 
 # ------------------------------------------------------------------------------------ host
 
-# key integer type and 2^(w−2) per input float width
+# key integer type and 2^(w−2) per error float width
 _KEYS = {
     torch.float16: (torch.int16, 1 << 14),
     torch.bfloat16: (torch.int16, 1 << 14),
     torch.float32: (torch.int32, 1 << 30),
     torch.float64: (torch.int64, 1 << 62),
 }
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
 _SMALL_INDEX_BITS = 12  # the fused tl.sort path packs a 12-bit column under a ≤ 32-bit key
+_COMPILED_TILE = 1024  # tile of every tiled kernel on a GPU (the autotuner's pick on an H200)
+_HISTOGRAM_HALF_BINS = 1 << 15  # bits of a non-negative 16-bit float
+_BIN_ALIGN = 1024  # histogram tables are padded to a multiple of the largest scan block
+_MAX_PROGRAMS = 2**31 - 1  # CUDA's limit on grid axis 0 (axes 1 and 2: 65535)
+SORT_STRATEGIES = ("auto", "rows", "flat", "histogram")
+SORT_ENV = "LOVASZ_TRITON_SORT"
 _SETTINGS = {
-    # segments up to this many pixels take the fused tl.sort path (fp16/bf16/fp32). DESIGN §5
-    # puts its break-even with the global radix sort at ~2-4K pixels (not yet measured on a
+    # segments up to this many pixels take the fused tl.sort path (keys of ≤ 32 bits). DESIGN
+    # §5 puts its break-even with the global radix sort at ~2-4K pixels (not yet measured on a
     # GPU). The interpreter emulates the bitonic network slowly (~2 ms per pixel), so there it
     # is used only when a test forces it.
     "small_segment_max": None,  # None: 2048 compiled, 0 interpreted
-    # tile of the scan and apply kernels: None autotunes on a GPU. The interpreter times nothing
-    # and costs ~3 ms per program and little per pixel, so it takes the fewest tiles: P/16 (at
-    # least 1024, at most 16384: multi-tile scans from 16K pixels on; tests force tiny tiles)
+    # tile of every tiled kernel (power of two). None: _COMPILED_TILE on a GPU; the interpreter
+    # costs ~3 ms per program and little per pixel, so there it takes the fewest tiles:
+    # num_cols/16 (at least 1024, at most 16384: multi-tile scans from 16K pixels on; tests
+    # force tiny tiles)
     "tile": None,
     "scan_block": 1024,
     "force_int64": False,
-    # fp16/bf16 segments with at least this many pixels take the sort-free histogram path
-    # (DESIGN §5). Its tables are 2 × 2^15 int32 counts and 2 × 2^15 float32 per-class
-    # gradients per segment (256 KiB each), the order of a segment's own traffic at 2^16
-    # pixels (128 KiB of fp16 errors, 64 KiB of labels, 128 KiB of gradient); the speed
-    # break-even is not yet measured on a GPU. None disables it.
+    # "auto" only: 16-bit segments with at least this many pixels take the sort-free histogram
+    # path. Its tables are 2 × NUM_BINS int32 counts and float32 per-class gradients per
+    # segment (256 KiB each for 16-bit errors, up to 512 KiB for 16-bit scores), the order of a
+    # segment's own traffic at 2^16 pixels; the speed break-even is not yet measured on a GPU.
+    # None disables it.
     "histogram_min_pixels": 1 << 16,
+    # one of SORT_STRATEGIES; None: the LOVASZ_TRITON_SORT environment variable, else "auto"
+    "sort": None,
 }
-_HISTOGRAM_BINS = 1 << 15  # bits of a non-negative 16-bit float
+# one launch at a time through an autotuner: it keeps per-launch state on the shared kernel
+# object while it benchmarks (results never depend on the config it picks)
+_TUNING_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
 def _override(**settings) -> Iterator[None]:
-    """Temporarily change launch settings (tests force tiny tiles, int64 offsets, no fusion).
+    """Temporarily change launch settings (tests force tiny tiles, int64 offsets, a strategy).
 
-    Keys: ``small_segment_max``, ``tile`` (power of two), ``scan_block`` (power of two),
-    ``force_int64``, ``histogram_min_pixels``. A forced ``tile`` also bypasses autotuning.
+    Keys: ``small_segment_max``, ``tile`` (power of two), ``scan_block`` (power of two, at
+    most 1024), ``force_int64``, ``histogram_min_pixels``, ``sort``. Process-wide: not for
+    concurrent calls with different settings.
     """
     unknown = set(settings) - set(_SETTINGS)
     if unknown:
         raise ValueError(f"unknown triton backend settings: {sorted(unknown)}")
+    if "sort" in settings and settings["sort"] is not None:
+        _check_strategy(settings["sort"], "sort")
     saved = dict(_SETTINGS)
     _SETTINGS.update(settings)
     try:
@@ -514,6 +734,74 @@ def _override(**settings) -> Iterator[None]:
     finally:
         _SETTINGS.clear()
         _SETTINGS.update(saved)
+
+
+def _check_strategy(name: object, where: str) -> str:
+    if name not in SORT_STRATEGIES:
+        raise ValueError(f"{where} must be one of {', '.join(SORT_STRATEGIES)}; got {name!r}")
+    return name
+
+
+def requested_sort() -> str:
+    """The sort strategy asked for: ``_override(sort=...)``, else ``$LOVASZ_TRITON_SORT``,
+    else ``"auto"`` (see the module docstring)."""
+    if _SETTINGS["sort"] is not None:
+        return _SETTINGS["sort"]
+    value = os.environ.get(SORT_ENV, "").strip()
+    return _check_strategy(value, f"the environment variable {SORT_ENV}") if value else "auto"
+
+
+def sort_strategy(dtype: torch.dtype, num_cols: int, *, from_scores: bool = True) -> str:
+    """The strategy a call takes now: ``"in-register"`` (one ``tl.sort`` program per
+    segment), ``"rows"``, ``"flat"`` or ``"histogram"``.
+
+    ``dtype`` is the scores' dtype (``from_scores``, a loss call) or the errors' dtype (a
+    ``lovasz_extension`` call); ``num_cols`` the pixels per segment (B·P for batch segments).
+    An explicit strategy runs at every size where it is exact: ``flat`` needs keys of at most
+    32 bits (float64 errors sort by rows), ``histogram`` 16-bit inputs (others sort by rows).
+    """
+    error_dtype = compute_dtype(dtype) if from_scores else dtype
+    narrow_keys = error_dtype != torch.float64
+    requested = requested_sort()
+    if requested == "rows":
+        return "rows"
+    if requested == "flat":
+        return "flat" if narrow_keys else "rows"
+    if requested == "histogram":
+        return "histogram" if dtype in _HALF_DTYPES else "rows"
+    small_max = _SETTINGS["small_segment_max"]
+    if small_max is None:
+        small_max = 0 if _INTERPRETED else 2048
+    if narrow_keys and num_cols <= min(small_max, 1 << _SMALL_INDEX_BITS):
+        return "in-register"
+    histogram_min = _SETTINGS["histogram_min_pixels"]
+    if dtype in _HALF_DTYPES and histogram_min is not None and num_cols >= histogram_min:
+        return "histogram"
+    return "rows"
+
+
+def _tile(num_cols: int) -> int:
+    """The tile of every tiled kernel of a call: a pure function of its sizes and the
+    settings (never of shared tuning state), so every kernel of the call agrees on it."""
+    if _SETTINGS["tile"] is not None:
+        return _SETTINGS["tile"]
+    if _INTERPRETED:
+        return min(max(triton.next_power_of_2(triton.cdiv(num_cols, 16)), 1024), 16384)
+    return _COMPILED_TILE
+
+
+def _launch(kernel, programs: int, *args, **meta) -> None:
+    """Launch ``kernel`` on a 1-D grid of ``programs`` programs (every launch goes through
+    here; the ahead-of-time compile test swaps it for compilation)."""
+    if programs > _MAX_PROGRAMS:
+        raise ValueError(f"a launch needs {programs} programs, more than a CUDA grid holds "
+                         f"({_MAX_PROGRAMS}); the segments are too long")
+    if isinstance(kernel, triton.runtime.Autotuner):
+        with _TUNING_LOCK:
+            kernel[(programs,)](*args, **meta)
+    else:
+        meta.setdefault("num_warps", _FIXED_WARPS)
+        kernel[(programs,)](*args, **meta)
 
 
 def _tl_dtype(dtype: torch.dtype):
@@ -526,6 +814,175 @@ def _max_offset(tensor: torch.Tensor) -> int:
     return sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape, tensor.stride()))
 
 
+@dataclass(frozen=True)
+class _Call:
+    """One call's segments as the kernels see them (see "source" arguments above)."""
+
+    num_segments: int
+    num_cols: int  # pixels per segment: the length of a sorted row
+    pixels_per_image: int
+    images_per_segment: int  # B for batch segments, else 1
+    input_dtype: torch.dtype  # of the scores or errors read
+    error_dtype: torch.dtype  # the errors' (and the keys' width)
+    bg_offset: float
+    source: tuple
+    gradient: tuple
+    flags: dict
+    int64: bool
+    device: torch.device
+
+    def tiles_per_image(self, block: int) -> int:
+        return triton.cdiv(self.pixels_per_image, block)
+
+    def pixel_programs(self, block: int) -> int:
+        return self.num_segments * self.images_per_segment * self.tiles_per_image(block)
+
+
+def _needs_int64(num_keys: int, *tensors: torch.Tensor) -> bool:
+    """Whether an offset into the keys or any tensor can pass 2^31 (or a test forces int64)."""
+    widest = max([num_keys] + [_max_offset(t) + 1 for t in tensors])
+    return _SETTINGS["force_int64"] or widest >= 2**31
+
+
+def _run(call: _Call, loss: torch.Tensor) -> None:
+    """Write every segment's loss into ``loss`` (S,) and every pixel's gradient."""
+    strategy = sort_strategy(call.input_dtype, call.num_cols,
+                             from_scores=call.flags["FROM_SCORES"])
+    if strategy == "in-register":
+        _run_in_registers(call, loss)
+    elif strategy == "histogram":
+        _run_histogram(call, loss)
+    else:
+        _run_sorted(call, loss, flat=strategy == "flat")
+
+
+def _run_in_registers(call: _Call, loss: torch.Tensor) -> None:
+    key_dtype, key_half = _KEYS[call.error_dtype]
+    _launch(
+        _small_segment_kernel, call.num_segments, *call.source, *call.gradient, loss,
+        call.num_cols, **call.flags, ERROR_DTYPE=_tl_dtype(call.error_dtype),
+        KEY_DTYPE=_tl_dtype(key_dtype), KEY_HALF=key_half, INDEX_BITS=_SMALL_INDEX_BITS,
+        INT64=call.int64, BLOCK=max(16, triton.next_power_of_2(call.num_cols)),
+        num_warps=4 if call.num_cols <= 1024 else 8,
+    )
+
+
+def _build_keys(call: _Call, flat: bool) -> torch.Tensor:
+    """The (S·num_cols,) sort keys of every pixel (``_build_keys_kernel``): ``_make_key`` keys
+    in their own width, or the int64 ``_flat_key`` of each with ``flat``."""
+    key_dtype, key_half = _KEYS[call.error_dtype]
+    block = min(_tile(call.num_cols), max(16, triton.next_power_of_2(call.pixels_per_image)))
+    keys = torch.empty(call.num_segments * call.num_cols,
+                       dtype=torch.int64 if flat else key_dtype, device=call.device)
+    _launch(
+        _build_keys_kernel if _INTERPRETED else _build_keys_tuned, call.pixel_programs(block),
+        *call.source, keys, call.num_segments, call.tiles_per_image(block), call.num_cols,
+        call.num_cols.bit_length(), **call.flags, ERROR_DTYPE=_tl_dtype(call.error_dtype),
+        KEY_DTYPE=_tl_dtype(key_dtype), KEY_HALF=key_half, FLAT=flat, INT64=call.int64,
+        BLOCK=block,
+    )
+    return keys
+
+
+def _run_sorted(call: _Call, loss: torch.Tensor, flat: bool) -> None:
+    num_segments, num_cols, device = call.num_segments, call.num_cols, call.device
+    key_dtype, key_half = _KEYS[call.error_dtype]
+    keys = _build_keys(call, flat)
+    # the one step outside Triton: CUB's radix sort (values come back as keys)
+    if flat:
+        keys_sorted, order = torch.sort(keys, descending=True)
+    else:
+        keys_sorted, order = torch.sort(keys.view(num_segments, num_cols), dim=1,
+                                        descending=True)
+    del keys
+
+    count_dtype = torch.int64 if call.int64 else torch.int32
+    count_tl = _tl_dtype(count_dtype)
+    tile = _tile(num_cols)
+    num_tiles = triton.cdiv(num_cols, tile)
+    counts = torch.empty((num_segments, num_tiles), dtype=count_dtype, device=device)
+    _launch(_tile_counts_kernel, num_segments * num_tiles, keys_sorted, counts, num_cols,
+            num_tiles, COUNT_DTYPE=count_tl, INT64=call.int64, BLOCK=tile)
+    carries = torch.empty_like(counts)
+    n_fg = torch.empty(num_segments, dtype=count_dtype, device=device)
+    _launch(_scan_tiles_kernel, num_segments, counts, carries, n_fg, num_tiles,
+            COUNT_DTYPE=count_tl, INT64=call.int64, SCAN_BLOCK=_SETTINGS["scan_block"])
+    partials = torch.empty((num_segments, num_tiles), dtype=torch.float64, device=device)
+    compute = tl.float64 if call.error_dtype == torch.float64 else tl.float32
+    _launch(
+        _apply_kernel if _INTERPRETED else _apply_tuned, num_segments * num_tiles,
+        *call.source, *call.gradient, keys_sorted, order, carries, n_fg, partials, num_cols,
+        num_tiles, num_cols.bit_length(), **call.flags, ERROR_DTYPE=_tl_dtype(call.error_dtype),
+        KEY_DTYPE=_tl_dtype(key_dtype), KEY_HALF=key_half, COMPUTE_DTYPE=compute,
+        COUNT_DTYPE=count_tl, FLAT=flat, INT64=call.int64, BLOCK=tile,
+    )
+    _launch(_segment_loss_kernel, num_segments, partials, loss, num_tiles, INT64=call.int64,
+            SCAN_BLOCK=_SETTINGS["scan_block"])
+
+
+_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _histogram_tables(
+    dtype: torch.dtype, bg_offset: float | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rank, bin_value) for the histogram path, built on the host once per (dtype,
+    bg_offset, device) and cached (no device synchronisation after the first call).
+
+    16-bit errors (``bg_offset`` None): bins are the bits of max(e, 0); ``bin_value`` (2^15,)
+    float32 holds their values; no rank is looked up (``rank`` is ``bin_value``, a placeholder
+    pointer).
+
+    16-bit scores: every score bit pattern x gives two candidate errors, computed exactly as
+    the kernels compute them (float32 ``1 − x`` on foreground, ``x + bg_offset`` elsewhere),
+    each turned into its sort key's value bits (``_make_key`` without the label: bits of
+    max(e, 0)). ``rank`` (2, 2^16) int32 maps (is_fg, bits of x) to the index of that value
+    among the sorted distinct values, so ranks order like the errors and equal errors share a
+    rank whatever their class; ``bin_value`` holds each rank's error, padded with zeros to a
+    multiple of 1024 (at most 64513 ranks for float16 softmax).
+    """
+    cache_key = (dtype, bg_offset, device)
+    tables = _TABLES.get(cache_key)
+    if tables is not None:
+        return tables
+    if bg_offset is None:
+        bits = torch.arange(_HISTOGRAM_HALF_BINS, dtype=torch.int16)
+        bin_value = bits.view(dtype).to(torch.float32)
+        rank = bin_value
+    else:
+        scores = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(dtype).float()
+        errors = torch.stack([scores + bg_offset, 1.0 - scores])  # row 0 bg, row 1 fg
+        keys = errors.view(torch.int32)
+        keys = torch.where(keys > 0, keys, 0)  # as _make_key: ≤ 0, -0.0, negative NaN → +0.0
+        values, inverse = torch.unique(torch.cat([keys.reshape(-1), keys.new_zeros(1)]),
+                                       sorted=True, return_inverse=True)
+        rank = inverse[:-1].reshape(2, 1 << 16).to(torch.int32)
+        num_bins = triton.cdiv(values.numel(), _BIN_ALIGN) * _BIN_ALIGN
+        bin_value = torch.zeros(num_bins, dtype=torch.float32)
+        bin_value[: values.numel()] = values.view(torch.float32)
+    tables = (rank.to(device), bin_value.to(device))
+    _TABLES[cache_key] = tables
+    return tables
+
+
+def _run_histogram(call: _Call, loss: torch.Tensor) -> None:
+    from_scores = call.flags["FROM_SCORES"]
+    rank, bin_value = _histogram_tables(call.input_dtype,
+                                        call.bg_offset if from_scores else None, call.device)
+    num_bins = bin_value.numel()
+    num_segments, device = call.num_segments, call.device
+    block = min(_tile(call.num_cols), max(16, triton.next_power_of_2(call.pixels_per_image)))
+    programs, tiles = call.pixel_programs(block), call.tiles_per_image(block)
+    meta = dict(**call.flags, NUM_BINS=num_bins, INT64=call.int64, BLOCK=block)
+    hist = torch.zeros((num_segments, 2, num_bins), dtype=torch.int32, device=device)
+    _launch(_histogram_kernel, programs, *call.source, hist, rank, num_segments, tiles, **meta)
+    bin_grad = torch.empty((num_segments, 2, num_bins), dtype=torch.float32, device=device)
+    _launch(_histogram_scan_kernel, num_segments, hist, bin_grad, bin_value, loss,
+            NUM_BINS=num_bins, SCAN_BLOCK=_SETTINGS["scan_block"])
+    _launch(_histogram_gather_kernel, programs, *call.source, *call.gradient, bin_grad, rank,
+            num_segments, tiles, **meta)
+
+
 def lovasz_extension(errors: torch.Tensor, fg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss (S,) and gradient (S, P) of the Lovász extension with Triton kernels.
 
@@ -533,117 +990,91 @@ def lovasz_extension(errors: torch.Tensor, fg: torch.Tensor) -> tuple[torch.Tens
     inputs are read in place. The loss is in max(dtype, float32), the gradient in the input
     dtype. See the module docstring for the kernels.
     """
-    if errors.device.type == "cuda":
-        with torch.cuda.device(errors.device):  # Triton launches on the current device
-            return _lovasz_extension(errors, fg)
-    return _lovasz_extension(errors, fg)
+    with _on_device(errors.device):
+        grad = torch.empty(errors.shape, dtype=errors.dtype, device=errors.device)
+        loss = torch.empty(errors.shape[0], dtype=compute_dtype(errors.dtype),
+                           device=errors.device)
+        _run(_errors_call(errors, fg, grad), loss)
+        return loss, grad
 
 
-def _lovasz_extension(errors: torch.Tensor, fg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _errors_call(errors: torch.Tensor, fg: torch.Tensor, grad: torch.Tensor) -> _Call:
+    """(S, P) errors and fg read in place, the (S, P) gradient written into ``grad``."""
     num_segments, num_pixels = errors.shape
-    device = errors.device
-    key_dtype, key_half = _KEYS[errors.dtype]
     fg_bytes = fg.view(torch.uint8)  # same strides; Triton loads bytes, no bool quirks
-    int64 = _SETTINGS["force_int64"] or max(
-        num_segments * num_pixels, _max_offset(errors) + 1, _max_offset(fg_bytes) + 1
-    ) >= 2**31
-    grad = torch.empty((num_segments, num_pixels), dtype=errors.dtype, device=device)
-    loss = torch.empty(num_segments, dtype=compute_dtype(errors.dtype), device=device)
-    strides = (*errors.stride(), *fg_bytes.stride())
+    source = (errors, fg_bytes, errors, errors, errors, num_pixels, 0, 0.0,
+              errors.stride(0), 0, errors.stride(1), *fg_bytes.stride())
+    return _Call(
+        num_segments=num_segments, num_cols=num_pixels, pixels_per_image=num_pixels,
+        images_per_segment=1, input_dtype=errors.dtype, error_dtype=errors.dtype,
+        bg_offset=0.0, source=source, gradient=(grad, errors, num_pixels, 0, 1),
+        flags=dict(FROM_SCORES=False, BATCH_SEGMENTS=False, HAS_IGNORE=False),
+        int64=_needs_int64(num_segments * num_pixels, errors, fg_bytes, grad),
+        device=errors.device,
+    )
 
-    small_max = _SETTINGS["small_segment_max"]
-    if small_max is None:
-        small_max = 0 if _INTERPRETED else 2048
-    small_max = min(small_max, 1 << _SMALL_INDEX_BITS)
-    if num_pixels <= small_max and errors.dtype != torch.float64:
-        _small_segment_kernel[(num_segments,)](
-            errors, fg_bytes, grad, loss, num_pixels, *strides,
-            KEY_DTYPE=_tl_dtype(key_dtype), KEY_HALF=key_half, INDEX_BITS=_SMALL_INDEX_BITS,
-            INT64=int64, BLOCK=max(16, triton.next_power_of_2(num_pixels)),
-            num_warps=4 if num_pixels <= 1024 else 8,
-        )
-        return loss, grad
 
-    tile = _SETTINGS["tile"]
-    if tile is None and _INTERPRETED:
-        tile = min(max(triton.next_power_of_2(triton.cdiv(num_pixels, 16)), 1024), 16384)
 
-    histogram_min = _SETTINGS["histogram_min_pixels"]
-    if (errors.dtype in (torch.float16, torch.bfloat16) and histogram_min is not None
-            and num_pixels >= histogram_min):
-        hist = torch.zeros((num_segments, 2, _HISTOGRAM_BINS), dtype=torch.int32, device=device)
-        block = tile or 1024
-        grid = (num_segments, triton.cdiv(num_pixels, block))
-        _histogram_kernel[grid](
-            errors, fg_bytes, hist, num_pixels, *strides,
-            NUM_BINS=_HISTOGRAM_BINS, INT64=int64, BLOCK=block,
-        )
-        bin_grad = torch.empty((num_segments, 2, _HISTOGRAM_BINS), dtype=torch.float32,
-                               device=device)
-        _histogram_scan_kernel[(num_segments,)](
-            hist, bin_grad, loss, FLOAT_DTYPE=_tl_dtype(errors.dtype), NUM_BINS=_HISTOGRAM_BINS,
-            SCAN_BLOCK=_SETTINGS["scan_block"],
-        )
-        _histogram_gather_kernel[grid](
-            errors, fg_bytes, bin_grad, grad, num_pixels, *strides,
-            NUM_BINS=_HISTOGRAM_BINS, INT64=int64, BLOCK=block,
-        )
-        return loss, grad
+def lovasz_loss(
+    scores: torch.Tensor, labels: torch.Tensor, plan: SegmentPlan
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused loss path (see :mod:`lovasz_kernels._plan` and the module docstring).
 
-    size_class = num_pixels.bit_length()  # autotuning key: retune per power of two, not per P
-    keys = torch.empty((num_segments, num_pixels), dtype=key_dtype, device=device)
-    key_args = (errors, fg_bytes, keys, num_pixels, size_class, *strides)
-    key_meta = dict(KEY_DTYPE=_tl_dtype(key_dtype), KEY_HALF=key_half, INT64=int64)
-    if tile is None:
-        _build_keys_tuned[lambda meta: (num_segments, triton.cdiv(num_pixels, meta["BLOCK"]))](
-            *key_args, **key_meta
-        )
+    ``scores`` (B, C, P) in their own dtype, ``labels`` (B, P) int64, both read in place.
+    Returns the 0-d float64 total ``Σ_s weight[s] · extension_s`` and its gradient w.r.t. the
+    scores (B, C, P) in max(dtype, float32). Makes no host synchronisation: the segment losses
+    are summed with their weights on the device, and with a dense plan every pixel of the
+    gradient is written by the kernels (0 for segments of weight 0).
+    """
+    compute = compute_dtype(scores.dtype)
+    device = scores.device
+    num_segments = plan.num_segments
+    if num_segments == 0 or scores.numel() == 0:
+        return (torch.zeros((), dtype=torch.float64, device=device),
+                torch.zeros(scores.shape, dtype=compute, device=device))
+    with _on_device(device):
+        # a dense plan covers every (image, channel) once: the kernels write every pixel
+        allocate = torch.empty if plan.dense else torch.zeros
+        grad = allocate(scores.shape, dtype=compute, device=device)
+        segment_loss = torch.empty(num_segments, dtype=torch.float64, device=device)
+        _run(_scores_call(scores, labels, plan, grad), segment_loss)
+        return torch.dot(segment_loss, plan.weight), grad
+
+
+def _scores_call(
+    scores: torch.Tensor, labels: torch.Tensor, plan: SegmentPlan, grad: torch.Tensor
+) -> _Call:
+    """The plan's segments of scores (B, C, P) and labels (B, P), read in place; the
+    weighted, signed gradient written into ``grad`` (B, C, P)."""
+    batch, _, num_pixels = scores.shape
+    batch_segments = plan.image is None
+    num_cols = batch * num_pixels if batch_segments else num_pixels
+    image = plan.channel if batch_segments else plan.image  # (unused for batch segments)
+    # as _validate.valid_pixels: an ignore_index int64 labels cannot hold matches nothing
+    has_ignore = plan.ignore_index is not None and -(2**63) <= plan.ignore_index < 2**63
+    ignore_index = plan.ignore_index if has_ignore else 0
+    source = (scores, labels, image, plan.channel, plan.fg_label, num_pixels, ignore_index,
+              float(plan.bg_offset), *scores.stride(), *labels.stride())
+    return _Call(
+        num_segments=plan.num_segments, num_cols=num_cols, pixels_per_image=num_pixels,
+        images_per_segment=batch if batch_segments else 1, input_dtype=scores.dtype,
+        error_dtype=compute_dtype(scores.dtype), bg_offset=float(plan.bg_offset),
+        source=source, gradient=(grad, plan.weight, *grad.stride()),
+        flags=dict(FROM_SCORES=True, BATCH_SEGMENTS=batch_segments, HAS_IGNORE=has_ignore),
+        int64=_needs_int64(plan.num_segments * num_cols, scores, labels, grad),
+        device=scores.device,
+    )
+
+
+
+@contextlib.contextmanager
+def _on_device(device: torch.device) -> Iterator[None]:
+    """Triton launches on the current CUDA device: make it the tensors'."""
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            yield
     else:
-        _build_keys_kernel[(num_segments, triton.cdiv(num_pixels, tile))](
-            *key_args, **key_meta, BLOCK=tile
-        )
-
-    # the one step outside Triton: CUB's segmented radix sort (values come back as keys)
-    keys_sorted, order = torch.sort(keys, dim=1, descending=True)
-    del keys
-    keys_sorted, order = keys_sorted.contiguous(), order.contiguous()
-
-    count_dtype = torch.int64 if int64 else torch.int32
-    count_tl = _tl_dtype(count_dtype)
-    counts_stride = triton.cdiv(num_pixels, tile or min(_TILE_BLOCKS))
-    counts = torch.empty((num_segments, counts_stride), dtype=count_dtype, device=device)
-    count_args = (keys_sorted, counts, num_pixels, counts_stride, size_class)
-    if tile is None:
-        _tile_counts_tuned[lambda meta: (num_segments, triton.cdiv(num_pixels, meta["BLOCK"]))](
-            *count_args, COUNT_DTYPE=count_tl, INT64=int64
-        )
-        tile = _tile_counts_tuned.best_config.kwargs["BLOCK"]
-        apply_kernel = _apply_tuned
-    else:
-        _tile_counts_kernel[(num_segments, triton.cdiv(num_pixels, tile))](
-            *count_args, COUNT_DTYPE=count_tl, INT64=int64, BLOCK=tile
-        )
-        apply_kernel = _apply_kernel
-    num_tiles = triton.cdiv(num_pixels, tile)
-
-    scan_block = _SETTINGS["scan_block"]
-    carries = torch.empty_like(counts)
-    n_fg = torch.empty(num_segments, dtype=count_dtype, device=device)
-    _scan_tiles_kernel[(num_segments,)](
-        counts, carries, n_fg, num_tiles, counts_stride,
-        COUNT_DTYPE=count_tl, INT64=int64, SCAN_BLOCK=scan_block,
-    )
-    partials = torch.empty((num_segments, counts_stride), dtype=torch.float64, device=device)
-    compute = tl.float64 if errors.dtype == torch.float64 else tl.float32
-    apply_kernel[(num_segments, num_tiles)](
-        keys_sorted, order, carries, n_fg, grad, partials, num_pixels, counts_stride, size_class,
-        KEY_DTYPE=_tl_dtype(key_dtype), KEY_HALF=key_half, COMPUTE_DTYPE=compute,
-        COUNT_DTYPE=count_tl, INT64=int64, BLOCK=tile,
-    )
-    _segment_loss_kernel[(num_segments,)](
-        partials, loss, num_tiles, counts_stride, INT64=int64, SCAN_BLOCK=scan_block
-    )
-    return loss, grad
+        yield
 
 
 def availability() -> tuple[bool, str]:
@@ -667,8 +1098,10 @@ def supported_devices() -> tuple[str, ...]:
 
 def details() -> str:
     """One line for ``lovasz-kernels info``."""
+    sort = f"sort {requested_sort()} (${SORT_ENV})"
     if _INTERPRETED:
-        return f"triton {triton.__version__}, interpreter mode (TRITON_INTERPRET=1, slow; tests)"
+        return (f"triton {triton.__version__}, interpreter mode (TRITON_INTERPRET=1, slow; "
+                f"tests), {sort}")
     if torch.cuda.is_available():
-        return f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
+        return f"triton {triton.__version__} on {torch.cuda.get_device_name()}, {sort}"
     return ""
