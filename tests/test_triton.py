@@ -17,7 +17,8 @@ import textwrap
 import pytest
 import torch
 
-from lovasz_kernels import get_backend, lovasz_extension
+import lovasz_kernels
+from lovasz_kernels import _plan, get_backend, lovasz_extension
 from lovasz_kernels._cases import extension_cases, tie_group_sums
 from lovasz_kernels._registry import select_backend
 from tests.helpers import (
@@ -417,3 +418,409 @@ def test_cuda_autotuned_matches_reference(dtype, shape, gen):
     fg = torch.rand(shape, generator=gen) < 0.3
     loss, grad = lovasz_extension(errors.cuda(), fg.cuda(), backend="triton")
     _compare(errors, fg, loss.cpu(), grad.cpu(), f"cuda {dtype} {shape}")
+
+
+# ------------------------------------------------------------------ the fused loss path
+
+STRATEGIES = ["rows", "flat", "histogram"]
+FUSED_TILINGS = {
+    # 8-pixel tiles, 2 tile totals per scan chunk: several tiles per image and scan chunks
+    "tiny tiles": dict(small_segment_max=0, tile=8, scan_block=2),
+    "int64": dict(small_segment_max=0, tile=16, scan_block=4, force_int64=True),
+    "in-register": dict(small_segment_max=4096),
+}
+
+
+@pytest.fixture
+def no_value_checks():
+    """Scores that are not a softmax (tie-free by construction): value checks off."""
+    lovasz_kernels.set_validate_values(False)
+    yield
+    lovasz_kernels.set_validate_values(True)
+
+
+def _tie_free_scores(kind: str, shape: tuple[int, int, int], dtype: torch.dtype,
+                     generator: torch.Generator) -> torch.Tensor:
+    """(B, C, P) scores whose errors are pairwise distinct within every channel, across images.
+
+    Probabilities: distinct values in [0.01, 0.49] (bg errors p < 0.5 < fg errors 1 − p).
+    Logits: distinct magnitudes in [0.01, 0.9] with random signs (1 − x = 1 + y needs y = −x).
+    The float32 errors of 16-bit values are exact, so they stay distinct.
+    """
+    batch, channels, pixels = shape
+    count = batch * pixels
+    grid = torch.linspace(0.01, 0.9 if kind == "hinge" else 0.49, count, dtype=torch.float64)
+    columns = []
+    for _ in range(channels):
+        values = grid[torch.randperm(count, generator=generator)]
+        if kind == "hinge":
+            values = values * torch.where(torch.rand(count, generator=generator) < 0.5, -1, 1)
+        columns.append(values.to(dtype))
+        assert torch.unique(columns[-1].abs()).numel() == count, "not tie-free in this dtype"
+    return torch.stack(columns).reshape(channels, batch, pixels).transpose(0, 1).contiguous()
+
+
+def _loss_inputs(kind, dtype, shape, ignore, generator):
+    batch, channels, pixels = shape
+    scores = _tie_free_scores(kind, shape, dtype, generator)
+    labels = torch.randint(0, 2 if kind == "hinge" else channels, (batch, pixels),
+                           generator=generator)
+    if ignore:
+        labels[torch.rand(batch, pixels, generator=generator) < 0.2] = 255
+    if kind == "hinge":
+        scores = scores[:, 0]
+    return scores, labels
+
+
+def _loss_and_grad(kind, scores, labels, backend, device="cpu", **options):
+    scores = scores.to(device).requires_grad_()
+    loss_fn = lovasz_kernels.lovasz_hinge if kind == "hinge" else lovasz_kernels.lovasz_softmax
+    loss = loss_fn(scores, labels.to(device), backend=backend, **options)
+    loss.backward()
+    return loss.detach().cpu(), scores.grad.cpu()
+
+
+def _compare_losses(kind, scores, labels, device, what, **options):
+    loss, grad = _loss_and_grad(kind, scores, labels, "triton", device, **options)
+    ref_loss, ref_grad = _loss_and_grad(kind, scores, labels, "numpy", **options)
+    assert loss.dtype == ref_loss.dtype and grad.dtype == scores.dtype
+    assert_close_report(loss, ref_loss, LOSS_TOLERANCE[scores.dtype], f"{what} loss")
+    assert_close_report(grad, ref_grad, GRAD_TOLERANCE[scores.dtype], f"{what} grad")
+
+
+def _fused_cases() -> list:
+    """(dtype, strategy, tiling) where the strategy applies: histogram for 16-bit scores, flat
+    and the in-register path for keys of at most 32 bits (not float64)."""
+    cases = []
+    for dtype in DTYPES:
+        half = dtype in (torch.float16, torch.bfloat16)
+        for strategy in STRATEGIES:
+            if (strategy == "histogram" and not half) or (
+                    strategy == "flat" and dtype == torch.float64):
+                continue
+            cases += [(dtype, strategy, "tiny tiles"), (dtype, strategy, "int64")]
+        if dtype != torch.float64:
+            cases.append((dtype, "auto", "in-register"))
+    return cases
+
+
+@pytest.mark.parametrize("dtype, strategy, tiling", _fused_cases(), ids=str)
+@pytest.mark.parametrize("kind, per_image, ignore", [
+    ("softmax", False, True), ("softmax", True, False), ("hinge", False, False),
+    ("hinge", True, True)], ids=str)
+def test_fused_loss_matches_reference(device, no_value_checks, kind, per_image, ignore, dtype,
+                                      strategy, tiling, gen):
+    """Scores (B, C, P) in their own dtype through every strategy: the kernels form the errors
+    from the scores and labels and write the weighted, signed gradient in place."""
+    shape = (2, 3, 35)
+    scores, labels = _loss_inputs(kind, dtype, shape, ignore, gen)
+    with _module()._override(**FUSED_TILINGS[tiling], sort=strategy):
+        num_cols = shape[2] if per_image else shape[0] * shape[2]
+        expected = "in-register" if tiling == "in-register" else strategy
+        assert _module().sort_strategy(dtype, num_cols) == expected
+        _compare_losses(kind, scores, labels, device, f"{kind} {dtype} {strategy} {tiling}",
+                        per_image=per_image, ignore_index=255 if ignore else None)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=str)
+def test_fused_loss_options_and_strided_scores(device, strategy, gen):
+    """Class weights, a class list, absent classes, an ignore label; scores as a non-contiguous
+    view (channels last) read in place; 16-bit probabilities from a real softmax (ties)."""
+    logits = torch.randn(2, 5, 6, 4, generator=gen)
+    probas = logits.softmax(dim=1).half().contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 4, (2, 6, 4), generator=gen)  # class 4 absent
+    labels[0, 0] = 255
+    options = [dict(classes="all", class_weights=[1.0, 0.5, 2.0, 0.0, 1.0]),
+               dict(classes=[1, 3, 4], per_image=True)]
+    for option in options:
+        with _module()._override(tile=8, scan_block=2, small_segment_max=0, sort=strategy):
+            loss, grad = _loss_and_grad("softmax", probas, labels, "triton", device,
+                                        ignore_index=255, **option)
+        ref_loss, ref_grad = _loss_and_grad("softmax", probas, labels, "numpy",
+                                            ignore_index=255, **option)
+        assert_close_report(loss, ref_loss, LOSS_TOLERANCE[torch.float16], f"{option} loss")
+        # ties: compare the sums over each (segment, error value) group
+        per_image = option.get("per_image", False)
+        errors = _segment_errors(probas, labels, per_image)
+        assert_close_report(tie_group_sums(errors, _segment_rows(grad, per_image)),
+                            tie_group_sums(errors, _segment_rows(ref_grad, per_image)),
+                            GRAD_TOLERANCE[torch.float16], f"{option} tie-group grad")
+
+
+def _segment_rows(tensor: torch.Tensor, per_image: bool) -> torch.Tensor:
+    """(B, C, H, W) → the (S, P') rows of a dense plan (S = B·C per image, C for the batch)."""
+    batch, channels = tensor.shape[:2]
+    flat = tensor.reshape(batch, channels, -1).double()
+    if per_image:
+        return flat.reshape(batch * channels, -1)
+    return flat.transpose(0, 1).reshape(channels, -1)
+
+
+def _segment_errors(probas, labels, per_image):
+    """Softmax errors of every (segment, pixel) as the reference forms them (−inf ignored)."""
+    channels = probas.shape[1]
+    classes = torch.arange(channels).reshape(1, channels, 1, 1)
+    fg = labels[:, None] == classes
+    errors = torch.where(fg, 1 - probas.float(), probas.float()).double()
+    errors = errors.masked_fill((labels == 255)[:, None].expand_as(errors), -torch.inf)
+    return _segment_rows(errors, per_image)
+
+
+def test_fused_loss_builds_no_segment_tensors(device, monkeypatch, gen):
+    """The triton loss never materializes (S, P) errors nor scatters a gradient back."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the triton loss took the generic (S, P) path")
+
+    monkeypatch.setattr(_plan, "segment_errors", forbidden)
+    monkeypatch.setattr(_plan, "generic_lovasz_loss", forbidden)
+    monkeypatch.setattr(_plan, "scatter_segment_grad", forbidden)
+    from lovasz_kernels import _registry
+    monkeypatch.setattr(_registry, "generic_lovasz_loss", forbidden)
+    probas = torch.randn(2, 3, 7, generator=gen).softmax(dim=1)
+    labels = torch.randint(0, 3, (2, 7), generator=gen)
+    loss, grad = _loss_and_grad("softmax", probas, labels, "triton", device)
+    assert torch.isfinite(loss) and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dense", [True, False], ids=["dense plan", "compact plan"])
+def test_fused_loss_writes_every_gradient_pixel(device, monkeypatch, dense, gen):
+    """Every pixel of the gradient is written, 0 for segments of weight 0 (absent classes,
+    ignored pixels): fresh buffers come back NaN-filled here, and none survives."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        tensor = real_empty(*args, **kwargs)
+        return tensor.fill_(torch.nan) if tensor.is_floating_point() else tensor.fill_(-7)
+
+    probas = torch.randn(2, 4, 9, generator=gen).softmax(dim=1)
+    labels = torch.randint(0, 2, (2, 9), generator=gen)  # classes 2 and 3 absent
+    labels[1, :4] = 255
+    monkeypatch.setitem(_plan._SETTINGS, "read_values_on_cpu", not dense)
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    with _module()._override(tile=8, scan_block=2, small_segment_max=0, sort="rows"):
+        loss, grad = _loss_and_grad("softmax", probas, labels, "triton", device,
+                                    ignore_index=255, per_image=True)
+    monkeypatch.undo()
+    ref_loss, ref_grad = _loss_and_grad("softmax", probas, labels, "numpy", ignore_index=255,
+                                        per_image=True)
+    assert not grad.isnan().any()
+    torch.testing.assert_close(grad, ref_grad)
+    torch.testing.assert_close(loss, ref_loss)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["softmax", "hinge"])
+def test_half_scores_reach_the_half_kernels(device, no_value_checks, monkeypatch, kind, dtype,
+                                            gen):
+    """16-bit scores arrive at the backend in their own dtype: sorting builds float32 keys
+    (int32) from the exact float32 errors, and the histogram path keys on the 16-bit input
+    (by default from ``histogram_min_pixels`` pixels on)."""
+    module = _module()
+    launches = _record_launches(monkeypatch)
+    scores, labels = _loss_inputs(kind, dtype, (2, 3, 40), False, gen)
+    with module._override(tile=16, scan_block=4, small_segment_max=0, sort="rows"):
+        _compare_losses(kind, scores, labels, device, f"{kind} {dtype} sorted")
+    keys = [meta for name, _, meta in launches if name == "_build_keys_kernel"]
+    assert keys and all(meta["KEY_DTYPE"] == tl_int32() for meta in keys)
+    assert all(meta["FROM_SCORES"] for meta in keys)
+    launches.clear()
+    # (the hinge's segments are per image by default: 40 pixels; the softmax's 80)
+    with module._override(tile=16, scan_block=4, small_segment_max=0, histogram_min_pixels=40):
+        assert module.sort_strategy(dtype, 40) == "histogram"
+        _compare_losses(kind, scores, labels, device, f"{kind} {dtype} histogram")
+    names = {name for name, _, _ in launches}
+    assert "_histogram_kernel" in names and "_build_keys_kernel" not in names
+
+
+def tl_int32():
+    import triton.language as tl
+
+    return tl.int32
+
+
+def _record_launches(monkeypatch) -> list:
+    """Record (kernel name, grid, meta) of every launch, then launch as usual."""
+    module = _module()
+    launches = []
+    real_launch = module._launch
+
+    def recording(kernel, programs, *args, **meta):
+        name = getattr(kernel, "fn", kernel)
+        name = getattr(name, "__name__", None) or getattr(getattr(name, "fn", None), "__name__",
+                                                           str(name))
+        launches.append((name, programs, dict(meta)))
+        real_launch(kernel, programs, *args, **meta)
+
+    monkeypatch.setattr(module, "_launch", recording)
+    return launches
+
+
+# ------------------------------------------------------------------------ strategies
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_extension_strategies_match_reference(device, strategy, dtype, gen):
+    """lovasz_extension through each strategy (where it is exact; others sort by rows)."""
+    errors = tie_free_errors((3, 150), dtype, gen)
+    fg = torch.rand(3, 150, generator=gen) < 0.3
+    loss, grad = _run(errors, fg, device, small_segment_max=0, tile=32, scan_block=2,
+                      sort=strategy)
+    _compare(errors, fg, loss, grad, f"{strategy} {dtype}")
+
+
+def test_strategy_rules_and_the_switch(monkeypatch):
+    """Explicit strategies run where they are exact; the environment variable is read per
+    call, and a bad value names it and lists the choices."""
+    module = _module()
+    half, f32, f64 = torch.float16, torch.float32, torch.float64
+    with module._override(small_segment_max=2048, histogram_min_pixels=1 << 16):
+        monkeypatch.delenv(module.SORT_ENV, raising=False)
+        assert module.requested_sort() == "auto"
+        assert module.sort_strategy(f32, 2048) == "in-register"
+        assert module.sort_strategy(f64, 100) == "rows"  # 64-bit keys: no room for a column
+        assert module.sort_strategy(half, 1 << 16) == "histogram"
+        assert module.sort_strategy(half, 1 << 16, from_scores=False) == "histogram"
+        assert module.sort_strategy(f32, 1 << 20) == "rows"
+        monkeypatch.setenv(module.SORT_ENV, "flat")
+        assert module.sort_strategy(f32, 100) == "flat"
+        assert module.sort_strategy(half, 1 << 20) == "flat"
+        assert module.sort_strategy(f64, 1 << 20, from_scores=False) == "rows"
+        monkeypatch.setenv(module.SORT_ENV, "histogram")
+        assert module.sort_strategy(half, 10) == "histogram"
+        assert module.sort_strategy(f32, 10) == "rows"
+        with module._override(sort="rows"):  # the in-process setting wins
+            assert module.sort_strategy(half, 1 << 20) == "rows"
+        monkeypatch.setenv(module.SORT_ENV, "radix")
+        with pytest.raises(ValueError, match="LOVASZ_TRITON_SORT must be one of auto, rows, "
+                                             "flat, histogram; got 'radix'"):
+            module.requested_sort()
+    with pytest.raises(ValueError, match="sort must be one of"), module._override(sort="fast"):
+        pass
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=str)
+def test_environment_variable_selects_the_strategy(device, monkeypatch, strategy, gen):
+    launches = _record_launches(monkeypatch)
+    monkeypatch.setenv(_module().SORT_ENV, strategy)
+    probas = torch.randn(2, 3, 20, generator=gen).softmax(dim=1).half()
+    labels = torch.randint(0, 3, (2, 20), generator=gen)
+    with _module()._override(tile=16, scan_block=4):
+        _loss_and_grad("softmax", probas, labels, "triton", device)
+    keys = [meta for name, _, meta in launches if name == "_build_keys_kernel"]
+    if strategy == "histogram":
+        assert not keys and any(name == "_histogram_kernel" for name, _, _ in launches)
+    else:
+        assert keys and all(meta["FLAT"] == (strategy == "flat") for meta in keys)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bg_offset", [0.0, 1.0])
+def test_histogram_rank_tables_order_every_candidate_error(dtype, bg_offset):
+    """For every 16-bit score and class: bin_value[rank] is the float32 error's key value
+    (max(e, 0); NaN above +inf), ranks order like the errors, equal errors share a rank."""
+    module = _module()
+    rank, bin_value = module._histogram_tables(dtype, bg_offset, torch.device("cpu"))
+    assert rank.shape == (2, 1 << 16) and rank.dtype == torch.int32
+    assert bin_value.numel() % 1024 == 0 and bin_value.numel() <= 1 << 16
+    scores = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(dtype).float()
+    errors = torch.stack([scores + bg_offset, 1 - scores])
+    keys = errors.view(torch.int32)
+    keys = torch.where(keys > 0, keys, 0)
+    assert torch.equal(bin_value[rank.long()].view(torch.int32), keys)
+    order = torch.argsort(keys.reshape(-1))
+    ranks = rank.reshape(-1)[order]
+    assert bool((ranks.diff() >= 0).all())
+    assert torch.unique(ranks).numel() == torch.unique(keys).numel()
+    assert int(rank.min()) == 0 and int(keys.reshape(-1)[rank.reshape(-1) == 0].max()) == 0
+
+
+# ----------------------------------------------------------------- launches and tiles
+
+def test_every_launch_is_one_dimensional(device, monkeypatch, gen):
+    """Every kernel runs on a 1-D grid (CUDA allows 2^31 − 1 programs on axis 0, only 65535
+    on axes 1 and 2, which a segment of 2^26 pixels in 1024-pixel tiles passes): the programs
+    are (segment, tile) pairs, counted here. A grid past axis 0's limit is refused clearly.
+
+    The interpreter cannot run 65536 programs in test time; the flattened index math is what
+    every tiled test runs (many segments × many tiles), and tests/triton_sm90.py compiles it.
+    """
+    module = _module()
+    grids = []
+    for name in ("_build_keys_kernel", "_tile_counts_kernel", "_scan_tiles_kernel",
+                 "_apply_kernel", "_segment_loss_kernel", "_histogram_kernel",
+                 "_histogram_scan_kernel", "_histogram_gather_kernel", "_small_segment_kernel"):
+        monkeypatch.setattr(module, name, _GridSpy(getattr(module, name), name, grids))
+    probas = torch.randn(2, 3, 50, generator=gen).softmax(dim=1).half()
+    labels = torch.randint(0, 3, (2, 50), generator=gen)
+    for strategy in ("rows", "flat", "histogram"):
+        with module._override(tile=16, scan_block=4, sort=strategy, small_segment_max=0):
+            _loss_and_grad("softmax", probas, labels, "triton", device, per_image=False)
+    with module._override(small_segment_max=4096):
+        _loss_and_grad("softmax", probas, labels, "triton", device, per_image=True)
+    assert all(len(grid) == 1 for _, grid in grids), grids
+    programs = dict(grids)
+    # 3 batch segments of 2 images × 4 pixel tiles; 3 segments × 7 tiles of 100 sorted pixels
+    assert programs["_build_keys_kernel"] == (3 * 2 * 4,)
+    assert programs["_apply_kernel"] == (3 * 7,) and programs["_scan_tiles_kernel"] == (3,)
+    assert programs["_histogram_kernel"] == (3 * 2 * 4,)
+    assert programs["_small_segment_kernel"] == (6,)
+    with pytest.raises(ValueError, match="more than a CUDA grid holds"):
+        module._launch(module._segment_loss_kernel, 2**31, None, None, 1)
+
+
+class _GridSpy:
+    """A kernel stand-in that records the grid of each launch and launches the kernel."""
+
+    def __init__(self, kernel, name, grids):
+        self.kernel, self.name, self.grids = kernel, name, grids
+
+    def __getitem__(self, grid):
+        self.grids.append((self.name, tuple(grid)))
+        return self.kernel[grid]
+
+
+def test_tile_is_chosen_per_call_never_by_the_autotuner():
+    """The count and apply kernels must cut rows into the same tiles. The tile is a pure
+    function of the call's sizes and settings; the autotuners vary num_warps only (results do
+    not depend on it), so no thread can count with one tile and apply with another."""
+    module = _module()
+    for tuned in (module._build_keys_tuned, module._apply_tuned):
+        assert all(config.kwargs == {} for config in tuned.configs)
+        assert len({config.num_warps for config in tuned.configs}) == len(tuned.configs)
+    assert module._tile(3000) == module._tile(3000)
+    with module._override(tile=64):
+        assert module._tile(10) == module._tile(1 << 30) == 64
+
+
+def test_concurrent_calls_of_different_sizes(device, gen):
+    """Two threads, sizes with different tiles, interleaved launches: each call keeps its own
+    tile (no shared tuning state decides it), so both gradients match the reference.
+
+    (The interpreter's grid position is process-wide, so interpreted launches take turns; the
+    calls still interleave kernel by kernel.)
+    """
+    import threading
+
+    inputs = []
+    for num_pixels in (2000, 40000):  # interpreter tiles 1024 and 4096
+        errors = distinct_float32(num_pixels, gen)
+        inputs.append((errors, torch.rand(1, num_pixels, generator=gen) < 0.3))
+    assert len({_module()._tile(e.shape[1]) for e, _ in inputs}) == 2
+    results = [None, None]
+    barrier = threading.Barrier(2)
+
+    def work(index):
+        errors, fg = inputs[index]
+        barrier.wait()
+        for _ in range(2):
+            results[index] = lovasz_extension(errors.to(device), fg.to(device), backend="triton")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    with _module()._override(small_segment_max=0, sort="rows"):
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    for (errors, fg), (loss, grad) in zip(inputs, results):
+        _compare(errors, fg, loss.cpu(), grad.cpu(), f"thread {errors.shape[1]}")

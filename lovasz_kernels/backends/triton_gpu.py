@@ -683,7 +683,7 @@ _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _SMALL_INDEX_BITS = 12  # the fused tl.sort path packs a 12-bit column under a ≤ 32-bit key
 _COMPILED_TILE = 1024  # tile of every tiled kernel on a GPU (the autotuner's pick on an H200)
 _HISTOGRAM_HALF_BINS = 1 << 15  # bits of a non-negative 16-bit float
-_BIN_ALIGN = 1024  # histogram tables are padded to a multiple of the largest scan block
+_BIN_ALIGN = 1024  # histogram tables are padded to a multiple of their scan's chunk
 _MAX_PROGRAMS = 2**31 - 1  # CUDA's limit on grid axis 0 (axes 1 and 2: 65535)
 SORT_STRATEGIES = ("auto", "rows", "flat", "histogram")
 SORT_ENV = "LOVASZ_TRITON_SORT"
@@ -698,7 +698,7 @@ _SETTINGS = {
     # num_cols/16 (at least 1024, at most 16384: multi-tile scans from 16K pixels on; tests
     # force tiny tiles)
     "tile": None,
-    "scan_block": 1024,
+    "scan_block": 1024,  # chunk of the tile scans (power of two)
     "force_int64": False,
     # "auto" only: 16-bit segments with at least this many pixels take the sort-free histogram
     # path. Its tables are 2 × NUM_BINS int32 counts and float32 per-class gradients per
@@ -709,17 +709,18 @@ _SETTINGS = {
     # one of SORT_STRATEGIES; None: the LOVASZ_TRITON_SORT environment variable, else "auto"
     "sort": None,
 }
-# one launch at a time through an autotuner: it keeps per-launch state on the shared kernel
-# object while it benchmarks (results never depend on the config it picks)
-_TUNING_LOCK = threading.Lock()
+# one launch at a time through an autotuner (it keeps per-launch state on the shared kernel
+# object while it benchmarks; results never depend on the config it picks) and through the
+# interpreter (its grid position is process-wide state)
+_LAUNCH_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
 def _override(**settings) -> Iterator[None]:
     """Temporarily change launch settings (tests force tiny tiles, int64 offsets, a strategy).
 
-    Keys: ``small_segment_max``, ``tile`` (power of two), ``scan_block`` (power of two, at
-    most 1024), ``force_int64``, ``histogram_min_pixels``, ``sort``. Process-wide: not for
+    Keys: ``small_segment_max``, ``tile`` (power of two), ``scan_block`` (power of two),
+    ``force_int64``, ``histogram_min_pixels``, ``sort``. Process-wide: not for
     concurrent calls with different settings.
     """
     unknown = set(settings) - set(_SETTINGS)
@@ -796,11 +797,12 @@ def _launch(kernel, programs: int, *args, **meta) -> None:
     if programs > _MAX_PROGRAMS:
         raise ValueError(f"a launch needs {programs} programs, more than a CUDA grid holds "
                          f"({_MAX_PROGRAMS}); the segments are too long")
-    if isinstance(kernel, triton.runtime.Autotuner):
-        with _TUNING_LOCK:
+    if not isinstance(kernel, triton.runtime.Autotuner):
+        meta.setdefault("num_warps", _FIXED_WARPS)
+    if _INTERPRETED or isinstance(kernel, triton.runtime.Autotuner):
+        with _LAUNCH_LOCK:
             kernel[(programs,)](*args, **meta)
     else:
-        meta.setdefault("num_warps", _FIXED_WARPS)
         kernel[(programs,)](*args, **meta)
 
 
@@ -978,7 +980,7 @@ def _run_histogram(call: _Call, loss: torch.Tensor) -> None:
     _launch(_histogram_kernel, programs, *call.source, hist, rank, num_segments, tiles, **meta)
     bin_grad = torch.empty((num_segments, 2, num_bins), dtype=torch.float32, device=device)
     _launch(_histogram_scan_kernel, num_segments, hist, bin_grad, bin_value, loss,
-            NUM_BINS=num_bins, SCAN_BLOCK=_SETTINGS["scan_block"])
+            NUM_BINS=num_bins, SCAN_BLOCK=_BIN_ALIGN)
     _launch(_histogram_gather_kernel, programs, *call.source, *call.gradient, bin_grad, rank,
             num_segments, tiles, **meta)
 
