@@ -61,6 +61,22 @@ def _fake_driver(capability: int = 90, warp_size: int = 32):
     return FakeCudaDriver()
 
 
+def missing_toolchain() -> str:
+    """Why kernels cannot be compiled for sm_90 here ("" when they can): Triton, its NVIDIA
+    backend or the ptxas it runs is missing."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+    except ImportError as exc:
+        return f"triton with its NVIDIA backend is not installed ({exc})"
+    try:
+        ptxas = get_ptxas(90).path
+    except (RuntimeError, OSError) as exc:  # Triton raises when it finds no ptxas at all
+        return f"no ptxas for sm_90 ({exc}); set TRITON_PTXAS_PATH"
+    if not ptxas or not os.access(ptxas, os.X_OK):
+        return f"no executable ptxas for sm_90 at {ptxas!r}; set TRITON_PTXAS_PATH"
+    return ""
+
+
 def _variants(full: bool) -> list[dict]:
     """The calls to drive: entry point, input dtype, strategy, segment kind, flags, size."""
     import torch
@@ -147,18 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("TRITON_INTERPRET is set: kernels would be interpreted, not compiled")
         return 2
-    try:
-        import triton
-        from triton.backends.nvidia.compiler import get_ptxas
-        from triton.runtime import driver
-        from triton.runtime.autotuner import Autotuner
-    except ImportError as exc:
-        print(f"skip: triton with its NVIDIA backend is not installed ({exc})")
+    missing = missing_toolchain()
+    if missing:
+        print(f"skip: {missing}")
         return SKIP
-    ptxas = get_ptxas(90).path
-    if not ptxas or not os.access(ptxas, os.X_OK):
-        print(f"skip: no ptxas for sm_90 (looked for {ptxas!r}; set TRITON_PTXAS_PATH)")
-        return SKIP
+    import triton
+    from triton.runtime import driver
+    from triton.runtime.autotuner import Autotuner
 
     driver.set_active(_fake_driver())
     from lovasz_kernels import _plan

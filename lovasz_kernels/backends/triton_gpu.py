@@ -255,10 +255,12 @@ def _sorted_tile(num_tiles, num_cols, INT64: tl.constexpr, BLOCK: tl.constexpr):
 
 @_device_fn
 def _segment_source(segment, slot, seg_image_ptr, seg_channel_ptr, seg_label_ptr,
-                    FROM_SCORES: tl.constexpr, BATCH_SEGMENTS: tl.constexpr):
+                    FROM_SCORES: tl.constexpr, BATCH_SEGMENTS: tl.constexpr,
+                    INT64: tl.constexpr):
     """(image, channel, fg label) of a segment; a batch segment's image is ``slot``.
 
     For (S, P) errors the "image" is the segment's row, the channel 0, the label unused.
+    Image and channel come as int32 unless offsets can pass 2^31 (cheaper address math).
     """
     image = segment
     channel = 0
@@ -269,6 +271,10 @@ def _segment_source(segment, slot, seg_image_ptr, seg_channel_ptr, seg_label_ptr
         image = slot
         if not BATCH_SEGMENTS:
             image = tl.load(seg_image_ptr + segment)
+            if not INT64:
+                image = image.to(tl.int32)
+        if not INT64:
+            channel = channel.to(tl.int32)
     return image, channel, fg_label
 
 
@@ -373,7 +379,7 @@ def _build_keys_kernel(
     segment, slot, pixels, mask = _pixel_tile(num_segments, tiles_per_image, pixels_per_image,
                                               INT64, BLOCK)
     image, channel, fg_label = _segment_source(segment, slot, seg_image_ptr, seg_channel_ptr,
-                                               seg_label_ptr, FROM_SCORES, BATCH_SEGMENTS)
+                                               seg_label_ptr, FROM_SCORES, BATCH_SEGMENTS, INT64)
     values, valid, is_fg = _load_pixels(values_ptr, labels_ptr, image, channel, fg_label,
                                         pixels, mask, ignore_index, stride_vb, stride_vc,
                                         stride_vp, stride_lb, stride_lp, FROM_SCORES, HAS_IGNORE)
@@ -463,7 +469,7 @@ def _apply_kernel(
                                               (cols + 1).to(COUNT_DTYPE), n_fg, COMPUTE_DTYPE)
     tl.store(partial_ptr + segment * num_tiles + tile, partial)
     image, channel, _ = _segment_source(segment, 0, seg_image_ptr, seg_channel_ptr,
-                                        seg_label_ptr, FROM_SCORES, BATCH_SEGMENTS)
+                                        seg_label_ptr, FROM_SCORES, BATCH_SEGMENTS, INT64)
     image, pixels = _column_pixels(image, order, pixels_per_image, BATCH_SEGMENTS)
     _store_gradient(grad_ptr, seg_weight_ptr, segment, image, channel, pixels, is_fg != 0, grad,
                     mask, stride_gb, stride_gc, stride_gp, FROM_SCORES)
@@ -505,7 +511,7 @@ def _small_segment_kernel(
     cols = tl.arange(0, BLOCK)
     mask = cols < num_cols
     image, channel, fg_label = _segment_source(segment, 0, seg_image_ptr, seg_channel_ptr,
-                                               seg_label_ptr, FROM_SCORES, BATCH_SEGMENTS)
+                                               seg_label_ptr, FROM_SCORES, BATCH_SEGMENTS, INT64)
     images, pixels = _column_pixels(image, cols, pixels_per_image, BATCH_SEGMENTS)
     values, valid, is_fg = _load_pixels(values_ptr, labels_ptr, images, channel, fg_label,
                                         pixels, mask, ignore_index, stride_vb, stride_vc,
@@ -546,7 +552,7 @@ def _histogram_kernel(
     segment, slot, pixels, mask = _pixel_tile(num_segments, tiles_per_image, pixels_per_image,
                                               INT64, BLOCK)
     image, channel, fg_label = _segment_source(segment, slot, seg_image_ptr, seg_channel_ptr,
-                                               seg_label_ptr, FROM_SCORES, BATCH_SEGMENTS)
+                                               seg_label_ptr, FROM_SCORES, BATCH_SEGMENTS, INT64)
     values, valid, is_fg = _load_pixels(values_ptr, labels_ptr, image, channel, fg_label,
                                         pixels, mask, ignore_index, stride_vb, stride_vc,
                                         stride_vp, stride_lb, stride_lp, FROM_SCORES, HAS_IGNORE)
@@ -645,7 +651,7 @@ def _histogram_gather_kernel(
     segment, slot, pixels, mask = _pixel_tile(num_segments, tiles_per_image, pixels_per_image,
                                               INT64, BLOCK)
     image, channel, fg_label = _segment_source(segment, slot, seg_image_ptr, seg_channel_ptr,
-                                               seg_label_ptr, FROM_SCORES, BATCH_SEGMENTS)
+                                               seg_label_ptr, FROM_SCORES, BATCH_SEGMENTS, INT64)
     values, valid, is_fg = _load_pixels(values_ptr, labels_ptr, image, channel, fg_label,
                                         pixels, mask, ignore_index, stride_vb, stride_vc,
                                         stride_vp, stride_lb, stride_lp, FROM_SCORES, HAS_IGNORE)
