@@ -230,5 +230,6 @@ register_backend(Backend(
 ))
 register_backend(Backend(
     name="triton", module="lovasz_kernels.backends.triton_gpu", devices=("cuda",), priority=30,
-    summary="Triton kernels: key build, segmented sort, fused multi-block scan and scatter",
+    summary="Triton kernels: fused loss (keys from scores and labels, sort, exact tile scan, "
+            "gradient written in place); sort-free histogram for 16-bit inputs",
 ))

@@ -714,6 +714,37 @@ def test_environment_variable_selects_the_strategy(device, monkeypatch, strategy
         assert keys and all(meta["FLAT"] == (strategy == "flat") for meta in keys)
 
 
+@pytest.mark.parametrize("per_image", [False, True], ids=["batch", "per image"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_keys_are_the_keys_of_the_segment_errors(device, monkeypatch, dtype, per_image,
+                                                        gen):
+    """The keys built from scores and labels equal the keys of the (S, P) errors the generic
+    path forms (errors in max(dtype, float32)); flat keys hold the same keys, segment by
+    segment. ``sort_keys`` gives benchmarks exactly what the loss sorts."""
+    module = _module()
+    monkeypatch.setitem(_plan._SETTINGS, "read_values_on_cpu", False)  # dense, as on a GPU
+    probas = torch.randn(3, 4, 21, generator=gen).softmax(dim=1).to(dtype)
+    labels = torch.randint(0, 4, (3, 21), generator=gen)
+    labels[0, :5] = 255
+    plan = _plan.plan_segments(labels, 4, "present", [], None, per_image, 255, 0.0)
+    errors, fg = _plan.segment_errors(probas, labels, plan)
+    with module._override(tile=16):
+        keys = module.sort_keys(probas.to(device), labels.to(device), plan)
+        grad = torch.empty(errors.shape, dtype=errors.dtype)
+        expected = module._build_keys(module._errors_call(errors, fg, grad), flat=False)
+    assert keys.shape == errors.shape and keys.dtype == module._KEYS[errors.dtype][0]
+    assert torch.equal(keys.cpu(), expected.reshape(errors.shape))
+    if dtype == torch.float64:
+        with pytest.raises(ValueError, match="flat keys pack 32-bit keys"):
+            module.sort_keys(probas.to(device), labels.to(device), plan, flat=True)
+        return
+    with module._override(tile=16):
+        flat = module.sort_keys(probas.to(device), labels.to(device), plan, flat=True)
+    segment = torch.arange(errors.shape[0])[:, None]
+    unsigned = keys.cpu().to(torch.int64) + 2 * module._KEYS[errors.dtype][1]
+    assert torch.equal(flat.cpu(), ((errors.shape[0] - 1 - segment) << 32 | unsigned).reshape(-1))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("bg_offset", [0.0, 1.0])
 def test_histogram_rank_tables_order_every_candidate_error(dtype, bg_offset):

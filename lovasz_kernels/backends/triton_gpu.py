@@ -63,13 +63,20 @@ Sort strategies (``LOVASZ_TRITON_SORT`` or ``_override(sort=...)``; default ``au
   deterministic subgradient); ``_histogram_gather_kernel`` writes each pixel's gradient.
   For 16-bit errors the rank is the error's own bits; for 16-bit scores it is looked up in a
   table of every candidate error (both classes, all 2^16 inputs), sorted once per (dtype,
-  bg_offset, device) and cached (``_histogram_tables``). Other inputs sort by rows.
+  bg_offset, device) and cached (``_histogram_tables``). Other inputs sort by rows. Pixels
+  with one error value add to one counter: confident predictions (many pixels at p = 0 or 1)
+  contend on a few bins, a cost no GPU run has measured yet.
 - ``auto``: segments of at most ``small_segment_max`` pixels (2048; keys of ≤ 32 bits) are
   done by one program each (``_small_segment_kernel``: ``key << 12 | column`` sorted in
   registers with ``tl.sort``, then the whole scan, loss and scatter); 16-bit inputs with
   segments of at least ``histogram_min_pixels`` (2^16) take ``histogram``; the rest ``rows``.
   The interpreter emulates the bitonic sort slowly, so there the in-register path runs only
   when forced. An explicit strategy is used at every size where it is exact.
+
+``sort_strategy(dtype, num_cols)`` says which path a call takes; ``sort_keys(scores, labels,
+plan)`` returns the keys a loss call sorts (to time the sort alone). Every kernel launch goes
+through ``_launch`` (one place for the grid-size check and for tests/triton_sm90.py, which
+compiles every launched variant for sm_90 without a GPU).
 
 Interpreter mode: Triton decides at decoration time, i.e. when this module is imported, whether
 ``@triton.jit`` builds compiled kernels or interpreted ones (``knobs.runtime.interpret`` reads
@@ -187,7 +194,8 @@ def _flat_key_value(packed, KEY_DTYPE: tl.constexpr, KEY_HALF: tl.constexpr):
 
 @_device_fn
 def _jaccard_increment(is_fg, fg_seen, position, n_fg, COMPUTE_DTYPE: tl.constexpr):
-    """g_k of DESIGN.md §1 in closed form from exact integer counts.
+    """The Jaccard increment g_k = Δ_J(first k+1 pixels) − Δ_J(first k) in closed form from
+    exact integer counts.
 
     is_fg, fg_seen (c_k, inclusive), position (k + 1) and n_fg are integers; with
     U = n_fg + (k + 1) − c_k, g = 1/U on foreground, (n_fg − c_k) / (U (U − 1)) on background,
@@ -694,8 +702,8 @@ _MAX_PROGRAMS = 2**31 - 1  # CUDA's limit on grid axis 0 (axes 1 and 2: 65535)
 SORT_STRATEGIES = ("auto", "rows", "flat", "histogram")
 SORT_ENV = "LOVASZ_TRITON_SORT"
 _SETTINGS = {
-    # segments up to this many pixels take the fused tl.sort path (keys of ≤ 32 bits). DESIGN
-    # §5 puts its break-even with the global radix sort at ~2-4K pixels (not yet measured on a
+    # segments up to this many pixels take the fused tl.sort path (keys of ≤ 32 bits). Its
+    # break-even with the global radix sort is estimated at ~2-4K pixels (not yet measured on a
     # GPU). The interpreter emulates the bitonic network slowly (~2 ms per pixel), so there it
     # is used only when a test forces it.
     "small_segment_max": None,  # None: 2048 compiled, 0 interpreted
@@ -1073,6 +1081,26 @@ def _scores_call(
         device=scores.device,
     )
 
+
+
+def sort_keys(
+    scores: torch.Tensor, labels: torch.Tensor, plan: SegmentPlan, *, flat: bool = False
+) -> torch.Tensor:
+    """The keys a fused loss call sorts, for timing the sort on its own (benchmarks).
+
+    Returns (S, num_cols) keys (int32 for float32 and 16-bit scores, int64 for float64),
+    sorted by ``torch.sort(keys, dim=1, descending=True)`` under ``rows``; with ``flat`` the
+    (S·num_cols,) int64 flat keys, sorted by ``torch.sort(keys, descending=True)`` (scores
+    up to 32 bits: float64 scores always sort by rows).
+    """
+    if flat and scores.dtype == torch.float64:
+        raise ValueError("flat keys pack 32-bit keys; float64 scores have 64-bit keys and sort "
+                         "by rows (flat=False)")
+    with _on_device(scores.device):
+        # only the keys kernel runs: nothing writes a gradient (the scores stand in for it)
+        call = _scores_call(scores, labels, plan, scores)
+        keys = _build_keys(call, flat)
+    return keys if flat else keys.view(call.num_segments, call.num_cols)
 
 
 @contextlib.contextmanager
