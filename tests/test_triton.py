@@ -408,7 +408,7 @@ def test_keys_decode_exactly_and_sort_like_the_errors(device, dtype, gen):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(21, 1 << 14), (3, 3000), (5, 1000), (1, 1 << 20)], ids=str)
 def test_cuda_autotuned_matches_reference(dtype, shape, gen):
-    """Compiled kernels with the autotuned tile and the default fused threshold."""
+    """Compiled kernels with the default tile, autotuned warps and the default thresholds."""
     if shape[1] == 1 << 20:
         if dtype != torch.float32:
             pytest.skip("2^20 distinct values exist in float32 (and float64) only")
@@ -855,3 +855,64 @@ def test_concurrent_calls_of_different_sizes(device, gen):
             thread.join()
     for (errors, fg), (loss, grad) in zip(inputs, results):
         _compare(errors, fg, loss.cpu(), grad.cpu(), f"thread {errors.shape[1]}")
+
+
+# ------------------------------------------------- the fused loss at real sizes (and small)
+
+def _check_fused_loss(probas, labels, per_image, device, what):
+    """The backend's fused ``lovasz_loss`` on ``device`` against the numpy reference run on the
+    (S, P) float64 errors of the same plan: the loss, and per (segment, error value) the sum of
+    the unsigned increments (the gradient divided by ∓weight): invariant to the order of ties,
+    which the sort breaks by label and the histogram by averaging per class."""
+    module = _module()
+    num_classes = probas.shape[1]
+    plan = _plan.plan_segments(labels.to(device), num_classes, "present", [], None, per_image,
+                               255, 0.0)
+    loss, grad = module.lovasz_loss(probas.to(device), labels.to(device), plan)
+    plan = _plan.SegmentPlan(**{name: getattr(plan, name).cpu()
+                                if isinstance(getattr(plan, name), torch.Tensor)
+                                else getattr(plan, name) for name in plan.__dataclass_fields__})
+    errors, fg = _plan.segment_errors(probas, labels, plan)
+    ref_segment_loss, ref_increments = get_backend("numpy").run(errors.double(), fg)
+    ref_loss = torch.dot(ref_segment_loss.double(), plan.weight)
+    assert loss.dtype == torch.float64 and grad.dtype == errors.dtype
+    assert_close_report(loss.cpu(), ref_loss, LOSS_TOLERANCE[torch.float32], f"{what} loss")
+    grad = grad.cpu().double()
+    if plan.image is None:
+        rows = grad[:, plan.channel].transpose(0, 1).reshape(plan.num_segments, -1)
+    else:
+        rows = grad[plan.image, plan.channel]
+    counted = plan.weight > 0
+    signed_weight = torch.where(fg, -1.0, 1.0) * plan.weight[:, None]
+    increments = rows[counted] / signed_weight[counted]
+    assert not rows[~counted].any(), f"{what}: segments of weight 0 got a gradient"
+    assert_close_report(tie_group_sums(errors[counted], increments),
+                        tie_group_sums(errors[counted], ref_increments[counted]),
+                        GRAD_TOLERANCE[errors.dtype], f"{what} tie-group increments")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=str)
+def test_fused_loss_against_reference_errors(device, monkeypatch, strategy, gen):
+    """The check the CUDA test below runs at real sizes, here on a few hundred pixels."""
+    monkeypatch.setitem(_plan._SETTINGS, "read_values_on_cpu", False)  # dense, as on a GPU
+    probas = torch.randn(2, 4, 150, generator=gen).softmax(dim=1).half()
+    labels = torch.randint(0, 3, (2, 150), generator=gen)
+    labels[:, :10] = 255
+    with _module()._override(tile=64, scan_block=2, small_segment_max=0, sort=strategy):
+        for per_image in (False, True):
+            _check_fused_loss(probas, labels, per_image, device, f"{strategy} {per_image}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("strategy", ["auto", *STRATEGIES], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape, per_image", [
+    ((1, 21, 1 << 18), False), ((4, 5, 3000), True), ((2, 3, 700), True), ((8, 3, 64), False)],
+    ids=str)
+def test_cuda_fused_loss_matches_reference(dtype, strategy, shape, per_image, gen):
+    """Compiled fused kernels (default tile, autotuned warps) through every strategy."""
+    probas = torch.randn(*shape, generator=gen).softmax(dim=1).to(dtype)
+    labels = torch.randint(0, shape[1], (shape[0], shape[2]), generator=gen)
+    labels[torch.rand(labels.shape, generator=gen) < 0.05] = 255
+    with _module()._override(sort=strategy):
+        _check_fused_loss(probas, labels, per_image, "cuda", f"cuda {dtype} {strategy} {shape}")
