@@ -19,7 +19,8 @@ A backend is a module under ``lovasz_kernels/backends/`` that defines
     ``Σ_s plan.weight[s] · extension_s`` and its gradient w.r.t. ``scores`` (B, C, P) in the
     compute dtype, the weight and the sign (-1 on foreground, +1 elsewhere) folded into one
     scatter. Without it, :func:`lovasz_kernels._plan.generic_lovasz_loss` runs the plan
-    through ``lovasz_extension``.
+    through ``lovasz_extension``. Multilabel plans (labels (B, C, P)) reach it only when the
+    module also sets ``FUSED_MULTILABEL = True``.
 
 and one :func:`register_backend` line at the bottom of this file. Modules are imported
 lazily, so an optional dependency that is missing costs nothing until that backend is asked for.
@@ -139,10 +140,12 @@ class Backend:
         self, scores: torch.Tensor, labels: torch.Tensor, plan: SegmentPlan
     ) -> ExtensionResult:
         """Run one loss call (see :mod:`lovasz_kernels._plan`): the backend's fused
-        ``lovasz_loss`` when it has one (single-label plans), else the generic path through
-        :meth:`run`."""
-        fused = getattr(self._load(), "lovasz_loss", None)
-        if fused is not None and not plan.multilabel:
+        ``lovasz_loss`` when it has one (for multilabel plans: and ``FUSED_MULTILABEL``), else
+        the generic path through :meth:`run`."""
+        module = self._load()
+        fused = getattr(module, "lovasz_loss", None)
+        if fused is not None and (not plan.multilabel
+                                  or getattr(module, "FUSED_MULTILABEL", False)):
             return fused(scores, labels, plan)
         return generic_lovasz_loss(self.run, scores, labels, plan)
 

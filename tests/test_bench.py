@@ -176,19 +176,14 @@ def test_triton_sort_keys_are_the_triton_kernels_keys():
         pytest.skip(rules.backend_problem("triton", device, native_only=False))
     from lovasz_kernels.backends import triton_gpu
 
-    kernel = getattr(triton_gpu, "_build_keys_kernel", None)
-    if kernel is None:
-        pytest.skip("the triton backend has no _build_keys_kernel: compare its keys with "
-                    "floors.triton_sort_keys some other way")
     gen = torch.Generator().manual_seed(0)
     errors = torch.randn(3, 100, generator=gen)
     errors[0, :5] = torch.tensor([0.0, -0.0, -math.inf, 1e-40, 3.0])
     fg = (torch.rand(3, 100, generator=gen) < 0.4) & (errors > -math.inf)
     errors, fg = errors.to(device), fg.to(device)
-    keys = torch.empty(3, 100, dtype=torch.int32, device=device)
-    fg_bytes = fg.view(torch.uint8)
-    kernel[(3, 1)](errors, fg_bytes, keys, 100, 7, *errors.stride(), *fg_bytes.stride(),
-                   KEY_DTYPE=triton_gpu.tl.int32, KEY_HALF=1 << 30, INT64=False, BLOCK=128)
+    # the backend's key kernel, launched as the backend launches it on (S, P) errors
+    call = triton_gpu._errors_call(errors, fg, torch.empty_like(errors))
+    keys = triton_gpu._build_keys(call, flat=False).view(errors.shape)
     assert torch.equal(keys, floors.triton_sort_keys(errors, fg))
 
 

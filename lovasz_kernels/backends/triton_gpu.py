@@ -143,11 +143,12 @@ def _autotune_warps(warps: tuple[int, ...], key: list[str]):
 #
 # Kernels that read pixels take the same "source" arguments, in this order:
 #   values_ptr, labels_ptr, seg_image_ptr, seg_channel_ptr, seg_label_ptr, pixels_per_image,
-#   ignore_index, bg_offset, stride_vb, stride_vc, stride_vp, stride_lb, stride_lp
+#   ignore_index, bg_offset, stride_vb, stride_vc, stride_vp, stride_lb, stride_lc, stride_lp
 # with the compile-time flags FROM_SCORES, BATCH_SEGMENTS, HAS_IGNORE. For (S, P) errors
 # (FROM_SCORES False) values are the errors and labels the fg bytes, the "image" of segment s
 # is s and the per-segment tables are unused. For a loss call values are the scores (B, C, P),
-# labels the int64 labels (B, P), and the tables the plan's image, channel and fg label.
+# labels the int64 labels: class indices (B, P) read with stride_lc = 0 (one label serves every
+# channel), or multilabel (B, C, P) masks; the tables are the plan's image, channel, fg label.
 # Kernels that write the gradient take grad_ptr, seg_weight_ptr, stride_gb, stride_gc,
 # stride_gp: grad[image, channel, pixel] for scores, grad[s, col] for errors.
 
@@ -299,17 +300,19 @@ def _column_pixels(image, cols, pixels_per_image, BATCH_SEGMENTS: tl.constexpr):
 
 @_device_fn
 def _load_pixels(values_ptr, labels_ptr, image, channel, fg_label, pixels, mask, ignore_index,
-                 stride_vb, stride_vc, stride_vp, stride_lb, stride_lp,
+                 stride_vb, stride_vc, stride_vp, stride_lb, stride_lc, stride_lp,
                  FROM_SCORES: tl.constexpr, HAS_IGNORE: tl.constexpr):
     """(values, valid, is_fg) of pixels: the raw score or error (0 where masked), whether the
-    pixel counts, and whether it is foreground (False where it does not count).
+    pixel counts, and whether it is foreground (False where it does not count). The label is
+    labels[image, channel, pixel] (stride_lc = 0 for class indices shared by the channels).
 
     Scores: valid = label != ignore_index (compared in int64), is_fg = valid & (label ==
     fg_label). Errors: every pixel is valid (padding is -inf), is_fg = fg byte != 0.
     """
     values = tl.load(values_ptr + image * stride_vb + channel * stride_vc + pixels * stride_vp,
                      mask=mask, other=0.0)
-    labels = tl.load(labels_ptr + image * stride_lb + pixels * stride_lp, mask=mask, other=0)
+    labels = tl.load(labels_ptr + image * stride_lb + channel * stride_lc + pixels * stride_lp,
+                     mask=mask, other=0)
     if FROM_SCORES:
         valid = mask
         if HAS_IGNORE:
@@ -372,7 +375,7 @@ def _store_gradient(grad_ptr, seg_weight_ptr, segment, image, channel, pixels, i
 @_jit
 def _build_keys_kernel(
     values_ptr, labels_ptr, seg_image_ptr, seg_channel_ptr, seg_label_ptr, pixels_per_image,
-    ignore_index, bg_offset, stride_vb, stride_vc, stride_vp, stride_lb, stride_lp,
+    ignore_index, bg_offset, stride_vb, stride_vc, stride_vp, stride_lb, stride_lc, stride_lp,
     keys_ptr, num_segments, tiles_per_image, num_cols, size_class,
     FROM_SCORES: tl.constexpr, BATCH_SEGMENTS: tl.constexpr, HAS_IGNORE: tl.constexpr,
     ERROR_DTYPE: tl.constexpr, KEY_DTYPE: tl.constexpr, KEY_HALF: tl.constexpr,
@@ -390,7 +393,8 @@ def _build_keys_kernel(
                                                seg_label_ptr, FROM_SCORES, BATCH_SEGMENTS, INT64)
     values, valid, is_fg = _load_pixels(values_ptr, labels_ptr, image, channel, fg_label,
                                         pixels, mask, ignore_index, stride_vb, stride_vc,
-                                        stride_vp, stride_lb, stride_lp, FROM_SCORES, HAS_IGNORE)
+                                        stride_vp, stride_lb, stride_lc, stride_lp, FROM_SCORES,
+                                        HAS_IGNORE)
     errors = _pixel_errors(values, valid, is_fg, bg_offset, FROM_SCORES, ERROR_DTYPE)
     key = _make_key(errors, is_fg.to(KEY_DTYPE), KEY_DTYPE, KEY_HALF)
     if FLAT:
@@ -444,7 +448,7 @@ def _scan_tiles_kernel(
 @_jit
 def _apply_kernel(
     values_ptr, labels_ptr, seg_image_ptr, seg_channel_ptr, seg_label_ptr, pixels_per_image,
-    ignore_index, bg_offset, stride_vb, stride_vc, stride_vp, stride_lb, stride_lp,
+    ignore_index, bg_offset, stride_vb, stride_vc, stride_vp, stride_lb, stride_lc, stride_lp,
     grad_ptr, seg_weight_ptr, stride_gb, stride_gc, stride_gp,
     sorted_ptr, order_ptr, carries_ptr, n_fg_ptr, partial_ptr, num_cols, num_tiles, size_class,
     FROM_SCORES: tl.constexpr, BATCH_SEGMENTS: tl.constexpr, HAS_IGNORE: tl.constexpr,
@@ -502,7 +506,7 @@ def _segment_loss_kernel(
 @_jit
 def _small_segment_kernel(
     values_ptr, labels_ptr, seg_image_ptr, seg_channel_ptr, seg_label_ptr, pixels_per_image,
-    ignore_index, bg_offset, stride_vb, stride_vc, stride_vp, stride_lb, stride_lp,
+    ignore_index, bg_offset, stride_vb, stride_vc, stride_vp, stride_lb, stride_lc, stride_lp,
     grad_ptr, seg_weight_ptr, stride_gb, stride_gc, stride_gp,
     loss_ptr, num_cols,
     FROM_SCORES: tl.constexpr, BATCH_SEGMENTS: tl.constexpr, HAS_IGNORE: tl.constexpr,
@@ -523,7 +527,8 @@ def _small_segment_kernel(
     images, pixels = _column_pixels(image, cols, pixels_per_image, BATCH_SEGMENTS)
     values, valid, is_fg = _load_pixels(values_ptr, labels_ptr, images, channel, fg_label,
                                         pixels, mask, ignore_index, stride_vb, stride_vc,
-                                        stride_vp, stride_lb, stride_lp, FROM_SCORES, HAS_IGNORE)
+                                        stride_vp, stride_lb, stride_lc, stride_lp, FROM_SCORES,
+                                        HAS_IGNORE)
     errors = _pixel_errors(values, valid, is_fg, bg_offset, FROM_SCORES, ERROR_DTYPE)
     key = _make_key(errors, is_fg.to(KEY_DTYPE), KEY_DTYPE, KEY_HALF).to(tl.int64)
     # every real key is ≥ −2^31, so (key << INDEX_BITS) ≥ −2^43: padding lanes sort last
@@ -547,7 +552,7 @@ def _small_segment_kernel(
 @_jit
 def _histogram_kernel(
     values_ptr, labels_ptr, seg_image_ptr, seg_channel_ptr, seg_label_ptr, pixels_per_image,
-    ignore_index, bg_offset, stride_vb, stride_vc, stride_vp, stride_lb, stride_lp,
+    ignore_index, bg_offset, stride_vb, stride_vc, stride_vp, stride_lb, stride_lc, stride_lp,
     hist_ptr, rank_ptr, num_segments, tiles_per_image,
     FROM_SCORES: tl.constexpr, BATCH_SEGMENTS: tl.constexpr, HAS_IGNORE: tl.constexpr,
     NUM_BINS: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr,
@@ -563,7 +568,8 @@ def _histogram_kernel(
                                                seg_label_ptr, FROM_SCORES, BATCH_SEGMENTS, INT64)
     values, valid, is_fg = _load_pixels(values_ptr, labels_ptr, image, channel, fg_label,
                                         pixels, mask, ignore_index, stride_vb, stride_vc,
-                                        stride_vp, stride_lb, stride_lp, FROM_SCORES, HAS_IGNORE)
+                                        stride_vp, stride_lb, stride_lc, stride_lp, FROM_SCORES,
+                                        HAS_IGNORE)
     bins = _pixel_bins(values, valid, is_fg, rank_ptr, FROM_SCORES, NUM_BINS)
     tl.atomic_add(hist_ptr + segment * (2 * NUM_BINS) + bins, 1, mask=mask)
 
@@ -646,7 +652,7 @@ def _histogram_scan_kernel(
 @_jit
 def _histogram_gather_kernel(
     values_ptr, labels_ptr, seg_image_ptr, seg_channel_ptr, seg_label_ptr, pixels_per_image,
-    ignore_index, bg_offset, stride_vb, stride_vc, stride_vp, stride_lb, stride_lp,
+    ignore_index, bg_offset, stride_vb, stride_vc, stride_vp, stride_lb, stride_lc, stride_lp,
     grad_ptr, seg_weight_ptr, stride_gb, stride_gc, stride_gp,
     bin_grad_ptr, rank_ptr, num_segments, tiles_per_image,
     FROM_SCORES: tl.constexpr, BATCH_SEGMENTS: tl.constexpr, HAS_IGNORE: tl.constexpr,
@@ -662,7 +668,8 @@ def _histogram_gather_kernel(
                                                seg_label_ptr, FROM_SCORES, BATCH_SEGMENTS, INT64)
     values, valid, is_fg = _load_pixels(values_ptr, labels_ptr, image, channel, fg_label,
                                         pixels, mask, ignore_index, stride_vb, stride_vc,
-                                        stride_vp, stride_lb, stride_lp, FROM_SCORES, HAS_IGNORE)
+                                        stride_vp, stride_lb, stride_lc, stride_lp, FROM_SCORES,
+                                        HAS_IGNORE)
     bins = _pixel_bins(values, valid, is_fg, rank_ptr, FROM_SCORES, NUM_BINS)
     grad = tl.load(bin_grad_ptr + segment * (2 * NUM_BINS) + bins, mask=mask, other=0.0)
     _store_gradient(grad_ptr, seg_weight_ptr, segment, image, channel, pixels, is_fg, grad,
@@ -1019,7 +1026,7 @@ def _errors_call(errors: torch.Tensor, fg: torch.Tensor, grad: torch.Tensor) -> 
     num_segments, num_pixels = errors.shape
     fg_bytes = fg.view(torch.uint8)  # same strides; Triton loads bytes, no bool quirks
     source = (errors, fg_bytes, errors, errors, errors, num_pixels, 0, 0.0,
-              errors.stride(0), 0, errors.stride(1), *fg_bytes.stride())
+              errors.stride(0), 0, errors.stride(1), fg_bytes.stride(0), 0, fg_bytes.stride(1))
     return _Call(
         num_segments=num_segments, num_cols=num_pixels, pixels_per_image=num_pixels,
         images_per_segment=1, input_dtype=errors.dtype, error_dtype=errors.dtype,
@@ -1036,7 +1043,9 @@ def lovasz_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused loss path (see :mod:`lovasz_kernels._plan` and the module docstring).
 
-    ``scores`` (B, C, P) in their own dtype, ``labels`` (B, P) int64, both read in place.
+    ``scores`` (B, C, P) in their own dtype, ``labels`` (B, P) int64 class indices, or
+    (B, C, P) {0, 1} masks for a multilabel plan (foreground: label 1 in the segment's channel),
+    both read in place.
     Returns the 0-d float64 total ``Σ_s weight[s] · extension_s`` and its gradient w.r.t. the
     scores (B, C, P) in max(dtype, float32). Makes no host synchronisation: the segment losses
     are summed with their weights on the device, and with a dense plan every pixel of the
@@ -1069,8 +1078,11 @@ def _scores_call(
     # as _validate.valid_pixels: an ignore_index int64 labels cannot hold matches nothing
     has_ignore = plan.ignore_index is not None and -(2**63) <= plan.ignore_index < 2**63
     ignore_index = plan.ignore_index if has_ignore else 0
+    # class indices (B, P) serve every channel; multilabel labels (B, C, P) are per channel
+    label_strides = (labels.stride() if plan.multilabel
+                     else (labels.stride(0), 0, labels.stride(1)))
     source = (scores, labels, image, plan.channel, plan.fg_label, num_pixels, ignore_index,
-              float(plan.bg_offset), *scores.stride(), *labels.stride())
+              float(plan.bg_offset), *scores.stride(), *label_strides)
     return _Call(
         num_segments=plan.num_segments, num_cols=num_cols, pixels_per_image=num_pixels,
         images_per_segment=batch if batch_segments else 1, input_dtype=scores.dtype,
@@ -1111,6 +1123,10 @@ def _on_device(device: torch.device) -> Iterator[None]:
             yield
     else:
         yield
+
+
+# lovasz_loss runs multilabel plans too (see lovasz_kernels._registry)
+FUSED_MULTILABEL = True
 
 
 def availability() -> tuple[bool, str]:
