@@ -85,9 +85,9 @@ cat "$OUT/logs/00_environment.log" 2>/dev/null
 
 # ----------------------------------------------------- correctness (compile-bound: in parallel)
 PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider --durations=10)
-A_MAX=$(($(left) < 240 ? $(left) : 240))
-step 01_tests_triton "$A_MAX" 60 "${PYTEST[@]}" tests/test_triton.py &
-step 02_tests_cuda "$A_MAX" 60 "${PYTEST[@]}" tests/test_gpu.py tests/test_training_loops.py \
+A_MAX=$(($(left) < 150 ? $(left) : 150))
+step 01_tests_triton_gpu "$A_MAX" 60 "${PYTEST[@]}" tests/test_gpu.py tests/test_triton.py &
+step 02_tests_cuda "$A_MAX" 60 "${PYTEST[@]}" tests/test_training_loops.py \
   tests/test_metrics.py tests/test_nn.py tests/test_prox.py tests/test_registry.py \
   tests/test_validation.py tests/test_bench.py -k "cuda or gpu or device" &
 step 03_check_cuda "$A_MAX" 60 "$PY" -m lovasz_kernels.cli check --device cuda &
@@ -95,27 +95,24 @@ wait
 [ "$DRY_RUN" = 1 ] && SIMULATED=$((SIMULATED + 60))  # the parallel steps' clocks ran apart
 
 # ------------------------------------------------ goal timings (alone on the GPU, CUDA events)
-# 2^20 pixels x 21 classes, float32, batch IoU: triton (each sort strategy) vs one torch.sort
-# of the keys triton sorts, the torch backend and the per-class loop
+# the sort strategies in one process: a torch.sort of the very keys a call sorts (rows, flat)
+# and the fused forward + backward under each strategy, float32 and float16, 2^20 x 21
+step 04_sort_strategies 90 40 "$PY" tests/perf/gpu_sort_strategies.py
+# 2^20 pixels x 21 classes, float32, batch IoU: triton vs one torch.sort of the keys it
+# sorts, the torch backend and the per-class loop, peak memory, the float64 cross-check
 BENCH=("$PY" -m lovasz_kernels.cli bench --device cuda --classes 21 --budget 30)
-for strategy in rows flat; do
-  LOVASZ_TRITON_SORT=$strategy step "04_goal_2e20x21_fp32_$strategy" 120 50 "${BENCH[@]}" \
-    --pixels 1024 --batch 1 --dtype float32 --backend triton,torch --repeat 20 \
-    --out "$OUT/bench_2e20x21_fp32_$strategy"
-done
+step 05_goal_2e20x21_fp32 120 45 "${BENCH[@]}" --pixels 1024 --batch 1 --dtype float32 \
+  --backend triton,torch --repeat 20 --out "$OUT/bench_2e20x21_fp32"
 # >= 20x the per-class loop at 8 x 512^2 x 21 (batch IoU)
-step 05_goal_8x512sq_x21 150 50 "${BENCH[@]}" --pixels 512 --batch 8 --dtype float32 \
+step 06_goal_8x512sq_x21 120 45 "${BENCH[@]}" --pixels 512 --batch 8 --dtype float32 \
   --backend triton,torch --repeat 10 --out "$OUT/bench_8x512sq_x21"
-# 16-bit scores: the sort-free histogram strategy against both sorts
-for strategy in histogram rows flat; do
-  LOVASZ_TRITON_SORT=$strategy step "06_fp16_2e20x21_$strategy" 90 40 "${BENCH[@]}" \
-    --pixels 1024 --batch 1 --dtype float16 --backend triton --repeat 10 \
-    --out "$OUT/bench_2e20x21_fp16_$strategy"
-done
+# 16-bit scores under the automatic choice (the histogram from 2^16 pixels per segment)
+step 07_fp16_2e20x21 90 40 "${BENCH[@]}" --pixels 1024 --batch 1 --dtype float16 \
+  --backend triton,torch --repeat 10 --out "$OUT/bench_2e20x21_fp16"
 
 # --------------------------------------------------------------------- NCCL, world size 1
 for mode in exact histogram; do
-  step "07_nccl_$mode" 90 40 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 \
+  step "08_nccl_$mode" 90 40 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 \
     examples/ddp_train.py --steps 3 --dist-mode "$mode"
 done
 
@@ -144,4 +141,5 @@ cat "$SUMMARY"
 for log in "$OUT"/logs/0[1-3]_*.log; do
   [ -f "$log" ] && echo "$(basename "$log" .log): $(grep -E '[0-9]+ (passed|failed)' "$log" | tail -n 1)"
 done
-grep -h -A12 "median of" "$OUT"/logs/0[4-6]_*.log 2>/dev/null | grep -E "^(triton|torch|loop|torch.sort|lovasz)" | head -n 40
+cat "$OUT"/logs/04_sort_strategies.log 2>/dev/null
+grep -h -A12 "median of" "$OUT"/logs/0[5-7]_*.log 2>/dev/null | grep -E "^(triton|torch|loop|torch.sort|lovasz)" | head -n 40
