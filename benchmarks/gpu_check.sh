@@ -86,7 +86,8 @@ cat "$OUT/logs/00_environment.log" 2>/dev/null
 # ----------------------------------------------------- correctness (compile-bound: in parallel)
 PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider --durations=10)
 A_MAX=$(($(left) < 150 ? $(left) : 150))
-step 01_tests_triton_gpu "$A_MAX" 60 "${PYTEST[@]}" tests/test_gpu.py tests/test_triton.py &
+step 01_tests_gpu_real_sizes "$A_MAX" 60 "${PYTEST[@]}" tests/test_gpu.py &
+step 01_tests_triton "$A_MAX" 60 "${PYTEST[@]}" tests/test_triton.py &
 step 02_tests_cuda "$A_MAX" 60 "${PYTEST[@]}" tests/test_training_loops.py \
   tests/test_metrics.py tests/test_nn.py tests/test_prox.py tests/test_registry.py \
   tests/test_validation.py tests/test_bench.py -k "cuda or gpu or device" &

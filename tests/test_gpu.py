@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lovasz_kernels import get_backend, lovasz_extension, lovasz_softmax
-from lovasz_kernels._cases import GRAD_TOLERANCE, mismatches, tie_group_sums
+from lovasz_kernels._cases import GRAD_TOLERANCE, LOSS_TOLERANCE, mismatches, tie_group_sums
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -40,9 +40,10 @@ def _loss_and_grad(probas, labels, backend):
 
 
 def _segment_view(probas, labels, score_grad):
-    """Per-class errors (as the kernel sees them) and d loss / d errors, for tie-group sums."""
+    """Per-class errors as the kernel computes them (in float32: ties are ties of these) and
+    d loss / d errors in float64, for tie-group sums."""
     classes = probas.shape[1]
-    p = probas.reshape(classes, -1).double()
+    p = probas.reshape(classes, -1).float()
     fg = labels.reshape(1, -1) == torch.arange(classes, device=labels.device)[:, None]
     valid = (labels.reshape(1, -1) != 255).expand_as(fg)
     errors = torch.where(fg, 1 - p, p).masked_fill(~valid, -1.0)
@@ -61,12 +62,15 @@ def test_fused_loss_at_2e20_x_21_matches_float64(dtype, strategy):
     with triton_gpu._override(sort=strategy):
         loss, grad = _loss_and_grad(probas, labels, "triton")
     expected_loss, expected_grad = _loss_and_grad(probas.double(), labels, "torch")
-    assert abs(loss.item() - expected_loss.item()) <= 1e-6 * expected_loss.item()
+    assert not mismatches(loss, expected_loss, LOSS_TOLERANCE[dtype]).any()
     errors, ours = _segment_view(probas, labels, grad)
     _, theirs = _segment_view(probas, labels, expected_grad)
-    bad = mismatches(tie_group_sums(errors, ours), tie_group_sums(errors, theirs),
-                     GRAD_TOLERANCE[dtype])
-    assert not bad.any(), f"{int(bad.sum())} of {bad.numel()} tie-group sums differ"
+    # a 16-bit gradient is rounded once per pixel: a tie group's total may be off by the sum
+    # of its members' tolerances
+    tol = GRAD_TOLERANCE[dtype]
+    group_tol = tie_group_sums(errors, tol.atol + tol.rtol * theirs.abs())
+    gap = (tie_group_sums(errors, ours) - tie_group_sums(errors, theirs)).abs()
+    assert not (gap > group_tol).any(), f"{int((gap > group_tol).sum())} tie-group sums differ"
 
 
 def test_segment_of_2e25_pixels_matches_float64_definition():
