@@ -363,6 +363,9 @@ def test_missing_numba_says_how_to_install(monkeypatch):
     monkeypatch.setattr(lovasz_kernels.optim, "_prox_kernels", kernels)
     monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` now raises ImportError
     monkeypatch.delitem(sys.modules, "lovasz_kernels.optim._prox_kernels")
+    # the numba import itself happens in the shared core: re-imported without numba too
+    monkeypatch.setattr(lovasz_kernels, "_numba_core", sys.modules["lovasz_kernels._numba_core"])
+    monkeypatch.delitem(sys.modules, "lovasz_kernels._numba_core")
     with pytest.raises(ImportError, match=r"pip install 'lovasz-kernels\[numba\]'"):
         prox_lovasz_hinge(torch.zeros(1, 4), torch.zeros(1, 4, dtype=torch.long), 0.1)
 
