@@ -114,6 +114,13 @@ def fetch_add(typingctx, counters, index, amount):
     return signature, codegen
 
 
+@njit(cache=True)
+def take_next(counter, amount):
+    """``fetch_add(counter, 0, amount)`` callable from Python: threads that share work between
+    kernels take it from the same counter as the kernels do."""
+    return fetch_add(counter, 0, amount)
+
+
 # --------------------------------------------------------------------------------------------
 # the closed-form Jaccard increment
 
@@ -655,5 +662,6 @@ __all__ = [
     "run_tasks",
     "sort_choice",
     "sort_keys",
+    "take_next",
     "thread_count",
 ]

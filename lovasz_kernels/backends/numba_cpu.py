@@ -548,7 +548,7 @@ def _segments_task(batch: SegmentBatch, num_segments: int, next_segment: np.ndar
                          radix_min, methods.kernel)
         return
     while True:  # numpy's sort runs between two kernels, so the loop is here
-        first = int(fetch_add(next_segment, 0, chunk))
+        first = int(core.take_next(next_segment, chunk))
         if first >= num_segments:
             return
         for s in range(first, min(first + chunk, num_segments)):
