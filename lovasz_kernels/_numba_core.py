@@ -415,8 +415,10 @@ class SortChoice(NamedTuple):
 
 # keys per measurement: one 512² segment (2 MB of keys, past L2 as the real ones are)
 CALIBRATION_KEYS = 1 << 18
-# bumped when a sort changes, so that machines measure again
-_CALIBRATION_VERSION = 1
+# another sort replaces the LSD sort when it takes at most 1 / CHALLENGER_MARGIN of its time
+CHALLENGER_MARGIN = 1.1
+# bumped when a sort or the measurement changes, so that machines measure again
+_CALIBRATION_VERSION = 2
 _choice_lock = threading.Lock()
 _choice: dict[str, SortChoice] = {}
 
@@ -435,19 +437,24 @@ def calibration_keys(count: int, seed: int = 0) -> np.ndarray:
     return (prefix << _SHIFT_PREFIX) | payload
 
 
-def _time_sorts(keys: np.ndarray, rounds: int) -> dict[str, float]:
-    """Best time in ms of each method on a copy of ``keys``, rounds interleaved."""
-    n = keys.size
-    work, buffer = np.empty_like(keys), np.empty_like(keys)
+def _sort_copy(method: int, keys: np.ndarray, work: np.ndarray, buffer: np.ndarray) -> None:
+    work[:] = keys
+    if method == SORT_NUMPY:
+        work.sort()  # releases the GIL
+    else:
+        sort_keys(work, buffer, keys.size, 0, method)
+
+
+def _time_sorts(keys: np.ndarray, rounds: int, threads: int) -> dict[str, float]:
+    """Best time in ms of each method sorting ``threads`` copies of ``keys`` at once (as the
+    loss sorts its segments, one per thread: memory bandwidth and the shared cache are part
+    of the measure), methods interleaved round by round."""
+    copies = [(np.empty_like(keys), np.empty_like(keys)) for _ in range(threads)]
     best = {name: float("inf") for name in SORT_NAMES}
     for _ in range(rounds):
         for method, name in enumerate(SORT_NAMES):
-            work[:] = keys
             start = time.perf_counter()
-            if method == SORT_NUMPY:
-                work.sort()
-            else:
-                sort_keys(work, buffer, n, 0, method)
+            run_tasks(_sort_copy, [(method, keys, work, buffer) for work, buffer in copies])
             best[name] = min(best[name], (time.perf_counter() - start) * 1e3)
     return best
 
@@ -508,14 +515,28 @@ def _write_choice(path: str, key: str, choice: SortChoice) -> None:
                 os.unlink(temporary)
 
 
-def measure_sorts(rounds: int = 3) -> SortChoice:
-    """Time the three sorts on :func:`calibration_keys` (best of ``rounds`` interleaved) and
-    pick the fastest, for the host and inside kernels."""
+def choose_sorts(times_ms: dict[str, float]) -> tuple[int, int]:
+    """(host, kernel) methods from measured times: the LSD sort, the one measured on the most
+    machines, unless the MSD sort takes at most 1 / ``CHALLENGER_MARGIN`` of its time; numpy's
+    sort for the host when it beats that choice by the same margin (a choice that timing
+    noise could flip is not worth making)."""
+    kernel = SORT_LSD
+    if times_ms["msd"] * CHALLENGER_MARGIN < times_ms["lsd"]:
+        kernel = SORT_MSD
+    host = kernel
+    if times_ms["numpy"] * CHALLENGER_MARGIN < times_ms[SORT_NAMES[kernel]]:
+        host = SORT_NUMPY
+    return host, kernel
+
+
+def measure_sorts(rounds: int = 5) -> SortChoice:
+    """Time the three sorts on :func:`calibration_keys` (best of ``rounds`` interleaved, on
+    every thread at once) and choose (:func:`choose_sorts`)."""
     keys = calibration_keys(CALIBRATION_KEYS)
-    _time_sorts(keys[:4096], 1)  # compile or load every variant before timing
-    times = _time_sorts(keys, rounds)
-    host = min(range(len(SORT_NAMES)), key=lambda method: times[SORT_NAMES[method]])
-    kernel = min((SORT_LSD, SORT_MSD), key=lambda method: times[SORT_NAMES[method]])
+    threads = thread_count()
+    _time_sorts(keys[:4096], 1, threads)  # compile or load every variant before timing
+    times = _time_sorts(keys, rounds, threads)
+    host, kernel = choose_sorts(times)
     return SortChoice(host, kernel, {name: round(ms, 3) for name, ms in times.items()})
 
 

@@ -153,16 +153,32 @@ def test_unusable_choice_file_means_measuring_again(choice_file, content):
         assert "other machine" in saved and core._machine_key() in saved
 
 
-def test_measuring_times_every_method_and_picks_the_fastest(monkeypatch):
-    """The real measurement (small keys to stay quick): every method timed, the host choice
-    the fastest of three, the kernel choice the fastest radix sort."""
+@pytest.mark.parametrize(("lsd", "msd", "numpy", "host", "kernel"), [
+    (1.0, 0.95, 0.95, "lsd", "lsd"),  # within the margin: the LSD sort stays
+    (1.0, 0.8, 0.9, "msd", "msd"),  # MSD clearly faster; numpy not faster than MSD
+    (1.0, 1.2, 0.5, "numpy", "lsd"),  # numpy's sort (AVX-512) far ahead
+    (1.0, 0.8, 0.7, "numpy", "msd"),
+    (1.0, 0.8, 0.75, "msd", "msd"),  # numpy within the margin of the kernel's choice
+])
+def test_choice_keeps_the_lsd_sort_unless_another_is_clearly_faster(lsd, msd, numpy, host,
+                                                                     kernel):
+    chosen = core.choose_sorts({"lsd": lsd, "msd": msd, "numpy": numpy})
+    assert chosen == (core.SORT_NAMES.index(host), core.SORT_NAMES.index(kernel))
+
+
+def test_measuring_times_every_method_on_every_thread(monkeypatch):
+    """The real measurement (small keys to stay quick): every method timed, with one copy of
+    the keys per thread, and the choice made from those times."""
     monkeypatch.setattr(core, "CALIBRATION_KEYS", 1 << 15)
+    sorted_copies = []
+    original = core._sort_copy
+    monkeypatch.setattr(core, "_sort_copy",
+                        lambda *args: sorted_copies.append(args[0]) or original(*args))
+    monkeypatch.setattr(core, "thread_count", lambda: 2)
     choice = core.measure_sorts(rounds=1)
     assert set(choice.times_ms) == set(core.SORT_NAMES)
-    times = [choice.times_ms[name] for name in core.SORT_NAMES]
-    assert times[choice.host] == min(times)
-    assert choice.kernel in (core.SORT_LSD, core.SORT_MSD)
-    assert times[choice.kernel] == min(times[core.SORT_LSD], times[core.SORT_MSD])
+    assert (choice.host, choice.kernel) == core.choose_sorts(choice.times_ms)
+    assert sorted(set(sorted_copies)) == [0, 1, 2] and len(sorted_copies) == 2 * 3 * 2
 
 
 def test_calibration_keys_are_sorted_alike_by_every_method():

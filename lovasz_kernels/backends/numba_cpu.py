@@ -451,9 +451,13 @@ def _gather_blocks(packed, counts, num_pixels, keys):
 def _narrow_range(labels, ignore_index, has_ignore, narrow, start, stop):
     """narrow[i] = labels[i] as uint8 for i in [start, stop), 255 where the label is the
     ignore label (with ``has_ignore``)."""
-    for i in range(start, stop):
-        label = labels[i]
-        narrow[i] = 255 if has_ignore and label == ignore_index else np.uint8(label)
+    if has_ignore:
+        for i in range(start, stop):  # a select, no branch: the loop vectorizes
+            label = labels[i]
+            narrow[i] = np.uint8(255) if label == ignore_index else np.uint8(label)
+    else:
+        for i in range(start, stop):
+            narrow[i] = np.uint8(labels[i])
 
 
 # --------------------------------------------------------------------------------------------
