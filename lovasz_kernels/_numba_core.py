@@ -642,8 +642,10 @@ def run_tasks(function: Callable[..., object], tasks: Sequence[tuple]) -> list:
 
 COMPILE_NOTICE = ("lovasz_kernels: compiling the numba kernels (first use on this machine, "
                   "about {seconds} s; cached for later runs)")
-#: the cold start measured on the development VM (fresh NUMBA_CACHE_DIR, first loss call)
-COLD_START_SECONDS = 30
+#: the cold start measured on the 2-core development VM with a fresh NUMBA_CACHE_DIR: 16 s for
+#: the first float32 loss call (sort measurement included), 8 s more for float64, 10 s for the
+#: prox; a later process loads them in about 2 s
+COLD_START_SECONDS = 20
 _notice = {"shown": False}
 
 
