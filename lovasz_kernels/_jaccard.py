@@ -33,10 +33,15 @@ def jaccard_increments(gt_sorted: torch.Tensor, dtype: torch.dtype) -> torch.Ten
     fg_seen = torch.cumsum(gt_sorted, dim=-1, dtype=count_dtype)
     n_fg = fg_seen[..., -1:]
     intersection = n_fg - fg_seen
-    position = torch.arange(1, num_pixels + 1, device=gt_sorted.device, dtype=count_dtype)
-    union = (intersection + position).to(dtype)
-    on_background = intersection.to(dtype).div_(union * (union - 1).clamp_min_(1))
-    increments = torch.where(gt_sorted, union.reciprocal_(), on_background)
+    position = torch.arange(num_pixels, device=gt_sorted.device, dtype=count_dtype)
+    union_minus_one = intersection + position  # U_k - 1, an exact integer
+    # 1/U_k on foreground, I_k/(U_k (U_k − 1)) on background: numerator and the second factor
+    # of the denominator are integers picked per pixel, the product and quotient one rounding
+    # each (a few passes over (S, P), each one wake-up of the thread pool, not ten)
+    numerator = torch.where(gt_sorted, 1, intersection)
+    second_factor = torch.where(gt_sorted, 1, union_minus_one)
+    increments = numerator / ((union_minus_one + 1).to(dtype) * second_factor)
     # U_k = 1 happens only at k = 0 when n_fg = 0: the first mistake alone costs the full loss
+    # (0/0 above)
     increments[..., 0].masked_fill_(n_fg[..., 0] == 0, 1.0)
     return increments

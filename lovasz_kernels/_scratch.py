@@ -4,9 +4,10 @@ The CPU kernels need tens of MB of temporary arrays per call (sort keys, radix b
 prox's sorted lists and prefix sums). Freshly allocated, such arrays are often fresh pages
 from the OS, and faulting them in is not free: measured on the 2-core VM, a third of a 512²
 numba hinge call (3.3 ms, 2.3 ms with reused scratch) and a fifth of a 512² exact prox. So
-kernels take their temporaries from here. Each Python thread has its own arrays (two threads
-may run kernels at once: numba releases the GIL), and arrays above ``KEEP_BYTES`` are not
-kept, so a huge input does not pin its memory afterwards.
+kernels take their temporaries from here. Each Python thread has its own arrays (several
+threads run kernels at once: the callers and the kernels' worker threads, see
+:func:`lovasz_kernels._numba_core.run_tasks`), and arrays above ``KEEP_BYTES`` are not kept,
+so a huge input does not pin its memory afterwards.
 """
 
 from __future__ import annotations

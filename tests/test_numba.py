@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from lovasz_kernels import _numba_core as core
 from lovasz_kernels import get_backend, lovasz_extension, lovasz_hinge, lovasz_softmax
 from lovasz_kernels._registry import select_backend
 from lovasz_kernels.backends import numba_cpu
@@ -55,7 +56,22 @@ def _float_rows(dtype, rng: np.random.Generator) -> list[np.ndarray]:
     ]
 
 
-def _sorted_keys(errors: np.ndarray, fg: np.ndarray, radix_min: int) -> np.ndarray:
+def _sort_with(method: str, keys: np.ndarray, buffer: np.ndarray, n: int) -> np.ndarray:
+    """keys[:n] sorted by one of the sorts; returns the array holding them."""
+    if method == "comparison":
+        return core.sort_keys(keys, buffer, n, 10**9, core.SORT_LSD)
+    if method == "numpy":
+        keys[:n].sort()
+        return keys
+    key_or, key_and = core.key_bits(keys, 0, n)
+    sort = core.radix_sort_msd if method == "msd" else core.radix_sort_lsd
+    return sort(keys, buffer, n, key_or, key_and)
+
+
+_SORTS = ["lsd", "msd", "numpy", "comparison"]
+
+
+def _sorted_keys(errors: np.ndarray, fg: np.ndarray, method: str) -> np.ndarray:
     """Pack and sort one row with the module's kernels, as the serial segment path does."""
     grad = np.full(errors.shape, np.nan, dtype=errors.dtype)
     batch = numba_cpu._extension_batch(errors[None], fg[None], grad[None])
@@ -66,22 +82,23 @@ def _sorted_keys(errors: np.ndarray, fg: np.ndarray, radix_min: int) -> np.ndarr
     assert bool(np.all(grad[errors <= 0] == 0)), "non-positive errors get gradient 0 at once"
     if n == 0:
         return keys[:0]
-    result = numba_cpu._sort_keys(keys, buffer, n, radix_min)
+    result = _sort_with(method, keys, buffer, n)
     if errors.dtype == np.float64:
-        numba_cpu._refine_float64_ties(result, n, batch, 0)
+        numba_cpu._refine_float64_ties(result, 0, n, batch, 0)
     return result[:n].copy()
 
 
 @pytest.mark.parametrize("dtype", _FLOAT_DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("radix_min", [0, 10**9], ids=["radix", "comparison"])
-def test_packed_sort_is_a_stable_descending_argsort(dtype, radix_min):
+@pytest.mark.parametrize("method", _SORTS)
+def test_packed_sort_is_a_stable_descending_argsort(dtype, method):
     """Sorted keys give exactly argsort(-errors, stable) over the positive errors, with each
-    pixel's label, for -0.0, +0.0, subnormals, +-inf, ties and wide ranges."""
+    pixel's label, for -0.0, +0.0, subnormals, +-inf, ties and wide ranges, whichever sort
+    runs (the machine's choice may be any of them)."""
     rng = np.random.default_rng(7)
     for errors in _float_rows(dtype, rng):
         fg = rng.random(errors.size) < 0.4
         fg[errors == -np.inf] = False
-        keys = _sorted_keys(errors, fg, radix_min)
+        keys = _sorted_keys(errors, fg, method)
         indices = ((keys & np.uint64(0xFFFFFFFF)) >> np.uint64(1)).astype(np.int64)
         labels = (keys & np.uint64(1)).astype(bool)
         order = np.argsort(-errors, kind="stable")
@@ -90,11 +107,12 @@ def test_packed_sort_is_a_stable_descending_argsort(dtype, radix_min):
         np.testing.assert_array_equal(labels, fg[expected])
 
 
-def test_radix_sort_matches_np_sort_on_raw_keys():
+def test_radix_sorts_match_np_sort_on_raw_keys():
     """Keys with random 31-bit prefixes (dense, sparse, one value, two values, a narrow
-    window) and unique low halves come out exactly as np.sort puts them, serial and blocked."""
+    window, skewed) and unique low halves come out exactly as np.sort puts them, by the LSD
+    sort, the MSD sort and sort_keys with either (past MSD_MIN_KEYS)."""
     rng = np.random.default_rng(3)
-    n = 20000
+    n = core.MSD_MIN_KEYS + 3000
     low = np.arange(n, dtype=np.uint64)
     prefixes = [
         rng.integers(0, 2**31, n),
@@ -105,18 +123,19 @@ def test_radix_sort_matches_np_sort_on_raw_keys():
         (rng.integers(0, 2**27, n) | (1 << 30)),  # softmax errors: 27 bits vary
         # bits 0 and 30 vary: the middle of three digits is constant, its pass skipped
         rng.integers(0, 2, n) | (rng.integers(0, 2, n) << 30),
+        # most keys in a few MSD buckets (one bucket far past cache size), the rest spread
+        np.where(rng.random(n) < 0.9, 5 << 20, rng.integers(0, 2**31, n)) | rng.integers(0, 64, n),
     ]
     for prefix in prefixes:
-        keys = (prefix.astype(np.uint64) << np.uint64(32)) | low
+        keys = (prefix.astype(np.uint64) << np.uint64(32)) | low  # packed in pixel order
         expected = np.sort(keys)
-        key_bits = numba_cpu._key_bits(keys, 0, n)
-        result = numba_cpu._radix_sort(keys.copy(), np.empty_like(keys), n, *key_bits)
-        np.testing.assert_array_equal(result, expected)
-        for blocks in (1, 2, 7):
-            result = numba_cpu._radix_sort_blocked(
-                keys.copy(), np.empty_like(keys), n, *key_bits, blocks
-            )
-            np.testing.assert_array_equal(result, expected)
+        key_bits = core.key_bits(keys, 0, n)
+        for sort in (core.radix_sort_lsd, core.radix_sort_msd):
+            result = sort(keys.copy(), np.empty_like(keys), n, *key_bits)
+            np.testing.assert_array_equal(result, expected, err_msg=sort.__name__)
+        for method in (core.SORT_LSD, core.SORT_MSD):
+            result = core.sort_keys(keys.copy(), np.empty_like(keys), n, 0, method)
+            np.testing.assert_array_equal(result[:n], expected, err_msg=str(method))
 
 
 def test_radix_layout_covers_exactly_the_varying_bits():
@@ -124,9 +143,10 @@ def test_radix_layout_covers_exactly_the_varying_bits():
     11-bit digits allow, all of one width."""
     def layout(prefix_or, prefix_and):
         shift = np.uint64(32)
-        return numba_cpu._radix_layout(
+        low, high = core.varying_prefix_bits(
             np.uint64(prefix_or) << shift, np.uint64(prefix_and) << shift
         )
+        return (low, *core.digit_layout(low, high, core.MAX_DIGIT_BITS))
 
     assert layout(5, 5)[2] == 0  # nothing varies
     assert layout(0x4000_0000 | (2**27 - 1), 0x4000_0000) == (32, 9, 3)
@@ -166,7 +186,7 @@ def test_within_segment_path_matches_serial_and_reference(monkeypatch, gen, padd
         monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_PIXELS", 1 << 40)
         serial_loss, serial_grad = numba_cpu.lovasz_extension(errors, fg)
         monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_PIXELS", 1)
-        monkeypatch.setattr(numba_cpu.numba, "get_num_threads", lambda: 3)
+        monkeypatch.setattr(core, "thread_count", lambda: 3)
         blocked_loss, blocked_grad = numba_cpu.lovasz_extension(errors, fg)
         monkeypatch.undo()
         assert torch.equal(blocked_grad, serial_grad), name
@@ -228,7 +248,7 @@ def test_two_specializations_for_four_dtypes(gen):
     # the fused loss path adds int64 labels; the score dtypes are float32 and float64 only
     score_dtypes = {
         str(signature[0].types[0].dtype)
-        for signature in numba_cpu._segments_over_workers.signatures
+        for signature in numba_cpu._segments_shared.signatures
     }
     assert score_dtypes <= {"float32", "float64"}
 
@@ -368,7 +388,7 @@ def test_fused_within_segment_path(monkeypatch, gen, per_image):
     logits = torch.randn(2, 40, 50, generator=gen)
     labels = torch.randint(0, 3, (2, 40, 50), generator=gen)  # 2 is ignored
     monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_PIXELS", 1)
-    monkeypatch.setattr(numba_cpu.numba, "get_num_threads", lambda: 3)
+    monkeypatch.setattr(core, "thread_count", lambda: 3)
     monkeypatch.setattr(numba_cpu, "RADIX_MIN_KEYS", 0)
     fused = _loss_and_grad(lovasz_hinge, logits, labels, per_image=per_image, ignore_index=2)
     monkeypatch.delattr(numba_cpu, "lovasz_loss")
@@ -405,7 +425,7 @@ def test_auto_selection_picks_numba_on_cpu():
 
 def test_details_reports_version_and_threads():
     line = numba_cpu.details()
-    assert numba_cpu.numba.__version__ in line and "threads" in line
+    assert core.numba.__version__ in line and "threads" in line and "sort" in line
 
 
 def test_without_numba_imports_and_explains():
@@ -496,20 +516,20 @@ def test_scratch_is_reused_per_thread_and_bounded(monkeypatch):
 
     from lovasz_kernels import _scratch
 
-    keys, buffers = numba_cpu._key_scratch(2, 1000)
-    assert keys.shape == buffers.shape == (2, 1000) and keys.dtype == np.uint64
+    keys, buffers = numba_cpu._key_scratch(1000)
+    assert keys.shape == buffers.shape == (1000,) and keys.dtype == np.uint64
     assert not np.shares_memory(keys, buffers)
-    again, _ = numba_cpu._key_scratch(2, 1000)
+    again, _ = numba_cpu._key_scratch(1000)
     assert np.shares_memory(keys, again)
     assert not np.shares_memory(keys, _scratch.scratch("another name", 1000, np.uint64))
     other = {}
-    thread = threading.Thread(target=lambda: other.update(keys=numba_cpu._key_scratch(2, 1000)[0]))
+    thread = threading.Thread(target=lambda: other.update(keys=numba_cpu._key_scratch(1000)[0]))
     thread.start()
     thread.join()
     assert not np.shares_memory(keys, other["keys"])
     monkeypatch.setattr(_scratch, "KEEP_BYTES", 1000)
-    first, _ = numba_cpu._key_scratch(2, 1000)
-    second, _ = numba_cpu._key_scratch(2, 1000)
+    first, _ = numba_cpu._key_scratch(1000)
+    second, _ = numba_cpu._key_scratch(1000)
     assert not np.shares_memory(first, second) and not np.shares_memory(first, keys)
 
 
@@ -553,7 +573,7 @@ def test_leftover_segments_split_across_threads(monkeypatch, gen, threads):
     monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_PIXELS", 1 << 40)
     whole_loss, whole_grad = run()
     monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_PIXELS", 1)
-    monkeypatch.setattr(numba_cpu.numba, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(core, "thread_count", lambda: threads)
     blocked = []
     original = numba_cpu._segment_blocked
 
@@ -582,7 +602,7 @@ def test_dense_chunks_fall_back_where_a_pixel_is_not_sorted(monkeypatch, gen, bl
     # row 2: every pixel sorted: all chunks dense
     if blocked:
         monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_PIXELS", 1)
-        monkeypatch.setattr(numba_cpu.numba, "get_num_threads", lambda: 4)
+        monkeypatch.setattr(core, "thread_count", lambda: 4)
     for dtype in (torch.float32, torch.float64):
         for row in range(3):  # one segment at a time: rows < threads takes the blocked path
             loss, grad = numba_cpu.lovasz_extension(errors[row:row + 1].to(dtype), fg[row:row + 1])

@@ -363,6 +363,9 @@ def test_missing_numba_says_how_to_install(monkeypatch):
     monkeypatch.setattr(lovasz_kernels.optim, "_prox_kernels", kernels)
     monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` now raises ImportError
     monkeypatch.delitem(sys.modules, "lovasz_kernels.optim._prox_kernels")
+    # the numba import itself happens in the shared core: re-imported without numba too
+    monkeypatch.setattr(lovasz_kernels, "_numba_core", sys.modules["lovasz_kernels._numba_core"])
+    monkeypatch.delitem(sys.modules, "lovasz_kernels._numba_core")
     with pytest.raises(ImportError, match=r"pip install 'lovasz-kernels\[numba\]'"):
         prox_lovasz_hinge(torch.zeros(1, 4), torch.zeros(1, 4, dtype=torch.long), 0.1)
 
@@ -558,3 +561,54 @@ def test_merge_route_is_certified_on_random_problems():
             0, groups, level_pos, level_neg, np.empty(size),
         )
         assert certified, (trial, list(z_pos), list(z_neg), n_fg, lam)
+
+
+@pytest.mark.parametrize("method", ["exact", "greedy"])
+def test_rows_on_threads_and_split_rows_match_one_thread(monkeypatch, method):
+    """The kernels' three ways to run rows: all on the calling thread, rows taken by several
+    threads from a shared counter (each with its own workspace), one row's steps split in two
+    (the sorts, the merge beside the prefix sums, the certificate, the writes): the same prox
+    and direction bit for bit, the losses to rounding (the certificate's halves are summed)."""
+    import numpy as np
+
+    from lovasz_kernels import _numba_core as core
+    from lovasz_kernels.optim import _prox_kernels as kernels
+
+    rng = np.random.default_rng(5)
+    rows, num_pixels = 3, 5000
+    logits = rng.standard_normal((rows, num_pixels))
+    logits[1] = np.round(logits[1] * 4) / 4  # ties
+    labels = (rng.random((rows, num_pixels)) > 0.7).astype(np.int64)
+    labels[2, rng.random(num_pixels) < 0.2] = 255
+    lam = np.full(rows, 30.0)
+    workspace = np.empty(kernels.workspace_slots(num_pixels))
+
+    def run(threads, one_row_at_a_time):
+        monkeypatch.setattr(core, "thread_count", lambda: threads)
+        out, direction = np.empty_like(logits), np.empty_like(logits)
+        loss_in, loss_out = np.zeros(rows), np.zeros(rows)
+        for first, stop in ([(r, r + 1) for r in range(rows)] if one_row_at_a_time
+                            else [(0, rows)]):
+            args = (logits[first:stop], labels[first:stop], 255, True, lam[first:stop])
+            outputs = (out[first:stop], direction[first:stop], loss_in[first:stop],
+                       loss_out[first:stop], workspace)
+            if method == "exact":
+                kernels._prox_exact_rows(*args, *outputs, True)
+            else:
+                kernels._prox_greedy_rows(*args, -1, *outputs)
+        return out, direction, loss_in, loss_out
+
+    monkeypatch.setattr(kernels, "SPLIT_MIN_PIXELS", 1000)
+    split_calls = []
+    split_row = kernels._exact_row_split if method == "exact" else kernels._greedy_row_split
+    monkeypatch.setattr(kernels, split_row.__name__,
+                        lambda *args: split_calls.append(1) or split_row(*args))
+    serial = run(1, False)
+    on_threads = run(2, False)
+    assert not split_calls
+    split = run(2, True)
+    assert len(split_calls) == rows
+    for other in (on_threads, split):
+        assert np.array_equal(other[0], serial[0]) and np.array_equal(other[1], serial[1])
+        np.testing.assert_allclose(other[2], serial[2], rtol=1e-13)
+        np.testing.assert_allclose(other[3], serial[3], rtol=1e-13)

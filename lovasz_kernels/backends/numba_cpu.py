@@ -16,23 +16,27 @@ first is the case "error = score, fg flag = label". Each segment is handled in t
    comparison sort of whole keys gives that same order. Pixels with ``error <= 0`` (including
    ``-inf`` padding and ignored pixels) are not packed at all: they sort after every positive
    error and get gradient 0, which is written right away; ``n_fg`` still counts them.
-2. **Sort the values** (not indices): an LSD radix sort of the prefix whose digits cover only
-   the bits that vary between the segment's keys (softmax errors: 27 bits, three digits of 9
-   bits; float16 inputs: 18 bits, two); all histograms are counted in one read. Small
-   segments use a comparison sort instead (keys are unique, so any sort is stable). For
-   float64 the 32-bit prefix is not the whole error: runs of equal prefixes are re-sorted on
-   the low 32 bits, which makes the order exact.
+2. **Sort the values** (not indices) with the sort this machine runs fastest
+   (:func:`lovasz_kernels._numba_core.sort_choice`, measured once): an LSD radix sort whose
+   digits cover only the prefix bits that vary (softmax errors: 27 bits, three digits of 9
+   bits), an MSD pass into cache-sized buckets then a local radix sort of each, or numpy's
+   sort. Keys are unique, so every method gives the same order. Small segments use a
+   comparison sort. For float64 the 32-bit prefix is not the whole error: runs of equal
+   prefixes are re-sorted on the low 32 bits, which makes the order exact.
 3. **One fused pass** over the sorted keys: exact integer prefix counts, the closed-form
    Jaccard increments (no cancellation), the loss accumulated in float64 and the gradient
    (times the segment's weight and d error / d score) scattered straight to each pixel's
    original position (the offset in the key).
 
-Parallelism: over segments (each worker owns one row of scratch buffers and visits segments
-``w, w + W, ...``), or, when there are fewer segments than threads, *within* a segment:
-blocked packing with a prefix over block counts, radix passes with per-block histograms, and a
-two-pass blocked scan (fg counts per block, then the fused pass from each block's offset).
-The last ``S mod W`` segments, which would leave threads idle, also run within-segment when
-they are large (21 classes on 2 threads: 10 each, then one split; 3-5% faster than 11 and 10).
+Parallelism: the kernels release the GIL and run on the worker threads of
+:func:`lovasz_kernels._numba_core.run_tasks` (threads that block when idle: no spinning
+against torch's thread pool). Over segments, each thread takes the next chunk of segments
+until none is left (a thread slowed by other work on the machine takes fewer), with its own
+scratch. When there are fewer segments than threads, *within* a segment: each thread packs a
+block of pixels, an MSD pass scatters every block's keys by their top digit, each thread sorts
+a range of whole buckets and runs the fused pass over it from its range's fg offset. The last
+``S mod W`` segments, which would leave threads idle, also run within-segment when they are
+large (21 classes on 2 threads: 10 each, then one split; 3-5% faster than 11 and 10).
 
 This module imports without numba (:func:`availability` then explains how to install it).
 """
@@ -44,52 +48,45 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from lovasz_kernels import _numba_core as core
+from lovasz_kernels._numba_core import (
+    INSERTION_MAX,
+    SORT_LSD,
+    SORT_NUMPY,
+    bits_of,
+    fetch_add,
+    float32_from_bits,
+    insertion_sort,
+    jaccard_increment,
+    key_bits,
+    njit,
+    sort_keys,
+)
 from lovasz_kernels._plan import SegmentPlan, generic_lovasz_loss
 from lovasz_kernels._scratch import scratch
 from lovasz_kernels._validate import compute_dtype as _compute_dtype
 from lovasz_kernels.backends._host import errors_to_numpy, fg_to_numpy, results_to_torch
 
-try:
-    import numba
-    from llvmlite import ir as _llvm_ir
-    from numba import njit, prange
-    from numba.core import types as _nb_types
-    from numba.extending import intrinsic
-except ImportError:  # the backend reports itself unavailable; kernels stay plain Python
-    numba = None
-    prange = range
-
-    def njit(*args, **kwargs):
-        if args and callable(args[0]):
-            return args[0]
-        return lambda function: function
-
-    def intrinsic(function):
-        return function
-
-
 _INSTALL_HINT = "numba is not installed: pip install 'lovasz-kernels[numba]'"
 
 # Segments with at least this many pixels are split across threads when there are fewer
-# segments than threads (below it, thread start-up costs more than it saves). Tests lower it.
+# segments than threads, and calls with fewer pixels in all run on the calling thread alone
+# (below it, waking threads costs more than it saves). Tests lower it.
 PARALLEL_MIN_PIXELS = 1 << 16
 # Below this many positive errors a comparison sort beats radix passes.
 RADIX_MIN_KEYS = 1024
-# Up to this many keys, insertion sort.
-_INSERTION_MAX = 24
+# Segments of at least this many pixels use the sort measured fastest on this machine (which
+# may be numpy's, called from the host); smaller ones the LSD radix sort in the kernel.
+SORT_CHOICE_MIN_PIXELS = 1 << 16
+# Over segments, a thread takes chunks of segments of about this many pixels in all (fewer
+# when that would leave fewer than four chunks per thread).
+CHUNK_PIXELS = 1 << 17
+# Labels narrowed to uint8 by several threads from this many on.
+NARROW_SPLIT_LABELS = 1 << 20
 # Pixels per chunk of the packing loop (see _pack_range).
 _PACK_CHUNK = 2048
 # The index field of a key has 31 bits.
 MAX_PIXELS = 1 << 31
-
-# Radix digits cover only the prefix bits that differ between a segment's keys (from the
-# OR and AND of the keys, one vectorized read), cut into as few digits of at most 11 bits as
-# cover them: softmax errors in (0, 1] vary in about 27 of the 31 bits (3 digits of 9 bits),
-# float16 inputs (widened: the low 13 bits are 0) in at most 18 (2 of 9), equal errors in
-# none. Measured on the 2-core VM (262k keys of 27 bits, 21 segments on 2 threads): 3 x 9
-# bits 2% faster than 2 x 14 (16384-bin histograms; faster on one thread) and 20% faster
-# than the fixed 3 x 11 bits over all 31 bits.
-_MAX_DIGIT_BITS = 11
 
 # uint64 constants: mixing uint64 with int64 in numba promotes to float64, so every operand
 # of key arithmetic is an explicit uint64
@@ -99,33 +96,9 @@ _LOW32 = np.uint64(0xFFFFFFFF)
 _INF32_BITS = np.uint64(0x7F800000)
 _INF64_BITS = np.uint64(0x7FF0000000000000)
 
-# cache=True on every kernel, the prange ones included (numba caches parfor functions): a
-# second process loads them in about 2 s instead of compiling for about 30 s.
-# fastmath stays off everywhere: the kernels rely on IEEE division and comparisons (-0.0 is not
-# positive, -inf padding), and the float64 loss sum is not worth reassociating.
-
-
-@intrinsic
-def _float32_from_bits(typingctx, bits):
-    """Reinterpret a uint32 as the float32 with that bit pattern (a no-op on the CPU)."""
-    signature = _nb_types.float32(_nb_types.uint32)
-
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], _llvm_ir.FloatType())
-
-    return signature, codegen
-
-
-@intrinsic
-def _bits_of(typingctx, value):
-    """Reinterpret a float32 (float64) as the uint32 (uint64) with the same bit pattern."""
-    width = value.bitwidth
-    signature = (_nb_types.uint32 if width == 32 else _nb_types.uint64)(value)
-
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], _llvm_ir.IntType(width))
-
-    return signature, codegen
+# cache=True on every kernel: a second process loads them instead of compiling. fastmath stays
+# off everywhere: the kernels rely on IEEE division and comparisons (-0.0 is not positive, -inf
+# padding), and the float64 loss sum is not worth reassociating.
 
 
 @njit(inline="always")
@@ -135,8 +108,8 @@ def _descending_key(values, error):
     ``values`` (the segment's input array) only tells the width at compile time.
     """
     if values.itemsize == 4:
-        return _INF32_BITS - np.uint64(_bits_of(error))
-    return _INF64_BITS - np.uint64(_bits_of(error))
+        return _INF32_BITS - np.uint64(bits_of(error))
+    return _INF64_BITS - np.uint64(bits_of(error))
 
 
 @njit(inline="always")
@@ -145,30 +118,6 @@ def _packed_key(values, error, offset, is_fg):
     full_key = _descending_key(values, error)
     prefix = full_key if values.itemsize == 4 else full_key >> _SHIFT_PREFIX
     return (prefix << _SHIFT_PREFIX) | (np.uint64(offset) << _ONE) | np.uint64(is_fg)
-
-
-@njit(inline="always")
-def _digit(key, shift, mask):
-    """The radix digit of a key at bit ``shift`` (see :func:`_radix_layout`)."""
-    return (key >> shift) & mask
-
-
-@njit(cache=True)
-def _radix_layout(key_or, key_and):
-    """(lowest bit, bits per digit, number of digits) of the LSD digits of keys whose
-    bitwise OR and AND are given: the digits cover exactly the prefix bits that vary."""
-    varying = (key_or ^ key_and) >> _SHIFT_PREFIX
-    if varying == 0:
-        return 32, 1, 0
-    low = 0
-    while (varying >> np.uint64(low)) & _ONE == 0:
-        low += 1
-    high = low
-    while (varying >> np.uint64(high)) != 0:
-        high += 1
-    width = high - low
-    num_digits = (width + _MAX_DIGIT_BITS - 1) // _MAX_DIGIT_BITS
-    return 32 + low, (width + num_digits - 1) // num_digits, num_digits
 
 
 @njit(inline="always")
@@ -200,14 +149,6 @@ def _error_at(batch, s, offset, is_fg):
     return _error_of(score, is_fg, slope_bg, intercept_bg, slope_fg, intercept_fg)
 
 
-@njit(cache=True)
-def _key_bits(keys, start, stop):
-    """Bitwise OR and AND of keys[start:stop] (a loop the compiler vectorizes)."""
-    key_or, key_and = np.uint64(0), ~np.uint64(0)
-    for key in keys[start:stop]:  # a view: no negative-index handling, so it vectorizes
-        key_or |= key
-        key_and &= key
-    return key_or, key_and
 
 
 @njit(inline="always")
@@ -328,108 +269,18 @@ def _pack_range(batch, s, start, stop, keys, out, pack, try_dense):
     return out, n_fg
 
 
-@njit(cache=True)
-def _insertion_sort(keys, start, stop):
-    """Sort keys[start:stop] in place (for a handful of keys)."""
-    for i in range(start + 1, stop):
-        key = keys[i]
-        j = i - 1
-        while j >= start and keys[j] > key:
-            keys[j + 1] = keys[j]
-            j -= 1
-        keys[j + 1] = key
-
-
-@njit(cache=True, inline="always")
-def _scatter_by_digit(source, target, offsets, start, stop, shift, mask):
-    """One stable LSD pass over source[start:stop]; ``offsets`` (per digit) advances in place."""
-    for key in source[start:stop]:
-        d = _digit(key, shift, mask)
-        slot = offsets[d]
-        target[np.uint64(slot)] = key  # unsigned: no negative-index handling
-        offsets[d] = slot + 1
 
 
 @njit(cache=True)
-def _count_digit(keys, histogram, shift, mask):
-    """Add the digit at ``shift`` of every key to ``histogram``."""
-    for key in keys:
-        histogram[_digit(key, shift, mask)] += 1
-
-
-@njit(cache=True)
-def _scatter_counting_next(source, target, offsets, shift, mask, next_histogram, next_shift):
-    """:func:`_scatter_by_digit` over all of ``source``, counting the digit at ``next_shift``
-    of every key into ``next_histogram`` on the way."""
-    for key in source:
-        d = _digit(key, shift, mask)
-        slot = offsets[d]
-        target[np.uint64(slot)] = key
-        offsets[d] = slot + 1
-        next_histogram[_digit(key, next_shift, mask)] += 1
-
-
-@njit(cache=True)
-def _radix_sort(keys, buffer, n, key_or, key_and):
-    """Stable LSD radix sort of keys[:n] by their 32-bit prefix, whose bitwise OR and AND are
-    ``key_or``, ``key_and``; returns the array (keys or buffer) holding the result.
-
-    Each pass counts the next digit's histogram while it moves the keys (the increments
-    hide behind the scatter's stores); only the first digit needs a read of its own. A pass
-    whose digit is the same for every key is skipped (the next histogram is then counted by
-    itself). Keys with equal prefixes keep their current (index) order.
-    """
-    low, bits, num_digits = _radix_layout(key_or, key_and)
-    source, target = keys, buffer
-    if num_digits == 0:
-        return source
-    mask = np.uint64((1 << bits) - 1)
-    histograms = np.zeros((num_digits, 1 << bits), dtype=np.int64)
-    _count_digit(source[:n], histograms[0], np.uint64(low), mask)
-    offsets = np.empty(1 << bits, dtype=np.int64)
-    for digit in range(num_digits):
-        shift = np.uint64(low + bits * digit)
-        next_shift = np.uint64(low + bits * (digit + 1))
-        counts_next = digit + 1 < num_digits
-        if histograms[digit, _digit(source[0], shift, mask)] == n:
-            if counts_next:
-                _count_digit(source[:n], histograms[digit + 1], next_shift, mask)
-            continue
-        running = 0
-        for d in range(1 << bits):
-            offsets[d] = running
-            running += histograms[digit, d]
-        if counts_next:
-            _scatter_counting_next(
-                source[:n], target, offsets, shift, mask, histograms[digit + 1], next_shift
-            )
-        else:
-            _scatter_by_digit(source, target, offsets, 0, n, shift, mask)
-        source, target = target, source
-    return source
-
-
-@njit(cache=True)
-def _sort_keys(keys, buffer, n, radix_min):
-    """Sort keys[:n] ascending; returns the array (keys or buffer) holding the result."""
-    if n <= _INSERTION_MAX:
-        _insertion_sort(keys, 0, n)
-        return keys
-    if n < radix_min:
-        keys[:n].sort()  # keys are unique (they hold the index): an unstable sort is stable
-        return keys
-    key_or, key_and = _key_bits(keys, 0, n)
-    return _radix_sort(keys, buffer, n, key_or, key_and)
-
-
-@njit(cache=True)
-def _refine_float64_ties(sorted_keys, n, batch, s):
-    """Exact order for float64: re-sort each run of equal 32-bit prefixes on the low 32 bits.
+def _refine_float64_ties(sorted_keys, first, n, batch, s):
+    """Exact order for float64: re-sort each run of equal 32-bit prefixes of
+    sorted_keys[first:n] on the low 32 bits (a run never crosses ``first``: callers start at a
+    bucket's edge).
 
     Inside a run, keys become ``low32(descending key) << 32 | offset << 1 | fg`` for the sort,
     then get their prefix back, so ties on the whole value still keep pixel order.
     """
-    start = 0
+    start = first
     while start < n:
         prefix = sorted_keys[start] >> _SHIFT_PREFIX
         stop = start + 1
@@ -441,8 +292,8 @@ def _refine_float64_ties(sorted_keys, n, batch, s):
                 error = _error_at(batch, s, np.int64(payload >> _ONE), (payload & _ONE) != 0)
                 low = _descending_key(batch.values, error) & _LOW32
                 sorted_keys[k] = (low << _SHIFT_PREFIX) | payload
-            if stop - start <= _INSERTION_MAX:
-                _insertion_sort(sorted_keys, start, stop)
+            if stop - start <= INSERTION_MAX:
+                insertion_sort(sorted_keys, start, stop)
             else:
                 sorted_keys[start:stop].sort()
             for k in range(start, stop):
@@ -450,17 +301,17 @@ def _refine_float64_ties(sorted_keys, n, batch, s):
         start = stop
 
 
+
+
 @njit(cache=True)
 def _fused_pass(sorted_keys, start, stop, n_fg, fg_before, batch, s):
     """Jaccard increments of sorted_keys[start:stop], scattered to segment s's gradient;
     returns the float64 loss of that block.
 
-    ``fg_before`` is the number of fg pixels in sorted_keys[:start]. With k the 0-based
-    position, c_k the fg pixels among the first k+1 and U_k = n_fg + (k + 1) - c_k, the
-    increment is 1/U_k on fg and (n_fg - c_k) / (U_k (U_k - 1)) on background (1 if U_k = 1),
-    each from exact integer counts (DESIGN.md §1). The gradient written is
-    ``grad_scale[s] * slope * increment`` (d error / d score = slope): the segment's weight
-    and sign are folded into the one scatter.
+    ``fg_before`` is the number of fg pixels in sorted_keys[:start]; each increment comes from
+    exact integer counts (:func:`lovasz_kernels._numba_core.jaccard_increment`, DESIGN.md §1).
+    The gradient written is ``grad_scale[s] * slope * increment`` (d error / d score = slope):
+    the segment's weight and sign are folded into the one scatter.
     """
     values, grad, grad_base = batch.values, batch.grad, batch.value_base[s]
     slope_bg, intercept_bg, slope_fg, intercept_fg = _affine(batch)
@@ -474,16 +325,10 @@ def _fused_pass(sorted_keys, start, stop, n_fg, fg_before, batch, s):
         is_fg = (key & _ONE) != 0
         if is_fg:
             fg_seen += 1
-        union = n_fg + k + 1 - fg_seen
-        if is_fg:
-            increment = 1.0 / union
-        elif union == 1:  # the first pixel, no fg at all: it alone costs the whole loss
-            increment = 1.0
-        else:
-            increment = (n_fg - fg_seen) / (np.float64(union) * (union - 1))
+        increment = jaccard_increment(n_fg, fg_seen, k + 1 - fg_seen, is_fg)
         if values.itemsize == 4:  # float32: the error is in the key, no gather
             error_bits = np.uint32(_INF32_BITS - (key >> _SHIFT_PREFIX))
-            error = np.float64(_float32_from_bits(error_bits))
+            error = np.float64(float32_from_bits(error_bits))
         else:
             error = np.float64(_error_of(
                 values[grad_base + offset], is_fg, slope_bg, intercept_bg, slope_fg,
@@ -495,27 +340,46 @@ def _fused_pass(sorted_keys, start, stop, n_fg, fg_before, batch, s):
 
 
 @njit(cache=True)
-def _segment_serial(batch, s, keys, buffer, radix_min):
-    """Loss of segment s, its gradient written to batch.grad (one thread)."""
-    num_pixels = batch.rows * batch.num_cols
-    n_positive, n_fg = _pack_range(batch, s, 0, num_pixels, keys, 0, True, True)
-    if n_positive == 0:
-        return 0.0
-    sorted_keys = _sort_keys(keys, buffer, n_positive, radix_min)
+def _finish_segment(batch, s, sorted_keys, n_positive, n_fg):
+    """Loss of segment s from its sorted keys (exact float64 order first); gradient written."""
     if batch.values.itemsize == 8:
-        _refine_float64_ties(sorted_keys, n_positive, batch, s)
+        _refine_float64_ties(sorted_keys, 0, n_positive, batch, s)
     return _fused_pass(sorted_keys, 0, n_positive, n_fg, 0, batch, s)
 
 
-@njit(parallel=True, cache=True)
-def _segments_over_workers(batch, num_segments, loss, keys, buffers, radix_min):
-    """Segments [0, num_segments); worker w (one row of keys/buffers) takes segments
-    w, w + W, ... and writes only their pixels of grad (segments never share a pixel of the
-    gradient) and their entries of loss."""
-    num_workers = keys.shape[0]
-    for worker in prange(num_workers):
-        for s in range(worker, num_segments, num_workers):
-            loss[s] = _segment_serial(batch, s, keys[worker], buffers[worker], radix_min)
+@njit(cache=True)
+def _pack_segment(batch, s, keys):
+    """(keys packed in keys[:n], fg pixels) of segment s; unsorted pixels get gradient 0."""
+    return _pack_range(batch, s, 0, batch.rows * batch.num_cols, keys, 0, True, True)
+
+
+@njit(cache=True)
+def _segment_serial(batch, s, keys, buffer, radix_min, method):
+    """Loss of segment s, its gradient written to batch.grad (one thread, sort ``method``)."""
+    n_positive, n_fg = _pack_segment(batch, s, keys)
+    if n_positive == 0:
+        return 0.0
+    sorted_keys = sort_keys(keys, buffer, n_positive, radix_min, method)
+    return _finish_segment(batch, s, sorted_keys, n_positive, n_fg)
+
+
+@njit(cache=True)
+def _segments_shared(batch, num_segments, next_segment, chunk, loss, keys, buffer, radix_min,
+                     method):
+    """One thread's share of segments [0, num_segments): it takes the next ``chunk`` segments
+    from the shared counter next_segment[0] until none is left (a thread slowed by other work
+    on the machine takes fewer), with its own keys and buffer. Each segment writes only its
+    pixels of grad and its entry of loss."""
+    while True:
+        first = fetch_add(next_segment, 0, chunk)
+        if first >= num_segments:
+            return
+        for s in range(first, min(first + chunk, num_segments)):
+            loss[s] = _segment_serial(batch, s, keys, buffer, radix_min, method)
+
+
+# --------------------------------------------------------------------------------------------
+# kernels of the within-segment path (each call is one thread's block)
 
 
 @njit(cache=True)
@@ -526,103 +390,74 @@ def _block_bounds(length, num_blocks, block):
     return start, min(start + size, length)
 
 
-@njit(parallel=True, cache=True)
-def _radix_sort_blocked(keys, buffer, n, key_or, key_and, num_blocks):
-    """Parallel stable LSD radix sort of keys[:n] by prefix: per pass, each block counts its
-    digits (its own histogram row), a serial scan over (digit, block) gives every block its
-    output offsets, and each block scatters its keys. Returns the array holding the result."""
-    low, bits, num_digits = _radix_layout(key_or, key_and)
-    mask = np.uint64((1 << bits) - 1)
-    histograms = np.zeros((num_blocks, 1 << bits), dtype=np.int64)
-    source, target = keys, buffer
-    for digit in range(num_digits):
-        shift = np.uint64(low + bits * digit)
-        for block in prange(num_blocks):
-            start, stop = _block_bounds(n, num_blocks, block)
-            row = histograms[block]
-            row[:] = 0
-            for i in range(start, stop):
-                row[_digit(source[i], shift, mask)] += 1
-        running = 0
-        skip = False
-        for d in range(1 << bits):
-            total = 0
-            for block in range(num_blocks):
-                count = histograms[block, d]
-                histograms[block, d] = running + total
-                total += count
-            if total == n:  # one digit value for every key: nothing to reorder
-                skip = True
-                break
-            running += total
-        if skip:
-            continue
-        for block in prange(num_blocks):
-            start, stop = _block_bounds(n, num_blocks, block)
-            _scatter_by_digit(source, target, histograms[block], start, stop, shift, mask)
-        source, target = target, source
-    return source
+@njit(cache=True)
+def _pack_block(batch, s, block, num_blocks, packed, counts, bits):
+    """Keys of the block's pixels [start, stop) of segment s, packed from packed[start] (a block
+    never keeps more keys than pixels, so blocks do not overlap); counts[block] = (keys, fg
+    pixels), bits[block] = (OR, AND) of its keys."""
+    start, stop = _block_bounds(batch.rows * batch.num_cols, num_blocks, block)
+    out, n_fg = _pack_range(batch, s, start, stop, packed, start, True, True)
+    counts[block, 0] = out - start
+    counts[block, 1] = n_fg
+    bits[block, 0], bits[block, 1] = key_bits(packed, start, out)
 
 
-@njit(parallel=True, cache=True)
-def _segment_blocked(batch, s, keys, buffer, num_blocks, radix_min):
-    """Loss of segment s with every step split into ``num_blocks`` parallel blocks."""
-    num_pixels = batch.rows * batch.num_cols
-    counts = np.zeros((num_blocks, 2), dtype=np.int64)
-    for block in prange(num_blocks):
-        start, stop = _block_bounds(num_pixels, num_blocks, block)
-        block_positive, block_fg = _pack_range(batch, s, start, stop, keys, 0, False, False)
-        counts[block, 0] = block_positive
-        counts[block, 1] = block_fg
-    out_start = np.zeros(num_blocks, dtype=np.int64)
-    n_positive = 0
-    n_fg = 0
-    for block in range(num_blocks):
-        out_start[block] = n_positive
-        n_positive += counts[block, 0]
-        n_fg += counts[block, 1]
-    key_bits = np.empty((num_blocks, 2), dtype=np.uint64)  # OR and AND of each block's keys
-    for block in prange(num_blocks):
-        start, stop = _block_bounds(num_pixels, num_blocks, block)
-        # dense chunks only where the block keeps every pixel: it may not write past its keys
-        every_pixel = counts[block, 0] == stop - start
-        out_stop, _ = _pack_range(
-            batch, s, start, stop, keys, out_start[block], True, every_pixel
-        )
-        key_bits[block, 0], key_bits[block, 1] = _key_bits(keys, out_start[block], out_stop)
-    if n_positive == 0:
-        return 0.0
-    sorted_keys = keys
-    if n_positive <= _INSERTION_MAX:
-        _insertion_sort(keys, 0, n_positive)
-    elif n_positive < radix_min:
-        keys[:n_positive].sort()
-    else:
-        key_or, key_and = np.uint64(0), ~np.uint64(0)
-        for block in range(num_blocks):
-            key_or |= key_bits[block, 0]
-            key_and &= key_bits[block, 1]
-        sorted_keys = _radix_sort_blocked(keys, buffer, n_positive, key_or, key_and, num_blocks)
+@njit(cache=True)
+def _count_block_digit(packed, start, stop, histogram, fg_histogram, shift, mask):
+    """Histograms of the MSD digit of packed[start:stop] (one block's keys): all keys, and
+    the fg keys."""
+    histogram[:] = 0
+    fg_histogram[:] = 0
+    for key in packed[start:stop]:
+        d = core.digit_of(key, shift, mask)
+        histogram[d] += 1
+        fg_histogram[d] += np.int64(key & _ONE)
+
+
+@njit(cache=True)
+def _scatter_block(packed, start, stop, keys, offsets, shift, mask):
+    """The block's keys packed[start:stop] to their buckets in ``keys`` (stable)."""
+    core.scatter_by_digit(packed[start:stop], keys, offsets, shift, mask)
+
+
+@njit(cache=True)
+def _sort_and_fuse_range(batch, s, keys, buffer, starts, first_bucket, stop_bucket, sort,
+                         n_fg, fg_before):
+    """Buckets [first_bucket, stop_bucket) of ``keys``: sorted in place (with ``sort``;
+    without it they are sorted already), float64 ties made exact, then the fused pass from
+    ``fg_before`` fg keys before the range; returns the range's loss."""
+    if sort:
+        histograms, offsets = core.local_sort_scratch()
+        core.sort_buckets(keys, buffer, starts, first_bucket, stop_bucket, histograms, offsets)
+    start, stop = starts[first_bucket], starts[stop_bucket]
     if batch.values.itemsize == 8:
-        _refine_float64_ties(sorted_keys, n_positive, batch, s)
-    # two-pass blocked scan: fg counts per block of the sorted keys, then the fused pass
-    fg_per_block = np.zeros(num_blocks, dtype=np.int64)
-    for block in prange(num_blocks):
-        start, stop = _block_bounds(n_positive, num_blocks, block)
-        count = 0
-        for k in range(start, stop):
-            count += np.int64(sorted_keys[k] & _ONE)
-        fg_per_block[block] = count
-    fg_before = np.zeros(num_blocks, dtype=np.int64)
-    for block in range(1, num_blocks):
-        fg_before[block] = fg_before[block - 1] + fg_per_block[block - 1]
-    block_loss = np.zeros(num_blocks, dtype=np.float64)
-    for block in prange(num_blocks):
-        start, stop = _block_bounds(n_positive, num_blocks, block)
-        block_loss[block] = _fused_pass(
-            sorted_keys, start, stop, n_fg, fg_before[block], batch, s
-        )
-    return block_loss.sum()
+        _refine_float64_ties(keys, start, stop, batch, s)
+    return _fused_pass(keys, start, stop, n_fg, fg_before, batch, s)
+
+
+@njit(cache=True)
+def _gather_blocks(packed, counts, num_pixels, keys):
+    """Every block's keys packed[start_b : start_b + counts[b, 0]] to keys[0:n], in order."""
+    num_blocks = counts.shape[0]
+    out = 0
+    for block in range(num_blocks):
+        start, _ = _block_bounds(num_pixels, num_blocks, block)
+        keys[out:out + counts[block, 0]] = packed[start:start + counts[block, 0]]
+        out += counts[block, 0]
+    return out
+
+
+@njit(cache=True)
+def _narrow_range(labels, ignore_index, has_ignore, narrow, start, stop):
+    """narrow[i] = labels[i] as uint8 for i in [start, stop), 255 where the label is the
+    ignore label (with ``has_ignore``)."""
+    if has_ignore:
+        for i in range(start, stop):  # a select, no branch: the loop vectorizes
+            label = labels[i]
+            narrow[i] = np.uint8(255) if label == ignore_index else np.uint8(label)
+    else:
+        for i in range(start, stop):
+            narrow[i] = np.uint8(labels[i])
 
 
 # --------------------------------------------------------------------------------------------
@@ -672,38 +507,164 @@ def _extension_batch(errors: np.ndarray, fg: np.ndarray, grad: np.ndarray) -> Se
     )
 
 
-def _key_scratch(rows: int, num_pixels: int) -> tuple[np.ndarray, np.ndarray]:
-    """Keys and radix buffers, (rows, num_pixels) uint64 each, reused between calls."""
-    both = scratch("numba keys", 2 * rows * num_pixels, np.uint64)
-    half = rows * num_pixels
-    return both[:half].reshape(rows, num_pixels), both[half:].reshape(rows, num_pixels)
+def _key_scratch(num_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Keys and radix buffer, (num_pixels,) uint64 each, reused between calls by the calling
+    thread (each worker thread has its own)."""
+    both = scratch("numba keys", 2 * num_pixels, np.uint64)
+    return both[:num_pixels], both[num_pixels:]
+
+
+class _SortMethods(NamedTuple):
+    host: int  # SORT_LSD, SORT_MSD or SORT_NUMPY (numpy's sort, called between kernels)
+    kernel: int  # SORT_LSD or SORT_MSD
+
+
+def _sort_methods(num_pixels: int) -> _SortMethods:
+    """The sorts for segments of ``num_pixels``: the machine's fastest for large ones (measured
+    on first use), the LSD radix sort otherwise."""
+    if num_pixels < SORT_CHOICE_MIN_PIXELS:
+        return _SortMethods(SORT_LSD, SORT_LSD)
+    choice = core.sort_choice()
+    return _SortMethods(choice.host, choice.kernel)
+
+
+def _segment_host_sorted(batch: SegmentBatch, s: int, keys: np.ndarray, buffer: np.ndarray,
+                         radix_min: int) -> float:
+    """Segment s with numpy's sort of its keys between the packing and the fused kernels."""
+    n_positive, n_fg = _pack_segment(batch, s, keys)
+    if n_positive == 0:
+        return 0.0
+    if n_positive < radix_min:
+        sorted_keys = sort_keys(keys, buffer, n_positive, radix_min, SORT_LSD)
+    else:
+        keys[:n_positive].sort()  # releases the GIL
+        sorted_keys = keys
+    return _finish_segment(batch, s, sorted_keys, n_positive, n_fg)
+
+
+def _segments_task(batch: SegmentBatch, num_segments: int, next_segment: np.ndarray,
+                   chunk: int, loss: np.ndarray, radix_min: int, methods: _SortMethods) -> None:
+    """One thread's share of segments [0, num_segments) (see :func:`_segments_shared`), with
+    this thread's scratch."""
+    keys, buffer = _key_scratch(batch.rows * batch.num_cols)
+    if methods.host != SORT_NUMPY:
+        _segments_shared(batch, num_segments, next_segment, chunk, loss, keys, buffer,
+                         radix_min, methods.kernel)
+        return
+    while True:  # numpy's sort runs between two kernels, so the loop is here
+        first = int(core.take_next(next_segment, chunk))
+        if first >= num_segments:
+            return
+        for s in range(first, min(first + chunk, num_segments)):
+            loss[s] = _segment_host_sorted(batch, s, keys, buffer, radix_min)
+
+
+def _bucket_ranges(starts: np.ndarray, num_ranges: int) -> np.ndarray:
+    """Bucket indices cutting the buckets (key offsets ``starts``) into ``num_ranges``
+    contiguous ranges of about equal keys: range r is buckets [cuts[r], cuts[r + 1])."""
+    total = int(starts[-1])
+    targets = (np.arange(1, num_ranges, dtype=np.int64) * total) // num_ranges
+    inner = np.searchsorted(starts, targets, side="left")
+    cuts = np.concatenate([[0], inner, [starts.size - 1]])
+    return np.maximum.accumulate(np.minimum(cuts, starts.size - 1))
+
+
+def _segment_blocked(batch: SegmentBatch, s: int, keys: np.ndarray, buffer: np.ndarray,
+                     num_blocks: int, radix_min: int, methods: _SortMethods | None = None,
+                     ) -> float:
+    """Loss of segment s with every step split over ``num_blocks`` threads.
+
+    1. each block packs its pixels' keys into ``buffer`` (from its first pixel's slot);
+    2. each block counts its keys' MSD digit (the top varying bits of the whole segment), all
+       keys and fg keys;
+    3. each block scatters its keys into their buckets in ``keys`` (stable: the offsets of
+       block b within a bucket follow those of blocks < b);
+    4. each thread sorts a range of whole buckets (about n / num_blocks keys) in place, with
+       the machine's sort, and runs the fused pass over it from the fg keys of the buckets
+       before (known from step 2).
+    Four pool round trips in all. Fewer than ``radix_min`` keys are gathered and sorted on
+    this thread.
+    """
+    methods = methods or _SortMethods(SORT_LSD, SORT_LSD)
+    num_pixels = batch.rows * batch.num_cols
+    counts = np.empty((num_blocks, 2), dtype=np.int64)
+    bits = np.empty((num_blocks, 2), dtype=np.uint64)
+    core.run_tasks(_pack_block, [(batch, s, block, num_blocks, buffer, counts, bits)
+                                 for block in range(num_blocks)])
+    n_positive, n_fg = (int(total) for total in counts.sum(axis=0))
+    if n_positive == 0:
+        return 0.0
+    if n_positive < max(radix_min, 2):
+        _gather_blocks(buffer, counts, num_pixels, keys)
+        sorted_keys = sort_keys(keys, buffer, n_positive, radix_min, methods.kernel)
+        return _finish_segment(batch, s, sorted_keys, n_positive, n_fg)
+    low, high = core.varying_prefix_bits(np.bitwise_or.reduce(bits[:, 0]),
+                                         np.bitwise_and.reduce(bits[:, 1]))
+    shift, digit_bits = core.msd_digit(low, high, n_positive)
+    shift, mask = np.uint64(shift), np.uint64((1 << digit_bits) - 1)
+    block_start = [_block_bounds(num_pixels, num_blocks, block)[0] for block in range(num_blocks)]
+    histograms = np.empty((num_blocks, 1 << digit_bits), dtype=np.int64)
+    fg_histograms = np.empty_like(histograms)
+    core.run_tasks(_count_block_digit, [
+        (buffer, block_start[block], block_start[block] + counts[block, 0], histograms[block],
+         fg_histograms[block], shift, mask) for block in range(num_blocks)])
+    # block b's first slot in bucket d: keys of buckets < d, then of blocks < b in bucket d
+    by_bucket = histograms.T.reshape(-1)
+    offsets = (np.cumsum(by_bucket) - by_bucket).reshape(-1, num_blocks).T.copy()
+    starts = np.append(offsets[0], n_positive).astype(np.int64)
+    core.run_tasks(_scatter_block, [
+        (buffer, block_start[block], block_start[block] + counts[block, 0], keys,
+         offsets[block], shift, mask) for block in range(num_blocks)])
+    cuts = _bucket_ranges(starts, num_blocks)
+    fg_below = np.concatenate([[0], np.cumsum(fg_histograms.sum(axis=0))])  # per bucket
+    ranges = [(int(cuts[r]), int(cuts[r + 1]), int(fg_below[cuts[r]]))
+              for r in range(num_blocks)]
+    if methods.host == SORT_NUMPY:
+        def sort_and_fuse(first_bucket, stop_bucket, fg_before):
+            keys[starts[first_bucket]:starts[stop_bucket]].sort()  # releases the GIL
+            return _sort_and_fuse_range(batch, s, keys, buffer, starts, first_bucket,
+                                        stop_bucket, False, n_fg, fg_before)
+        range_loss = core.run_tasks(sort_and_fuse, ranges)
+    else:
+        range_loss = core.run_tasks(_sort_and_fuse_range, [
+            (batch, s, keys, buffer, starts, first, stop, True, n_fg, fg_before)
+            for first, stop, fg_before in ranges])
+    return float(sum(range_loss))
 
 
 def _run_batch(batch: SegmentBatch, num_segments: int) -> np.ndarray:
     """Per-segment float64 losses (S,); gradients written into ``batch.grad``.
 
-    Segments run in parallel; with fewer segments than threads and at least
+    Segments run on the worker threads; with fewer segments than threads and at least
     ``PARALLEL_MIN_PIXELS`` pixels, each segment is split across threads.
     """
     num_pixels = batch.rows * batch.num_cols
     loss = np.zeros(num_segments, dtype=np.float64)
-    threads = numba.get_num_threads()
-    if threads > 1 and num_segments < threads and num_pixels >= PARALLEL_MIN_PIXELS:
-        keys, buffers = _key_scratch(1, num_pixels)
+    threads = core.thread_count()
+    methods = _sort_methods(num_pixels)
+    radix_min = RADIX_MIN_KEYS
+    if threads == 1 or num_segments * num_pixels < PARALLEL_MIN_PIXELS:
+        _segments_task(batch, num_segments, np.zeros(1, dtype=np.int64), max(num_segments, 1),
+                       loss, radix_min, methods)
+        return loss
+    if num_segments < threads and num_pixels >= PARALLEL_MIN_PIXELS:
+        keys, buffer = _key_scratch(num_pixels)
         for s in range(num_segments):
-            loss[s] = _segment_blocked(batch, s, keys[0], buffers[0], threads, RADIX_MIN_KEYS)
+            loss[s] = _segment_blocked(batch, s, keys, buffer, threads, radix_min, methods)
         return loss
     workers = min(threads, num_segments)
-    keys, buffers = _key_scratch(workers, num_pixels)
-    if num_segments == 1:  # no parallel region: no threads to wake for one segment
-        loss[0] = _segment_serial(batch, 0, keys[0], buffers[0], RADIX_MIN_KEYS)
-        return loss
     # the last num_segments % workers segments would leave threads idle at the end (21
     # classes on 2 threads: 11 against 10): large ones are split across the threads instead
     leftover = num_segments % workers if num_pixels >= PARALLEL_MIN_PIXELS else 0
-    _segments_over_workers(batch, num_segments - leftover, loss, keys, buffers, RADIX_MIN_KEYS)
-    for s in range(num_segments - leftover, num_segments):
-        loss[s] = _segment_blocked(batch, s, keys[0], buffers[0], threads, RADIX_MIN_KEYS)
+    shared = num_segments - leftover
+    chunk = max(1, min(CHUNK_PIXELS // max(num_pixels, 1), shared // (4 * workers)))
+    next_segment = np.zeros(1, dtype=np.int64)
+    core.run_tasks(_segments_task, [(batch, shared, next_segment, chunk, loss, radix_min,
+                                     methods) for _ in range(workers)])
+    if leftover:
+        keys, buffer = _key_scratch(num_pixels)
+        for s in range(shared, num_segments):
+            loss[s] = _segment_blocked(batch, s, keys, buffer, threads, radix_min, methods)
     return loss
 
 
@@ -741,14 +702,20 @@ def _narrow_labels(
 
     Every segment re-reads the labels: with fewer than 255 classes they go as uint8 (8x less
     to read per segment), the ignore label becoming 255. Labels are validated already
-    (in [0, max(C, 2)) or the ignore label), so no valid label changes.
+    (in [0, max(C, 2)) or the ignore label), so no valid label changes. Narrowed by a kernel on
+    the worker threads, not by torch ops (whose pool would then spin beside the kernels).
     """
-    if max(num_channels, 2) < 255:
-        if ignore_index is not None:
-            labels = labels.masked_fill(labels == ignore_index, 255)
-        return np.ascontiguousarray(labels.to(torch.uint8).numpy()).reshape(-1), 255
-    ignore_label = 0 if ignore_index is None else ignore_index
-    return np.ascontiguousarray(labels.numpy()).reshape(-1), ignore_label
+    flat = np.ascontiguousarray(labels.to(torch.int64).numpy()).reshape(-1)
+    if max(num_channels, 2) >= 255:
+        return flat, 0 if ignore_index is None else ignore_index
+    narrow = np.empty(flat.size, dtype=np.uint8)
+    has_ignore = ignore_index is not None
+    ignore = ignore_index if has_ignore else 0
+    blocks = core.thread_count() if flat.size >= NARROW_SPLIT_LABELS else 1
+    core.run_tasks(_narrow_range, [
+        (flat, ignore, has_ignore, narrow, *_block_bounds(flat.size, blocks, block))
+        for block in range(blocks)])
+    return narrow, 255
 
 
 def lovasz_loss(
@@ -814,18 +781,18 @@ def lovasz_loss(
 
 def availability() -> tuple[bool, str]:
     """``(True, "")`` when numba is importable, else ``(False, install hint)``."""
-    return (True, "") if numba is not None else (False, _INSTALL_HINT)
+    return (True, "") if core.NUMBA_AVAILABLE else (False, _INSTALL_HINT)
 
 
 def details() -> str:
-    """numba version, thread count and threading layer, for ``lovasz-kernels info``."""
-    if numba is None:
+    """numba version, thread count and the sort in use, for ``lovasz-kernels info``."""
+    if not core.NUMBA_AVAILABLE:
         return _INSTALL_HINT
-    try:
-        layer = numba.threading_layer()
-    except ValueError:  # chosen on the first parallel launch
-        layer = f"{numba.config.THREADING_LAYER} (chosen at first launch)"
-    return f"numba {numba.__version__}, {numba.get_num_threads()} threads, threading layer {layer}"
+    measured = core.measured_sort_choice()
+    sort = (f"sort: {core.SORT_NAMES[measured.host]} (measured fastest here)" if measured
+            else "sort: measured on first use")
+    return (f"numba {core.numba.__version__}, {core.thread_count()} threads (nogil kernels on "
+            f"blocking worker threads; numba's threading layer is not used), {sort}")
 
 
 __all__ = ["availability", "details", "lovasz_extension", "lovasz_loss"]
