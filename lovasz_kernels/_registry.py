@@ -3,7 +3,7 @@
 A backend is a module under ``lovasz_kernels/backends/`` that defines
 
 ``lovasz_extension(errors, fg) -> (loss, grad)``
-    the kernel of DESIGN.md §1 on torch tensors, inputs already validated;
+    the kernel (docs/design.md §1) on torch tensors, inputs already validated;
 ``availability() -> (bool, str)`` (optional)
     whether it can run in this process, and why not (an install hint);
 ``supported_devices() -> tuple[str, ...]`` (optional)

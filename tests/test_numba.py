@@ -440,12 +440,12 @@ def test_without_numba_imports_and_explains():
         from lovasz_kernels._registry import select_backend
         from lovasz_kernels.backends import numba_cpu
         ok, reason = numba_cpu.availability()
-        assert not ok and "pip install 'lovasz-kernels[numba]'" in reason, reason
+        assert not ok and "pip install numba" in reason, reason
         try:
             lovasz_extension(torch.ones(1, 2), torch.zeros(1, 2, dtype=torch.bool),
                              backend="numba")
         except BackendUnavailableError as exc:
-            assert "lovasz-kernels[numba]" in str(exc), exc
+            assert "pip install numba" in str(exc), exc
         else:
             raise AssertionError("backend='numba' ran without numba")
         assert select_backend(None, torch.device("cpu")).name != "numba"

@@ -6,7 +6,7 @@ labels (B, P) directly, so no (S, P) errors/fg tensors exist and the weighted, s
 gradient is scattered once into (B, C, P). Both describe their input as a
 :class:`SegmentBatch` (where each segment's pixels are, how labels make fg and errors); the
 first is the case "error = score, fg flag = label". Each segment is handled in three steps
-(DESIGN.md §1 and §5):
+(docs/design.md §1 and the performance model):
 
 1. **Pack** every pixel with a positive error into one uint64 key
    ``prefix << 32 | offset << 1 | fg`` where ``prefix`` is the top 32 bits of
@@ -67,7 +67,8 @@ from lovasz_kernels._scratch import scratch
 from lovasz_kernels._validate import compute_dtype as _compute_dtype
 from lovasz_kernels.backends._host import errors_to_numpy, fg_to_numpy, results_to_torch
 
-_INSTALL_HINT = "numba is not installed: pip install 'lovasz-kernels[numba]'"
+_INSTALL_HINT = ("numba is not installed: pip install numba "
+                 "(from a clone: pip install -e '.[numba]')")
 
 # Segments with at least this many pixels are split across threads when there are fewer
 # segments than threads, and calls with fewer pixels in all run on the calling thread alone
@@ -309,7 +310,7 @@ def _fused_pass(sorted_keys, start, stop, n_fg, fg_before, batch, s):
     returns the float64 loss of that block.
 
     ``fg_before`` is the number of fg pixels in sorted_keys[:start]; each increment comes from
-    exact integer counts (:func:`lovasz_kernels._numba_core.jaccard_increment`, DESIGN.md §1).
+    exact integer counts (:func:`lovasz_kernels._numba_core.jaccard_increment`, docs/design.md §1).
     The gradient written is ``grad_scale[s] * slope * increment`` (d error / d score = slope):
     the segment's weight and sign are folded into the one scatter.
     """

@@ -1132,8 +1132,8 @@ FUSED_MULTILABEL = True
 def availability() -> tuple[bool, str]:
     """Whether the kernels can run here: triton installed and a CUDA device or the interpreter."""
     if triton is None:
-        return False, (f"triton is not installed ({_IMPORT_ERROR}); "
-                       "pip install 'lovasz-kernels[triton]' (Linux)")
+        return False, (f"triton is not installed ({_IMPORT_ERROR}); pip install 'triton>=3.6' "
+                       "(Linux; from a clone: pip install -e '.[triton]')")
     if _INTERPRETED or torch.cuda.is_available():
         return True, ""
     if triton.knobs.runtime.interpret:

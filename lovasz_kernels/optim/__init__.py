@@ -1,11 +1,11 @@
-"""Proximal machinery for the binary Lovász hinge (paper, Appendix C; DESIGN.md §4).
+"""Proximal machinery for the binary Lovász hinge (paper, Appendix C; docs/design.md).
 
 - :func:`prox_lovasz_hinge`: the exact proximal operator, or the paper's greedy path;
 - :func:`lovasz_hinge_moreau`: the Moreau envelope, a differentiable loss whose gradient is
   the proximal direction;
 - :class:`ProxLovasz`: an SGD-with-momentum optimizer that backpropagates that direction.
 
-The kernels need numba (``pip install 'lovasz-kernels[numba]'``); importing this package
+The kernels need numba (``pip install numba``); importing this package
 does not.
 """
 

@@ -1,4 +1,4 @@
-"""Numba kernels for the proximal operator of the Lovász hinge (DESIGN.md §4).
+"""Numba kernels for the proximal operator of the Lovász hinge (docs/design.md, the prox).
 
 Every kernel works on one segment (one image, or the whole batch) in margin space: with
 y = ±1 the label sign, m0 = 1 − y·F are the hinge margins of the input logits F and the prox
@@ -16,7 +16,7 @@ at all once λ is below the logits' resolution.
   foreground and background margins are sorted; one merge of the two lists by their
   would-be prox values, with adjacent violators pooled, gives a candidate that a check of
   each pooled group certifies (:func:`_merge_and_pool`, :func:`_certify_groups`: linear
-  time). Where the check fails, the divide and conquer of DESIGN.md §4 solves the segment
+  time). Where the check fails, the divide and conquer (docs/design.md) solves the segment
   (:func:`_solve_block`, ~log2 P sweeps per pixel).
 - :func:`_prox_greedy_rows`: the paper's greedy minimization path (Appendix C).
 
@@ -105,8 +105,9 @@ def _sort_margins(margins32, positions, count, logits, sign, z, order, workspace
     """Sort one label's V+ pixels by decreasing margin into ``z`` (float64 margins) and
     ``order`` (their positions in the row); tied margins come out by pixel index.
 
-    Sorts values, not indices (DESIGN.md §5): each pixel is one uint64 key, the complement of
-    the float32 bits of its margin (positive floats order like their bits) above its position,
+    Sorts values, not indices (docs/design.md, performance model): each pixel is one uint64
+    key, the complement of the float32 bits of its margin (positive floats order like their
+    bits) above its position,
     sorted by the backend's sort (:func:`lovasz_kernels._numba_core.sort_keys`, ``method``).
     float32 rounding can merge distinct float64 margins: runs of equal margins are re-sorted
     by the float64 values afterwards (stable, so ties stay in pixel order). ``sign`` is y: the

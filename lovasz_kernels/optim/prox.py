@@ -3,7 +3,7 @@
 prox_λ(F) = argmin_X L(X) + ‖X − F‖² / (2λ) with L the Lovász hinge of
 :func:`lovasz_kernels.lovasz_hinge`. In margin space (m = 1 − y·X, y = ±1) this is
 min_m Δ̄_J(relu(m)) + ‖m − m0‖² / (2λ), solved per segment by the numba kernels of
-:mod:`lovasz_kernels.optim._prox_kernels` (DESIGN.md §4):
+:mod:`lovasz_kernels.optim._prox_kernels` (docs/design.md, the prox):
 
 - pixels with m0 ≤ 0 and ignored pixels are returned unchanged (bit for bit);
 - on V+ = {m0 > 0}: m = max(m0 − Π_{B(λΔ_J)}(m0), 0), the base-polytope projection computed
@@ -33,7 +33,7 @@ from lovasz_kernels._scratch import scratch
 __all__ = ["GreedyProx", "lovasz_hinge_moreau", "prox_lovasz_hinge"]
 
 _METHODS = ("exact", "greedy")
-_INSTALL_HINT = "install it with: pip install 'lovasz-kernels[numba]'"
+_INSTALL_HINT = "install it with: pip install numba (from a clone: pip install -e '.[numba]')"
 
 
 class GreedyProx(NamedTuple):
@@ -237,7 +237,7 @@ def prox_lovasz_hinge(
     ignore_index
         Label of ignored pixels; they are returned unchanged.
     method
-        ``"exact"``: the exact prox (DESIGN.md §4): pixels with margin 1 − y·F ≤ 0 are
+        ``"exact"``: the exact prox (docs/design.md): pixels with margin 1 − y·F ≤ 0 are
         unchanged; on the others, the projection onto the base polytope of λΔ_J, clipped at
         margin 0. The two label lists are sorted (radix sort), then merged once by their
         would-be prox values with adjacent violators pooled; a check of each pooled group
@@ -258,7 +258,7 @@ def prox_lovasz_hinge(
 
     Notes
     -----
-    The kernels run in numba on the CPU in float64 (``pip install 'lovasz-kernels[numba]'``).
+    The kernels run in numba on the CPU in float64 (``pip install numba``).
     Tensors on a GPU make one copy to the host and the result one copy back.
 
     Examples
