@@ -114,3 +114,18 @@ def test_over_budget_is_not_implemented():
     """What asv reports as n/a in the full grid: the cost model's verdict."""
     with pytest.raises(NotImplementedError, match="estimated"):
         bench.warmed_call("softmax 1x1024x1024x150 batch float32", "numpy")
+
+
+def test_perf_folder_collects_without_running_anything():
+    """`pytest --doctest-modules` imports every script under tests/perf: none may run or exit
+    at import (the GPU timing script once raised SystemExit without CUDA, an internal error)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "tests/perf", "--collect-only", "-q",
+         "-p", "no:cacheprovider"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "tests collected" in done.stdout
