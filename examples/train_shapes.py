@@ -18,7 +18,7 @@ epochs with
 and evaluated on a held-out set with the dataset-mIoU (one confusion matrix over the set, paper
 Eq. 14) and the image-mIoU. Prints a table and saves the held-out mIoU over training as a PNG.
 
-Run from the repository root (about three minutes on a quiet 2-core CPU)::
+Run from the repository root (about 30 s on a quiet 2-core CPU)::
 
     python examples/train_shapes.py                 # writes ./train_shapes.png
     python examples/train_shapes.py --backend numpy --out docs/
