@@ -47,7 +47,7 @@ def test_matches_reference_tie_free(backend, dtype, shape, gen):
 @pytest.mark.parametrize("with_padding", [False, True])
 @pytest.mark.parametrize("fg_rate", [0.0, 0.2, 1.0])
 def test_matches_naive_oracle_fp64(backend, gen, fg_rate, with_padding):
-    """The issue's acceptance bar: agreement with the O(P^2) definition to 1e-6 in fp64."""
+    """The acceptance bar: agreement with the O(P^2) definition to 1e-6 in fp64."""
     errors = tie_free_errors((3, 60), torch.float64, gen)
     fg = torch.rand(3, 60, generator=gen) < fg_rate
     if with_padding:
