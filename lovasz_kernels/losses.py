@@ -172,15 +172,9 @@ def lovasz_hinge(
     if not multilabel and (classes != "present" or class_weights is not None):
         raise ValueError("classes and class_weights select and weigh the channels of a "
                          "multilabel problem: pass multilabel=True (a binary hinge has one class)")
-    classes_mode, class_list = _class_selection(classes)
-    weights = _class_weights_tensor(class_weights, logits.device)
-    kind = "multilabel_hinge" if multilabel else "hinge"
-    _ops.check_loss_arguments(kind, logits, labels, weights, classes_mode, class_list)
-    _distributed.check_dist_options(process_group, dist_mode, bins, allow_fp16_grid=False)
-    return kind_loss(
-        logits, labels, weights, classes_mode, class_list, per_image, ignore_index, kind,
-        _backend_name(backend), _group_name(process_group, per_image), dist_mode, str(bins),
-    )
+    return _checked_loss("multilabel_hinge" if multilabel else "hinge", logits, labels, classes,
+                         class_weights, per_image, ignore_index, backend, process_group,
+                         dist_mode, bins)
 
 
 def lovasz_sigmoid(
@@ -243,15 +237,9 @@ def lovasz_sigmoid(
     per_image = _validate.check_flag("per_image", per_image)
     from_logits = _validate.check_flag("from_logits", from_logits)
     ignore_index = _validate.check_ignore_index(ignore_index)
-    classes_mode, class_list = _class_selection(classes)
-    weights = _class_weights_tensor(class_weights, probas.device)
-    kind = "sigmoid_of_logits" if from_logits else "multilabel_probas"
-    _ops.check_loss_arguments(kind, probas, labels, weights, classes_mode, class_list)
-    _distributed.check_dist_options(process_group, dist_mode, bins, allow_fp16_grid=True)
-    return kind_loss(
-        probas, labels, weights, classes_mode, class_list, per_image, ignore_index, kind,
-        _backend_name(backend), _group_name(process_group, per_image), dist_mode, str(bins),
-    )
+    return _checked_loss("sigmoid_of_logits" if from_logits else "multilabel_probas", probas,
+                         labels, classes, class_weights, per_image, ignore_index, backend,
+                         process_group, dist_mode, bins)
 
 
 def lovasz_softmax(
@@ -333,19 +321,41 @@ def lovasz_softmax(
     per_image = _validate.check_flag("per_image", per_image)
     from_logits = _validate.check_flag("from_logits", from_logits)
     ignore_index = _validate.check_ignore_index(ignore_index)
-    classes_mode, class_list = _class_selection(classes)
-    weights = _class_weights_tensor(class_weights, probas.device)
-    kind = "softmax_of_logits" if from_logits else "probas"
-    _ops.check_loss_arguments(kind, probas, labels, weights, classes_mode, class_list)
-    _distributed.check_dist_options(process_group, dist_mode, bins, allow_fp16_grid=True)
-    return kind_loss(
-        probas, labels, weights, classes_mode, class_list, per_image, ignore_index, kind,
-        _backend_name(backend), _group_name(process_group, per_image), dist_mode, str(bins),
-    )
+    return _checked_loss("softmax_of_logits" if from_logits else "probas", probas, labels,
+                         classes, class_weights, per_image, ignore_index, backend,
+                         process_group, dist_mode, bins)
 
 
 # --------------------------------------------------------------------------------------------
 # Argument normalization shared by the functions and the modules
+
+
+def _checked_loss(
+    kind: str,
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    classes: object,
+    class_weights: object,
+    per_image: bool,
+    ignore_index: int | None,
+    backend: object,
+    process_group: object,
+    dist_mode: str,
+    bins: int | str,
+) -> torch.Tensor:
+    """The rest of a public loss call, once each function has checked its own arguments: the
+    class selection, the weights, the loss arguments and the distributed options checked,
+    then the operator."""
+    classes_mode, class_list = _class_selection(classes)
+    weights = _class_weights_tensor(class_weights, scores.device)
+    _ops.check_loss_arguments(kind, scores, labels, weights, classes_mode, class_list)
+    # the fp16 grid bins probabilities: hinge errors are unbounded
+    _distributed.check_dist_options(process_group, dist_mode, bins,
+                                    allow_fp16_grid=not _ops.LOSS_KINDS[kind].bg_offset)
+    return kind_loss(
+        scores, labels, weights, classes_mode, class_list, per_image, ignore_index, kind,
+        _backend_name(backend), _group_name(process_group, per_image), dist_mode, str(bins),
+    )
 
 
 def kind_loss(
