@@ -609,33 +609,74 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
-def run_tasks(function: Callable[..., object], tasks: Sequence[tuple]) -> list:
-    """``[function(*args) for args in tasks]``, the tasks run at once: the calling thread runs
-    the first, pool threads the others. Returns the results in order; the first exception
-    raised is re-raised once every task has ended.
+class _TaskList:
+    """One :func:`run_tasks` call's tasks, each taken by whichever thread asks first.
 
-    ``function`` must not call :func:`run_tasks` itself (pool threads never wait on the pool).
-    Any Python thread may call this, several at once: their tasks share the pool's threads.
+    The caller takes tasks too, so a pool thread that the OS has not scheduled yet (its core
+    busy with another process, or with torch's OpenMP threads, which spin for milliseconds
+    after every parallel torch op) delays nothing: the caller runs its task as well, and the
+    late thread, once it runs, finds nothing left and returns without touching the arrays.
+    """
+
+    def __init__(self, function: Callable[..., object], tasks: Sequence[tuple]):
+        self.function = function
+        self.tasks = tasks
+        self.results: list = [None] * len(tasks)
+        self.errors: list[BaseException | None] = [None] * len(tasks)
+        self._lock = threading.Lock()
+        self._taken = 0
+        self._ended = 0
+        self._all_ended = threading.Event()
+
+    def _take(self) -> int | None:
+        with self._lock:
+            if self._taken == len(self.tasks):
+                return None
+            self._taken += 1
+            return self._taken - 1
+
+    def run_untaken(self) -> None:
+        """Run tasks not yet taken by another thread until none is left."""
+        while (index := self._take()) is not None:
+            try:
+                self.results[index] = self.function(*self.tasks[index])
+            except BaseException as error:  # re-raised by the caller, once every task ended
+                self.errors[index] = error
+            with self._lock:
+                self._ended += 1
+                if self._ended == len(self.tasks):
+                    self._all_ended.set()
+
+    def wait(self) -> None:
+        """Until every task has ended (tasks taken by other threads may still be running)."""
+        self._all_ended.wait()
+
+
+def run_tasks(function: Callable[..., object], tasks: Sequence[tuple]) -> list:
+    """``[function(*args) for args in tasks]``, the tasks run at once on up to
+    :func:`thread_count` threads: the calling thread and pool threads each take the next task
+    not yet taken until none is left. Returns the results in order; once every task has
+    ended, re-raises the exception of the first task (in order) that raised.
+
+    Any thread may run any task, and one thread may run several one after another, so tasks
+    must not wait for each other. ``function`` must not call :func:`run_tasks` itself (pool
+    threads never wait on the pool). Any Python thread may call this, several at once: their
+    tasks share the pool's threads (and a caller whose helpers are busy runs its tasks itself).
     """
     if len(tasks) == 1:
         return [function(*tasks[0])]
-    executor = _executor(len(tasks) - 1)
-    futures = [executor.submit(function, *args) for args in tasks[1:]]
-    first_error = None
-    try:
-        first = function(*tasks[0])
-    except BaseException as error:  # wait for the others: they use the caller's arrays
-        first_error = error
-        first = None
-    results = [first]
-    for future in futures:
-        try:
-            results.append(future.result())
-        except BaseException as error:
-            first_error = first_error or error
-    if first_error is not None:
-        raise first_error
-    return results
+    work = _TaskList(function, tasks)
+    helpers = min(len(tasks), thread_count()) - 1
+    if helpers:
+        executor = _executor(helpers)
+        for _ in range(helpers):
+            executor.submit(work.run_untaken)
+    work.run_untaken()
+    work.wait()
+    for error in work.errors:
+        if error is not None:
+            raise error
+    return work.results
 
 
 # --------------------------------------------------------------------------------------------

@@ -314,15 +314,20 @@ def resolve_class_weights(
 def check_extension_inputs(errors: object, fg: object) -> None:
     """The kernel contract: errors (S, P) float, fg (S, P) bool, no NaN, no +inf."""
     check_extension_shapes(errors, fg)
-    if _validate_values and errors.numel():
-        errors = errors.detach()
+    if not _validate_values or errors.numel() == 0:
+        return
+    errors = errors.detach()
+    # one pass settles the usual case: a NaN makes both bounds NaN, +inf is the upper bound,
+    # and only a -inf lower bound (padding) needs the fg check
+    low, high = (float(bound) for bound in torch.aminmax(errors))
+    if not high < math.inf:
         n_nan = int(torch.isnan(errors).sum())
         n_pos_inf = int(torch.isposinf(errors).sum())
-        if n_nan or n_pos_inf:
-            raise ValueError(
-                f"errors must not contain NaN or +inf (-inf marks padding); got {n_nan} NaN "
-                f"and {n_pos_inf} +inf values"
-            )
+        raise ValueError(
+            f"errors must not contain NaN or +inf (-inf marks padding); got {n_nan} NaN "
+            f"and {n_pos_inf} +inf values"
+        )
+    if low == -math.inf:
         n_fg_padding = int((fg & torch.isneginf(errors)).sum())
         if n_fg_padding:
             raise ValueError(

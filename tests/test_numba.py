@@ -77,7 +77,7 @@ def _sorted_keys(errors: np.ndarray, fg: np.ndarray, method: str) -> np.ndarray:
     batch = numba_cpu._extension_batch(errors[None], fg[None], grad[None])
     keys = np.zeros(errors.size, dtype=np.uint64)
     buffer = np.zeros(errors.size, dtype=np.uint64)
-    n, n_fg = numba_cpu._pack_range(batch, 0, 0, errors.size, keys, 0, True, True)
+    n, n_fg = numba_cpu._pack_range(batch, 0, 0, errors.size, keys, 0)
     assert n == int((errors > 0).sum()) and n_fg == int(fg.sum())
     assert bool(np.all(grad[errors <= 0] == 0)), "non-positive errors get gradient 0 at once"
     if n == 0:
@@ -589,17 +589,17 @@ def test_leftover_segments_split_across_threads(monkeypatch, gen, threads):
 
 
 @pytest.mark.parametrize("blocked", [False, True], ids=["serial", "blocked"])
-def test_dense_chunks_fall_back_where_a_pixel_is_not_sorted(monkeypatch, gen, blocked):
-    """Packing tries a vectorized pass per chunk of pixels and redoes a chunk where some pixel
-    is not sorted (error <= 0 or ignored): segments of many chunks with such pixels in a few
-    chunks only (and at chunk edges) match the reference, serial and split across threads."""
-    chunk = numba_cpu._PACK_CHUNK
+def test_packing_skips_unsorted_pixels_wherever_they_are(monkeypatch, gen, blocked):
+    """Packing writes every pixel's key and keeps only the sorted ones (error > 0, not
+    ignored): unsorted pixels here and there (at a block's first and last pixel too), a long
+    run of padding, and none at all match the reference, serial and split across threads."""
+    chunk = 2048
     num_pixels = 6 * chunk + 123
     errors = torch.rand(3, num_pixels, generator=gen, dtype=torch.float64) + 0.01
     fg = torch.rand(3, num_pixels, generator=gen) < 0.3
-    errors[0, [5, chunk - 1, chunk, 4 * chunk + 7]] = 0.0  # row 0: a few chunks fail
-    errors[1, 2 * chunk:3 * chunk] = -torch.inf  # row 1: one whole chunk of padding
-    # row 2: every pixel sorted: all chunks dense
+    errors[0, [5, chunk - 1, chunk, 4 * chunk + 7]] = 0.0  # row 0: a few unsorted pixels
+    errors[1, 2 * chunk:3 * chunk] = -torch.inf  # row 1: a long run of padding
+    # row 2: every pixel sorted
     if blocked:
         monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_PIXELS", 1)
         monkeypatch.setattr(core, "thread_count", lambda: 4)
@@ -612,10 +612,10 @@ def test_dense_chunks_fall_back_where_a_pixel_is_not_sorted(monkeypatch, gen, bl
             assert_close_report(grad, ref_grad, GRAD_TOLERANCE[dtype], f"row {row} grad")
 
 
-def test_dense_chunks_in_batch_segments_with_ignored_pixels(monkeypatch, gen):
-    """Batch segments (one row per image) of several chunks each, ignored pixels in some
-    chunks: the fused softmax path matches the generic one."""
-    chunk = numba_cpu._PACK_CHUNK
+def test_packing_batch_segments_with_ignored_pixels(monkeypatch, gen):
+    """Batch segments (one row per image) of thousands of pixels, ignored pixels in a few
+    places: the fused softmax path matches the generic one."""
+    chunk = 2048
     probas = torch.randn(3, 4, 1, 2 * chunk + 50, generator=gen, dtype=torch.float64)
     probas = probas.softmax(dim=1)
     labels = torch.randint(0, 4, (3, 1, 2 * chunk + 50), generator=gen)

@@ -12,7 +12,9 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -218,6 +220,36 @@ def test_run_tasks_returns_in_order_and_waits_for_every_task():
     with pytest.raises(ValueError, match="second"):
         core.run_tasks(lambda i: (_ for _ in ()).throw(ValueError("second")) if i else 0,
                        [(0,), (1,)])
+
+
+def test_run_tasks_does_not_wait_for_a_pool_thread_that_has_not_started(monkeypatch):
+    # the pool's only thread is held by another job (as when the OS has not scheduled it):
+    # the caller runs every task itself and returns; the late job then finds nothing to run
+    pool = ThreadPoolExecutor(1)
+    started, release = threading.Event(), threading.Event()
+    pool.submit(lambda: (started.set(), release.wait()))
+    assert started.wait(10)
+    monkeypatch.setattr(core, "_executor", lambda size: pool)
+    monkeypatch.setattr(core, "thread_count", lambda: 2)
+    ran = []
+
+    def task(index):
+        ran.append((index, threading.get_ident()))
+        return index + 1
+
+    outcome = {}
+    caller = threading.Thread(target=lambda: outcome.update(
+        results=core.run_tasks(task, [(0,), (1,), (2,)]), thread=threading.get_ident()))
+    caller.start()
+    caller.join(10)
+    finished_before_release = not caller.is_alive()
+    release.set()
+    caller.join(10)
+    pool.shutdown(wait=True)
+    assert finished_before_release, "run_tasks waited for a pool thread that never started"
+    assert outcome["results"] == [1, 2, 3]
+    assert ran == [(index, outcome["thread"]) for index in range(3)], (
+        "every task runs once, on the caller, and the late job runs none")
 
 
 _IDLE_SCRIPT = textwrap.dedent(

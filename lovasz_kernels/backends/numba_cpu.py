@@ -30,11 +30,13 @@ first is the case "error = score, fg flag = label". Each segment is handled in t
 
 Parallelism: the kernels release the GIL and run on the worker threads of
 :func:`lovasz_kernels._numba_core.run_tasks` (threads that block when idle: no spinning
-against torch's thread pool). Over segments, each thread takes the next chunk of segments
+against torch's thread pool; the calling thread works too, and takes over the tasks of a
+worker that starts late). Over segments, each thread takes the next chunk of segments
 until none is left (a thread slowed by other work on the machine takes fewer), with its own
-scratch. When there are fewer segments than threads, *within* a segment: each thread packs a
-block of pixels, an MSD pass scatters every block's keys by their top digit, each thread sorts
-a range of whole buckets and runs the fused pass over it from its range's fg offset. The last
+scratch. When there are fewer segments than threads, *within* a segment, in
+``BLOCKS_PER_THREAD`` blocks per thread: each block of pixels is packed, an MSD pass scatters
+every block's keys by their top digit, and each range of whole buckets is sorted and gets the
+fused pass from its range's fg offset. The last
 ``S mod W`` segments, which would leave threads idle, also run within-segment when they are
 large (21 classes on 2 threads: 10 each, then one split; 3-5% faster than 11 and 10).
 
@@ -82,9 +84,12 @@ SORT_CHOICE_MIN_PIXELS = 1 << 16
 # Over segments, a thread takes chunks of segments of about this many pixels in all (fewer
 # when that would leave fewer than four chunks per thread).
 CHUNK_PIXELS = 1 << 17
+# A segment split across threads is cut into this many blocks per thread, taken by whichever
+# thread is free: a thread that starts late (its core busy) leaves less work undone.
+BLOCKS_PER_THREAD = 2
 # Labels narrowed to uint8 by several threads from this many on.
 NARROW_SPLIT_LABELS = 1 << 20
-# Pixels per chunk of the packing loop (see _pack_range).
+# Pixels per chunk of the packing loop (see _pack_pixels).
 _PACK_CHUNK = 2048
 # The index field of a key has 31 bits.
 MAX_PIXELS = 1 << 31
@@ -115,7 +120,8 @@ def _descending_key(values, error):
 
 @njit(inline="always")
 def _packed_key(values, error, offset, is_fg):
-    """``prefix << 32 | offset << 1 | fg`` for a pixel with a positive error."""
+    """``prefix << 32 | offset << 1 | fg`` for a pixel with a positive error (any other
+    error gives a meaningless key, which packing overwrites)."""
     full_key = _descending_key(values, error)
     prefix = full_key if values.itemsize == 4 else full_key >> _SHIFT_PREFIX
     return (prefix << _SHIFT_PREFIX) | (np.uint64(offset) << _ONE) | np.uint64(is_fg)
@@ -180,47 +186,41 @@ def _pack_dense(chunk_labels, chunk_values, chunk_offset, packed, values, rule):
 
 
 @njit(inline="always")
-def _pack_compact(chunk_labels, chunk_values, chunk_grad, chunk_offset, packed, values, rule,
-                  pack):
-    """Keys of the sorted pixels of a chunk, packed from packed[0], the others' gradient set
-    to 0 (both only with ``pack``). Returns (pixels sorted, fg pixels)."""
+def _pack_compact(chunk_labels, chunk_values, chunk_grad, chunk_offset, packed, values, rule):
+    """Keys of the sorted pixels of a chunk, packed from packed[0], and the chunk's gradient
+    zeroed (the fused pass then writes the sorted pixels'). Returns (pixels sorted, fg
+    pixels).
+
+    Without branches on the pixel: every pixel's key is written at packed[kept] and ``kept``
+    advances only past a sorted one (the next key overwrites the others). Which pixels are
+    sorted is random for the hinge (half its errors are <= 0), and a branch there mispredicted
+    half the time (4x slower on a 512² hinge image's pixels).
+    """
     kept = 0
     n_fg = 0
-    # the same classification as _classify, written out: through the helper's returned flags
-    # this branchy loop ran 1.6x slower (measured on the hinge)
-    fg_label, ignore_label, has_ignore, slope_bg, intercept_bg, slope_fg, intercept_fg = rule
     for j in range(chunk_labels.shape[0]):
-        label = chunk_labels[j]
-        valid = not (has_ignore and label == ignore_label)
-        is_fg = valid and label == fg_label
-        if is_fg:
-            n_fg += 1
-        error = _error_of(chunk_values[j], is_fg, slope_bg, intercept_bg, slope_fg, intercept_fg)
-        if valid and error > 0:
-            if pack:
-                packed[kept] = _packed_key(values, error, chunk_offset + j, is_fg)
-            kept += 1
-        elif pack:
-            chunk_grad[j] = 0
+        is_fg, error, is_sorted = _classify(chunk_labels[j], chunk_values[j], rule)
+        n_fg += np.int64(is_fg)
+        packed[kept] = _packed_key(values, error, chunk_offset + j, is_fg)
+        kept += np.int64(is_sorted)
+    chunk_grad[:] = 0
     return kept, n_fg
 
 
 @njit(cache=True)
-def _pack_range(batch, s, start, stop, keys, out, pack, try_dense):
+def _pack_range(batch, s, start, stop, keys, out):
     """Walk pixels [start, stop) of segment s (pixel q is row q // num_cols, column
-    q % num_cols) and count its fg pixels, whatever their error. A pixel is sorted when it is
-    valid (its label is not the ignore label) and its error is positive.
+    q % num_cols) and count its fg pixels, whatever their error: every sorted pixel becomes a
+    key in keys[out:] (in pixel order) and every other pixel gets its gradient, 0, here. A
+    pixel is sorted when it is valid (its label is not the ignore label) and its error is
+    positive.
 
-    With ``pack``, every sorted pixel becomes a key in keys[out:] (in pixel order) and every
-    other pixel gets its gradient, 0, here. Without ``pack`` nothing is written: the blocked
-    path counts first to place each block's keys.
-
-    Packing goes by chunks of ``_PACK_CHUNK`` pixels: with ``try_dense``, a chunk where every
-    pixel is sorted (all of a softmax segment, as a rule) is packed by the vectorized
-    :func:`_pack_dense` (4x faster); one that is not is packed again by :func:`_pack_compact`,
-    and so is the next chunk, directly (the hinge's errors are ≤ 0 in random places: no chunk
-    would pass). A failed dense chunk writes up to a chunk of keys past ``out``: only try it
-    where that is free space (the serial path; a block known to keep every pixel).
+    Packing goes by chunks of ``_PACK_CHUNK`` pixels: a chunk where every pixel is sorted (all
+    of a softmax segment, as a rule) is packed by the vectorized :func:`_pack_dense` (4x
+    faster); one that is not is packed again by :func:`_pack_compact`, and so is the next
+    chunk, directly (the hinge's errors are <= 0 in random places: no chunk would pass). Both
+    write pixel q's key at most at keys[out + (q - start)], so blocks that pack from their
+    first pixel's slot do not overlap.
 
     Returns (out + pixels sorted, fg pixels).
     """
@@ -229,7 +229,7 @@ def _pack_range(batch, s, start, stop, keys, out, pack, try_dense):
     rule = (batch.fg_label[s], batch.ignore_label, batch.has_ignore) + _affine(batch)
     num_cols = batch.num_cols
     n_fg = 0
-    dense = pack and try_dense
+    dense = True
     row = start // num_cols
     col_start = start - row * num_cols
     q = start
@@ -259,11 +259,11 @@ def _pack_range(batch, s, start, stop, keys, out, pack, try_dense):
                     continue
             kept, chunk_fg = _pack_compact(
                 chunk_labels, chunk_values, row_grad[j0:j1], first_offset + j0, packed, values,
-                rule, pack,
+                rule,
             )
             out += kept
             n_fg += chunk_fg
-            dense = pack and try_dense and kept == j1 - j0
+            dense = kept == j1 - j0
         q += col_stop - col_start
         row += 1
         col_start = 0
@@ -351,7 +351,7 @@ def _finish_segment(batch, s, sorted_keys, n_positive, n_fg):
 @njit(cache=True)
 def _pack_segment(batch, s, keys):
     """(keys packed in keys[:n], fg pixels) of segment s; unsorted pixels get gradient 0."""
-    return _pack_range(batch, s, 0, batch.rows * batch.num_cols, keys, 0, True, True)
+    return _pack_range(batch, s, 0, batch.rows * batch.num_cols, keys, 0)
 
 
 @njit(cache=True)
@@ -397,7 +397,7 @@ def _pack_block(batch, s, block, num_blocks, packed, counts, bits):
     never keeps more keys than pixels, so blocks do not overlap); counts[block] = (keys, fg
     pixels), bits[block] = (OR, AND) of its keys."""
     start, stop = _block_bounds(batch.rows * batch.num_cols, num_blocks, block)
-    out, n_fg = _pack_range(batch, s, start, stop, packed, start, True, True)
+    out, n_fg = _pack_range(batch, s, start, stop, packed, start)
     counts[block, 0] = out - start
     counts[block, 1] = n_fg
     bits[block, 0], bits[block, 1] = key_bits(packed, start, out)
@@ -573,14 +573,15 @@ def _bucket_ranges(starts: np.ndarray, num_ranges: int) -> np.ndarray:
 def _segment_blocked(batch: SegmentBatch, s: int, keys: np.ndarray, buffer: np.ndarray,
                      num_blocks: int, radix_min: int, methods: _SortMethods | None = None,
                      ) -> float:
-    """Loss of segment s with every step split over ``num_blocks`` threads.
+    """Loss of segment s with every step split into ``num_blocks`` tasks (each taken by
+    whichever worker thread is free, see :func:`lovasz_kernels._numba_core.run_tasks`).
 
     1. each block packs its pixels' keys into ``buffer`` (from its first pixel's slot);
     2. each block counts its keys' MSD digit (the top varying bits of the whole segment), all
        keys and fg keys;
     3. each block scatters its keys into their buckets in ``keys`` (stable: the offsets of
        block b within a bucket follow those of blocks < b);
-    4. each thread sorts a range of whole buckets (about n / num_blocks keys) in place, with
+    4. each task sorts a range of whole buckets (about n / num_blocks keys) in place, with
        the machine's sort, and runs the fused pass over it from the fg keys of the buckets
        before (known from step 2).
     Four pool round trips in all. Fewer than ``radix_min`` keys are gathered and sorted on
@@ -644,6 +645,7 @@ def _run_batch(batch: SegmentBatch, num_segments: int) -> np.ndarray:
     threads = core.thread_count()
     methods = _sort_methods(num_pixels)
     radix_min = RADIX_MIN_KEYS
+    blocks = threads * BLOCKS_PER_THREAD
     if threads == 1 or num_segments * num_pixels < PARALLEL_MIN_PIXELS:
         _segments_task(batch, num_segments, np.zeros(1, dtype=np.int64), max(num_segments, 1),
                        loss, radix_min, methods)
@@ -651,7 +653,7 @@ def _run_batch(batch: SegmentBatch, num_segments: int) -> np.ndarray:
     if num_segments < threads and num_pixels >= PARALLEL_MIN_PIXELS:
         keys, buffer = _key_scratch(num_pixels)
         for s in range(num_segments):
-            loss[s] = _segment_blocked(batch, s, keys, buffer, threads, radix_min, methods)
+            loss[s] = _segment_blocked(batch, s, keys, buffer, blocks, radix_min, methods)
         return loss
     workers = min(threads, num_segments)
     # the last num_segments % workers segments would leave threads idle at the end (21
@@ -665,7 +667,7 @@ def _run_batch(batch: SegmentBatch, num_segments: int) -> np.ndarray:
     if leftover:
         keys, buffer = _key_scratch(num_pixels)
         for s in range(shared, num_segments):
-            loss[s] = _segment_blocked(batch, s, keys, buffer, threads, radix_min, methods)
+            loss[s] = _segment_blocked(batch, s, keys, buffer, blocks, radix_min, methods)
     return loss
 
 
