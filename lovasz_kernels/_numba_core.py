@@ -15,7 +15,8 @@
   choice in a small file.
 - **The closed-form Jaccard increment** (:func:`jaccard_increment`).
 - **The worker threads** (:func:`run_tasks`): kernels are compiled ``nogil`` and run on a small
-  pool of Python threads that block, never spin, between calls. numba's own threading layers
+  pool of Python threads that block, never spin, between calls; the caller takes tasks too,
+  and over those of a pool thread that has not started yet. numba's own threading layers
   are not used: the OpenMP one keeps its idle threads spinning for milliseconds after every
   parallel region, which slows whatever torch runs next (and torch's pool does the same to
   it), and the workqueue one aborts when two Python threads launch kernels at once.
