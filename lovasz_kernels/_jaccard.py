@@ -30,17 +30,21 @@ def jaccard_increments(gt_sorted: torch.Tensor, dtype: torch.dtype) -> torch.Ten
     """
     num_pixels = gt_sorted.shape[-1]
     count_dtype = torch.int32 if num_pixels < 2**31 - 1 else torch.int64
-    fg_seen = torch.cumsum(gt_sorted, dim=-1, dtype=count_dtype)
-    n_fg = fg_seen[..., -1:]
-    intersection = n_fg - fg_seen
+    # in place wherever a temporary is dead, so that at most four (S, P) arrays live at once
+    # (the torch backend's peak memory); every pass is still one wake-up of the thread pool
+    intersection = torch.cumsum(gt_sorted, dim=-1, dtype=count_dtype)  # fg seen so far
+    n_fg = intersection[..., -1:].clone()
+    intersection.neg_().add_(n_fg)  # I_k = n_fg - c_k
     position = torch.arange(num_pixels, device=gt_sorted.device, dtype=count_dtype)
     union_minus_one = intersection + position  # U_k - 1, an exact integer
     # 1/U_k on foreground, I_k/(U_k (U_k − 1)) on background: numerator and the second factor
     # of the denominator are integers picked per pixel, the product and quotient one rounding
-    # each (a few passes over (S, P), each one wake-up of the thread pool, not ten)
-    numerator = torch.where(gt_sorted, 1, intersection)
-    second_factor = torch.where(gt_sorted, 1, union_minus_one)
-    increments = numerator / ((union_minus_one + 1).to(dtype) * second_factor)
+    # each
+    denominator = torch.empty(intersection.shape, dtype=dtype, device=gt_sorted.device)
+    torch.add(union_minus_one, 1, out=denominator)  # U_k, exact in integers, then one rounding
+    denominator.mul_(union_minus_one.masked_fill_(gt_sorted, 1))
+    del union_minus_one
+    increments = torch.div(intersection.masked_fill_(gt_sorted, 1), denominator, out=denominator)
     # U_k = 1 happens only at k = 0 when n_fg = 0: the first mistake alone costs the full loss
     # (0/0 above)
     increments[..., 0].masked_fill_(n_fg[..., 0] == 0, 1.0)

@@ -25,9 +25,11 @@ def lovasz_extension(errors: torch.Tensor, fg: torch.Tensor) -> tuple[torch.Tens
     dtype = compute_dtype(errors.dtype)
     keys = errors.to(dtype).clamp_min(0).view(_SAME_WIDTH_INT[dtype])
     keys_sorted, order = torch.sort(keys, dim=1, descending=True)
+    del keys  # temporaries go as soon as they are dead: the peak is the sort's outputs + 3
     errors_sorted = keys_sorted.view(dtype)
-    increments = jaccard_increments(torch.gather(fg, 1, order), dtype)
-    grad_sorted = increments.masked_fill_(errors_sorted == 0, 0.0)
+    grad_sorted = jaccard_increments(torch.gather(fg, 1, order), dtype)
+    grad_sorted.masked_fill_(errors_sorted == 0, 0.0)
     loss = torch.sum(errors_sorted * grad_sorted, dim=1, dtype=torch.float64)
+    del keys_sorted, errors_sorted
     grad = torch.empty_like(grad_sorted).scatter_(1, order, grad_sorted)
     return loss.to(dtype), grad.to(errors.dtype)
