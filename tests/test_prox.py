@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib
 import random
 import sys
+import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -355,6 +357,31 @@ def test_missing_numba_says_how_to_install(monkeypatch):
     monkeypatch.delitem(sys.modules, "lovasz_kernels._numba_core")
     with pytest.raises(ImportError, match=r"pip install numba"):
         prox_lovasz_hinge(torch.zeros(1, 4), torch.zeros(1, 4, dtype=torch.long), 0.1)
+
+
+def test_rows_on_threads_gives_each_thread_its_own_workspace(monkeypatch):
+    # any thread may take any task: here a pool thread takes the first task while the caller
+    # takes the second; the caller's workspace must stay the caller's alone
+    kernels = importlib.import_module("lovasz_kernels.optim._prox_kernels")
+    workspace = np.zeros(kernels.workspace_slots(8), dtype=np.float64)
+    used = {}
+
+    def row_kernel(own, next_row):
+        used[threading.get_ident()] = own.__array_interface__["data"][0]
+
+    def tasks_swapped(function, tasks):
+        other = threading.Thread(target=function, args=tasks[0])
+        other.start()
+        other.join()
+        return [function(*args) for args in tasks[1:]]
+
+    monkeypatch.setattr(kernels.core, "thread_count", lambda: 2)
+    monkeypatch.setattr(kernels.core, "run_tasks", tasks_swapped)
+    kernels._rows_on_threads(row_kernel, lambda own, next_row: (own, next_row),
+                             np.zeros((2, 8)), workspace)
+    caller = threading.get_ident()
+    assert used[caller] == workspace.__array_interface__["data"][0]
+    assert len(used) == 2 and len(set(used.values())) == 2, "two threads shared a workspace"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

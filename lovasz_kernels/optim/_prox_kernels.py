@@ -33,6 +33,8 @@ reassociating the running sums of the sweep would move the split decisions.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from lovasz_kernels import _numba_core as core
@@ -780,15 +782,18 @@ def _check_workspace(workspace, num_pixels):
 def _rows_on_threads(row_kernel, row_args, logits, workspace):
     """Run ``row_kernel(..., workspace, ..., next_row)`` (a kernel that takes rows from a
     shared counter) on as many threads as rows allow: the calling thread with ``workspace``,
-    each pool thread with its own scratch workspace. ``row_args(workspace, next_row)`` gives
-    the kernel's arguments."""
+    each pool thread with its own scratch workspace (by the thread that runs a task, not the
+    task's index: any thread may take any task). ``row_args(workspace, next_row)`` gives the
+    kernel's arguments."""
     rows, num_pixels = logits.shape
     workers = min(core.thread_count(), rows)
     next_row = np.zeros(1, dtype=np.int64)
     slots = workspace_slots(num_pixels)
+    caller = threading.get_ident()
 
     def task(worker):
-        own = workspace if worker == 0 else scratch("prox workspace", slots, np.float64)
+        own = (workspace if threading.get_ident() == caller
+               else scratch("prox workspace", slots, np.float64))
         return row_kernel(*row_args(own, next_row))
 
     return core.run_tasks(task, [(worker,) for worker in range(workers)])
