@@ -25,7 +25,7 @@ def lovasz_extension(errors: torch.Tensor, fg: torch.Tensor) -> tuple[torch.Tens
     dtype = compute_dtype(errors.dtype)
     keys = errors.to(dtype).clamp_min(0).view(_SAME_WIDTH_INT[dtype])
     keys_sorted, order = torch.sort(keys, dim=1, descending=True)
-    del keys  # temporaries go as soon as they are dead: the peak is the sort's outputs + 3
+    del keys  # freed once dead: the peak is the sort's outputs and the increments' temporaries
     errors_sorted = keys_sorted.view(dtype)
     grad_sorted = jaccard_increments(torch.gather(fg, 1, order), dtype)
     grad_sorted.masked_fill_(errors_sorted == 0, 0.0)
