@@ -319,7 +319,13 @@ def segments_per_chunk(
     count = budget_bytes // max(columns * GENERIC_BYTES_PER_PIXEL, 1)
     if plan.image is not None and plan.dense and count >= num_channels:
         count -= count % num_channels  # whole images: labels broadcast, not copied
-    threads = torch.get_num_threads() if scores.device.type == "cpu" else 1
+    return rows_at_least_threads(count, scores.device)
+
+
+def rows_at_least_threads(count: int, device: torch.device) -> int:
+    """``count`` rows, but never fewer than the threads that sort rows in parallel on the CPU
+    (one (2, P) sort takes as long as one (1, P) sort there: fewer rows only idle a core)."""
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
     return int(max(count, threads, 1))
 
 

@@ -13,12 +13,14 @@ import torch
 from lovasz_kernels import Backend, get_backend, register_backend
 from lovasz_kernels._cases import GRAD_TOLERANCE, LOSS_TOLERANCE, Tolerance, mismatches
 from lovasz_kernels._registry import unregister_backend
+from lovasz_kernels.bench.measure import TorchAllocationPeakMeter
 
 __all__ = [
     "GRAD_TOLERANCE",
     "LOSS_TOLERANCE",
     "assert_close_report",
     "distinct_float32",
+    "peak_allocated_bytes",
     "registered_fake_backend",
     "tie_free_errors",
     "tie_free_margins",
@@ -90,6 +92,11 @@ def assert_close_report(
             f"{what}: {int(bad.sum())} of {bad.numel()} entries differ beyond "
             f"rtol={tol.rtol}, atol={tol.atol}; first at {where}: got {a}, expected {e}"
         )
+
+
+def peak_allocated_bytes(call) -> int:
+    """Peak bytes of torch's CPU allocations during ``call()`` (see the meter's docstring)."""
+    return TorchAllocationPeakMeter().extra_peak_bytes(call)
 
 
 @contextlib.contextmanager

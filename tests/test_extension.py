@@ -16,6 +16,7 @@ from tests.helpers import (
     LOSS_TOLERANCE,
     assert_close_report,
     distinct_float32,
+    peak_allocated_bytes,
     tie_free_errors,
 )
 
@@ -209,3 +210,37 @@ def test_huge_segment_gradient_matches_float64(backend, gen):
     del jaccard, fg_seen, position, expected_sorted
     assert_close_report(grad[0], expected, GRAD_TOLERANCE[torch.float32], f"{backend} 2^25 grad")
     assert math.isclose(float(grad.double().sum()), 1.0, rel_tol=1e-6)  # telescopes to Δ(V)
+
+
+@pytest.mark.parametrize("segments", [1, 2, 8])
+def test_torch_backend_needs_21_bytes_per_pixel(gen, segments):
+    """The torch backend's temporaries, float32: its own (S, P) keys-counts-gradient array
+    and one block for the sort's outputs, the increments and the sorted labels (4 + 17 bytes
+    per pixel), plus one row's worth of the sort's index row and the positions 1..P (which
+    weigh most with one segment) and a column block of the float64 loss sum. The inputs'
+    size is not counted."""
+    num_pixels = 1 << 16
+    errors = torch.randn(segments, num_pixels, generator=gen)
+    fg = torch.rand(segments, num_pixels, generator=gen) < 0.3
+    backend = get_backend("torch")
+    backend.run(errors, fg)  # first-call allocations (thread pools, caches) are not the call's
+    per_pixel = peak_allocated_bytes(lambda: backend.run(errors, fg)) / errors.numel()
+    assert 21 <= per_pixel <= 21 + 8 / segments + 1.5
+
+
+def test_torch_backend_chunks_many_segments_within_the_gradients_size(gen, monkeypatch):
+    """Many segments at once run in chunks of rows whose temporaries fit the gradient's
+    size: the same bits as one chunk, at a fraction of its memory."""
+    import lovasz_kernels.backends.torch_eager as torch_eager
+
+    errors = tie_free_errors((24, 4096), torch.float32, gen)
+    fg = torch.rand(errors.shape, generator=gen) < 0.3
+    backend = get_backend("torch")
+    whole = backend.run(errors, fg)
+    whole_peak = peak_allocated_bytes(lambda: backend.run(errors, fg))
+    monkeypatch.setattr(torch_eager, "MIN_CHUNK_BYTES", 0)  # chunk this small input
+    chunked = backend.run(errors, fg)
+    chunked_peak = peak_allocated_bytes(lambda: backend.run(errors, fg))
+    assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])
+    gradient_bytes = errors.numel() * 4
+    assert chunked_peak <= 2.5 * gradient_bytes < whole_peak / 2

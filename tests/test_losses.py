@@ -7,7 +7,14 @@ import pytest
 import torch
 
 import lovasz_kernels.backends.numpy_ref
-from lovasz_kernels import get_backend, lovasz_grad, lovasz_hinge, lovasz_sigmoid, lovasz_softmax
+from lovasz_kernels import (
+    _jaccard,
+    get_backend,
+    lovasz_grad,
+    lovasz_hinge,
+    lovasz_sigmoid,
+    lovasz_softmax,
+)
 from reference import naive
 from tests.helpers import GRAD_TOLERANCE, LOSS_TOLERANCE, assert_close_report
 
@@ -312,6 +319,21 @@ def test_lovasz_grad_is_algorithm_1(gen):
     assert torch.equal(lovasz_grad(batched)[2], lovasz_grad(batched[2]))
     assert lovasz_grad(torch.zeros(0)).shape == (0,)
     assert lovasz_grad(torch.zeros(3)).tolist() == [1.0, 0.0, 0.0]  # no foreground
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_jaccard_counts_in_float_give_the_integer_counts_bits(gen, monkeypatch, dtype):
+    """Counts kept in the float dtype (exact up to 2^24 pixels in float32) give the same
+    increments, bit for bit, as integer counts; and buffers passed in are the ones written."""
+    gt = torch.rand(3, 5000, generator=gen) < 0.3
+    gt[1] = False  # no foreground: the first increment is 1
+    in_float = _jaccard.jaccard_increments(gt, dtype)
+    counts, out = torch.empty(gt.shape, dtype=dtype), torch.empty(gt.shape, dtype=dtype)
+    assert _jaccard.jaccard_increments(gt, dtype, counts=counts, out=out) is out
+    assert torch.equal(out, in_float)
+    monkeypatch.setattr(_jaccard, "count_dtype", lambda num_pixels, dtype: torch.int32)
+    assert torch.equal(_jaccard.jaccard_increments(gt, dtype), in_float)
+    assert _jaccard.count_dtype is not None and in_float[1, 0] == 1.0
 
 
 def test_zero_weight_classes_are_not_sorted(gen, monkeypatch):
