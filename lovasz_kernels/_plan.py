@@ -255,11 +255,18 @@ def segment_errors(
             segment_labels = labels[plan.image[start:stop]]
         else:
             segment_labels = per_channel.reshape(batch * num_channels, num_pixels)[rows]
-    segment_valid = valid_pixels(segment_labels, plan.ignore_index)
-    fg = (segment_labels == fg_label) & segment_valid
+    fg = segment_labels == fg_label
     segment_scores = segment_scores.to(compute)
-    errors = torch.where(fg, 1 - segment_scores, segment_scores + plan.bg_offset)
-    errors = errors.masked_fill_(~segment_valid, -torch.inf)
+    # 1 - score on foreground, score + bg_offset elsewhere, in as few (k, P') arrays as the
+    # values allow (each one more page-faulted array in every chunk of the call)
+    errors = torch.rsub(segment_scores, 1)
+    background = segment_scores + plan.bg_offset if plan.bg_offset else segment_scores
+    errors = torch.where(fg, errors, background, out=errors)
+    del background
+    if plan.ignore_index is not None:
+        ignored = ~valid_pixels(segment_labels, plan.ignore_index)
+        fg.masked_fill_(ignored, False)
+        errors.masked_fill_(ignored, -torch.inf)
     num_cols = errors.shape[-1]
     return errors.reshape(stop - start, num_cols), fg.reshape(stop - start, num_cols)
 
@@ -354,4 +361,6 @@ def generic_lovasz_loss(
         del errors
         loss += torch.dot(segment_loss.to(torch.float64), plan.weight[start:stop])
         write_segment_grad(grad, error_grad, fg, plan, start)
+        # freed before the next chunk allocates: alive then, they would be in its way
+        del fg, error_grad
     return loss, grad
