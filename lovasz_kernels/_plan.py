@@ -183,7 +183,10 @@ def _class_counts(
     bins = max(num_classes, 2)
     # one count of (image, label) pairs into B·bins counters; ignored labels (and, when the
     # values were not checked, out-of-range ones) go to one extra counter at the end
-    pair = labels + torch.arange(0, batch * bins, bins, device=device)[:, None]
+    if batch == 1:  # the labels are the pairs: no (B, P) array of them to fault in
+        pair = labels
+    else:
+        pair = labels + torch.arange(0, batch * bins, bins, device=device)[:, None]
     counted = None if ignore_index is None else labels != ignore_index
     if not labels_checked:
         in_range = (labels >= 0) & (labels < bins)
