@@ -307,9 +307,11 @@ def write_segment_grad(
         rows[_rows(plan, start, stop, num_channels)] = signed
 
 
-# A segment's temporaries on the generic path, per pixel, in bytes (errors, labels, foreground
-# and the sign in the loss layer; keys, sorted keys, int64 order, counts and increments in the
-# torch backend): the generic path runs at most a memory budget's worth of segments at once.
+# A segment's temporaries on the generic path, per pixel, in bytes: the loss layer's errors,
+# foreground and their transients (up to ~19), then the backend's (the torch backend's 21 in
+# float32, the numpy reference's float64 arrays far more); the generic path runs at most a
+# memory budget's worth of segments at once. Rounded up: a budget overrun costs more than a
+# few more chunks.
 GENERIC_BYTES_PER_PIXEL = 64
 # Below this budget chunking saves nothing worth a second pass (and costs parallelism)
 MIN_CHUNK_BYTES = 32 << 20

@@ -10,7 +10,8 @@ from lovasz_kernels._validate import compute_dtype
 
 _SAME_WIDTH_INT = {torch.float32: torch.int32, torch.float64: torch.int64}
 #: a chunk's temporaries per pixel, float32, besides the inputs and the gradient: the block
-#: (int64 order, sorted keys, increments, sorted labels) and torch.sort's own
+#: (int64 order, sorted keys, increments, sorted labels), plus one for what each row adds
+#: (torch.sort's index row, the positions 1..P, a column block of the float64 loss sum)
 TEMPORARY_BYTES_PER_PIXEL = 8 + 4 + 4 + 1 + 1
 
 
