@@ -228,6 +228,26 @@ def test_torch_backend_needs_21_bytes_per_pixel(gen, segments):
     assert 21 <= per_pixel <= 21 + 8 / segments + 1.5
 
 
+def test_numpy_reference_widens_one_segment_at_a_time(gen):
+    """The reference computes in float64 one segment at a time and rounds each segment's
+    gradient into the float32 result as it goes: its numpy arrays peak at the gradient plus
+    one segment's float64 work (~90 bytes per pixel), not float64 copies of every row."""
+    import tracemalloc
+
+    segments, num_pixels = 16, 1 << 16
+    errors = torch.randn(segments, num_pixels, generator=gen)
+    fg = torch.rand(segments, num_pixels, generator=gen) < 0.3
+    backend = get_backend("numpy")
+    backend.run(errors, fg)
+    tracemalloc.start()
+    try:
+        backend.run(errors, fg)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak <= errors.numel() * 4 + 128 * num_pixels
+
+
 def test_torch_backend_chunks_many_segments_within_the_gradients_size(gen, monkeypatch):
     """Many segments at once run in chunks of rows whose temporaries fit the gradient's
     size: the same bits as one chunk, at a fraction of its memory."""

@@ -49,11 +49,17 @@ def _segment(errors: np.ndarray, fg: np.ndarray) -> tuple[float, np.ndarray]:
 
 
 def lovasz_extension(errors: torch.Tensor, fg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss (S,) and gradient (S, P) of the Lovász extension, one segment at a time."""
-    errors_np = errors_to_numpy(errors).astype(np.float64)
+    """Loss (S,) and gradient (S, P) of the Lovász extension, one segment at a time.
+
+    Only one segment is ever widened to float64; each segment's gradient is rounded into an
+    array of at least float32 as it is done (16-bit gradients round once more, from there, as
+    torch rounds a float64 one), so the whole call needs about the gradient's size, not three
+    float64 copies of the input.
+    """
+    errors_np = errors_to_numpy(errors)
     fg_np = fg_to_numpy(fg)
     losses = np.zeros(errors_np.shape[0], dtype=np.float64)
-    grads = np.zeros(errors_np.shape, dtype=np.float64)
+    grads = np.empty(errors_np.shape, dtype=np.promote_types(errors_np.dtype, np.float32))
     for s in range(errors_np.shape[0]):
-        losses[s], grads[s] = _segment(errors_np[s], fg_np[s])
+        losses[s], grads[s] = _segment(errors_np[s].astype(np.float64), fg_np[s])
     return results_to_torch(losses, grads, errors)
