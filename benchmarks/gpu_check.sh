@@ -11,9 +11,10 @@
 #
 # Steps in priority order; a step that no longer fits in what is left of BUDGET is skipped and
 # says so in summary.txt. Correctness first (the CUDA and triton tests, real sizes, the
-# cross-check), then the goal timings with CUDA events (lovasz-kernels bench --device cuda:
-# triton against one torch.sort of the keys it sorts, the torch backend and the per-class
-# loop), each sort strategy of the triton backend, then NCCL with a world size of 1.
+# cross-check), then peak memory over the bench grid (tests/perf/gpu_memory.py), the goal
+# timings with CUDA events (lovasz-kernels bench --device cuda: triton against one torch.sort
+# of the keys it sorts, the torch backend and the per-class loop), each sort strategy of the
+# triton backend, then NCCL with a world size of 1.
 set -u
 START=$SECONDS
 BUDGET="${BUDGET:-450}"
@@ -85,9 +86,12 @@ cat "$OUT/logs/00_environment.log" 2>/dev/null
 
 # ----------------------------------------------------- correctness (compile-bound: in parallel)
 PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider --durations=10)
+# triton's tests compile a kernel per variant: spread them over the cores when xdist is there
+XDIST=()
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
 A_MAX=$(($(left) < 150 ? $(left) : 150))
 step 01_tests_gpu_real_sizes "$A_MAX" 60 "${PYTEST[@]}" tests/test_gpu.py &
-step 01_tests_triton "$A_MAX" 60 "${PYTEST[@]}" tests/test_triton.py &
+step 01_tests_triton "$A_MAX" 60 "${PYTEST[@]}" "${XDIST[@]}" tests/test_triton.py &
 step 02_tests_cuda "$A_MAX" 60 "${PYTEST[@]}" tests/test_training_loops.py \
   tests/test_metrics.py tests/test_nn.py tests/test_prox.py tests/test_registry.py \
   tests/test_validation.py tests/test_bench.py -k "cuda or gpu or device" &
@@ -96,9 +100,10 @@ wait
 [ "$DRY_RUN" = 1 ] && SIMULATED=$((SIMULATED + 60))  # the parallel steps' clocks ran apart
 
 # ------------------------------------------------ goal timings (alone on the GPU, CUDA events)
-# the sort strategies in one process: a torch.sort of the very keys a call sorts (rows, flat)
-# and the fused forward + backward under each strategy, float32 and float16, 2^20 x 21
-step 04_sort_strategies 90 40 "$PY" tests/perf/gpu_sort_strategies.py
+# peak memory and time of the triton backend in memory-bounded chunks against one chunk and
+# the torch backend, over the bench grid (the GPU goals' sizes first)
+step 04_memory 150 60 "$PY" tests/perf/gpu_memory.py --rounds 10 --budget 100 \
+  --json "$OUT/gpu_memory.json"
 # 2^20 pixels x 21 classes, float32, batch IoU: triton vs one torch.sort of the keys it
 # sorts, the torch backend and the per-class loop, peak memory, the float64 cross-check
 BENCH=("$PY" -m lovasz_kernels.cli bench --device cuda --classes 21 --budget 30)
@@ -111,9 +116,13 @@ step 06_goal_8x512sq_x21 120 45 "${BENCH[@]}" --pixels 512 --batch 8 --dtype flo
 step 07_fp16_2e20x21 90 40 "${BENCH[@]}" --pixels 1024 --batch 1 --dtype float16 \
   --backend triton,torch --repeat 10 --out "$OUT/bench_2e20x21_fp16"
 
+# the sort strategies in one process: a torch.sort of the very keys a call sorts (rows, flat)
+# and the fused forward + backward under each strategy, float32 and float16, 2^20 x 21
+step 08_sort_strategies 90 40 "$PY" tests/perf/gpu_sort_strategies.py
+
 # --------------------------------------------------------------------- NCCL, world size 1
 for mode in exact histogram; do
-  step "08_nccl_$mode" 90 40 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 \
+  step "09_nccl_$mode" 90 40 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 \
     examples/ddp_train.py --steps 3 --dist-mode "$mode"
 done
 
@@ -126,6 +135,9 @@ results = {"summary": open(os.path.join(out, "summary.txt")).read().splitlines()
 env = os.path.join(out, "logs", "00_environment.log")
 if os.path.exists(env):
     results["environment"] = open(env).read().splitlines()
+memory = os.path.join(out, "gpu_memory.json")
+if os.path.exists(memory):
+    results["memory"] = json.load(open(memory))
 for path in sorted(glob.glob(os.path.join(out, "bench_*", "lovasz-bench.json"))):
     results["bench"][os.path.basename(os.path.dirname(path))] = json.load(open(path))
 for path in sorted(glob.glob(os.path.join(out, "logs", "0[1-3]_*.log"))):
@@ -142,5 +154,5 @@ cat "$SUMMARY"
 for log in "$OUT"/logs/0[1-3]_*.log; do
   [ -f "$log" ] && echo "$(basename "$log" .log): $(grep -E '[0-9]+ (passed|failed)' "$log" | tail -n 1)"
 done
-cat "$OUT"/logs/04_sort_strategies.log 2>/dev/null
+cat "$OUT"/logs/04_memory.log "$OUT"/logs/08_sort_strategies.log 2>/dev/null
 grep -h -A12 "median of" "$OUT"/logs/0[5-7]_*.log 2>/dev/null | grep -E "^(triton|torch|loop|torch.sort|lovasz)" | head -n 40

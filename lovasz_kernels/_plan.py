@@ -25,7 +25,7 @@ extension (over the pixels of every rank).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -72,6 +72,14 @@ class SegmentPlan:
     @property
     def num_segments(self) -> int:
         return self.channel.shape[0]
+
+    def segments(self, start: int, stop: int) -> SegmentPlan:
+        """The plan of segments ``start:stop`` alone (views of this plan's tables). It covers
+        only part of the (image, channel) pairs, so it is never ``dense``."""
+        return replace(
+            self, image=None if self.image is None else self.image[start:stop],
+            channel=self.channel[start:stop], fg_label=self.fg_label[start:stop],
+            weight=self.weight[start:stop], dense=False)
 
 
 def reads_are_free(device: torch.device) -> bool:

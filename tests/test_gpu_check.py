@@ -19,7 +19,7 @@ def test_script_parses():
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
 
 
-@pytest.mark.parametrize(("budget", "skipped"), [(1000, 0), (200, 3), (30, 10)])
+@pytest.mark.parametrize(("budget", "skipped"), [(1000, 0), (200, 5), (30, 11)])
 def test_dry_run_skips_what_the_budget_cannot_hold(tmp_path, budget, skipped):
     out = tmp_path / "out"
     run = subprocess.run(

@@ -26,6 +26,7 @@ from tests.helpers import (
     LOSS_TOLERANCE,
     assert_close_report,
     distinct_float32,
+    peak_allocated_bytes,
     tie_free_errors,
 )
 
@@ -689,6 +690,95 @@ def _record_launches(monkeypatch) -> list:
 
     monkeypatch.setattr(module, "_launch", recording)
     return launches
+
+
+# ------------------------------------------------------------------ memory-bounded chunks
+
+def _record_chunks(monkeypatch) -> list[int]:
+    """Record the segments of every chunk a call runs (sorted or histogram), then run it."""
+    module = _module()
+    chunks = []
+    for name in ("_run_sorted", "_run_histogram"):
+        real = getattr(module, name)
+
+        def recording(call, loss, *args, real=real, **kwargs):
+            assert loss.shape == (call.num_segments,)
+            chunks.append(call.num_segments)
+            real(call, loss, *args, **kwargs)
+
+        monkeypatch.setattr(module, name, recording)
+    return chunks
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=str)
+@pytest.mark.parametrize("per_image", [False, True], ids=["batch", "per image"])
+def test_segments_run_in_chunks_within_the_budget(device, monkeypatch, strategy, per_image,
+                                                  gen):
+    """A budget of two segments: the loss and the bare extension run two segments at a time
+    and give the bits of one chunk (segment weights, gradient positions and segment losses
+    all follow the chunk)."""
+    module = _module()
+    monkeypatch.setitem(_plan._SETTINGS, "read_values_on_cpu", False)  # dense, as on a GPU
+    probas = torch.randn(2, 5, 40, generator=gen).softmax(dim=1).half()
+    labels = torch.randint(0, 4, (2, 40), generator=gen)  # class 4 absent: weight 0
+    labels[0, :6] = 255
+    errors = tie_free_errors((5, 80), torch.float16, gen)
+    fg = torch.rand(errors.shape, generator=gen) < 0.4
+    settings = dict(tile=16, scan_block=2, small_segment_max=0, histogram_min_pixels=40,
+                    sort=strategy)
+    runs, chunks = {}, _record_chunks(monkeypatch)
+    for name, chunk_bytes in (("whole", None), ("chunked", 2)):
+        if chunk_bytes is not None:  # every segment one byte: two fit in two bytes
+            monkeypatch.setattr(module, "_chunk_bytes_per_segment", lambda call, strategy: 1)
+        chunks.clear()
+        with module._override(**settings, chunk_bytes=chunk_bytes):
+            runs[name] = (
+                _loss_and_grad("softmax", probas, labels, "triton", device, ignore_index=255,
+                               per_image=per_image),
+                _run(errors, fg, device))
+        loss_segments = 10 if per_image else 5
+        expected = ([loss_segments, 5] if chunk_bytes is None
+                    else [2] * (loss_segments // 2) + [1] * (loss_segments % 2) + [2, 2, 1])
+        assert chunks == expected, f"{name}: chunks {chunks}"
+    for whole, chunked in zip(runs["whole"], runs["chunked"]):
+        for a, b in zip(whole, chunked):
+            assert torch.equal(a, b)
+
+
+def test_chunk_budget_is_the_gradients_size(monkeypatch, gen):
+    """By default a chunk's temporaries fit in the gradient's size (at least
+    ``MIN_CHUNK_BYTES``): keys, sorted keys, the int64 order and the sort's scratch per
+    column for ``rows`` (24 bytes per float32 key), never fewer than one segment."""
+    module = _module()
+    errors = torch.rand(21, 1000, generator=gen)
+    call = module._errors_call(errors, errors > 0.5, errors)
+    assert module._chunk_bytes_per_segment(call, "rows") == 1000 * 24
+    assert module._chunk_bytes_per_segment(call, "in-register") == 0
+    monkeypatch.setattr(module, "MIN_CHUNK_BYTES", 0)
+    gradient = errors.numel() * 4
+    assert module._segments_per_chunk(call, "rows", gradient) == 21 * 4 // 24  # 3
+    assert module._segments_per_chunk(call, "rows", 1) == 1
+    assert module._segments_per_chunk(call, "in-register", 1) == 21
+    monkeypatch.setattr(module, "MIN_CHUNK_BYTES", 10**9)
+    assert module._segments_per_chunk(call, "rows", gradient) == 21
+
+
+def test_chunked_extension_needs_about_twice_the_input(monkeypatch, gen):
+    """Many segments at once: with the budget at the gradient's size the call's peak of
+    torch allocations is within 2.5x the gradient, under half of what one chunk needs."""
+    module = _module()
+    errors = tie_free_errors((24, 4096), torch.float32, gen)
+    fg = torch.rand(errors.shape, generator=gen) < 0.3
+    with module._override(sort="rows"):
+        whole = lovasz_extension(errors, fg, backend="triton")
+        whole_peak = peak_allocated_bytes(lambda: lovasz_extension(errors, fg, backend="triton"))
+        monkeypatch.setattr(module, "MIN_CHUNK_BYTES", 0)  # chunk this small input
+        chunked = lovasz_extension(errors, fg, backend="triton")
+        chunked_peak = peak_allocated_bytes(
+            lambda: lovasz_extension(errors, fg, backend="triton"))
+    assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])
+    gradient_bytes = errors.numel() * 4
+    assert chunked_peak <= 2.5 * gradient_bytes < whole_peak / 2
 
 
 # ------------------------------------------------------------------------ strategies

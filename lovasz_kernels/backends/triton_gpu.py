@@ -93,12 +93,12 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
-from lovasz_kernels._plan import SegmentPlan
+from lovasz_kernels._plan import MIN_CHUNK_BYTES, SegmentPlan
 from lovasz_kernels._validate import compute_dtype
 
 try:
@@ -729,6 +729,9 @@ _SETTINGS = {
     "histogram_min_pixels": 1 << 16,
     # one of SORT_STRATEGIES; None: the LOVASZ_TRITON_SORT environment variable, else "auto"
     "sort": None,
+    # temporary bytes a chunk of segments may hold (see _segments_per_chunk). None: the
+    # gradient's size, at least MIN_CHUNK_BYTES; tests force small chunks, benchmarks one
+    "chunk_bytes": None,
 }
 # one launch at a time through an autotuner (it keeps per-launch state on the shared kernel
 # object while it benchmarks; results never depend on the config it picks) and through the
@@ -741,7 +744,7 @@ def _override(**settings) -> Iterator[None]:
     """Temporarily change launch settings (tests force tiny tiles, int64 offsets, a strategy).
 
     Keys: ``small_segment_max``, ``tile`` (power of two), ``scan_block`` (power of two),
-    ``force_int64``, ``histogram_min_pixels``, ``sort``. Process-wide: not for
+    ``force_int64``, ``histogram_min_pixels``, ``sort``, ``chunk_bytes``. Process-wide: not for
     concurrent calls with different settings.
     """
     unknown = set(settings) - set(_SETTINGS)
@@ -853,6 +856,8 @@ class _Call:
     flags: dict
     int64: bool
     device: torch.device
+    # the same call on segments start:stop alone (a chunk: see _segments_per_chunk)
+    segments: Callable[[int, int], _Call]
 
     def tiles_per_image(self, block: int) -> int:
         return triton.cdiv(self.pixels_per_image, block)
@@ -867,16 +872,56 @@ def _needs_int64(num_keys: int, *tensors: torch.Tensor) -> bool:
     return _SETTINGS["force_int64"] or widest >= 2**31
 
 
-def _run(call: _Call, loss: torch.Tensor) -> None:
-    """Write every segment's loss into ``loss`` (S,) and every pixel's gradient."""
+def _run(call: _Call, loss: torch.Tensor, gradient_bytes: int) -> None:
+    """Write every segment's loss into ``loss`` (S,) and every pixel's gradient, segments in
+    chunks whose temporaries stay within ``gradient_bytes`` (``_segments_per_chunk``)."""
     strategy = sort_strategy(call.input_dtype, call.num_cols,
                              from_scores=call.flags["FROM_SCORES"])
+    step = _segments_per_chunk(call, strategy, gradient_bytes)
+    for start in range(0, call.num_segments, step):
+        stop = min(start + step, call.num_segments)
+        chunk = call if stop - start == call.num_segments else call.segments(start, stop)
+        if strategy == "in-register":
+            _run_in_registers(chunk, loss[start:stop])
+        elif strategy == "histogram":
+            _run_histogram(chunk, loss[start:stop])
+        else:
+            _run_sorted(chunk, loss[start:stop], flat=strategy == "flat")
+
+
+# Bytes per key that torch.sort holds besides the keys and its two outputs. Rows: the int64
+# index row it sorts along with the keys. Flat: that, and CUB's alternate key and index buffers.
+_SORT_SCRATCH_BYTES = {"rows": 8, "flat": 8 + 8 + 8}
+
+
+def _chunk_bytes_per_segment(call: _Call, strategy: str) -> int:
+    """Temporary bytes one segment of ``call`` adds to a chunk at its peak, besides the
+    gradient: the keys, the sorted keys and torch.sort's int64 order (its indices) plus the
+    sort's scratch per pixel; the two (2, bins) tables of the histogram path; nothing in
+    registers. The tile counts and partials are a thousandth of that and not counted."""
     if strategy == "in-register":
-        _run_in_registers(call, loss)
-    elif strategy == "histogram":
-        _run_histogram(call, loss)
-    else:
-        _run_sorted(call, loss, flat=strategy == "flat")
+        return 0
+    if strategy == "histogram":
+        from_scores = call.flags["FROM_SCORES"]
+        _, bin_value = _histogram_tables(call.input_dtype,
+                                         call.bg_offset if from_scores else None, call.device)
+        return 2 * bin_value.numel() * (4 + 4)  # int32 counts, float32 gradients
+    key_bytes = 8 if strategy == "flat" else _KEYS[call.error_dtype][0].itemsize
+    return call.num_cols * (2 * key_bytes + 8 + _SORT_SCRATCH_BYTES[strategy])
+
+
+def _segments_per_chunk(call: _Call, strategy: str, gradient_bytes: int) -> int:
+    """How many segments run at once: as many as have temporaries within the gradient's size
+    (``MIN_CHUNK_BYTES`` at least), so that a call needs about twice its input, not five
+    times; one segment when even one does not fit (a segment's sort is never split)."""
+    per_segment = _chunk_bytes_per_segment(call, strategy)
+    total = max(call.num_segments, 1)
+    if per_segment == 0:
+        return total
+    budget = _SETTINGS["chunk_bytes"]
+    if budget is None:
+        budget = max(gradient_bytes, MIN_CHUNK_BYTES)
+    return int(min(max(budget // per_segment, 1), total))
 
 
 def _run_in_registers(call: _Call, loss: torch.Tensor) -> None:
@@ -1017,7 +1062,7 @@ def lovasz_extension(errors: torch.Tensor, fg: torch.Tensor) -> tuple[torch.Tens
         grad = torch.empty(errors.shape, dtype=errors.dtype, device=errors.device)
         loss = torch.empty(errors.shape[0], dtype=compute_dtype(errors.dtype),
                            device=errors.device)
-        _run(_errors_call(errors, fg, grad), loss)
+        _run(_errors_call(errors, fg, grad), loss, grad.numel() * grad.element_size())
         return loss, grad
 
 
@@ -1034,6 +1079,8 @@ def _errors_call(errors: torch.Tensor, fg: torch.Tensor, grad: torch.Tensor) -> 
         flags=dict(FROM_SCORES=False, BATCH_SEGMENTS=False, HAS_IGNORE=False),
         int64=_needs_int64(num_segments * num_pixels, errors, fg_bytes, grad),
         device=errors.device,
+        segments=lambda start, stop: _errors_call(errors[start:stop], fg[start:stop],
+                                                  grad[start:stop]),
     )
 
 
@@ -1062,7 +1109,8 @@ def lovasz_loss(
         allocate = torch.empty if plan.dense else torch.zeros
         grad = allocate(scores.shape, dtype=compute, device=device)
         segment_loss = torch.empty(num_segments, dtype=torch.float64, device=device)
-        _run(_scores_call(scores, labels, plan, grad), segment_loss)
+        _run(_scores_call(scores, labels, plan, grad), segment_loss,
+             grad.numel() * grad.element_size())
         return torch.dot(segment_loss, plan.weight), grad
 
 
@@ -1091,6 +1139,8 @@ def _scores_call(
         flags=dict(FROM_SCORES=True, BATCH_SEGMENTS=batch_segments, HAS_IGNORE=has_ignore),
         int64=_needs_int64(plan.num_segments * num_cols, scores, labels, grad),
         device=scores.device,
+        segments=lambda start, stop: _scores_call(scores, labels, plan.segments(start, stop),
+                                                  grad),
     )
 
 
