@@ -889,39 +889,59 @@ def _run(call: _Call, loss: torch.Tensor, gradient_bytes: int) -> None:
             _run_sorted(chunk, loss[start:stop], flat=strategy == "flat")
 
 
-# Bytes per key that torch.sort holds besides the keys and its two outputs. Rows: the int64
-# index row it sorts along with the keys. Flat: that, and CUB's alternate key and index buffers.
-_SORT_SCRATCH_BYTES = {"rows": 8, "flat": 8 + 8 + 8}
+def _sort_bytes(rows: int, cols: int, key_bytes: int) -> int:
+    """Bytes a ``torch.sort`` of (rows, cols) keys of ``key_bytes`` along dim 1 holds at its
+    peak on a GPU, the keys included: the keys, the sorted keys and the int64 order, plus its
+    scratch, which depends on the path PyTorch's CUDA sort takes (measured on an H200, see
+    docs/gpu.md): rows of at least a million keys, or one row, are sorted one after the
+    other (an int64 index row and CUB's alternate key and index rows, for one row at a
+    time); fewer than 128 shorter rows are sorted as one array of (key, row and column) pairs
+    (two int32 pair arrays, a key copy and CUB's alternate keys and pairs); more rows by
+    CUB's segmented sort (an int64 index array and alternate keys and indices)."""
+    keys = rows * cols
+    held = keys * (2 * key_bytes + 8)
+    if rows == 1 or cols >= 1_000_000:
+        return held + cols * (8 + key_bytes + 8)
+    if rows < 128:
+        return held + keys * (8 + 8 + key_bytes + key_bytes + 8)
+    return held + keys * (8 + key_bytes + 8)
 
 
-def _chunk_bytes_per_segment(call: _Call, strategy: str) -> int:
-    """Temporary bytes one segment of ``call`` adds to a chunk at its peak, besides the
-    gradient: the keys, the sorted keys and torch.sort's int64 order (its indices) plus the
-    sort's scratch per pixel; the two (2, bins) tables of the histogram path; nothing in
-    registers. The tile counts and partials are a thousandth of that and not counted."""
+def _chunk_bytes(call: _Call, strategy: str, rows: int) -> int:
+    """Temporary bytes a chunk of ``rows`` segments of ``call`` holds at its peak, besides the
+    gradient: the sort and its keys (``flat``: one row of int64 keys); the two (2, bins)
+    tables per segment of the histogram path; nothing in registers. The tile counts and
+    partials are a thousandth of that and not counted."""
     if strategy == "in-register":
         return 0
     if strategy == "histogram":
         from_scores = call.flags["FROM_SCORES"]
         _, bin_value = _histogram_tables(call.input_dtype,
                                          call.bg_offset if from_scores else None, call.device)
-        return 2 * bin_value.numel() * (4 + 4)  # int32 counts, float32 gradients
-    key_bytes = 8 if strategy == "flat" else _KEYS[call.error_dtype][0].itemsize
-    return call.num_cols * (2 * key_bytes + 8 + _SORT_SCRATCH_BYTES[strategy])
+        return rows * 2 * bin_value.numel() * (4 + 4)  # int32 counts, float32 gradients
+    if strategy == "flat":
+        return _sort_bytes(1, rows * call.num_cols, 8)
+    return _sort_bytes(rows, call.num_cols, _KEYS[call.error_dtype][0].itemsize)
 
 
 def _segments_per_chunk(call: _Call, strategy: str, gradient_bytes: int) -> int:
-    """How many segments run at once: as many as have temporaries within the gradient's size
-    (``MIN_CHUNK_BYTES`` at least), so that a call needs about twice its input, not five
-    times; one segment when even one does not fit (a segment's sort is never split)."""
-    per_segment = _chunk_bytes_per_segment(call, strategy)
+    """How many segments run at once: the most whose temporaries (``_chunk_bytes``) stay
+    within the gradient's size, ``MIN_CHUNK_BYTES`` at least, so that a call needs about twice
+    its input; one segment when even one does not fit (a segment's sort is never split)."""
     total = max(call.num_segments, 1)
-    if per_segment == 0:
-        return total
     budget = _SETTINGS["chunk_bytes"]
     if budget is None:
         budget = max(gradient_bytes, MIN_CHUNK_BYTES)
-    return int(min(max(budget // per_segment, 1), total))
+    if _chunk_bytes(call, strategy, total) <= budget:
+        return total
+    low, high = 1, total  # the answer is in [low, high): chunks of `high` rows do not fit
+    while high - low > 1:
+        middle = (low + high) // 2
+        if _chunk_bytes(call, strategy, middle) <= budget:
+            low = middle
+        else:
+            high = middle
+    return low
 
 
 def _run_in_registers(call: _Call, loss: torch.Tensor) -> None:

@@ -34,26 +34,82 @@ from lovasz_kernels.bench.measure import (
 from lovasz_kernels.bench.workloads import CUDA_SUITE, FULL_SUITE_EXTRA, SUITE, Prepared
 
 ONE_CHUNK = 1 << 62  # a chunk budget no call reaches
+# chunk budgets besides the default (the gradient's size, MIN_CHUNK_BYTES at least): the
+# gradient's size with a larger floor, and one chunk
+PROFILED = ("softmax 1x1024x1024x21 batch float32", "softmax 1x512x512x21 batch float32")
+FLOORS = {"floor 128MB": 128 << 20, "floor 512MB": 512 << 20, "one chunk": ONE_CHUNK}
 
 
-def _one_chunk(prepared: Prepared):
-    with triton_gpu._override(chunk_bytes=ONE_CHUNK):
+def _triton_with_floor(prepared: Prepared, floor: int):
+    gradient = prepared.scores.numel() * max(prepared.scores.element_size(), 4)
+    with triton_gpu._override(chunk_bytes=max(gradient, floor)):
         return prepared.fwd_bwd("triton")
 
 
-def _sort_scratch(meter, device: str, size: int) -> dict[str, float]:
+def _count_chunks(prepared: Prepared) -> int:
+    """Chunks one default triton call runs (its sorted, histogram or in-register runs)."""
+    count = 0
+    saved = {}
+    for name in ("_run_sorted", "_run_histogram", "_run_in_registers"):
+        real = saved[name] = getattr(triton_gpu, name)
+
+        def counting(*args, real=real, **kwargs):
+            nonlocal count
+            count += 1
+            return real(*args, **kwargs)
+
+        setattr(triton_gpu, name, counting)
+    try:
+        prepared.fwd_bwd("triton")
+    finally:
+        for name, real in saved.items():
+            setattr(triton_gpu, name, real)
+    return count
+
+
+def _profile(prepared: Prepared, floor: int | None, label: str) -> None:
+    """Device time per kernel over 5 calls (torch.profiler), against their wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def call():
+        if floor is None:
+            prepared.fwd_bwd("triton")
+        else:
+            _triton_with_floor(prepared, floor)
+
+    call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(5):
+            call()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) / 5
+    print(f"--- profile {prepared.workload.name}, {label}: wall {wall * 1e3:.3f} ms per call")
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=14,
+                                    max_name_column_width=48))
+
+
+def _sort_scratch(meter, device: str, scale: int) -> dict[str, dict[str, float]]:
     """Bytes per key torch.sort holds besides the keys and its two outputs (sorted keys, int64
-    indices), for (3, size) int32 rows and 2·size flat int64 keys."""
-    rows = torch.randint(0, 1 << 30, (3, size), dtype=torch.int32, device=device)
-    flat = torch.randint(0, 1 << 62, (2 * size,), dtype=torch.int64, device=device)
+    indices) on each of its paths, and the whole peak against ``triton_gpu._sort_bytes``."""
     result = {}
-    for name, keys, call in (
-            ("rows int32", rows, lambda: torch.sort(rows, dim=1, descending=True)),
-            ("flat int64", flat, lambda: torch.sort(flat, descending=True))):
+    for name, shape, dtype in (
+            ("rows of 2^21 (one after the other)", (3, 2 << scale), torch.int32),
+            ("21 rows of 2^18 (pairs)", (21, 1 << (scale - 2)), torch.int32),
+            ("200 rows of 2^16 (segmented)", (200, 1 << (scale - 4)), torch.int32),
+            ("flat int64", (1, 4 << scale), torch.int64)):
+        keys = torch.randint(0, 1 << 30, shape, dtype=dtype, device=device)
+
+        def call(keys=keys):
+            torch.sort(keys, dim=1, descending=True)
+
         call()
         peak = meter.extra_peak_bytes(call)
         outputs = keys.numel() * (keys.element_size() + 8)
-        result[name] = (peak - outputs) / keys.numel()
+        model = triton_gpu._sort_bytes(shape[0], shape[1], keys.element_size())
+        result[name] = {"scratch_per_key": (peak - outputs) / keys.numel(),
+                        "peak_over_model": (peak + keys.numel() * keys.element_size()) / model}
     return result
 
 
@@ -76,7 +132,7 @@ def main() -> None:
     results = {"device": torch.cuda.get_device_name() if cuda else "cpu",
                "torch": torch.__version__,
                "sort_scratch_bytes_per_key": _sort_scratch(meter, args.device,
-                                                           1 << 21 if cuda else 1 << 12),
+                                                           20 if cuda else 10),
                "workloads": {}}
     print("torch.sort scratch per key:", results["sort_scratch_bytes_per_key"])
     seen = []
@@ -88,14 +144,16 @@ def main() -> None:
             print(f"{workload.name:42s} skipped (budget)")
             continue
         prepared = Prepared(workload, args.device)
-        calls = {"triton": lambda p=prepared: p.fwd_bwd("triton"),
-                 "triton one chunk": lambda p=prepared: _one_chunk(p),
-                 "torch": lambda p=prepared: p.fwd_bwd("torch")}
-        row = {"input_MB": prepared.input_bytes / 1e6}
+        calls = {"triton": lambda p=prepared: p.fwd_bwd("triton")}
+        for label, floor in FLOORS.items():
+            calls[f"triton {label}"] = lambda p=prepared, floor=floor: _triton_with_floor(p, floor)
+        calls["torch"] = lambda p=prepared: p.fwd_bwd("torch")
+        row = {"input_MB": prepared.input_bytes / 1e6, "chunks": _count_chunks(prepared)}
         for name, call in calls.items():
             call()  # compile, autotune, warm the caching allocator
             row[f"{name} peak_x"] = meter.extra_peak_bytes(call) / prepared.input_bytes
-        whole, chunked = _one_chunk(prepared), prepared.fwd_bwd("triton")
+        whole = _triton_with_floor(prepared, ONE_CHUNK)
+        chunked = prepared.fwd_bwd("triton")
         row["same bits"] = bool(torch.equal(whole[0], chunked[0])
                                 and torch.equal(whole[1], chunked[1]))
         times = interleaved_times(calls, args.rounds, clock)
@@ -105,6 +163,9 @@ def main() -> None:
         print(f"{workload.name:42s} " + " ".join(
             f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}"
             for key, value in row.items()), flush=True)
+        if cuda and workload.name in PROFILED:
+            _profile(prepared, None, "default")
+            _profile(prepared, ONE_CHUNK, "one chunk")
         del prepared, calls
         if cuda:
             torch.cuda.empty_cache()
