@@ -98,7 +98,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lovasz_kernels._plan import MIN_CHUNK_BYTES, SegmentPlan
+from lovasz_kernels._plan import SegmentPlan
 from lovasz_kernels._validate import compute_dtype
 
 try:
@@ -730,7 +730,7 @@ _SETTINGS = {
     # one of SORT_STRATEGIES; None: the LOVASZ_TRITON_SORT environment variable, else "auto"
     "sort": None,
     # temporary bytes a chunk of segments may hold (see _segments_per_chunk). None: the
-    # gradient's size, at least MIN_CHUNK_BYTES; tests force small chunks, benchmarks one
+    # gradient's size, at least CHUNK_FLOOR_BYTES; tests force small chunks, benchmarks one
     "chunk_bytes": None,
 }
 # one launch at a time through an autotuner (it keeps per-launch state on the shared kernel
@@ -924,14 +924,23 @@ def _chunk_bytes(call: _Call, strategy: str, rows: int) -> int:
     return _sort_bytes(rows, call.num_cols, _KEYS[call.error_dtype][0].itemsize)
 
 
+# Below this many bytes of temporaries a call runs in one chunk. Every chunk is a whole
+# pipeline (keys, a sort that for fewer than 128 rows is itself two full radix sorts, counts,
+# scan, apply), about 0.2-0.8 ms of fixed cost on an H200: chunks under a few hundred MB
+# made calls up to 6x slower there, while at this floor every call of the bench grid ran
+# as fast as in one chunk (docs/gpu.md). Above it, a call's temporaries stay within its
+# gradient's size, so inputs past the floor need about twice their size.
+CHUNK_FLOOR_BYTES = 512 << 20
+
+
 def _segments_per_chunk(call: _Call, strategy: str, gradient_bytes: int) -> int:
     """How many segments run at once: the most whose temporaries (``_chunk_bytes``) stay
-    within the gradient's size, ``MIN_CHUNK_BYTES`` at least, so that a call needs about twice
-    its input; one segment when even one does not fit (a segment's sort is never split)."""
+    within the gradient's size or ``CHUNK_FLOOR_BYTES``, whichever is larger; one segment
+    when even one does not fit (a segment's sort is never split)."""
     total = max(call.num_segments, 1)
     budget = _SETTINGS["chunk_bytes"]
     if budget is None:
-        budget = max(gradient_bytes, MIN_CHUNK_BYTES)
+        budget = max(gradient_bytes, CHUNK_FLOOR_BYTES)
     if _chunk_bytes(call, strategy, total) <= budget:
         return total
     low, high = 1, total  # the answer is in [low, high): chunks of `high` rows do not fit

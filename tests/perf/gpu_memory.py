@@ -4,7 +4,8 @@ For every workload of the bench grid (the GPU goals' sizes first), in one proces
 peak of the CUDA caching allocator in one forward + backward (over the memory in use before
 it, as a multiple of the input's size) and the median time (CUDA events, interleaved rounds)
 of the triton backend as it runs by default (segments in chunks whose temporaries fit in the
-gradient's size), of the same backend in one chunk, and of the torch backend. Then what
+gradient's size or ``CHUNK_FLOOR_BYTES``, whichever is larger), with other floors, in one
+chunk, and of the torch backend. Then what
 ``torch.sort`` holds per key besides its keys and outputs (the scratch the chunk sizes
 assume). Value checks off: they synchronise. Run by benchmarks/gpu_check.sh; by hand:
 
@@ -34,10 +35,10 @@ from lovasz_kernels.bench.measure import (
 from lovasz_kernels.bench.workloads import CUDA_SUITE, FULL_SUITE_EXTRA, SUITE, Prepared
 
 ONE_CHUNK = 1 << 62  # a chunk budget no call reaches
-# chunk budgets besides the default (the gradient's size, MIN_CHUNK_BYTES at least): the
-# gradient's size with a larger floor, and one chunk
+# chunk budgets besides the default (the gradient's size, CHUNK_FLOOR_BYTES at least): the
+# gradient's size with smaller floors, and one chunk
+FLOORS = {"floor 32MB": 32 << 20, "floor 128MB": 128 << 20, "one chunk": ONE_CHUNK}
 PROFILED = ("softmax 1x1024x1024x21 batch float32", "softmax 1x512x512x21 batch float32")
-FLOORS = {"floor 128MB": 128 << 20, "floor 512MB": 512 << 20, "one chunk": ONE_CHUNK}
 
 
 def _triton_with_floor(prepared: Prepared, floor: int):
@@ -164,7 +165,7 @@ def main() -> None:
             f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}"
             for key, value in row.items()), flush=True)
         if cuda and workload.name in PROFILED:
-            _profile(prepared, None, "default")
+            _profile(prepared, FLOORS["floor 32MB"], "floor 32MB")
             _profile(prepared, ONE_CHUNK, "one chunk")
         del prepared, calls
         if cuda:
