@@ -73,6 +73,11 @@ Sort strategies (``LOVASZ_TRITON_SORT`` or ``_override(sort=...)``; default ``au
   The interpreter emulates the bitonic sort slowly, so there the in-register path runs only
   when forced. An explicit strategy is used at every size where it is exact.
 
+Memory: the segments of a call run in chunks (the same kernels on a slice of the segments)
+whose temporaries — the keys, the sorted keys, the int64 order and the sort's scratch, which
+depends on the path PyTorch's CUDA sort takes (``_sort_bytes``) — fit in the gradient's size
+or ``CHUNK_FLOOR_BYTES``, whichever is larger (``_segments_per_chunk``).
+
 ``sort_strategy(dtype, num_cols)`` says which path a call takes; ``sort_keys(scores, labels,
 plan)`` returns the keys a loss call sorts (to time the sort alone). Every kernel launch goes
 through ``_launch`` (one place for the grid-size check and for tests/triton_sm90.py, which
@@ -874,7 +879,8 @@ def _needs_int64(num_keys: int, *tensors: torch.Tensor) -> bool:
 
 def _run(call: _Call, loss: torch.Tensor, gradient_bytes: int) -> None:
     """Write every segment's loss into ``loss`` (S,) and every pixel's gradient, segments in
-    chunks whose temporaries stay within ``gradient_bytes`` (``_segments_per_chunk``)."""
+    chunks whose temporaries stay within ``gradient_bytes`` or ``CHUNK_FLOOR_BYTES``
+    (``_segments_per_chunk``)."""
     strategy = sort_strategy(call.input_dtype, call.num_cols,
                              from_scores=call.flags["FROM_SCORES"])
     step = _segments_per_chunk(call, strategy, gradient_bytes)
