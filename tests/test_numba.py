@@ -14,6 +14,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lovasz_kernels import _numba_core as core
 from lovasz_kernels import get_backend, lovasz_extension, lovasz_hinge, lovasz_softmax
@@ -478,6 +479,42 @@ def test_unit_grad_output_backward(gen, classes):
     (grad,) = torch.autograd.grad(loss, probas, grad_output, create_graph=True)
     assert torch.equal(grad.detach(), first)
     assert grad.requires_grad  # still a function of grad_output
+
+
+class _RecordOutputs(TorchDispatchMode):
+    """Records (op, dtype, numel) of every tensor an op returns while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.outputs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for value in result if isinstance(result, (tuple, list)) else (result,):
+            if isinstance(value, torch.Tensor):
+                self.outputs.append((str(func), value.dtype, value.numel()))
+        return result
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_scores_backward_rounds_the_product_straight_into_their_dtype(gen, dtype):
+    """A grad_output that is not a host 1 (on a GPU, every backward): the 16-bit gradient is
+    the float32 product rounded once, the bits of rounding a float32 product, and backward
+    makes no float32 product twice the input's size beside the saved gradient (that made
+    5x the input on a GPU; 3x now)."""
+    probas = torch.randn(1, 21, 16, 16, generator=gen).softmax(dim=1).to(dtype)
+    labels = torch.randint(0, 21, (1, 16, 16), generator=gen)
+    wide = probas.float().requires_grad_()
+    lovasz_softmax(wide, labels, backend="numba").backward()  # the saved float32 gradient
+    narrow = probas.clone().requires_grad_()
+    doubled = 2 * lovasz_softmax(narrow, labels, backend="numba")
+    with _RecordOutputs() as recorded:
+        doubled.backward()
+    assert narrow.grad.dtype == dtype
+    assert torch.equal(narrow.grad, (2 * wide.grad).to(dtype))
+    full_size = [(op, out_dtype) for op, out_dtype, numel in recorded.outputs
+                 if numel == probas.numel() and "detach" not in op]  # (views, not new memory)
+    assert full_size and all(out_dtype == dtype for _, out_dtype in full_size), full_size
 
 
 @pytest.mark.parametrize("per_image", [False, True], ids=["batch", "per_image"])
