@@ -5,9 +5,11 @@
 #   bash benchmarks/gpu_check.sh                 # logs, results.json, gpu_check.tgz in ./gpu_out
 #
 # Environment: OUT (folder, default ./gpu_out), BUDGET (seconds for the whole run, default
-# 450: under 8 minutes), PY (python), DRY_RUN=1 (no GPU needed: each step prints what it would
-# run, taking its minimum time on a simulated clock, so the budget's skip path can be tested
-# on a CPU).
+# 450: under 8 minutes), PY (python), SKIP (names of steps not to run, e.g.
+# SKIP="01_tests_triton 08_sort_strategies" when a short lend must go to measurements),
+# MEMORY_BUDGET (seconds for step 04's workloads, default 100), DRY_RUN=1 (no GPU needed:
+# each step prints what it would run, taking its minimum time on a simulated clock, so the
+# budget's skip path can be tested on a CPU).
 #
 # Steps in priority order; a step that no longer fits in what is left of BUDGET is skipped and
 # says so in summary.txt. Correctness first (the CUDA and triton tests, real sizes, the
@@ -21,6 +23,8 @@ BUDGET="${BUDGET:-450}"
 OUT="${OUT:-$PWD/gpu_out}"
 PY="${PY:-$(command -v python3 || command -v python)}"
 DRY_RUN="${DRY_RUN:-0}"
+SKIP=" ${SKIP:-} "
+MEMORY_BUDGET="${MEMORY_BUDGET:-100}"
 mkdir -p "$OUT/logs"
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
@@ -39,6 +43,10 @@ step() {
   shift 3
   local remaining
   remaining=$(left)
+  if [[ "$SKIP" == *" $name "* ]]; then
+    note "$(printf '%-28s SKIP (asked)' "$name")"
+    return 0
+  fi
   if ((remaining < need)); then
     note "$(printf '%-28s SKIP (%ss left, %ss needed)' "$name" "$remaining" "$need")"
     return 0
@@ -102,7 +110,8 @@ wait
 # ------------------------------------------------ goal timings (alone on the GPU, CUDA events)
 # peak memory and time of the triton backend in memory-bounded chunks against one chunk and
 # the torch backend, over the bench grid (the GPU goals' sizes first)
-step 04_memory 150 60 "$PY" tests/perf/gpu_memory.py --rounds 10 --budget 100 \
+step 04_memory $((MEMORY_BUDGET + 50)) 60 "$PY" tests/perf/gpu_memory.py --rounds 10 \
+  --budget "$MEMORY_BUDGET" \
   --json "$OUT/gpu_memory.json"
 # 2^20 pixels x 21 classes, float32, batch IoU: triton vs one torch.sort of the keys it
 # sorts, the torch backend and the per-class loop, peak memory, the float64 cross-check

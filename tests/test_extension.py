@@ -251,16 +251,43 @@ def test_numpy_reference_widens_one_segment_at_a_time(gen):
 def test_torch_backend_chunks_many_segments_within_the_gradients_size(gen, monkeypatch):
     """Many segments at once run in chunks of rows whose temporaries fit the gradient's
     size: the same bits as one chunk, at a fraction of its memory."""
-    import lovasz_kernels.backends.torch_eager as torch_eager
+    import lovasz_kernels._plan as _plan
 
     errors = tie_free_errors((24, 4096), torch.float32, gen)
     fg = torch.rand(errors.shape, generator=gen) < 0.3
     backend = get_backend("torch")
     whole = backend.run(errors, fg)
     whole_peak = peak_allocated_bytes(lambda: backend.run(errors, fg))
-    monkeypatch.setattr(torch_eager, "MIN_CHUNK_BYTES", 0)  # chunk this small input
+    monkeypatch.setattr(_plan, "CPU_CHUNK_FLOOR_BYTES", 0)  # chunk this small input
     chunked = backend.run(errors, fg)
     chunked_peak = peak_allocated_bytes(lambda: backend.run(errors, fg))
     assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])
     gradient_bytes = errors.numel() * 4
     assert chunked_peak <= 2.5 * gradient_bytes < whole_peak / 2
+
+
+@pytest.mark.parametrize("device, floor", [("cpu", 32 << 20), ("meta", 512 << 20)])
+def test_generic_chunks_are_at_least_the_devices_floor(device, floor):
+    """The generic path holds a gradient's size of temporaries at once, or the device's
+    floor when that is larger: 32 MB on the CPU, 512 MB on a GPU (on a GPU a chunk is a
+    whole pipeline of launches, and chunks much under that were several times slower)."""
+    from lovasz_kernels._plan import (
+        GENERIC_BYTES_PER_PIXEL,
+        SegmentPlan,
+        chunk_floor_bytes,
+        segments_per_chunk,
+    )
+
+    assert chunk_floor_bytes(torch.device(device)) == floor
+    num_pixels = 1 << 20
+    # 21 segments of 2^20 pixels, 88 MB of float32 scores: no memory behind them
+    scores = torch.empty((), device=device).expand(1, 21, num_pixels)
+    channel = torch.arange(21)
+    plan = SegmentPlan(image=None, channel=channel, fg_label=channel,
+                       weight=torch.full((21,), 1 / 21, dtype=torch.float64), bg_offset=0.0,
+                       ignore_index=None, dense=True)
+    # CPU: the gradient's 88 MB hold one segment's 64 MB, but every thread sorts a row;
+    # GPU: 512 MB hold eight
+    expected = max(1, torch.get_num_threads()) if device == "cpu" else 8
+    assert GENERIC_BYTES_PER_PIXEL * num_pixels == 64 << 20
+    assert segments_per_chunk(plan, scores) == expected

@@ -19,17 +19,32 @@ def test_script_parses():
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
 
 
-@pytest.mark.parametrize(("budget", "skipped"), [(1000, 0), (200, 5), (30, 11)])
-def test_dry_run_skips_what_the_budget_cannot_hold(tmp_path, budget, skipped):
-    out = tmp_path / "out"
+def _dry_run(out: Path, budget: int, **env: str) -> list[str]:
     run = subprocess.run(
         ["bash", str(SCRIPT)], cwd=SCRIPT.parent.parent, capture_output=True, text=True,
         env={"PATH": "/usr/bin:/bin", "DRY_RUN": "1", "BUDGET": str(budget), "OUT": str(out),
-             "PY": sys.executable},
+             "PY": sys.executable, **env},
         timeout=120,
     )
     assert run.returncode == 0, run.stderr
-    summary = (out / "summary.txt").read_text().splitlines()
+    return (out / "summary.txt").read_text().splitlines()
+
+
+@pytest.mark.parametrize(("budget", "skipped"), [(1000, 0), (200, 5), (30, 11)])
+def test_dry_run_skips_what_the_budget_cannot_hold(tmp_path, budget, skipped):
+    out = tmp_path / "out"
+    summary = _dry_run(out, budget)
     assert sum("SKIP" in line for line in summary) == skipped, summary
     assert json.loads((out / "results.json").read_text())["summary"] == summary
     assert (out / "gpu_check.tgz").stat().st_size > 0
+
+
+def test_steps_named_in_skip_do_not_run(tmp_path):
+    out = tmp_path / "out"
+    summary = _dry_run(out, 1000, SKIP="01_tests_triton 08_sort_strategies",
+                       MEMORY_BUDGET="150")
+    skipped = [line.split()[0] for line in summary if "SKIP (asked)" in line]
+    assert skipped == ["01_tests_triton", "08_sort_strategies"], summary
+    assert not (out / "logs" / "01_tests_triton.log").exists()
+    memory_step = (out / "logs" / "04_memory.log").read_text()
+    assert "timeout 200s" in memory_step and "--budget 150" in memory_step

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from lovasz_kernels._jaccard import count_dtype, jaccard_increments
-from lovasz_kernels._plan import MIN_CHUNK_BYTES, rows_at_least_threads
+from lovasz_kernels._plan import chunk_floor_bytes, rows_at_least_threads
 from lovasz_kernels._validate import compute_dtype
 
 _SAME_WIDTH_INT = {torch.float32: torch.int32, torch.float64: torch.int64}
@@ -40,13 +40,13 @@ def _row_sums_float64(values: torch.Tensor) -> torch.Tensor:
 def lovasz_extension(errors: torch.Tensor, fg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss (S,) and gradient (S, P) of the Lovász extension, segments in chunks of rows
     whose temporaries (``TEMPORARY_BYTES_PER_PIXEL``) stay within the gradient's size
-    (``MIN_CHUNK_BYTES`` at least): the extension called on many segments at once needs
+    (``chunk_floor_bytes`` at least): the extension called on many segments at once needs
     about twice its input, not six times. Each chunk's gradient rows double as its work
     array. A loss call's chunks (``generic_lovasz_loss``) are already that small."""
     dtype = compute_dtype(errors.dtype)
     num_segments, num_pixels = errors.shape
     grad = torch.empty(errors.shape, dtype=dtype, device=errors.device)
-    budget = max(grad.numel() * dtype.itemsize, MIN_CHUNK_BYTES)
+    budget = max(grad.numel() * dtype.itemsize, chunk_floor_bytes(grad.device))
     step = rows_at_least_threads(budget // (num_pixels * TEMPORARY_BYTES_PER_PIXEL), grad.device)
     losses = [_extension_rows(errors[start:start + step], fg[start:start + step],
                               grad[start:start + step])

@@ -103,7 +103,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lovasz_kernels._plan import SegmentPlan
+from lovasz_kernels._plan import GPU_CHUNK_FLOOR_BYTES, SegmentPlan
 from lovasz_kernels._validate import compute_dtype
 
 try:
@@ -930,13 +930,10 @@ def _chunk_bytes(call: _Call, strategy: str, rows: int) -> int:
     return _sort_bytes(rows, call.num_cols, _KEYS[call.error_dtype][0].itemsize)
 
 
-# Below this many bytes of temporaries a call runs in one chunk. Every chunk is a whole
-# pipeline (keys, a sort that for fewer than 128 rows is itself two full radix sorts, counts,
-# scan, apply), about 0.2-0.8 ms of fixed cost on an H200: chunks under a few hundred MB
-# made calls up to 6x slower there, while at this floor every call of the bench grid ran
-# as fast as in one chunk (docs/gpu.md). Above it, a call's temporaries stay within its
-# gradient's size, so inputs past the floor need about twice their size.
-CHUNK_FLOOR_BYTES = 512 << 20
+# Below this many bytes of temporaries a call runs in one chunk (why: ``_plan``'s floors);
+# above it, a call's temporaries stay within its gradient's size, so inputs past the floor
+# need about twice their size. The GPU floor even on CPU tensors: this is a GPU backend.
+CHUNK_FLOOR_BYTES = GPU_CHUNK_FLOOR_BYTES
 
 
 def _segments_per_chunk(call: _Call, strategy: str, gradient_bytes: int) -> int:

@@ -3,7 +3,7 @@
     python tests/perf/chunk_floor.py [--floors-mb 32 8 4] [--rounds 15]
 
 Small inputs run the generic path and the torch backend's extension in one chunk (below
-``MIN_CHUNK_BYTES`` of gradient). For each workload and each floor this prints the median
+``CPU_CHUNK_FLOOR_BYTES`` of gradient). For each workload and each floor this prints the median
 forward + backward time of interleaved rounds in one process and the allocated peak over the
 input (``TorchAllocationPeakMeter``): what smaller chunks would save in memory, and cost.
 """
@@ -15,7 +15,6 @@ import statistics
 import time
 
 import lovasz_kernels._plan as plan_module
-import lovasz_kernels.backends.torch_eager as torch_eager
 from lovasz_kernels.bench.measure import TorchAllocationPeakMeter
 from lovasz_kernels.bench.workloads import Prepared, Workload
 
@@ -31,9 +30,8 @@ WORKLOADS = (
 
 
 def _set_floor(floor_bytes: int) -> None:
-    # both read it: the loss's generic path and the backend's own chunks of rows
-    plan_module.MIN_CHUNK_BYTES = floor_bytes
-    torch_eager.MIN_CHUNK_BYTES = floor_bytes
+    # read by both the loss's generic path and the backend's own chunks of rows
+    plan_module.CPU_CHUNK_FLOOR_BYTES = floor_bytes
 
 
 def main() -> None:
@@ -42,7 +40,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
     floors = [mb << 20 for mb in args.floors_mb]
-    default = plan_module.MIN_CHUNK_BYTES
+    default = plan_module.CPU_CHUNK_FLOOR_BYTES
     try:
         for workload in WORKLOADS:
             prepared = Prepared(workload)

@@ -1,13 +1,15 @@
-"""Peak memory and time of the triton backend's memory-bounded chunks on one CUDA GPU.
+"""Peak memory and time of the GPU backends' memory-bounded chunks on one CUDA GPU.
 
 For every workload of the bench grid (the GPU goals' sizes first), in one process: the extra
 peak of the CUDA caching allocator in one forward + backward (over the memory in use before
 it, as a multiple of the input's size) and the median time (CUDA events, interleaved rounds)
 of the triton backend as it runs by default (segments in chunks whose temporaries fit in the
-gradient's size or ``CHUNK_FLOOR_BYTES``, whichever is larger), with other floors, in one
-chunk, and of the torch backend. Then what
-``torch.sort`` holds per key besides its keys and outputs (the scratch the chunk sizes
-assume). Value checks off: they synchronise. Run by benchmarks/gpu_check.sh; by hand:
+gradient's size or the GPU chunk floor, whichever is larger), in one chunk, with its value
+checks on, of the torch backend by default and with the CPU's smaller floor, and of the
+per-class loop. ``--triton-floors`` adds the triton backend under smaller floors,
+``--profile`` a kernel profile of two workloads. Then what ``torch.sort`` holds per key
+besides its keys and outputs (the scratch the chunk sizes assume). Value checks off unless
+named: they synchronise. Run by benchmarks/gpu_check.sh; by hand:
 
     python tests/perf/gpu_memory.py [--rounds 10] [--budget 120] [--json FILE]
 
@@ -24,6 +26,7 @@ import time
 
 import torch
 
+import lovasz_kernels._plan as plan_module
 from lovasz_kernels import set_validate_values
 from lovasz_kernels.backends import triton_gpu
 from lovasz_kernels.bench.measure import (
@@ -32,12 +35,18 @@ from lovasz_kernels.bench.measure import (
     clock_for,
     interleaved_times,
 )
-from lovasz_kernels.bench.workloads import CUDA_SUITE, FULL_SUITE_EXTRA, SUITE, Prepared
+from lovasz_kernels.bench.workloads import (
+    CUDA_SUITE,
+    FULL_SUITE_EXTRA,
+    LOOP,
+    SUITE,
+    Prepared,
+)
 
 ONE_CHUNK = 1 << 62  # a chunk budget no call reaches
-# chunk budgets besides the default (the gradient's size, CHUNK_FLOOR_BYTES at least): the
-# gradient's size with smaller floors, and one chunk
-FLOORS = {"floor 32MB": 32 << 20, "floor 128MB": 128 << 20, "one chunk": ONE_CHUNK}
+# triton chunk budgets besides the default (the gradient's size, the GPU floor at least):
+# the gradient's size with smaller floors (with --triton-floors)
+TRITON_FLOORS = {"floor 32MB": 32 << 20, "floor 128MB": 128 << 20}
 PROFILED = ("softmax 1x1024x1024x21 batch float32", "softmax 1x512x512x21 batch float32")
 
 
@@ -45,6 +54,24 @@ def _triton_with_floor(prepared: Prepared, floor: int):
     gradient = prepared.scores.numel() * max(prepared.scores.element_size(), 4)
     with triton_gpu._override(chunk_bytes=max(gradient, floor)):
         return prepared.fwd_bwd("triton")
+
+
+def _torch_with_cpu_floor(prepared: Prepared):
+    """The torch backend with the CPU's chunk floor (the GPU's before it had its own)."""
+    saved = plan_module.GPU_CHUNK_FLOOR_BYTES
+    plan_module.GPU_CHUNK_FLOOR_BYTES = plan_module.CPU_CHUNK_FLOOR_BYTES
+    try:
+        return prepared.fwd_bwd("torch")
+    finally:
+        plan_module.GPU_CHUNK_FLOOR_BYTES = saved
+
+
+def _with_value_checks(prepared: Prepared, contender: str):
+    set_validate_values(True)
+    try:
+        return prepared.fwd_bwd(contender)
+    finally:
+        set_validate_values(False)
 
 
 def _count_chunks(prepared: Prepared) -> int:
@@ -122,6 +149,10 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--only", default=None, help="run only the workload of this name")
+    parser.add_argument("--triton-floors", action="store_true",
+                        help="also the triton backend under chunk floors of 32 and 128 MB")
+    parser.add_argument("--profile", action="store_true",
+                        help="a kernel profile of two workloads, floor 32 MB and one chunk")
     args = parser.parse_args()
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -145,10 +176,17 @@ def main() -> None:
             print(f"{workload.name:42s} skipped (budget)")
             continue
         prepared = Prepared(workload, args.device)
-        calls = {"triton": lambda p=prepared: p.fwd_bwd("triton")}
-        for label, floor in FLOORS.items():
-            calls[f"triton {label}"] = lambda p=prepared, floor=floor: _triton_with_floor(p, floor)
+        calls = {"triton": lambda p=prepared: p.fwd_bwd("triton"),
+                 "triton one chunk": lambda p=prepared: _triton_with_floor(p, ONE_CHUNK)}
+        if args.triton_floors:
+            for label, floor in TRITON_FLOORS.items():
+                calls[f"triton {label}"] = (
+                    lambda p=prepared, floor=floor: _triton_with_floor(p, floor))
+        calls["triton checks on"] = lambda p=prepared: _with_value_checks(p, "triton")
         calls["torch"] = lambda p=prepared: p.fwd_bwd("torch")
+        calls["torch floor 32MB"] = lambda p=prepared: _torch_with_cpu_floor(p)
+        if workload.loss != "extension":
+            calls["loop"] = lambda p=prepared: p.fwd_bwd(LOOP)
         row = {"input_MB": prepared.input_bytes / 1e6, "chunks": _count_chunks(prepared)}
         for name, call in calls.items():
             call()  # compile, autotune, warm the caching allocator
@@ -164,8 +202,8 @@ def main() -> None:
         print(f"{workload.name:42s} " + " ".join(
             f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}"
             for key, value in row.items()), flush=True)
-        if cuda and workload.name in PROFILED:
-            _profile(prepared, FLOORS["floor 32MB"], "floor 32MB")
+        if cuda and args.profile and workload.name in PROFILED:
+            _profile(prepared, TRITON_FLOORS["floor 32MB"], "floor 32MB")
             _profile(prepared, ONE_CHUNK, "one chunk")
         del prepared, calls
         if cuda:
