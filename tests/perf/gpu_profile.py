@@ -1,0 +1,68 @@
+"""Where a contender's time goes on one CUDA GPU: a kernel profile of forward + backward.
+
+    python tests/perf/gpu_profile.py [--contenders torch,loop] [--only NAME ...] [--rows 12]
+
+For each workload of the GPU goals' sizes and the bench grid (or the ``--only`` ones), and each
+contender (a backend's name or ``loop``, the per-class loop): the wall time of one call
+(5 calls after a warm-up, synchronised), the device time its kernels add up to, and the
+kernels and host-side ops that take the most of each. Value checks off (they synchronise).
+A call whose wall time is far above its device time is bound by launches on the host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from lovasz_kernels import set_validate_values
+from lovasz_kernels.bench.workloads import CUDA_SUITE, FULL_SUITE_EXTRA, SUITE, Prepared
+
+
+def _profile(prepared: Prepared, contender: str, rows: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    prepared.fwd_bwd(contender)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(5):
+            prepared.fwd_bwd(contender)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) / 5
+    events = prof.key_averages()
+    device_us = sum(event.self_device_time_total for event in events) / 5
+    print(f"=== {prepared.workload.name}, {contender}: wall {wall * 1e3:.3f} ms per call, "
+          f"kernels {device_us / 1e3:.3f} ms per call")
+    print(events.table(sort_by="self_device_time_total", row_limit=rows,
+                       max_name_column_width=56))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=rows // 2,
+                       max_name_column_width=56))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contenders", default="torch,loop")
+    parser.add_argument("--only", nargs="*", default=None, help="workload names")
+    parser.add_argument("--rows", type=int, default=12)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA device")
+    set_validate_values(False)
+    seen = []
+    for workload in CUDA_SUITE + SUITE + FULL_SUITE_EXTRA:
+        if workload in seen or (args.only is not None and workload.name not in args.only):
+            continue
+        seen.append(workload)
+        prepared = Prepared(workload, "cuda")
+        for contender in args.contenders.split(","):
+            if contender == "loop" and workload.loss == "extension":
+                continue
+            _profile(prepared, contender, args.rows)
+        del prepared
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
