@@ -336,6 +336,33 @@ def test_jaccard_counts_in_float_give_the_integer_counts_bits(gen, monkeypatch, 
     assert in_float[1, 0] == 1.0 and bool((in_float[1, 1:] == 0).all())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int32, torch.int64], ids=str)
+def test_rows_scanned_one_by_one_give_the_same_counts(gen, dtype):
+    """The per-row scan (a GPU's fast path for few long rows) gives the one scan's values,
+    in place, for any leading shape."""
+    for shape in [(3, 5000), (2, 2, 777), (1, 4096)]:
+        labels = (torch.rand(shape, generator=gen) < 0.3).to(dtype)
+        expected = labels.cumsum(dim=-1)
+        scanned = labels.clone()
+        assert _jaccard.cumsum_rows_(scanned, one_by_one=True) is scanned
+        assert torch.equal(scanned, expected)
+        assert torch.equal(_jaccard.cumsum_rows_(labels.clone()), expected)
+
+
+def test_few_long_rows_are_scanned_one_by_one_on_a_gpu_only():
+    """On a GPU, a 2-D scan walks each row with one warp (about 1.3 ns per column on an
+    H200), a 1-D one is device-wide: one launch per row pays while a row has more columns
+    than ``ONE_BY_ONE_COLUMNS_PER_ROW`` times the number of rows."""
+    gpu, cpu = torch.device("meta"), torch.device("cpu")
+    policy = _jaccard.scan_rows_one_by_one
+    assert policy(torch.Size([4, 1 << 21]), gpu)  # 8 x 512^2 batch segments: 4 per chunk
+    assert policy(torch.Size([21, 1 << 20]), gpu)
+    assert not policy(torch.Size([128, 1 << 16]), gpu)  # many rows: the 2-D scan
+    assert not policy(torch.Size([1, 1 << 20]), gpu)  # one row is already a 1-D scan
+    assert not policy(torch.Size([1 << 20]), gpu)
+    assert not policy(torch.Size([4, 1 << 21]), cpu)
+
+
 def test_zero_weight_classes_are_not_sorted(gen, monkeypatch):
     """A class with weight 0 never reaches the kernel (the README promises it)."""
     shapes = []

@@ -15,6 +15,7 @@ import argparse
 import time
 
 import torch
+from torch.autograd import DeviceType
 
 from lovasz_kernels import set_validate_values
 from lovasz_kernels.bench.workloads import CUDA_SUITE, FULL_SUITE_EXTRA, SUITE, Prepared
@@ -32,7 +33,9 @@ def _profile(prepared: Prepared, contender: str, rows: int) -> None:
         torch.cuda.synchronize()
         wall = (time.perf_counter() - start) / 5
     events = prof.key_averages()
-    device_us = sum(event.self_device_time_total for event in events) / 5
+    # the kernels' own events: an op's event repeats its kernels' device time
+    device_us = sum(event.self_device_time_total for event in events
+                    if event.device_type == DeviceType.CUDA) / 5
     print(f"=== {prepared.workload.name}, {contender}: wall {wall * 1e3:.3f} ms per call, "
           f"kernels {device_us / 1e3:.3f} ms per call")
     print(events.table(sort_by="self_device_time_total", row_limit=rows,
