@@ -158,27 +158,31 @@ def plan_segments(
         weight = weight * class_weights
     # the weighted mean over each group's classes, then the mean over groups that count
     group_total = weight.sum(dim=1, keepdim=True)
-    groups_counted = (group_total > 0).sum().clamp_min(1)
-    weight = torch.where(group_total > 0, weight / group_total.clamp_min(1e-300), 0.0)
+    group_counts = group_total > 0
+    groups_counted = group_counts.sum().clamp_min(1)
+    weight = torch.where(group_counts, weight / group_total.clamp_min(1e-300), 0.0)
     weight = (weight / groups_counted).reshape(-1)
 
-    groups = weight.shape[0] // num_classes
-    channel = torch.arange(num_classes, device=device, dtype=torch.int64).repeat(groups)
-    image = (
-        torch.arange(groups, device=device, dtype=torch.int64).repeat_interleave(num_classes)
-        if per_image else None
-    )
+    # segment s of the dense plan is (image s // C, channel s % C). Where reads are free the
+    # plan lists the segments that count, and stays dense when that is all of them (a
+    # calculation like any other: dense paths take slices, not index copies)
+    dense = True
     if reads_are_free(device):
         kept = torch.nonzero(weight > 0).reshape(-1)
-        channel, weight = channel[kept], weight[kept]
-        image = None if image is None else image[kept]
+        dense = kept.numel() == weight.numel()
+        if not dense:
+            weight = weight[kept]
+    if dense:
+        kept = torch.arange(weight.numel(), device=device)
+    channel = kept if group_total.shape[0] == 1 else kept % num_classes
+    image = kept // num_classes if per_image else None
     if multilabel:
         fg_label = torch.ones_like(channel)
     else:  # in the binary case channel 0 scores class 1
         fg_label = channel + 1 if num_classes == 1 else channel
     return SegmentPlan(
         image=image, channel=channel, fg_label=fg_label, weight=weight, bg_offset=bg_offset,
-        ignore_index=ignore_index, dense=not reads_are_free(device), multilabel=multilabel,
+        ignore_index=ignore_index, dense=dense, multilabel=multilabel,
     )
 
 
