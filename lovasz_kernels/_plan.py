@@ -303,8 +303,7 @@ def write_segment_grad(
     batch, num_channels, num_pixels = grad.shape
     stop = start + error_grad.shape[0]
     weight = plan.weight[start:stop, None].to(error_grad.dtype)
-    sign_and_weight = fg.to(error_grad.dtype).mul_(-2).add_(1).mul_(weight)
-    signed = error_grad.mul_(sign_and_weight)
+    signed = error_grad.mul_(torch.where(fg, -weight, weight))
     if plan.image is None:
         per_channel = signed.reshape(stop - start, batch, num_pixels).transpose(0, 1)
         if plan.dense:
@@ -380,15 +379,18 @@ def generic_lovasz_loss(
     # a dense plan writes every pixel; otherwise pixels of no segment keep 0
     allocate = torch.empty if plan.dense else torch.zeros
     grad = allocate(scores.shape, dtype=compute, device=scores.device)
-    loss = torch.zeros((), dtype=torch.float64, device=scores.device)
+    loss = None
     step = segments_per_chunk(plan, scores) if chunked else max(plan.num_segments, 1)
     for start in range(0, plan.num_segments, step):
         stop = min(start + step, plan.num_segments)
         errors, fg = segment_errors(scores, labels, plan, start, stop)
         segment_loss, error_grad = extension(errors, fg)
         del errors
-        loss += torch.dot(segment_loss.to(torch.float64), plan.weight[start:stop])
+        chunk_loss = torch.dot(segment_loss.to(torch.float64), plan.weight[start:stop])
+        loss = chunk_loss if loss is None else loss.add_(chunk_loss)
         write_segment_grad(grad, error_grad, fg, plan, start)
         # freed before the next chunk allocates: alive then, they would be in its way
         del fg, error_grad
+    if loss is None:  # no segment counts
+        loss = torch.zeros((), dtype=torch.float64, device=scores.device)
     return loss, grad
