@@ -6,7 +6,8 @@ For each workload of the GPU goals' sizes and the bench grid (or the ``--only`` 
 contender (a backend's name or ``loop``, the per-class loop): the wall time of one call
 (5 calls after a warm-up, synchronised), the device time its kernels add up to, and the
 kernels and host-side ops that take the most of each. Value checks off (they synchronise).
-A call whose wall time is far above its device time is bound by launches on the host.
+A call whose wall time is far above its device time is bound by launches on the host;
+``--host`` then shows where the host's time goes instead (cProfile of 20 calls, by own time).
 """
 
 from __future__ import annotations
@@ -44,11 +45,32 @@ def _profile(prepared: Prepared, contender: str, rows: int) -> None:
                        max_name_column_width=56))
 
 
+def _profile_host(prepared: Prepared, contender: str, rows: int) -> None:
+    import cProfile
+    import pstats
+
+    for _ in range(3):
+        prepared.fwd_bwd(contender)
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    for _ in range(20):
+        prepared.fwd_bwd(contender)
+    torch.cuda.synchronize()
+    profiler.disable()
+    wall = (time.perf_counter() - start) / 20
+    print(f"=== {prepared.workload.name}, {contender}: wall {wall * 1e3:.3f} ms per call "
+          "under cProfile, 20 calls")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contenders", default="torch,loop")
     parser.add_argument("--only", nargs="*", default=None, help="workload names")
     parser.add_argument("--rows", type=int, default=12)
+    parser.add_argument("--host", action="store_true", help="cProfile the host's Python")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
@@ -62,7 +84,7 @@ def main() -> None:
         for contender in args.contenders.split(","):
             if contender == "loop" and workload.loss == "extension":
                 continue
-            _profile(prepared, contender, args.rows)
+            (_profile_host if args.host else _profile)(prepared, contender, args.rows)
         del prepared
         torch.cuda.empty_cache()
 
