@@ -94,6 +94,6 @@ def jaccard_increments(
     counts.sub_(position.sub_(1)).masked_fill_(gt_sorted, 1)  # I_k = (U_k - 1) - k
     torch.div(counts, increments, out=increments)
     # U_k = 1 happens only at k = 0 when n_fg = 0: the first mistake alone costs the full loss
-    # (0/0 above)
-    increments[..., 0].masked_fill_(n_fg[..., 0] == 0, 1.0)
+    # (0/0 above, the only NaN: U_k >= 2 everywhere else)
+    increments[..., 0].nan_to_num_(nan=1.0)
     return increments

@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from lovasz_kernels._validate import valid_pixels
+from lovasz_kernels._validate import compute_dtype, valid_pixels
 
 ExtensionFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 CountReducer = Callable[[torch.Tensor], torch.Tensor]
@@ -240,7 +240,7 @@ def segment_errors(
     segments."""
     stop = plan.num_segments if stop is None else stop
     batch, num_channels, num_pixels = scores.shape
-    compute = torch.promote_types(scores.dtype, torch.float32)
+    compute = compute_dtype(scores.dtype)
     # multilabel: the labels have the scores' layout, are selected like them, and the
     # foreground of every segment is label 1
     per_channel = labels if plan.multilabel else None
@@ -346,7 +346,7 @@ def segments_per_chunk(
     input, or :func:`chunk_floor_bytes` if larger), but never fewer than the threads that
     sort rows in parallel on the CPU."""
     batch, num_channels, num_pixels = scores.shape
-    compute = torch.promote_types(scores.dtype, torch.float32)
+    compute = compute_dtype(scores.dtype)
     if budget_bytes is None:
         budget_bytes = max(scores.numel() * compute.itemsize, chunk_floor_bytes(scores.device))
     columns = num_pixels * (batch if plan.image is None else 1)
@@ -375,7 +375,7 @@ def generic_lovasz_loss(
     Returns the 0-d float64 total loss and its gradient w.r.t. the scores (B, C, P) in the
     scores' compute dtype.
     """
-    compute = torch.promote_types(scores.dtype, torch.float32)
+    compute = compute_dtype(scores.dtype)
     # a dense plan writes every pixel; otherwise pixels of no segment keep 0
     allocate = torch.empty if plan.dense else torch.zeros
     grad = allocate(scores.shape, dtype=compute, device=scores.device)

@@ -39,9 +39,15 @@ def validate_values_enabled() -> bool:
     return _validate_values
 
 
+# a dict lookup: torch.promote_types is a dispatched operator, a few microseconds per call
+_COMPUTE_DTYPES = {dtype: torch.promote_types(dtype, torch.float32)
+                   for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype kernels compute in: the input dtype, but never below float32."""
-    return torch.promote_types(dtype, torch.float32)
+    found = _COMPUTE_DTYPES.get(dtype)
+    return torch.promote_types(dtype, torch.float32) if found is None else found
 
 
 def shape_str(shape: Sequence[int]) -> str:
