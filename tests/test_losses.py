@@ -363,6 +363,68 @@ def test_few_long_rows_are_scanned_one_by_one_on_a_gpu_only():
     assert not policy(torch.Size([4, 1 << 21]), cpu)
 
 
+@pytest.mark.parametrize("per_image", [True, False], ids=["per image", "batch"])
+def test_cpu_plans_are_dense_exactly_when_every_segment_counts(gen, monkeypatch, per_image):
+    """On the CPU the plan lists the segments that count; when that is all of them it is the
+    device's dense plan (same tables) and runs the dense paths with the same bits."""
+    from lovasz_kernels import _plan
+
+    def plans(labels):
+        arguments = (labels, 4, "present", [], None, per_image, 255, 0.0)
+        compact = _plan.plan_segments(*arguments)
+        monkeypatch.setitem(_plan._SETTINGS, "read_values_on_cpu", False)
+        dense = _plan.plan_segments(*arguments)
+        monkeypatch.setitem(_plan._SETTINGS, "read_values_on_cpu", True)
+        return compact, dense
+
+    probas, labels = _softmax_inputs(gen, batch=3, classes=4, spatial=(6, 6),
+                                     dtype=torch.float32)
+    labels.view(3, -1)[:, :4] = torch.arange(4)  # every class in every image
+    compact, dense = plans(labels.view(3, -1))
+    assert compact.dense and dense.dense
+    for table in ("channel", "fg_label", "weight", "image"):
+        ours, theirs = getattr(compact, table), getattr(dense, table)
+        assert (ours is None) == (theirs is None) and (ours is None or torch.equal(ours, theirs))
+    expected = torch.arange(12) % 4 if per_image else torch.arange(4)
+    assert torch.equal(compact.channel, expected)
+
+    with_dense_plan = _loss_and_grad(lovasz_softmax, probas, labels, per_image=per_image,
+                                     backend="torch")
+    # class 2 absent from image 1 (per image), from the batch (batch IoU)
+    without = labels.clone()
+    images = without[1:2] if per_image else without
+    images[images == 2] = 255
+    compact, dense = plans(without.view(3, -1))
+    assert not compact.dense and dense.dense
+    listed = dense.weight > 0
+    assert compact.num_segments == int(listed.sum()) == (11 if per_image else 3)
+    assert torch.equal(compact.channel, dense.channel[listed])
+    assert torch.equal(compact.weight, dense.weight[listed])
+    monkeypatch.setitem(_plan._SETTINGS, "read_values_on_cpu", False)
+    as_on_a_device = _loss_and_grad(lovasz_softmax, probas, labels, per_image=per_image,
+                                    backend="torch")
+    assert all(torch.equal(a, b) for a, b in zip(with_dense_plan, as_on_a_device))
+
+
+def test_eager_calls_skip_the_transform_ready_function(gen):
+    """Plain eager calls take the cheaper ``forward(ctx, ...)`` twin; under ``torch.func``
+    the ``setup_context`` Function runs, with the same gradient."""
+    from lovasz_kernels import _ops
+
+    probas, labels = _softmax_inputs(gen)
+    scores = probas.clone().requires_grad_()
+    loss = lovasz_softmax(scores, labels, backend="torch")
+    assert type(loss.grad_fn).__name__ == "_EagerLossFunctionBackward"
+    loss.backward()
+
+    def loss_of(p):
+        return lovasz_softmax(p, labels, backend="torch")
+
+    assert _ops._function_for_call(_ops._LossFunction, _ops._EagerLossFunction) is (
+        _ops._EagerLossFunction)
+    assert torch.equal(torch.func.grad(loss_of)(probas), scores.grad)
+
+
 def test_zero_weight_classes_are_not_sorted(gen, monkeypatch):
     """A class with weight 0 never reaches the kernel (the README promises it)."""
     shapes = []
