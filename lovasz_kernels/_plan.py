@@ -164,8 +164,8 @@ def plan_segments(
     weight = (weight / groups_counted).reshape(-1)
 
     # segment s of the dense plan is (image s // C, channel s % C). Where reads are free the
-    # plan lists the segments that count, and stays dense when that is all of them (a
-    # calculation like any other: dense paths take slices, not index copies)
+    # plan lists only the segments that count; when that is all of them, the list is the
+    # dense plan and is marked so (the dense paths take slices, not index copies)
     dense = True
     if reads_are_free(device):
         kept = torch.nonzero(weight > 0).reshape(-1)
