@@ -467,7 +467,9 @@ def lovasz_loss(
 ) -> torch.Tensor:
     """The loss of one call through :data:`lovasz_loss_op`, differentiable (also under
     ``torch.func``); arguments as the operator's."""
-    if torch.jit.is_scripting():  # TorchScript calls the operator (its autograd is registered)
+    # TorchScript, scripted or traced, records the operator (its autograd is registered); a
+    # Python autograd.Function would be traced as an opaque node that differs between traces
+    if torch.jit.is_scripting() or torch.jit.is_tracing():
         return torch.ops.lovasz_kernels.lovasz_loss(
             scores, labels, class_weights, classes, class_list, per_image, ignore_index, kind,
             backend, group_name, dist_mode, bins)[0]
@@ -486,6 +488,8 @@ def lovasz_extension(
     errors: torch.Tensor, fg: torch.Tensor, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, grad) of :data:`lovasz_extension_op`, the loss differentiable w.r.t. errors."""
+    if torch.jit.is_tracing():  # records the operator, as lovasz_loss does
+        return torch.ops.lovasz_kernels.lovasz_extension(errors, fg, backend)
     if not (torch.is_grad_enabled() and errors.requires_grad):
         return lovasz_extension_op(errors, fg, backend)
     return _function_for_call(_ExtensionFunction, _EagerExtensionFunction).apply(

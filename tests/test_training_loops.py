@@ -315,6 +315,51 @@ def test_modules_script_and_match_eager(backend, gen, module):
     torch.testing.assert_close(results[1][1], results[0][1], **TOLERANCE)
 
 
+@pytest.mark.parametrize(
+    "module",
+    [
+        lambda: LovaszSoftmaxLoss(per_image=True, ignore_index=255, backend="torch"),
+        lambda: LovaszHingeLoss(ignore_index=255, backend="torch"),
+    ],
+    ids=["softmax", "hinge"],
+)
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the shape checks: constants
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:DeprecationWarning")
+def test_modules_trace_and_match_eager_on_other_inputs(gen, module):
+    """``torch.jit.trace`` records the operator (its sanity check, which traces twice and
+    compares, passes), and the trace gives eager's loss and gradient on inputs other than
+    the traced ones: which classes are present is decided inside the operator."""
+    criterion = module()
+    hinge = isinstance(criterion, LovaszHingeLoss)
+
+    def inputs():
+        labels = torch.randint(0, 2 if hinge else 4, (2, 9, 9), generator=gen)
+        labels[0, :2] = 255
+        if not hinge:
+            labels[1][labels[1] == 3] = 0  # class 3 absent from image 1
+            scores = torch.randn(2, 4, 9, 9, generator=gen).softmax(dim=1)
+        else:
+            scores = torch.randn(2, 9, 9, generator=gen)
+        return scores, labels
+
+    traced = torch.jit.trace(criterion, inputs())
+    scores, labels = inputs()
+    results = []
+    for fn in (criterion, traced):
+        x = scores.clone().requires_grad_()
+        value = fn(x, labels)
+        value.backward()
+        results.append((value.detach(), x.grad))
+    assert torch.equal(results[1][0], results[0][0])
+    assert torch.equal(results[1][1], results[0][1])
+    errors = torch.randn(3, 50, generator=gen)
+    fg = torch.rand(3, 50, generator=gen) < 0.4
+    traced_extension = torch.jit.trace(
+        lambda e, f: lovasz_extension(e, f, backend="torch")[0], (errors, fg))
+    assert torch.equal(traced_extension(errors * 2, ~fg),
+                       lovasz_extension(errors * 2, ~fg, backend="torch")[0])
+
+
 # --------------------------------------------------------------------------------------------
 # No host synchronisation
 
