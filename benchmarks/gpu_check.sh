@@ -25,6 +25,20 @@ PY="${PY:-$(command -v python3 || command -v python)}"
 DRY_RUN="${DRY_RUN:-0}"
 SKIP=" ${SKIP:-} "
 MEMORY_BUDGET="${MEMORY_BUDGET:-100}"
+STEPS="00_environment 01_tests_gpu_real_sizes 01_tests_triton 02_tests_cuda 03_check_cuda
+04_memory 05_goal_2e20x21_fp32 06_goal_8x512sq_x21 07_fp16_2e20x21 08_sort_strategies
+09_nccl_exact 09_nccl_histogram"
+# a misspelt step name would silently run the step: refuse it before any work
+for name in $SKIP; do
+  if [[ " $(echo $STEPS) " != *" $name "* ]]; then
+    echo "error: SKIP names an unknown step: $name (steps: $(echo $STEPS))" >&2
+    exit 2
+  fi
+done
+if ! [[ "$MEMORY_BUDGET" =~ ^[0-9]+$ ]]; then
+  echo "error: MEMORY_BUDGET must be a whole number of seconds; got '$MEMORY_BUDGET'" >&2
+  exit 2
+fi
 mkdir -p "$OUT/logs"
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"

@@ -48,3 +48,20 @@ def test_steps_named_in_skip_do_not_run(tmp_path):
     assert not (out / "logs" / "01_tests_triton.log").exists()
     memory_step = (out / "logs" / "04_memory.log").read_text()
     assert "timeout 200s" in memory_step and "--budget 150" in memory_step
+
+
+@pytest.mark.parametrize(("variable", "value", "message"), [
+    ("SKIP", "01_tests_triton 08_sort_strategy", "unknown step: 08_sort_strategy"),
+    ("MEMORY_BUDGET", "2m", "MEMORY_BUDGET must be a whole number"),
+])
+def test_bad_settings_are_refused_before_any_work(tmp_path, variable, value, message):
+    out = tmp_path / "out"
+    run = subprocess.run(
+        ["bash", str(SCRIPT)], cwd=SCRIPT.parent.parent, capture_output=True, text=True,
+        env={"PATH": "/usr/bin:/bin", "DRY_RUN": "1", "OUT": str(out), "PY": sys.executable,
+             variable: value},
+        timeout=60,
+    )
+    assert run.returncode == 2, run.stderr
+    assert f"error: {variable}" in run.stderr and message in run.stderr, run.stderr
+    assert not (out / "logs").exists()

@@ -52,6 +52,14 @@ def _model(classes=4):
     return torch.nn.Conv2d(3, classes, 3, padding=1)
 
 
+def _value_and_grad(loss_fn, scores, labels):
+    """A loss function's value and its gradient w.r.t. a fresh copy of ``scores``."""
+    x = scores.clone().requires_grad_()
+    value = loss_fn(x, labels)
+    value.backward()
+    return value.detach(), x.grad
+
+
 def _grads(model):
     return [p.grad.detach().clone() for p in model.parameters()]
 
@@ -305,14 +313,9 @@ def test_modules_script_and_match_eager(backend, gen, module):
         labels = (torch.rand(labels.shape[0], 4, *labels.shape[1:], generator=gen) < 0.4).long()
         labels[:, :, 0] = 255
     scores = _model(classes)(images).detach()
-    results = []
-    for fn in (criterion, scripted):
-        x = scores.clone().requires_grad_()
-        value = fn(x, labels)
-        value.backward()
-        results.append((value.detach(), x.grad))
-    torch.testing.assert_close(results[1][0], results[0][0], **TOLERANCE)
-    torch.testing.assert_close(results[1][1], results[0][1], **TOLERANCE)
+    eager, from_script = (_value_and_grad(fn, scores, labels) for fn in (criterion, scripted))
+    torch.testing.assert_close(from_script[0], eager[0], **TOLERANCE)
+    torch.testing.assert_close(from_script[1], eager[1], **TOLERANCE)
 
 
 @pytest.mark.parametrize(
@@ -344,14 +347,8 @@ def test_modules_trace_and_match_eager_on_other_inputs(gen, module):
 
     traced = torch.jit.trace(criterion, inputs())
     scores, labels = inputs()
-    results = []
-    for fn in (criterion, traced):
-        x = scores.clone().requires_grad_()
-        value = fn(x, labels)
-        value.backward()
-        results.append((value.detach(), x.grad))
-    assert torch.equal(results[1][0], results[0][0])
-    assert torch.equal(results[1][1], results[0][1])
+    eager, from_trace = (_value_and_grad(fn, scores, labels) for fn in (criterion, traced))
+    assert torch.equal(from_trace[0], eager[0]) and torch.equal(from_trace[1], eager[1])
     errors = torch.randn(3, 50, generator=gen)
     fg = torch.rand(3, 50, generator=gen) < 0.4
     traced_extension = torch.jit.trace(

@@ -154,6 +154,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="a kernel profile of two workloads, floor 32 MB and one chunk")
     args = parser.parse_args()
+    known = {workload.name for workload in CUDA_SUITE + SUITE + FULL_SUITE_EXTRA}
+    if args.only is not None and args.only not in known:
+        parser.error(f"--only: unknown workload name {args.only!r}; known: {sorted(known)}")
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")

@@ -72,6 +72,14 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=12)
     parser.add_argument("--host", action="store_true", help="cProfile the host's Python")
     args = parser.parse_args()
+    known = {workload.name for workload in CUDA_SUITE + SUITE + FULL_SUITE_EXTRA}
+    unknown = sorted(set(args.only or ()) - known)
+    if unknown:
+        parser.error(f"--only: unknown workload names {unknown}; known: {sorted(known)}")
+    contenders = args.contenders.split(",")
+    if "" in contenders:
+        parser.error(f"--contenders: comma-separated backend names or loop; got "
+                     f"{args.contenders!r}")
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
     set_validate_values(False)
@@ -81,7 +89,7 @@ def main() -> None:
             continue
         seen.append(workload)
         prepared = Prepared(workload, "cuda")
-        for contender in args.contenders.split(","):
+        for contender in contenders:
             if contender == "loop" and workload.loss == "extension":
                 continue
             (_profile_host if args.host else _profile)(prepared, contender, args.rows)
