@@ -174,8 +174,7 @@ def check_loss_arguments(
 # The loss operator
 
 
-@torch.library.custom_op("lovasz_kernels::lovasz_loss", mutates_args=())
-def lovasz_loss_op(
+def _lovasz_loss_impl(
     scores: torch.Tensor,
     labels: torch.Tensor,
     class_weights: torch.Tensor | None,
@@ -235,6 +234,10 @@ def lovasz_loss_op(
     return loss.to(compute), grad.to(compute).reshape(scores.shape)
 
 
+lovasz_loss_op = torch.library.custom_op("lovasz_kernels::lovasz_loss", mutates_args=())(
+    _lovasz_loss_impl)
+
+
 @lovasz_loss_op.register_fake
 def _lovasz_loss_fake(scores, labels, class_weights, classes, class_list, per_image,
                       ignore_index, kind, backend, group_name, dist_mode, bins):
@@ -274,14 +277,17 @@ def _check_loss_values(
 # The kernel operators
 
 
-@torch.library.custom_op("lovasz_kernels::lovasz_extension", mutates_args=())
-def lovasz_extension_op(
+def _lovasz_extension_impl(
     errors: torch.Tensor, fg: torch.Tensor, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss (S,) and gradient (S, P) of the Lovász extension of each row (see
     :func:`lovasz_kernels.lovasz_extension`)."""
     _validate.check_extension_inputs(errors, fg)
     return select_backend(backend or None, errors.device).run(errors, fg)
+
+
+lovasz_extension_op = torch.library.custom_op(
+    "lovasz_kernels::lovasz_extension", mutates_args=())(_lovasz_extension_impl)
 
 
 @lovasz_extension_op.register_fake
@@ -418,20 +424,52 @@ def _differentiable(operator, name: str) -> type[torch.autograd.Function]:
     })
 
 
-def _eager_differentiable(operator, name: str) -> type[torch.autograd.Function]:
-    """The same formula in the ``forward(ctx, ...)`` form, for plain eager calls: a
-    ``setup_context`` Function binds its arguments with ``inspect.signature`` on every call,
-    about a tenth of a small loss call's time."""
+_DIRECT_DEVICES = ("cpu", "cuda")
+
+
+def _needs_dispatcher(tensors: tuple) -> bool:
+    """Whether a call must go through the dispatcher: under a compiler or a ``torch.func``
+    transform, a dispatch mode or the profiler (which records the operator by name), or with
+    a tensor subclass (fake tensors included) or a device the implementation does not run on
+    (meta tensors get the fake)."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return True
+    if torch._C._len_torch_dispatch_stack() or torch.autograd.profiler._is_profiler_enabled:
+        return True
+    return any(
+        tensor is not None
+        and (type(tensor) is not torch.Tensor or tensor.device.type not in _DIRECT_DEVICES)
+        for tensor in tensors)
+
+
+def _eager_caller(operator, implementation, num_tensors: int):
+    """``operator(*args)`` for plain eager calls, which go straight to ``implementation``
+    when nothing needs the dispatcher: its autograd, dispatch and checks cost a small CPU
+    loss call a few percent, and the callers apply the autograd formula themselves.
+    ``num_tensors``: the leading arguments that are tensors (or None)."""
 
     overload = operator._opoverload
 
+    def call(*args):
+        if _needs_dispatcher(args[:num_tensors]):
+            return overload(*args)
+        return implementation(*args)
+
+    return call
+
+
+def _eager_differentiable(call, name: str) -> type[torch.autograd.Function]:
+    """The same formula in the ``forward(ctx, ...)`` form, for plain eager calls of ``call``
+    (an :func:`_eager_caller`): a ``setup_context`` Function binds its arguments with
+    ``inspect.signature`` on every call, about a tenth of a small loss call's time."""
+
     def forward(ctx, *args):
-        output = overload(*args)
+        output = call(*args)
         _setup_context(ctx, args, output)
         return output
 
     return type(name, (torch.autograd.Function,), {
-        "__doc__": f"{operator} with the operators' autograd formula, for eager calls.",
+        "__doc__": "A loss operator with the operators' autograd formula, for eager calls.",
         "forward": staticmethod(forward),
         "backward": staticmethod(_backward),
     })
@@ -445,10 +483,12 @@ def _function_for_call(for_transforms, for_eager):
     return for_eager
 
 
+_call_loss = _eager_caller(lovasz_loss_op, _lovasz_loss_impl, num_tensors=3)
+_call_extension = _eager_caller(lovasz_extension_op, _lovasz_extension_impl, num_tensors=2)
 _LossFunction = _differentiable(lovasz_loss_op, "_LossFunction")
-_EagerLossFunction = _eager_differentiable(lovasz_loss_op, "_EagerLossFunction")
+_EagerLossFunction = _eager_differentiable(_call_loss, "_EagerLossFunction")
 _ExtensionFunction = _differentiable(lovasz_extension_op, "_ExtensionFunction")
-_EagerExtensionFunction = _eager_differentiable(lovasz_extension_op, "_EagerExtensionFunction")
+_EagerExtensionFunction = _eager_differentiable(_call_extension, "_EagerExtensionFunction")
 
 
 def lovasz_loss(
@@ -475,7 +515,7 @@ def lovasz_loss(
             backend, group_name, dist_mode, bins)[0]
     if not (torch.is_grad_enabled() and scores.requires_grad):
         # nothing to differentiate (evaluation, no_grad): the bare operator
-        return lovasz_loss_op(
+        return _call_loss(
             scores, labels, class_weights, classes, class_list, per_image, ignore_index, kind,
             backend, group_name, dist_mode, bins)[0]
     function = _function_for_call(_LossFunction, _EagerLossFunction)
@@ -491,6 +531,6 @@ def lovasz_extension(
     if torch.jit.is_tracing():  # records the operator, as lovasz_loss does
         return torch.ops.lovasz_kernels.lovasz_extension(errors, fg, backend)
     if not (torch.is_grad_enabled() and errors.requires_grad):
-        return lovasz_extension_op(errors, fg, backend)
+        return _call_extension(errors, fg, backend)
     return _function_for_call(_ExtensionFunction, _EagerExtensionFunction).apply(
         errors, fg, backend)

@@ -127,6 +127,80 @@ def plan_segments(
         One binary problem per channel: a channel counts in a group ("present") when it has
         a foreground pixel there, ("all") when it has a valid pixel.
     """
+    batch = labels.shape[0]
+    groups = batch if per_image else 1
+    device = labels.device
+    all_count = False  # known, without a look at the weights, that every segment counts
+    if _weights_need_labels(num_classes, classes, class_weights, ignore_index, reduce_counts,
+                            multilabel):
+        weight = _weights_from_counts(
+            labels, num_classes, classes, class_list, class_weights, per_image, ignore_index,
+            reduce_counts, labels_checked, multilabel)
+    else:
+        weight, all_count = _weights_from_shapes(labels, num_classes, classes, class_list,
+                                                 groups)
+
+    # segment s of the dense plan is (image s // C, channel s % C). Where reads are free the
+    # plan lists only the segments that count; when that is all of them, the list is the
+    # dense plan and is marked so (the dense paths take slices, not index copies)
+    dense = True
+    if reads_are_free(device) and not all_count:
+        kept = torch.nonzero(weight > 0).reshape(-1)
+        dense = kept.numel() == weight.numel()
+        if not dense:
+            weight = weight[kept]
+    if dense:
+        kept = torch.arange(weight.numel(), device=device)
+    channel = kept if groups == 1 else kept % num_classes
+    image = kept // num_classes if per_image else None
+    if multilabel:
+        fg_label = torch.ones_like(channel)
+    else:  # in the binary case channel 0 scores class 1
+        fg_label = channel + 1 if num_classes == 1 else channel
+    return SegmentPlan(
+        image=image, channel=channel, fg_label=fg_label, weight=weight, bg_offset=bg_offset,
+        ignore_index=ignore_index, dense=dense, multilabel=multilabel,
+    )
+
+
+def _weights_need_labels(
+    num_classes: int, classes: str, class_weights: torch.Tensor | None,
+    ignore_index: int | None, reduce_counts: CountReducer | None, multilabel: bool,
+) -> bool:
+    """Whether the segments' weights depend on label values: which classes are present,
+    which pixels are ignored, or weights per class (whose normalization is a tensor op)."""
+    if ignore_index is not None or class_weights is not None or reduce_counts is not None:
+        return True
+    binary = num_classes == 1 and not multilabel  # the foreground counts, present or not
+    return classes == "present" and not binary
+
+
+def _weights_from_shapes(
+    labels: torch.Tensor, num_classes: int, classes: str, class_list: list[int], groups: int,
+) -> tuple[torch.Tensor, bool]:
+    """The weights when no label value matters (see :func:`_weights_need_labels`), and
+    whether every one is positive: every group with a pixel counts the same classes, each
+    with 1/(classes · groups), rounded as :func:`_weights_from_counts` rounds it."""
+    size, device = groups * num_classes, labels.device
+    chosen = class_list if classes == "list" and num_classes > 1 else range(num_classes)
+    if labels.numel() == 0:  # no pixel: no group counts
+        return torch.zeros(size, dtype=torch.float64, device=device), False
+    each = 1.0 / len(chosen) / groups  # 1 over the group's total, then over the groups
+    if len(chosen) == num_classes:
+        return torch.full((size,), each, dtype=torch.float64, device=device), True
+    weight = torch.zeros(size, dtype=torch.float64, device=device)
+    weight.view(groups, num_classes)[:, list(chosen)] = each
+    return weight, False
+
+
+def _weights_from_counts(
+    labels: torch.Tensor, num_classes: int, classes: str, class_list: list[int],
+    class_weights: torch.Tensor | None, per_image: bool, ignore_index: int | None,
+    reduce_counts: CountReducer | None, labels_checked: bool, multilabel: bool,
+) -> torch.Tensor:
+    """The segments' weights (groups · C,) from the counts of valid and foreground pixels:
+    each group's weighted mean over the classes it counts, then the mean over the groups
+    that count a class."""
     if multilabel:
         fg_count, valid_count = _channel_counts(labels, ignore_index)
     elif classes == "present" and num_classes > 1:
@@ -161,29 +235,7 @@ def plan_segments(
     group_counts = group_total > 0
     groups_counted = group_counts.sum().clamp_min(1)
     weight = torch.where(group_counts, weight / group_total.clamp_min(1e-300), 0.0)
-    weight = (weight / groups_counted).reshape(-1)
-
-    # segment s of the dense plan is (image s // C, channel s % C). Where reads are free the
-    # plan lists only the segments that count; when that is all of them, the list is the
-    # dense plan and is marked so (the dense paths take slices, not index copies)
-    dense = True
-    if reads_are_free(device):
-        kept = torch.nonzero(weight > 0).reshape(-1)
-        dense = kept.numel() == weight.numel()
-        if not dense:
-            weight = weight[kept]
-    if dense:
-        kept = torch.arange(weight.numel(), device=device)
-    channel = kept if group_total.shape[0] == 1 else kept % num_classes
-    image = kept // num_classes if per_image else None
-    if multilabel:
-        fg_label = torch.ones_like(channel)
-    else:  # in the binary case channel 0 scores class 1
-        fg_label = channel + 1 if num_classes == 1 else channel
-    return SegmentPlan(
-        image=image, channel=channel, fg_label=fg_label, weight=weight, bg_offset=bg_offset,
-        ignore_index=ignore_index, dense=dense, multilabel=multilabel,
-    )
+    return (weight / groups_counted).reshape(-1)
 
 
 def _class_counts(
@@ -244,7 +296,10 @@ def segment_errors(
     # multilabel: the labels have the scores' layout, are selected like them, and the
     # foreground of every segment is label 1
     per_channel = labels if plan.multilabel else None
-    fg_label = 1 if plan.multilabel else plan.fg_label[start:stop, None]
+    # one foreground label for all: label 1, in a binary problem (channel 0 scores class 1)
+    # as in a multilabel one
+    one_fg_label = plan.multilabel or num_channels == 1
+    fg_label = 1 if one_fg_label else plan.fg_label[start:stop, None]
     if plan.image is None:
         channels = slice(start, stop) if plan.dense else plan.channel[start:stop]
         segment_scores = scores[:, channels].transpose(0, 1).reshape(
@@ -257,12 +312,14 @@ def segment_errors(
     elif plan.dense and start % num_channels == 0 and stop % num_channels == 0:
         # whole images: (k, C, P) scores against (k, 1, P) labels, no per-segment label copy
         first, last = start // num_channels, stop // num_channels
-        segment_scores = scores[first:last]
+        whole = first == 0 and last == batch  # no slice
+        segment_scores = scores if whole else scores[first:last]
         if per_channel is None:
-            segment_labels = labels[first:last, None, :]
-            fg_label = plan.fg_label[start:stop].reshape(last - first, num_channels, 1)
+            segment_labels = (labels if whole else labels[first:last]).unsqueeze(1)
+            if not one_fg_label:
+                fg_label = plan.fg_label[start:stop].reshape(last - first, num_channels, 1)
         else:
-            segment_labels = per_channel[first:last]
+            segment_labels = per_channel if whole else per_channel[first:last]
     else:
         rows = slice(start, stop) if plan.dense else _rows(plan, start, stop, num_channels)
         segment_scores = scores.reshape(batch * num_channels, num_pixels)[rows]
@@ -291,19 +348,23 @@ def _rows(plan: SegmentPlan, start: int, stop: int, num_channels: int) -> torch.
     return plan.image[start:stop] * num_channels + plan.channel[start:stop]
 
 
-def write_segment_grad(
-    grad: torch.Tensor, error_grad: torch.Tensor, fg: torch.Tensor, plan: SegmentPlan,
-    start: int = 0,
-) -> None:
-    """Add segments start:start+k's d extension / d errors (k, P'), weighted and signed
-    (d error / d score is -1 on foreground), into their places of ``grad`` (B, C, P).
-
-    ``error_grad`` is consumed (scaled in place).
-    """
-    batch, num_channels, num_pixels = grad.shape
+def sign_segment_grad(
+    error_grad: torch.Tensor, fg: torch.Tensor, plan: SegmentPlan, start: int = 0,
+) -> torch.Tensor:
+    """Segments start:start+k's d extension / d errors (k, P'), weighted and signed (d error
+    / d score is -1 on foreground), in place: ``error_grad`` itself."""
     stop = start + error_grad.shape[0]
     weight = plan.weight[start:stop, None].to(error_grad.dtype)
-    signed = error_grad.mul_(torch.where(fg, -weight, weight))
+    return error_grad.mul_(torch.where(fg, -weight, weight))
+
+
+def write_segment_grad(
+    grad: torch.Tensor, signed: torch.Tensor, plan: SegmentPlan, start: int = 0,
+) -> None:
+    """Put segments start:start+k's signed gradients (k, P') (:func:`sign_segment_grad`)
+    into their places of ``grad`` (B, C, P)."""
+    batch, num_channels, num_pixels = grad.shape
+    stop = start + signed.shape[0]
     if plan.image is None:
         per_channel = signed.reshape(stop - start, batch, num_pixels).transpose(0, 1)
         if plan.dense:
@@ -316,6 +377,13 @@ def write_segment_grad(
         rows[start:stop] = signed
     else:
         rows[_rows(plan, start, stop, num_channels)] = signed
+
+
+def _owns_whole_storage(tensor: torch.Tensor) -> bool:
+    """Contiguous and alone in its memory (not a view of a larger result, which it would
+    keep alive)."""
+    return (tensor.is_contiguous() and tensor.storage_offset() == 0
+            and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size())
 
 
 # A segment's temporaries on the generic path, per pixel, in bytes: the loss layer's errors,
@@ -378,19 +446,32 @@ def generic_lovasz_loss(
     compute = compute_dtype(scores.dtype)
     # a dense plan writes every pixel; otherwise pixels of no segment keep 0
     allocate = torch.empty if plan.dense else torch.zeros
-    grad = allocate(scores.shape, dtype=compute, device=scores.device)
+    grad = None
     loss = None
     step = segments_per_chunk(plan, scores) if chunked else max(plan.num_segments, 1)
+    # one chunk of every segment, rows in the gradient's own layout (images one after the
+    # other, or one image's channels): its signed rows are the gradient, with no copy
+    rows_are_grad = (plan.dense and step >= plan.num_segments
+                     and (plan.image is not None or scores.shape[0] == 1))
     for start in range(0, plan.num_segments, step):
         stop = min(start + step, plan.num_segments)
         errors, fg = segment_errors(scores, labels, plan, start, stop)
         segment_loss, error_grad = extension(errors, fg)
         del errors
-        chunk_loss = torch.dot(segment_loss.to(torch.float64), plan.weight[start:stop])
+        weight = plan.weight if step >= plan.num_segments else plan.weight[start:stop]
+        chunk_loss = torch.dot(segment_loss.to(torch.float64), weight)
         loss = chunk_loss if loss is None else loss.add_(chunk_loss)
-        write_segment_grad(grad, error_grad, fg, plan, start)
+        signed = sign_segment_grad(error_grad, fg, plan, start)
+        if rows_are_grad and signed.dtype == compute and _owns_whole_storage(signed):
+            grad = signed.view(scores.shape)
+        else:
+            if grad is None:
+                grad = allocate(scores.shape, dtype=compute, device=scores.device)
+            write_segment_grad(grad, signed, plan, start)
         # freed before the next chunk allocates: alive then, they would be in its way
-        del fg, error_grad
+        del fg, error_grad, signed
+    if grad is None:  # no segment
+        grad = torch.zeros(scores.shape, dtype=compute, device=scores.device)
     if loss is None:  # no segment counts
         loss = torch.zeros((), dtype=torch.float64, device=scores.device)
     return loss, grad

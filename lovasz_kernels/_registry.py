@@ -7,8 +7,9 @@ A backend is a module under ``lovasz_kernels/backends/`` that defines
 ``availability() -> (bool, str)`` (optional)
     whether it can run in this process, and why not (an install hint);
 ``supported_devices() -> tuple[str, ...]`` (optional)
-    device types it accepts now, when that depends on the environment
-    (the triton backend accepts CPU tensors under ``TRITON_INTERPRET=1``);
+    device types it accepts now, when that depends on the environment: the native
+    ``devices`` and possibly more (the triton backend accepts CPU tensors under
+    ``TRITON_INTERPRET=1``);
 ``details() -> str`` (optional)
     one line for ``lovasz-kernels info`` about how it will run (threads, device, mode).
 ``lovasz_loss(scores, labels, plan) -> (loss, grad)`` (optional)
@@ -109,6 +110,8 @@ class Backend:
         available, reason = self.availability()
         if not available:
             raise BackendUnavailableError(f"backend {self.name!r} is not available: {reason}")
+        if device.type in self.devices:  # native (``supported_devices`` only ever widens)
+            return
         accepted = self.supported_devices()
         if device.type not in accepted:
             others = [

@@ -291,3 +291,45 @@ def test_generic_chunks_are_at_least_the_devices_floor(device, floor):
     expected = max(1, torch.get_num_threads()) if device == "cpu" else 8
     assert GENERIC_BYTES_PER_PIXEL * num_pixels == 64 << 20
     assert segments_per_chunk(plan, scores) == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_torch_backend_radix_sorts_long_rows_to_the_same_answer(gen, monkeypatch, dtype):
+    """Rows of at least ``RADIX_SORT_MIN_PIXELS`` are sorted one by one, ascending on the
+    complemented keys (PyTorch's radix sort on the CPU): the comparison sort's losses and
+    gradients, with -0.0 errors, -inf padding and zeros sorted last."""
+    import lovasz_kernels.backends.torch_eager as torch_eager
+
+    errors = tie_free_errors((3, 300), dtype, gen)
+    errors[0, :20] = -0.0
+    errors[1, -30:] = -torch.inf
+    errors[2, ::9] = 0.0
+    fg = torch.rand(errors.shape, generator=gen) < 0.3
+    backend = get_backend("torch")
+    sorts = []
+    real_sort = torch.sort
+
+    def counting_sort(values, *args, **kwargs):
+        sorts.append((values.dim(), kwargs.get("descending", False)))
+        return real_sort(values, *args, **kwargs)
+
+    monkeypatch.setattr(torch_eager.torch, "sort", counting_sort)
+    compared = backend.run(errors, fg)
+    assert sorts == [(2, True)]  # rows under the radix sort's minimum: one 2-D sort
+    sorts.clear()
+    monkeypatch.setattr(torch_eager, "RADIX_SORT_MIN_PIXELS", 300)
+    radix = backend.run(errors, fg)
+    assert sorts == [(1, False)] * 3  # one ascending 1-D sort per row
+    assert torch.equal(radix[0], compared[0]) and torch.equal(radix[1], compared[1])
+    assert torch.equal(errors.isneginf().sum(), torch.tensor(30))  # the input is untouched
+
+    monkeypatch.undo()
+    monkeypatch.setattr(torch_eager.torch, "sort", counting_sort)
+    sorts.clear()
+    long_errors = distinct_float32(torch_eager.RADIX_SORT_MIN_PIXELS, gen).to(dtype)
+    long_fg = torch.rand(long_errors.shape, generator=gen) < 0.3
+    loss, grad = backend.run(long_errors, long_fg)
+    assert sorts == [(1, False)]  # the default minimum: PyTorch's grain size
+    ref_loss, ref_grad = _reference(long_errors, long_fg)
+    assert_close_report(loss, ref_loss, LOSS_TOLERANCE[dtype], "radix-sorted loss")
+    assert_close_report(grad, ref_grad, GRAD_TOLERANCE[dtype], "radix-sorted grad")

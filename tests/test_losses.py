@@ -406,6 +406,44 @@ def test_cpu_plans_are_dense_exactly_when_every_segment_counts(gen, monkeypatch,
     assert all(torch.equal(a, b) for a, b in zip(with_dense_plan, as_on_a_device))
 
 
+@pytest.mark.parametrize("classes, class_list, num_classes, multilabel", [
+    ("all", [], 4, False), ("list", [0, 2], 4, False), ("present", [], 1, False),
+    ("all", [], 1, False), ("list", [1], 3, True), ("all", [], 3, True),
+], ids=["all", "list", "binary", "binary all", "multilabel list", "multilabel all"])
+@pytest.mark.parametrize("per_image", [True, False], ids=["per image", "batch"])
+@pytest.mark.parametrize("reads_free", [True, False], ids=["cpu", "as on a device"])
+def test_plans_without_label_values_match_the_counted_plans(
+        gen, monkeypatch, classes, class_list, num_classes, multilabel, per_image, reads_free):
+    """Where no label value matters (no ignore label, no class weights, and every chosen
+    class counts), the weights come from the shapes alone: the same tables, bit for bit,
+    as counting the labels gives, and no pass over them. Also with no pixel at all."""
+    from lovasz_kernels import _plan
+
+    monkeypatch.setitem(_plan._SETTINGS, "read_values_on_cpu", reads_free)
+    label_shape = (3, num_classes, 10) if multilabel else (3, 10)
+    some = torch.randint(0, 2 if multilabel else num_classes, label_shape, generator=gen)
+    for labels in (some, some[..., :0]):
+        arguments = dict(labels=labels, num_classes=num_classes, classes=classes,
+                         class_list=class_list, class_weights=None, per_image=per_image,
+                         ignore_index=None, bg_offset=0.0, multilabel=multilabel)
+        assert not _plan._weights_need_labels(num_classes, classes, None, None, None,
+                                              multilabel)
+        from_shapes = _plan.plan_segments(**arguments)
+        with monkeypatch.context() as patched:
+            patched.setattr(_plan, "_weights_need_labels", lambda *args: True)
+            counted = _plan.plan_segments(**arguments)
+        assert from_shapes.dense == counted.dense
+        for table in ("channel", "fg_label", "weight", "image"):
+            ours, theirs = getattr(from_shapes, table), getattr(counted, table)
+            assert (ours is None) == (theirs is None)
+            assert ours is None or (ours.dtype == theirs.dtype and torch.equal(ours, theirs))
+    assert _plan._weights_need_labels(4, "present", None, None, None, False)
+    assert _plan._weights_need_labels(1, "present", None, None, None, True)
+    assert _plan._weights_need_labels(1, "all", None, 255, None, False)
+    assert _plan._weights_need_labels(4, "all", torch.ones(4), None, None, False)
+    assert _plan._weights_need_labels(4, "all", None, None, lambda counts: counts, False)
+
+
 def test_eager_calls_skip_the_transform_ready_function(gen):
     """Plain eager calls take the cheaper ``forward(ctx, ...)`` twin; under ``torch.func``
     the ``setup_context`` Function runs, with the same gradient."""
@@ -423,6 +461,91 @@ def test_eager_calls_skip_the_transform_ready_function(gen):
     assert _ops._function_for_call(_ops._LossFunction, _ops._EagerLossFunction) is (
         _ops._EagerLossFunction)
     assert torch.equal(torch.func.grad(loss_of)(probas), scores.grad)
+
+
+def test_plain_eager_calls_skip_the_dispatcher_and_nothing_else_does(gen):
+    """The operators' implementation runs directly for plain CPU tensors (no dispatch key
+    has work there); the dispatcher still sees every call that it would change: a dispatch
+    mode, the profiler (which then records the operator by name), ``torch.func``, meta and
+    fake tensors. Loss and gradient are the same either way."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lovasz_kernels import _ops
+
+    probas, labels = _softmax_inputs(gen, dtype=torch.float32)
+    assert not _ops._needs_dispatcher((probas, labels, None))
+    assert _ops._needs_dispatcher((probas.to("meta"), labels, None))
+    with FakeTensorMode() as fake_mode:
+        fake = fake_mode.from_tensor(probas)
+    assert _ops._needs_dispatcher((fake, labels, None))
+    direct = _loss_and_grad(lovasz_softmax, probas, labels, backend="torch")
+
+    class OperatorLog(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with OperatorLog() as log:
+        assert _ops._needs_dispatcher((probas, labels, None))
+        dispatched = _loss_and_grad(lovasz_softmax, probas, labels, backend="torch")
+    assert "lovasz_kernels.lovasz_loss.default" in log.names
+    with torch.profiler.profile() as profile:
+        assert _ops._needs_dispatcher((probas, labels, None))
+        profiled = _loss_and_grad(lovasz_softmax, probas, labels, backend="torch")
+    assert "lovasz_kernels::lovasz_loss" in {event.name for event in profile.events()}
+    for other in (dispatched, profiled):
+        assert torch.equal(other[0], direct[0]) and torch.equal(other[1], direct[1])
+    seen_under_vmap = []
+    torch.func.vmap(lambda p: seen_under_vmap.append(_ops._needs_dispatcher((p,))) or p)(probas)
+    assert seen_under_vmap == [True]
+
+
+@pytest.mark.parametrize("per_image", [True, False], ids=["per image", "batch"])
+def test_one_dense_chunk_signs_its_rows_into_the_gradient_without_a_copy(gen, per_image):
+    """When one chunk holds every segment in the gradient's own layout, the extension's
+    gradient rows, signed in place, are the loss's gradient (no second array of its size);
+    a gradient that views a larger result (the distributed exact mode's local columns) is
+    copied out rather than kept alive with it. Same values every way."""
+    from lovasz_kernels import _plan
+    from lovasz_kernels.backends import torch_eager
+
+    batch = 2 if per_image else 1
+    probas, labels = _softmax_inputs(gen, batch=batch, dtype=torch.float32)
+    scores, flat_labels = probas.reshape(batch, 4, -1), labels.reshape(batch, -1)
+    flat_labels[:, :4] = torch.arange(4)  # every class present: a dense plan
+    plan = _plan.plan_segments(flat_labels, 4, "present", [], None, per_image, None, 0.0)
+    assert plan.dense
+    returned = []
+
+    def extension(errors, fg):
+        loss, grad = torch_eager.lovasz_extension(errors, fg)
+        returned.append(grad)
+        return loss, grad
+
+    def padded_extension(errors, fg):  # the gradient as columns of a wider result
+        loss, grad = torch_eager.lovasz_extension(errors, fg)
+        wide = torch.zeros(grad.shape[0], grad.shape[1] + 3)
+        wide[:, :grad.shape[1]] = grad
+        returned.append(wide)
+        return loss, wide[:, :grad.shape[1]]
+
+    loss, grad = _plan.generic_lovasz_loss(extension, scores, flat_labels, plan)
+    assert grad.data_ptr() == returned[-1].data_ptr() and grad.shape == scores.shape
+    chunked_loss, chunked_grad = _plan.generic_lovasz_loss(
+        extension, scores, flat_labels, plan.segments(0, 4))  # not dense: written, not taken
+    assert chunked_grad.data_ptr() != returned[-1].data_ptr()
+    padded_loss, padded_grad = _plan.generic_lovasz_loss(padded_extension, scores,
+                                                         flat_labels, plan)
+    assert padded_grad.untyped_storage().data_ptr() != returned[-1].untyped_storage().data_ptr()
+    assert padded_grad.untyped_storage().nbytes() == padded_grad.numel() * 4
+    assert torch.equal(loss, padded_loss) and torch.equal(grad, padded_grad)
+    if batch == 1:  # the first image's segments are every segment
+        assert torch.equal(loss, chunked_loss) and torch.equal(grad, chunked_grad)
 
 
 def test_zero_weight_classes_are_not_sorted(gen, monkeypatch):

@@ -615,6 +615,7 @@ def test_fused_loss_builds_no_segment_tensors(device, monkeypatch, gen):
 
     monkeypatch.setattr(_plan, "segment_errors", forbidden)
     monkeypatch.setattr(_plan, "generic_lovasz_loss", forbidden)
+    monkeypatch.setattr(_plan, "sign_segment_grad", forbidden)
     monkeypatch.setattr(_plan, "write_segment_grad", forbidden)
     from lovasz_kernels import _registry
     monkeypatch.setattr(_registry, "generic_lovasz_loss", forbidden)
