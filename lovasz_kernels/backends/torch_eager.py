@@ -76,10 +76,15 @@ def lovasz_extension(errors: torch.Tensor, fg: torch.Tensor) -> tuple[torch.Tens
 RADIX_SORT_MIN_PIXELS = 32768
 
 
+def _radix_sorted(rows: torch.Tensor) -> bool:
+    """Whether the rows of an (S, P) array of this shape and device are radix-sorted."""
+    return rows.device.type == "cpu" and rows.shape[1] >= RADIX_SORT_MIN_PIXELS
+
+
 def _sort_descending(keys: torch.Tensor, keys_sorted: torch.Tensor, order: torch.Tensor) -> None:
     """Sort each row of the integer ``keys`` (overwritten) in descending order into
     ``keys_sorted`` and ``order`` (its indices)."""
-    if keys.device.type != "cpu" or keys.shape[1] < RADIX_SORT_MIN_PIXELS:
+    if not _radix_sorted(keys):
         torch.sort(keys, dim=1, descending=True, out=(keys_sorted, order))
         return
     # the complement (-k - 1) reverses the order of every integer, so its ascending,
