@@ -295,9 +295,10 @@ def test_generic_chunks_are_at_least_the_devices_floor(device, floor):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_torch_backend_radix_sorts_long_rows_to_the_same_answer(gen, monkeypatch, dtype):
-    """Rows of at least ``RADIX_SORT_MIN_PIXELS`` are sorted one by one, ascending on the
-    complemented keys (PyTorch's radix sort on the CPU): the comparison sort's losses and
-    gradients, with -0.0 errors, -inf padding and zeros sorted last."""
+    """Rows of at least half ``RADIX_SORT_MIN_PIXELS`` are sorted one by one, ascending on
+    the complemented keys (PyTorch's radix sort on the CPU), shorter ones padded up to it:
+    the comparison sort's losses and gradients, with -0.0 errors, -inf padding and zeros
+    sorted last."""
     import lovasz_kernels.backends.torch_eager as torch_eager
 
     errors = tie_free_errors((3, 300), dtype, gen)
@@ -321,6 +322,15 @@ def test_torch_backend_radix_sorts_long_rows_to_the_same_answer(gen, monkeypatch
     radix = backend.run(errors, fg)
     assert sorts == [(1, False)] * 3  # one ascending 1-D sort per row
     assert torch.equal(radix[0], compared[0]) and torch.equal(radix[1], compared[1])
+    sorts.clear()
+    monkeypatch.setattr(torch_eager, "RADIX_SORT_MIN_PIXELS", 600)  # rows padded to 600
+    padded = backend.run(errors, fg)
+    assert sorts == [(1, False)] * 3
+    assert torch.equal(padded[0], compared[0]) and torch.equal(padded[1], compared[1])
+    monkeypatch.setattr(torch_eager, "RADIX_SORT_MIN_PIXELS", 601)  # under half: compared
+    sorts.clear()
+    backend.run(errors, fg)
+    assert sorts == [(2, True)]
     assert torch.equal(errors.isneginf().sum(), torch.tensor(30))  # the input is untouched
 
     monkeypatch.undo()
