@@ -1,4 +1,5 @@
-"""The ``torch`` backend: eager PyTorch, CPU and CUDA, one batched sort for all segments."""
+"""The ``torch`` backend: eager PyTorch, CPU and CUDA, one batched sort for all segments (on
+the CPU, rows of 16384 pixels or more get one radix sort each)."""
 
 from __future__ import annotations
 
@@ -119,7 +120,8 @@ def _extension_rows(errors: torch.Tensor, fg: torch.Tensor, grad: torch.Tensor) 
     they sort after every positive error: clamped to 0, every key is a non-negative float,
     whose bit pattern orders like its value. So one descending sort of those bits as integers
     (faster than a float sort: no NaN handling) orders all segments together and gives back
-    the sorted errors with no second pass. Increments, the loss dot product
+    the sorted errors with no second pass (on the CPU, long rows are radix-sorted one by one
+    instead: :func:`_sort_descending`). Increments, the loss dot product
     (accumulated in float64) and the scatter of the gradient back to original positions are
     each one vectorized pass: every pass is one more wake-up of torch's thread pool, which on
     a busy machine costs more than the pass.
