@@ -74,8 +74,8 @@ def lovasz_extension(errors: torch.Tensor, fg: torch.Tensor) -> tuple[torch.Tens
 # ascending order with a parallel radix sort on the CPU; a descending or a 2-D sort is a
 # comparison sort. Row by row, radix-sorted: 4-5x faster per 262k-pixel row on the
 # development VM, 2-3x for a whole 512² x 21 or 1024² x 2 sort. Rows of at least half as
-# many pixels are padded up to it: one padded 16384-pixel row sorted in 0.17 ms there
-# against 0.42 ms (the comparison sort's time grows steeply above ~11k keys).
+# many pixels are padded up to it: 2x faster at 16384 pixels there, 2.6x slower at 8192
+# (tests/perf/torch_sorts.py).
 RADIX_SORT_MIN_PIXELS = 32768
 
 
