@@ -121,7 +121,9 @@ class EquiBatchSampler(Sampler[int]):
                 "classes_per_sample must give at least one sample a class; got "
                 f"{len(classes_per_sample)} samples with no class"
             )
-        self._samples_of_class = [torch.tensor(s, dtype=torch.int64) for s in samples_of_class]
+        # host tensors whatever the default device (a sampler feeds a DataLoader indices)
+        self._samples_of_class = [torch.tensor(s, dtype=torch.int64, device="cpu")
+                                  for s in samples_of_class]
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -133,15 +135,16 @@ class EquiBatchSampler(Sampler[int]):
         return self.num_samples
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        class_order = [self.classes[i] for i in torch.randperm(len(self.classes),
-                                                                generator=generator).tolist()]
+        generator = torch.Generator(device="cpu").manual_seed(self.seed + self.epoch)
+        class_order = [self.classes[i] for i in torch.randperm(
+            len(self.classes), generator=generator, device="cpu").tolist()]
         queues: dict[int, list[int]] = {}
         for position in range(self.num_samples):
             target = class_order[position % len(class_order)]
             if not queues.get(target):
                 samples = self._samples_of_class[target]
-                queues[target] = samples[torch.randperm(len(samples), generator=generator)].tolist()
+                queues[target] = samples[torch.randperm(
+                    len(samples), generator=generator, device="cpu")].tolist()
             yield queues[target].pop()
 
     def __repr__(self) -> str:

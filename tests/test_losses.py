@@ -548,6 +548,26 @@ def test_one_dense_chunk_signs_its_rows_into_the_gradient_without_a_copy(gen, pe
         assert torch.equal(loss, chunked_loss) and torch.equal(grad, chunked_grad)
 
 
+def test_a_default_device_elsewhere_changes_nothing(backend, gen):
+    """Under another default device (``torch.set_default_device`` or a ``torch.device``
+    context), a loss of CPU tensors is computed and returned on the CPU, the same as
+    without: no tensor of the call is made on the default device."""
+    if backend == "triton":
+        pytest.skip("triton's CPU tensors run in its interpreter: CUDA is its device")
+    probas, labels = _softmax_inputs(gen, dtype=torch.float32)
+    # 16900 pixels: the torch backend radix-sorts the padded row
+    logits = torch.randn(1, 130, 130, generator=gen)
+    masks = torch.rand(1, 130, 130, generator=gen) < 0.3
+    expected = [_loss_and_grad(lovasz_softmax, probas, labels, backend=backend),
+                _loss_and_grad(lovasz_hinge, logits, masks, backend=backend)]
+    with torch.device("meta"):
+        got = [_loss_and_grad(lovasz_softmax, probas, labels, backend=backend),
+               _loss_and_grad(lovasz_hinge, logits, masks, backend=backend)]
+    for (loss, grad), (ref_loss, ref_grad) in zip(got, expected):
+        assert loss.device.type == grad.device.type == "cpu"
+        assert torch.equal(loss, ref_loss) and torch.equal(grad, ref_grad)
+
+
 def test_zero_weight_classes_are_not_sorted(gen, monkeypatch):
     """A class with weight 0 never reaches the kernel (the README promises it)."""
     shapes = []

@@ -82,6 +82,17 @@ def test_deterministic_per_seed_and_epoch():
     assert list(sampler) == first
 
 
+def test_a_default_device_elsewhere_changes_nothing():
+    """Built and iterated under another default device (``torch.set_default_device`` or a
+    ``torch.device`` context, as large-model code sets), the sampler's tensors stay on the
+    host and the order is the same."""
+    dataset = random_dataset(random.Random(7), 6, 50)
+    expected = list(EquiBatchSampler(dataset, 6, seed=3))
+    with torch.device("meta"):
+        sampler = EquiBatchSampler(dataset, 6, seed=3)
+        assert list(sampler) == expected
+
+
 def test_with_dataloader_every_batch_sees_every_class():
     num_classes, dataset = 5, random_dataset(random.Random(3), 5, 80)
     occurring = {c for classes in dataset for c in classes}

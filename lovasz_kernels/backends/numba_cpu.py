@@ -777,7 +777,7 @@ def lovasz_loss(
         grad = np.zeros(values.shape, dtype=values.dtype)
         total = 0.0
     return (
-        torch.tensor(total, dtype=torch.float64),
+        torch.tensor(total, dtype=torch.float64, device=scores.device),
         torch.from_numpy(grad).to(_compute_dtype(scores.dtype)),
     )
 

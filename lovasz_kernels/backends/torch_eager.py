@@ -102,9 +102,9 @@ def _sort_descending(keys: torch.Tensor, keys_sorted: torch.Tensor, order: torch
         # padded with the largest integer: the sort is stable, so every pixel, even one
         # whose complemented key is that integer too, comes before the padding
         padded = torch.full((RADIX_SORT_MIN_PIXELS,), torch.iinfo(keys.dtype).max,
-                            dtype=keys.dtype)
+                            dtype=keys.dtype, device=keys.device)
         padded_sorted = torch.empty_like(padded)
-        padded_order = torch.empty(RADIX_SORT_MIN_PIXELS, dtype=order.dtype)
+        padded_order = torch.empty(RADIX_SORT_MIN_PIXELS, dtype=order.dtype, device=keys.device)
         for row in range(keys.shape[0]):
             padded[:num_pixels] = keys[row]
             torch.sort(padded, stable=True, out=(padded_sorted, padded_order))
