@@ -601,7 +601,7 @@ def dataset_miou(
         )[0]
         total = counts if total is None else total + counts
     if total is None:  # no label map at all
-        total = torch.zeros(3, num_classes, dtype=torch.int64)
+        total = torch.zeros(3, num_classes, dtype=torch.int64, device="cpu")
     return _mean_over_classes(_iou(total, zero_division, ignore_index), total)
 
 
