@@ -230,12 +230,11 @@ def _weights_from_counts(
     weight = counted.to(torch.float64)
     if class_weights is not None:
         weight = weight * class_weights
-    # the weighted mean over each group's classes, then the mean over groups that count
+    # the weighted mean over each group's classes, then the mean over groups that count (a
+    # group with total 0 has only weights 0, which stay 0 divided by the clamped total)
     group_total = weight.sum(dim=1, keepdim=True)
-    group_counts = group_total > 0
-    groups_counted = group_counts.sum().clamp_min(1)
-    weight = torch.where(group_counts, weight / group_total.clamp_min(1e-300), 0.0)
-    return (weight / groups_counted).reshape(-1)
+    groups_counted = (group_total > 0).sum().clamp_min(1)
+    return weight.div_(group_total.clamp_min(1e-300)).div_(groups_counted).reshape(-1)
 
 
 def _class_counts(
