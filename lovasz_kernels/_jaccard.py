@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from lovasz_kernels._masked import as_bytes, one_where_
+
 
 def count_dtype(num_pixels: int, dtype: torch.dtype) -> torch.dtype:
     """The type that holds a segment's pixel counts exactly: ``dtype`` itself while every
@@ -77,8 +79,8 @@ def jaccard_increments(
     if counts is None:
         counts = torch.empty(gt_sorted.shape, dtype=count_dtype(num_pixels, dtype), device=device)
     # copied, then summed in place: a cumulative sum that converts the labels itself makes a
-    # converted copy of them first
-    cumsum_rows_(counts.copy_(gt_sorted))
+    # converted copy of them first (copied from their bytes: a copy from bool is a scalar loop)
+    cumsum_rows_(counts.copy_(as_bytes(gt_sorted)))
     n_fg = counts[..., -1:].clone()
     position = torch.arange(1, num_pixels + 1, device=device, dtype=counts.dtype)  # k + 1
     # everything in place in ``counts`` and ``out``: every pass is one wake-up of the thread
@@ -90,8 +92,8 @@ def jaccard_increments(
     # 1/U_k on foreground, I_k/(U_k (U_k − 1)) on background: the numerator and the second
     # factor of the denominator are integers picked per pixel, the product and the quotient
     # one rounding each
-    increments.mul_(counts.sub_(1).masked_fill_(gt_sorted, 1))
-    counts.sub_(position.sub_(1)).masked_fill_(gt_sorted, 1)  # I_k = (U_k - 1) - k
+    increments.mul_(one_where_(counts.sub_(1), gt_sorted))
+    one_where_(counts.sub_(position.sub_(1)), gt_sorted)  # I_k = (U_k - 1) - k
     torch.div(counts, increments, out=increments)
     # U_k = 1 happens only at k = 0 when n_fg = 0: the first mistake alone costs the full loss
     # (0/0 above, the only NaN: U_k >= 2 everywhere else)

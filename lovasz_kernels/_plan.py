@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from lovasz_kernels._masked import negate_where_, select
 from lovasz_kernels._validate import compute_dtype, valid_pixels
 
 ExtensionFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -332,7 +333,7 @@ def segment_errors(
     # values allow (each one more page-faulted array in every chunk of the call)
     errors = torch.rsub(segment_scores, 1)
     background = segment_scores + plan.bg_offset if plan.bg_offset else segment_scores
-    errors = torch.where(fg, errors, background, out=errors)
+    errors = select(fg, errors, background, out=errors)
     del background
     if plan.ignore_index is not None:
         ignored = ~valid_pixels(segment_labels, plan.ignore_index)
@@ -354,7 +355,7 @@ def sign_segment_grad(
     / d score is -1 on foreground), in place: ``error_grad`` itself."""
     stop = start + error_grad.shape[0]
     weight = plan.weight[start:stop, None].to(error_grad.dtype)
-    return error_grad.mul_(torch.where(fg, -weight, weight))
+    return negate_where_(error_grad.mul_(weight), fg)
 
 
 def write_segment_grad(

@@ -1,0 +1,88 @@
+"""The masked updates of lovasz_kernels._masked: the arithmetic the CPU gets for large arrays
+gives what torch's own ops give, value for value, on both sides of the size threshold."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lovasz_kernels import _masked
+from lovasz_kernels._jaccard import jaccard_increments
+
+LARGE = _masked.ARITHMETIC_MIN_ELEMENTS
+SMALL = _masked.ARITHMETIC_MIN_ELEMENTS // 4
+
+
+def _finite_values(gen, shape, dtype=torch.float32):
+    values = torch.randn(shape, generator=gen, dtype=torch.float64) * 10
+    values.view(-1)[:8] = torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-30, -1e30, 3e38, -3e38])
+    return values.to(dtype)
+
+
+@pytest.mark.parametrize("columns", [SMALL, LARGE])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_select_is_where(gen, columns, dtype):
+    mask = torch.rand(3, columns, generator=gen) < 0.5
+    if_true = _finite_values(gen, (3, columns), dtype)
+    if_false = _finite_values(gen, (3, columns), dtype)
+    expected = torch.where(mask, if_true, if_false)
+    out = if_true.clone()  # the caller's pattern: the result overwrites if_true
+    got = _masked.select(mask, out, if_false, out=out)
+    assert got is out
+    assert torch.equal(got, expected)
+    # the same values; only a picked -0.0 may come out +0.0
+    bits = torch.int64 if dtype == torch.float64 else torch.int32
+    differing_bits = got.view(bits) != expected.view(bits)
+    assert bool((expected[differing_bits] == 0).all())
+
+
+def test_select_broadcasts_a_column(gen):
+    """segment_errors picks between a full array and one shifted by a constant; a (k, 1)
+    column must broadcast too."""
+    mask = torch.rand(4, LARGE, generator=gen) < 0.3
+    if_true = torch.rand(4, LARGE, generator=gen)
+    column = torch.rand(4, 1, generator=gen)
+    expected = torch.where(mask, if_true, column)
+    assert torch.equal(_masked.select(mask, if_true.clone(), column, out=if_true.clone()), expected)
+
+
+@pytest.mark.parametrize("columns", [SMALL, LARGE])
+def test_negate_where(gen, columns):
+    mask = torch.rand(2, columns, generator=gen) < 0.5
+    values = _finite_values(gen, (2, columns))
+    values.view(-1)[:2] = torch.tensor([1.5e38, -1.5e38])  # 2v overflows, -v does not
+    values[mask & ~torch.isfinite(2 * values)] = 1.0  # 2v must stay finite: v - 2v = -v
+    expected = torch.where(mask, -values, values)
+    got = _masked.negate_where_(values.clone(), mask)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("columns", [SMALL, LARGE])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int32, torch.int64])
+def test_one_where_on_counts(gen, columns, dtype):
+    mask = torch.rand(3, columns, generator=gen) < 0.5
+    top = 2**24 if dtype == torch.float32 else 2**30
+    values = torch.randint(-5, top, (3, columns), generator=gen).to(dtype)
+    expected = values.masked_fill(mask, 1)
+    got = _masked.one_where_(values.clone(), mask)
+    assert got.dtype == dtype
+    assert torch.equal(got, expected)
+
+
+def test_one_where_takes_a_non_contiguous_mask(gen):
+    mask = (torch.rand(LARGE, 3, generator=gen) < 0.5).t()
+    values = torch.randint(0, 1000, (3, LARGE), generator=gen).float()
+    assert torch.equal(_masked.one_where_(values.clone(), mask), values.masked_fill(mask, 1))
+
+
+def test_increments_equal_on_both_sides_of_the_threshold(gen, monkeypatch):
+    """Algorithm 1's increments come out bit for bit the same whichever way the counts are
+    masked: forced to the branchy op, then to the arithmetic."""
+    gt = torch.rand(4, LARGE, generator=gen) < 0.4
+    gt[1] = False  # no foreground: the 0/0 at k = 0
+    gt[2] = True
+    arithmetic = jaccard_increments(gt, torch.float32)
+    monkeypatch.setattr(_masked, "ARITHMETIC_MIN_ELEMENTS", 1 << 62)
+    branchy = jaccard_increments(gt, torch.float32)
+    assert torch.equal(arithmetic.view(torch.int32), branchy.view(torch.int32))
+    assert not torch.isnan(arithmetic).any()
