@@ -343,3 +343,36 @@ def test_torch_backend_radix_sorts_long_rows_to_the_same_answer(gen, monkeypatch
     ref_loss, ref_grad = _reference(long_errors, long_fg)
     assert_close_report(loss, ref_loss, LOSS_TOLERANCE[dtype], "radix-sorted loss")
     assert_close_report(grad, ref_grad, GRAD_TOLERANCE[dtype], "radix-sorted grad")
+
+
+def test_torch_backend_runs_long_rows_one_at_a_time(gen, monkeypatch):
+    """Radix-sorted rows of at least ``ROW_BY_ROW_MIN_PIXELS`` go through the extension one
+    by one, with one row's work arrays: the chunk-at-once answer bit for bit, with less than
+    half its temporaries for four rows."""
+    import lovasz_kernels.backends.torch_eager as torch_eager
+
+    errors = torch.randn(4, 1 << 16, generator=gen)
+    errors[0, :20] = -0.0
+    errors[1, -30:] = -torch.inf
+    errors[3] = errors[3].round(decimals=1)  # ties
+    fg = torch.rand(errors.shape, generator=gen) < 0.3
+    fg[2] = False  # no foreground: the first mistake costs the whole loss
+    backend = get_backend("torch")
+
+    def run_and_measure():
+        backend.run(errors, fg)  # first-call allocations are not the call's
+        per_pixel = peak_allocated_bytes(lambda: backend.run(errors, fg)) / errors.numel()
+        return backend.run(errors, fg), per_pixel
+
+    blocks = []
+    real_block = torch_eager._extension_block
+    monkeypatch.setattr(torch_eager, "_extension_block",
+                        lambda e, *args: blocks.append(e.shape[0]) or real_block(e, *args))
+    whole, whole_bytes = run_and_measure()
+    assert set(blocks) == {4}  # under the minimum: the chunk at once
+    blocks.clear()
+    monkeypatch.setattr(torch_eager, "ROW_BY_ROW_MIN_PIXELS", 1 << 16)
+    by_row, by_row_bytes = run_and_measure()
+    assert set(blocks) == {1}
+    assert torch.equal(by_row[0], whole[0]) and torch.equal(by_row[1], whole[1])
+    assert whole_bytes >= 21 and by_row_bytes <= whole_bytes / 2

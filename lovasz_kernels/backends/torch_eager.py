@@ -10,6 +10,10 @@ from lovasz_kernels._plan import chunk_floor_bytes, rows_at_least_threads
 from lovasz_kernels._validate import compute_dtype
 
 _SAME_WIDTH_INT = {torch.float32: torch.int32, torch.float64: torch.int64}
+#: a chunk's work arrays (:func:`_extension_block`), widest first: the sort's order, the
+#: sorted keys, the increments, the sorted labels
+_WORK_DTYPES = {dtype: (torch.int64, _SAME_WIDTH_INT[dtype], dtype, torch.bool)
+                for dtype in _SAME_WIDTH_INT}
 #: a chunk's temporaries per pixel, float32, besides the inputs and the gradient: the block
 #: (int64 order, sorted keys, increments, sorted labels), plus one for what each row adds
 #: (torch.sort's index row, the positions 1..P, a column block of the float64 loss sum)
@@ -113,7 +117,31 @@ def _sort_descending(keys: torch.Tensor, keys_sorted: torch.Tensor, order: torch
     keys_sorted.bitwise_not_()
 
 
+# From this many pixels a row's work arrays pass the CPU's last-level cache, and rows go
+# through the extension one at a time (see _extension_rows)
+ROW_BY_ROW_MIN_PIXELS = 1 << 20
+
+
 def _extension_rows(errors: torch.Tensor, fg: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The float64 losses of some segments, their gradient written into ``grad``.
+
+    Radix-sorted rows of at least ``ROW_BY_ROW_MIN_PIXELS`` (sorted one by one anyway) go
+    through :func:`_extension_block` one at a time, reusing one row's work arrays: 17 bytes
+    per pixel of one row, not of every row (1024² x 2: 5.4x the input against 7.5x), and
+    faster there (each pass over one row stays in cache). Shorter rows keep one pass over the
+    chunk: the cumulative sum, gather and scatter of one row run on one thread, where the
+    chunk's rows run in parallel (row by row cost 15% more at 262k-pixel rows)."""
+    num_rows, num_pixels = errors.shape
+    if num_rows == 1 or num_pixels < ROW_BY_ROW_MIN_PIXELS or not _radix_sorted(errors):
+        return _extension_block(errors, fg, grad)
+    work = _work_arrays(errors[:1].shape, _WORK_DTYPES[grad.dtype], errors.device)
+    return torch.cat([_extension_block(errors[row:row + 1], fg[row:row + 1],
+                                       grad[row:row + 1], work)
+                      for row in range(num_rows)])
+
+
+def _extension_block(errors: torch.Tensor, fg: torch.Tensor, grad: torch.Tensor,
+                     work: list[torch.Tensor] | None = None) -> torch.Tensor:
     """The float64 losses of some segments, their gradient written into ``grad`` (contiguous).
 
     Errors ≤ 0 (``-inf`` padding included) neither add to the loss nor get a gradient, and
@@ -135,8 +163,8 @@ def _extension_rows(errors: torch.Tensor, fg: torch.Tensor, grad: torch.Tensor) 
     dtype = grad.dtype
     shape = errors.shape
     torch.clamp(errors.to(dtype), min=0, out=grad)
-    order, keys_sorted, increments, labels_sorted = _work_arrays(
-        shape, (torch.int64, _SAME_WIDTH_INT[dtype], dtype, torch.bool), errors.device)
+    order, keys_sorted, increments, labels_sorted = (
+        work or _work_arrays(shape, _WORK_DTYPES[dtype], errors.device))
     _sort_descending(grad.view(_SAME_WIDTH_INT[dtype]), keys_sorted, order)
     errors_sorted = keys_sorted.view(dtype)
     torch.gather(fg, 1, order, out=labels_sorted)
