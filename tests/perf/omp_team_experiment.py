@@ -1,6 +1,6 @@
 """An experiment, not a feature: the numba tasks run on torch's own OpenMP team.
 
-    python tests/perf/omp_team_experiment.py [--rounds 15]
+    python tests/perf/omp_team_experiment.py [--rounds 15] [--scratch-per-os-thread]
 
 Linux, a torch built with GNU OpenMP only. After any parallel torch op, torch's idle OpenMP
 threads spin for milliseconds; the numba backend's pool threads then share a core with them.
@@ -11,7 +11,8 @@ rounds, each call right after a torch op, as in a training step, and the medians
 
 What it leaves out, and why it is not the backend's code: scratch arrays are per Python
 thread, and a callback thread's state lasts one call, so tasks on the OpenMP threads get fresh
-scratch every call; several Python threads calling at once, ``fork``, ``torch.set_num_threads``
+scratch every call (``--scratch-per-os-thread`` keys the scratch by the OS thread instead, for
+every variant); several Python threads calling at once, ``fork``, ``torch.set_num_threads``
 and other OpenMP runtimes are not handled.
 """
 
@@ -35,10 +36,33 @@ def _torch_gomp():
     return ctypes.CDLL(found[0]) if found else None
 
 
+class _ScratchPerOsThread:
+    """Stands in for the scratch module's ``threading.local``: attributes kept per OS thread,
+    so an OpenMP thread finds its arrays again on its next callback."""
+
+    def __init__(self):
+        object.__setattr__(self, "_by_thread", {})
+
+    def __getattr__(self, name):
+        import threading
+
+        return self._by_thread.get((threading.get_native_id(), name))
+
+    def __setattr__(self, name, value):
+        import threading
+
+        self._by_thread[(threading.get_native_id(), name)] = value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--scratch-per-os-thread", action="store_true")
     args = parser.parse_args()
+    if args.scratch_per_os_thread:
+        from lovasz_kernels import _scratch
+
+        _scratch._cache = _ScratchPerOsThread()
 
     import torch
 
