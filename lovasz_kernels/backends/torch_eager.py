@@ -117,8 +117,8 @@ def _sort_descending(keys: torch.Tensor, keys_sorted: torch.Tensor, order: torch
     keys_sorted.bitwise_not_()
 
 
-# From this many pixels a row's work arrays pass the CPU's last-level cache, and rows go
-# through the extension one at a time (see _extension_rows)
+# Radix-sorted rows from this many pixels go through the extension one at a time (see
+# _extension_rows): measured faster from a million pixels, slower at 262k
 ROW_BY_ROW_MIN_PIXELS = 1 << 20
 
 
