@@ -293,6 +293,22 @@ def test_generic_chunks_are_at_least_the_devices_floor(device, floor):
     assert segments_per_chunk(plan, scores) == expected
 
 
+def _record_torch_sorts(monkeypatch) -> list[tuple[int, bool]]:
+    """A list that each ``torch.sort`` the torch backend calls appends its (dims, descending)
+    to."""
+    import lovasz_kernels.backends.torch_eager as torch_eager
+
+    sorts = []
+    real_sort = torch.sort
+
+    def counting_sort(values, *args, **kwargs):
+        sorts.append((values.dim(), kwargs.get("descending", False)))
+        return real_sort(values, *args, **kwargs)
+
+    monkeypatch.setattr(torch_eager.torch, "sort", counting_sort)
+    return sorts
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_torch_backend_radix_sorts_long_rows_to_the_same_answer(gen, monkeypatch, dtype):
     """Rows of at least half ``RADIX_SORT_MIN_PIXELS`` are sorted one by one, ascending on
@@ -307,14 +323,7 @@ def test_torch_backend_radix_sorts_long_rows_to_the_same_answer(gen, monkeypatch
     errors[2, ::9] = 0.0
     fg = torch.rand(errors.shape, generator=gen) < 0.3
     backend = get_backend("torch")
-    sorts = []
-    real_sort = torch.sort
-
-    def counting_sort(values, *args, **kwargs):
-        sorts.append((values.dim(), kwargs.get("descending", False)))
-        return real_sort(values, *args, **kwargs)
-
-    monkeypatch.setattr(torch_eager.torch, "sort", counting_sort)
+    sorts = _record_torch_sorts(monkeypatch)
     compared = backend.run(errors, fg)
     assert sorts == [(2, True)]  # rows under the radix sort's minimum: one 2-D sort
     sorts.clear()
@@ -334,8 +343,7 @@ def test_torch_backend_radix_sorts_long_rows_to_the_same_answer(gen, monkeypatch
     assert torch.equal(errors.isneginf().sum(), torch.tensor(30))  # the input is untouched
 
     monkeypatch.undo()
-    monkeypatch.setattr(torch_eager.torch, "sort", counting_sort)
-    sorts.clear()
+    sorts = _record_torch_sorts(monkeypatch)
     long_errors = distinct_float32(torch_eager.RADIX_SORT_MIN_PIXELS, gen).to(dtype)
     long_fg = torch.rand(long_errors.shape, generator=gen) < 0.3
     loss, grad = backend.run(long_errors, long_fg)
@@ -343,6 +351,36 @@ def test_torch_backend_radix_sorts_long_rows_to_the_same_answer(gen, monkeypatch
     ref_loss, ref_grad = _reference(long_errors, long_fg)
     assert_close_report(loss, ref_loss, LOSS_TOLERANCE[dtype], "radix-sorted loss")
     assert_close_report(grad, ref_grad, GRAD_TOLERANCE[dtype], "radix-sorted grad")
+
+
+def test_torch_backend_radix_sorts_lone_shorter_rows(gen, monkeypatch):
+    """Rows under half ``RADIX_SORT_MIN_PIXELS`` are padded and radix-sorted only when there
+    are no more of them than threads and they have ``LONE_ROW_RADIX_MIN_PIXELS`` pixels:
+    the comparison sort's answer, bit for bit."""
+    import lovasz_kernels.backends.torch_eager as torch_eager
+
+    monkeypatch.setattr(torch_eager, "RADIX_SORT_MIN_PIXELS", 1024)
+    monkeypatch.setattr(torch_eager, "LONE_ROW_RADIX_MIN_PIXELS", 300)
+    monkeypatch.setattr(torch_eager.torch, "get_num_threads", lambda: 2)
+    decide = torch_eager._radix_sorted
+    assert decide(torch.empty(2, 300))  # as many rows as threads
+    assert not decide(torch.empty(3, 300))  # more rows: the 2-D sort runs them in parallel
+    assert not decide(torch.empty(1, 299))  # too short
+    assert decide(torch.empty(5, 512))  # half the grain size: any number of rows
+    assert not decide(torch.empty(1, 300, device="meta"))  # the CPU only
+
+    errors = tie_free_errors((1, 400), torch.float32, gen)
+    errors[0, :20] = -0.0
+    errors[0, -30:] = -torch.inf
+    fg = torch.rand(errors.shape, generator=gen) < 0.3
+    backend = get_backend("torch")
+    sorts = _record_torch_sorts(monkeypatch)
+    radix = backend.run(errors, fg)
+    assert sorts == [(1, False)]
+    monkeypatch.setattr(torch_eager, "LONE_ROW_RADIX_MIN_PIXELS", 401)
+    compared = backend.run(errors, fg)
+    assert sorts == [(1, False), (2, True)]
+    assert torch.equal(radix[0], compared[0]) and torch.equal(radix[1], compared[1])
 
 
 def test_torch_backend_runs_long_rows_one_at_a_time(gen, monkeypatch):

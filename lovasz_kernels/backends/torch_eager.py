@@ -1,5 +1,6 @@
 """The ``torch`` backend: eager PyTorch, CPU and CUDA, one batched sort for all segments (on
-the CPU, rows of 16384 pixels or more get one radix sort each)."""
+the CPU, rows of 16384 pixels or more, or of 9216 when no more rows than threads, get one
+radix sort each)."""
 
 from __future__ import annotations
 
@@ -77,15 +78,27 @@ def lovasz_extension(errors: torch.Tensor, fg: torch.Tensor) -> tuple[torch.Tens
 # PyTorch sorts a 1-D integer array of at least this many values (its grain size) in
 # ascending order with a parallel radix sort on the CPU; a descending or a 2-D sort is a
 # comparison sort. Row by row, radix-sorted: 4-5x faster per 262k-pixel row on the
-# development VM, 2-3x for a whole 512² x 21 or 1024² x 2 sort. Rows of at least half as
-# many pixels are padded up to it: 2x faster at 16384 pixels there, 2.6x slower at 8192
-# (tests/perf/torch_sorts.py).
+# development VM, 2-3x for a whole 512² x 21 or 1024² x 2 sort. Shorter rows are padded up to
+# it, which costs about as much as sorting a full one: worth it from half as many pixels
+# (1.0-1.8x faster at 16384 pixels, whatever the rows), and for rows no more than the threads
+# (which a 2-D comparison sort would leave idle) from LONE_ROW_RADIX_MIN_PIXELS: the sort
+# 1.15-1.4x faster at 10240-12288 pixels in one or two rows, 0.5-1.0x at 4096-8192; a whole
+# hinge loss 0.74-0.89x the time at 12288-12544 pixels, 0.93-0.95x at 96²-100², either way at
+# 90² (tests/perf/torch_sorts.py, with fresh keys every call: a comparison sort of the same
+# keys over and over runs 2-4x faster at a few thousand pixels than on new ones, as in
+# training).
 RADIX_SORT_MIN_PIXELS = 32768
+LONE_ROW_RADIX_MIN_PIXELS = 96 * 96
 
 
 def _radix_sorted(rows: torch.Tensor) -> bool:
     """Whether the rows of an (S, P) array of this shape and device are radix-sorted."""
-    return rows.device.type == "cpu" and 2 * rows.shape[1] >= RADIX_SORT_MIN_PIXELS
+    if rows.device.type != "cpu":
+        return False
+    num_rows, num_pixels = rows.shape
+    if 2 * num_pixels >= RADIX_SORT_MIN_PIXELS:
+        return True
+    return num_rows <= torch.get_num_threads() and num_pixels >= LONE_ROW_RADIX_MIN_PIXELS
 
 
 def _sort_descending(keys: torch.Tensor, keys_sorted: torch.Tensor, order: torch.Tensor) -> None:
