@@ -16,7 +16,8 @@
 # cross-check), then peak memory over the bench grid (tests/perf/gpu_memory.py), the goal
 # timings with CUDA events (lovasz-kernels bench --device cuda: triton against one torch.sort
 # of the keys it sorts, the torch backend and the per-class loop), each sort strategy of the
-# triton backend, then NCCL with a world size of 1.
+# triton backend, then NCCL with a world size of 1, and last the torch backend's CPU sorts on
+# this machine's many cores (its rules for radix-sorted rows were measured on 2).
 set -u
 START=$SECONDS
 BUDGET="${BUDGET:-450}"
@@ -27,7 +28,7 @@ SKIP=" ${SKIP:-} "
 MEMORY_BUDGET="${MEMORY_BUDGET:-100}"
 STEPS="00_environment 01_tests_gpu_real_sizes 01_tests_triton 02_tests_cuda 03_check_cuda
 04_memory 05_goal_2e20x21_fp32 06_goal_8x512sq_x21 07_fp16_2e20x21 08_sort_strategies
-09_nccl_exact 09_nccl_histogram"
+09_nccl_exact 09_nccl_histogram 10_cpu_sorts"
 # a misspelt step name would silently run the step: refuse it before any work
 for name in $SKIP; do
   if [[ " $(echo $STEPS) " != *" $name "* ]]; then
@@ -149,6 +150,9 @@ for mode in exact histogram; do
     examples/ddp_train.py --steps 3 --dist-mode "$mode"
 done
 
+# ------------------------------------------------- CPU: the torch backend's sorts, many cores
+step 10_cpu_sorts 60 30 "$PY" tests/perf/torch_sorts.py --rounds 20
+
 # ------------------------------------------------------------------------ results and logs
 "$PY" - "$OUT" <<'EOF' || true
 import glob, json, os, re, sys
@@ -177,5 +181,6 @@ cat "$SUMMARY"
 for log in "$OUT"/logs/0[1-3]_*.log; do
   [ -f "$log" ] && echo "$(basename "$log" .log): $(grep -E '[0-9]+ (passed|failed)' "$log" | tail -n 1)"
 done
-cat "$OUT"/logs/04_memory.log "$OUT"/logs/08_sort_strategies.log 2>/dev/null
+cat "$OUT"/logs/04_memory.log "$OUT"/logs/08_sort_strategies.log "$OUT"/logs/10_cpu_sorts.log \
+  2>/dev/null
 grep -h -A12 "median of" "$OUT"/logs/0[5-7]_*.log 2>/dev/null | grep -E "^(triton|torch|loop|torch.sort|lovasz)" | head -n 40

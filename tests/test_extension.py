@@ -354,20 +354,26 @@ def test_torch_backend_radix_sorts_long_rows_to_the_same_answer(gen, monkeypatch
 
 
 def test_torch_backend_radix_sorts_lone_shorter_rows(gen, monkeypatch):
-    """Rows under half ``RADIX_SORT_MIN_PIXELS`` are padded and radix-sorted only when there
-    are no more of them than threads and they have ``LONE_ROW_RADIX_MIN_PIXELS`` pixels:
-    the comparison sort's answer, bit for bit."""
+    """Rows under half ``RADIX_SORT_MIN_PIXELS`` are padded and radix-sorted only when they
+    fit in one of its grains (the 2-D sort would run them on one thread) and have
+    ``LONE_ROW_RADIX_MIN_PIXELS`` pixels (more with one thread): the comparison sort's
+    answer, bit for bit."""
     import lovasz_kernels.backends.torch_eager as torch_eager
 
     monkeypatch.setattr(torch_eager, "RADIX_SORT_MIN_PIXELS", 1024)
     monkeypatch.setattr(torch_eager, "LONE_ROW_RADIX_MIN_PIXELS", 300)
-    monkeypatch.setattr(torch_eager.torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(torch_eager, "LONE_ROW_RADIX_MIN_PIXELS_ONE_THREAD", 350)
+    threads = {"count": 2}
+    monkeypatch.setattr(torch_eager.torch, "get_num_threads", lambda: threads["count"])
     decide = torch_eager._radix_sorted
-    assert decide(torch.empty(2, 300))  # as many rows as threads
-    assert not decide(torch.empty(3, 300))  # more rows: the 2-D sort runs them in parallel
+    assert decide(torch.empty(3, 300))  # 900 values: one grain
+    assert not decide(torch.empty(4, 300))  # 1200: the 2-D sort runs them in parallel
     assert not decide(torch.empty(1, 299))  # too short
     assert decide(torch.empty(5, 512))  # half the grain size: any number of rows
     assert not decide(torch.empty(1, 300, device="meta"))  # the CPU only
+    threads["count"] = 1
+    assert not decide(torch.empty(1, 300)) and decide(torch.empty(2, 350))
+    threads["count"] = 2
 
     errors = tie_free_errors((1, 400), torch.float32, gen)
     errors[0, :20] = -0.0

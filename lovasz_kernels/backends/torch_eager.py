@@ -1,6 +1,6 @@
 """The ``torch`` backend: eager PyTorch, CPU and CUDA, one batched sort for all segments (on
-the CPU, rows of 16384 pixels or more, or of 9216 when no more rows than threads, get one
-radix sort each)."""
+the CPU, rows of 16384 pixels or more, or of 9216 when the comparison sort would run them on
+one thread, get one radix sort each)."""
 
 from __future__ import annotations
 
@@ -80,15 +80,19 @@ def lovasz_extension(errors: torch.Tensor, fg: torch.Tensor) -> tuple[torch.Tens
 # comparison sort. Row by row, radix-sorted: 4-5x faster per 262k-pixel row on the
 # development VM, 2-3x for a whole 512² x 21 or 1024² x 2 sort. Shorter rows are padded up to
 # it, which costs about as much as sorting a full one: worth it from half as many pixels
-# (1.0-1.8x faster at 16384 pixels, whatever the rows), and for rows no more than the threads
-# (which a 2-D comparison sort would leave idle) from LONE_ROW_RADIX_MIN_PIXELS: the sort
-# 1.15-1.4x faster at 10240-12288 pixels in one or two rows, 0.5-1.0x at 4096-8192; a whole
-# hinge loss 0.74-0.89x the time at 12288-12544 pixels, 0.93-0.95x at 96²-100², either way at
-# 90² (tests/perf/torch_sorts.py, with fresh keys every call: a comparison sort of the same
-# keys over and over runs 2-4x faster at a few thousand pixels than on new ones, as in
-# training).
+# (1.1-2.1x faster at 16384 pixels on 2 threads, 1.5x on one, whatever the rows).
 RADIX_SORT_MIN_PIXELS = 32768
+# The 2-D sort hands its rows to threads in tasks of one grain of values: rows that fit in one
+# grain run on one thread, however many there are (measured: 2 x 12288 took twice 1 x 12288,
+# 3 x 12288 not much more than 2). There the padded radix sort pays from this many pixels:
+# the sort 1.1-1.6x faster at 9216-12288 pixels on 2 threads, 0.8-1.2x at 8192, and a whole
+# hinge loss 0.74-0.89x the time at 12288-12544 pixels, 0.84-0.95x at 96²-100², either way at
+# 90². With one thread, whose radix sort is not parallel either, from the second constant
+# (1.2x at 12288, 0.9x at 9216). tests/perf/torch_sorts.py, with fresh keys every call: a
+# comparison sort of the same keys over and over runs 2-4x faster at a few thousand pixels
+# than on new ones, as in training.
 LONE_ROW_RADIX_MIN_PIXELS = 96 * 96
+LONE_ROW_RADIX_MIN_PIXELS_ONE_THREAD = 12288
 
 
 def _radix_sorted(rows: torch.Tensor) -> bool:
@@ -98,7 +102,10 @@ def _radix_sorted(rows: torch.Tensor) -> bool:
     num_rows, num_pixels = rows.shape
     if 2 * num_pixels >= RADIX_SORT_MIN_PIXELS:
         return True
-    return num_rows <= torch.get_num_threads() and num_pixels >= LONE_ROW_RADIX_MIN_PIXELS
+    if num_rows * num_pixels > RADIX_SORT_MIN_PIXELS:  # the 2-D sort runs them in parallel
+        return False
+    return num_pixels >= (LONE_ROW_RADIX_MIN_PIXELS if torch.get_num_threads() > 1
+                          else LONE_ROW_RADIX_MIN_PIXELS_ONE_THREAD)
 
 
 def _sort_descending(keys: torch.Tensor, keys_sorted: torch.Tensor, order: torch.Tensor) -> None:

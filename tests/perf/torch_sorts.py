@@ -72,22 +72,25 @@ def _loss_medians_ms(batch: int, side: int, per_image: bool, rounds: int,
     inputs = [(torch.randn(batch, side, side, generator=gen),
                (torch.rand(batch, side, side, generator=gen) < 0.3).long())
               for _ in range(KEY_SETS)]
-    rule = torch_eager.LONE_ROW_RADIX_MIN_PIXELS
+    names = ("LONE_ROW_RADIX_MIN_PIXELS", "LONE_ROW_RADIX_MIN_PIXELS_ONE_THREAD")
+    rule = tuple(getattr(torch_eager, name) for name in names)
 
-    def backend(lone_row_min_pixels):
+    def backend(minimums):
         def call(logits, masks):
-            torch_eager.LONE_ROW_RADIX_MIN_PIXELS = lone_row_min_pixels
+            for name, value in zip(names, minimums):
+                setattr(torch_eager, name, value)
             try:
                 lovasz_hinge(logits.clone().requires_grad_(), masks, per_image=per_image,
                              backend="torch").backward()
             finally:
-                torch_eager.LONE_ROW_RADIX_MIN_PIXELS = rule
+                for name, value in zip(names, rule):
+                    setattr(torch_eager, name, value)
         return call
 
     def loop(logits, masks):
         per_image_loop_lovasz_hinge(logits.clone().requires_grad_(), masks, per_image).backward()
 
-    calls = {"with the rule": backend(rule), "without": backend(1 << 62), "loop": loop}
+    calls = {"with the rule": backend(rule), "without": backend((1 << 62,) * 2), "loop": loop}
     samples: dict[str, list[float]] = {name: [] for name in calls}
     for round_index in range(-KEY_SETS, rounds):  # one untimed pass over the inputs first
         for offset, (name, call) in enumerate(calls.items()):
