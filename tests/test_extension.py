@@ -333,9 +333,16 @@ def test_torch_backend_radix_sorts_long_rows_to_the_same_answer(gen, monkeypatch
     assert torch.equal(radix[0], compared[0]) and torch.equal(radix[1], compared[1])
     sorts.clear()
     monkeypatch.setattr(torch_eager, "RADIX_SORT_MIN_PIXELS", 600)  # rows padded to 600
-    padded = backend.run(errors, fg)
-    assert sorts == [(1, False)] * 3
-    assert torch.equal(padded[0], compared[0]) and torch.equal(padded[1], compared[1])
+    # float64 keys are padded only where the rows fit in one grain of 600 values
+    rows = 2 if dtype == torch.float64 else 3
+    padded = backend.run(errors[:rows], fg[:rows])
+    assert sorts == [(1, False)] * rows
+    assert torch.equal(padded[0], compared[0][:rows])
+    assert torch.equal(padded[1], compared[1][:rows])
+    if dtype == torch.float64:
+        sorts.clear()
+        backend.run(errors, fg)
+        assert sorts == [(2, True)]
     monkeypatch.setattr(torch_eager, "RADIX_SORT_MIN_PIXELS", 601)  # under half: compared
     sorts.clear()
     backend.run(errors, fg)
@@ -356,8 +363,8 @@ def test_torch_backend_radix_sorts_long_rows_to_the_same_answer(gen, monkeypatch
 def test_torch_backend_radix_sorts_lone_shorter_rows(gen, monkeypatch):
     """Rows under half ``RADIX_SORT_MIN_PIXELS`` are padded and radix-sorted only when they
     fit in one of its grains (the 2-D sort would run them on one thread) and have
-    ``LONE_ROW_RADIX_MIN_PIXELS`` pixels (more with one thread): the comparison sort's
-    answer, bit for bit."""
+    ``LONE_ROW_RADIX_MIN_PIXELS`` pixels (more with one thread; float64 keys only from half
+    the grain): the comparison sort's answer, bit for bit."""
     import lovasz_kernels.backends.torch_eager as torch_eager
 
     monkeypatch.setattr(torch_eager, "RADIX_SORT_MIN_PIXELS", 1024)
@@ -371,6 +378,11 @@ def test_torch_backend_radix_sorts_lone_shorter_rows(gen, monkeypatch):
     assert not decide(torch.empty(1, 299))  # too short
     assert decide(torch.empty(5, 512))  # half the grain size: any number of rows
     assert not decide(torch.empty(1, 300, device="meta"))  # the CPU only
+    # float64 keys: padded from half the grain, and only within one grain
+    assert not decide(torch.empty(1, 511, dtype=torch.float64))
+    assert decide(torch.empty(2, 512, dtype=torch.float64))
+    assert not decide(torch.empty(3, 512, dtype=torch.float64))
+    assert decide(torch.empty(3, 1024, dtype=torch.float64))  # a full grain: any rows
     threads["count"] = 1
     assert not decide(torch.empty(1, 300)) and decide(torch.empty(2, 350))
     threads["count"] = 2

@@ -80,7 +80,7 @@ def lovasz_extension(errors: torch.Tensor, fg: torch.Tensor) -> tuple[torch.Tens
 # comparison sort. Row by row, radix-sorted: 4-5x faster per 262k-pixel row on the
 # development VM, 2-3x for a whole 512² x 21 or 1024² x 2 sort. Shorter rows are padded up to
 # it, which costs about as much as sorting a full one: worth it from half as many pixels
-# (1.1-2.1x faster at 16384 pixels on 2 threads, 1.5x on one, whatever the rows).
+# (float32: 1.1-2.1x faster at 16384 pixels on 2 threads, 1.5x on one, whatever the rows).
 RADIX_SORT_MIN_PIXELS = 32768
 # The 2-D sort hands its rows to threads in tasks of one grain of values: rows that fit in one
 # grain run on one thread, however many there are (measured: 2 x 12288 took twice 1 x 12288,
@@ -96,16 +96,23 @@ LONE_ROW_RADIX_MIN_PIXELS_ONE_THREAD = 12288
 
 
 def _radix_sorted(rows: torch.Tensor) -> bool:
-    """Whether the rows of an (S, P) array of this shape and device are radix-sorted."""
+    """Whether the rows of an (S, P) array of this shape, device and element size are
+    radix-sorted."""
     if rows.device.type != "cpu":
         return False
     num_rows, num_pixels = rows.shape
+    if num_pixels >= RADIX_SORT_MIN_PIXELS:
+        return True
+    one_grain = num_rows * num_pixels <= RADIX_SORT_MIN_PIXELS  # the 2-D sort: one thread
+    if rows.element_size() == 8:
+        # int64 keys take more radix passes: padded rows pay only from half the grain, and
+        # only where the 2-D sort would run them on one thread (1.5x at 1 x 16384; 0.78-0.80x
+        # at 8 and 21 x 16384, 0.72-0.88x at 9216, 0.92-1.16x at 12288: --float64)
+        return one_grain and 2 * num_pixels >= RADIX_SORT_MIN_PIXELS
     if 2 * num_pixels >= RADIX_SORT_MIN_PIXELS:
         return True
-    if num_rows * num_pixels > RADIX_SORT_MIN_PIXELS:  # the 2-D sort runs them in parallel
-        return False
-    return num_pixels >= (LONE_ROW_RADIX_MIN_PIXELS if torch.get_num_threads() > 1
-                          else LONE_ROW_RADIX_MIN_PIXELS_ONE_THREAD)
+    return one_grain and num_pixels >= (LONE_ROW_RADIX_MIN_PIXELS if torch.get_num_threads() > 1
+                                        else LONE_ROW_RADIX_MIN_PIXELS_ONE_THREAD)
 
 
 def _sort_descending(keys: torch.Tensor, keys_sorted: torch.Tensor, order: torch.Tensor) -> None:

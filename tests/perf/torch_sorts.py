@@ -1,14 +1,14 @@
 """The torch backend's CPU sorts: the 2-D descending comparison sort against row-by-row radix
 sorts (ascending on the complemented keys, rows under PyTorch's grain size padded up to it).
 
-    python tests/perf/torch_sorts.py [--rounds 50] [--losses]
+    python tests/perf/torch_sorts.py [--rounds 50] [--float64] [--losses]
 
-Random clamped float32 errors as int32 keys, the shapes of the bench grid's segments and the
-shapes around the backend's thresholds; both sorts fill the same preallocated outputs, as the
-backend does, and alternate in every round. Every call sorts keys it has not sorted in its
-previous calls (one of eight sets, in turn), as in training: a comparison sort of the same
-keys over and over runs 2-4x faster at a few thousand pixels on the development VM. Prints
-the median of each and their ratio.
+Random clamped float32 errors as int32 keys (``--float64``: float64 errors, int64 keys), the
+shapes of the bench grid's segments and the shapes around the backend's thresholds; both sorts
+fill the same preallocated outputs, as the backend does, and alternate in every round. Every
+call sorts keys it has not sorted in its previous calls (one of eight sets, in turn), as in
+training: a comparison sort of the same keys over and over runs 2-4x faster at a few thousand
+pixels on the development VM. Prints the median of each and their ratio.
 
 ``--losses`` times whole hinge losses (forward + backward) instead, on the shapes where the
 lone-row rule (``LONE_ROW_RADIX_MIN_PIXELS``) decides: the torch backend with that rule, the
@@ -33,9 +33,11 @@ SHAPES = [(1, 4096), (1, 8192), (1, 9216), (1, 10240), (1, 12288), (2, 12288), (
 KEY_SETS = 8
 
 
-def _medians_ms(rows: int, pixels: int, rounds: int, gen: torch.Generator) -> tuple[float, float]:
+def _medians_ms(rows: int, pixels: int, rounds: int, gen: torch.Generator,
+                dtype: torch.dtype = torch.float32) -> tuple[float, float]:
     """Median ms of the 2-D descending sort and of the backend's row-by-row radix sort."""
-    key_sets = [torch.randn(rows, pixels, generator=gen).clamp_(min=0).view(torch.int32)
+    key_type = torch.int64 if dtype == torch.float64 else torch.int32
+    key_sets = [torch.randn(rows, pixels, generator=gen, dtype=dtype).clamp_(min=0).view(key_type)
                 for _ in range(KEY_SETS if rows * pixels <= 1 << 20 else 1)]
     keys_sorted = torch.empty_like(key_sets[0])
     order = torch.empty(keys_sorted.shape, dtype=torch.int64)
@@ -118,6 +120,8 @@ def _print_losses(rounds: int, gen: torch.Generator) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=50)
+    parser.add_argument("--float64", action="store_true",
+                        help="sort float64 errors (int64 keys) instead of float32")
     parser.add_argument("--losses", action="store_true",
                         help="time whole hinge losses with and without the lone-row rule")
     args = parser.parse_args()
@@ -129,11 +133,12 @@ def main() -> None:
     print(f"{'rows x pixels':>16} {'2-D descending':>15} {'row-by-row radix':>17} {'ratio':>6}")
     chooses = torch_eager._radix_sorted
     for rows, pixels in SHAPES:
-        used = chooses(torch.empty(()).expand(rows, pixels))  # shape and device only
+        dtype = torch.float64 if args.float64 else torch.float32
+        used = chooses(torch.empty((), dtype=dtype).expand(rows, pixels))  # no values read
         rounds = max(3, min(args.rounds, (1 << 24) // (rows * pixels)))
         try:  # below the backend's threshold: the padded radix sort it would not take
             torch_eager._radix_sorted = lambda keys: True
-            compared_ms, radix_ms = _medians_ms(rows, pixels, rounds, gen)
+            compared_ms, radix_ms = _medians_ms(rows, pixels, rounds, gen, dtype)
         finally:
             torch_eager._radix_sorted = chooses
         print(f"{rows:>7} x {pixels:<7} {compared_ms:12.3f} ms {radix_ms:14.3f} ms "
