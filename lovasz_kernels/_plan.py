@@ -438,7 +438,8 @@ def generic_lovasz_loss(
     """The default way to run a plan: segments as (k, P') errors, ``extension`` called on
     chunks of segments sized by :func:`segments_per_chunk` (one chunk when not ``chunked``:
     the distributed extensions are collectives, called the same number of times on every
-    rank).
+    rank). The errors are this function's own and dead once passed: ``extension`` may
+    overwrite them (``Backend.run_on_scratch``).
 
     Returns the 0-d float64 total loss and its gradient w.r.t. the scores (B, C, P) in the
     scores' compute dtype.

@@ -12,6 +12,9 @@ A backend is a module under ``lovasz_kernels/backends/`` that defines
     ``TRITON_INTERPRET=1``);
 ``details() -> str`` (optional)
     one line for ``lovasz-kernels info`` about how it will run (threads, device, mode).
+``lovasz_extension_(errors, fg) -> (loss, grad)`` (optional)
+    the kernel on errors its caller gives up (the generic loss path's own (S, P) errors,
+    never a user's): it may overwrite them, e.g. hold the gradient in their storage;
 ``lovasz_loss(scores, labels, plan) -> (loss, grad)`` (optional)
     a fused way to run a whole loss call, described by a
     :class:`lovasz_kernels._plan.SegmentPlan`, straight from ``scores`` (B, C, P) (the
@@ -139,18 +142,26 @@ class Backend:
             )
         return self._load().lovasz_extension(errors, fg)
 
+    def run_on_scratch(self, errors: torch.Tensor, fg: torch.Tensor) -> ExtensionResult:
+        """:meth:`run` on errors the caller will not read again: the backend's
+        ``lovasz_extension_`` when it has one (it may overwrite them)."""
+        overwriting = getattr(self._load(), "lovasz_extension_", None)
+        if overwriting is None or errors.numel() == 0:
+            return self.run(errors, fg)
+        return overwriting(errors, fg)
+
     def run_loss(
         self, scores: torch.Tensor, labels: torch.Tensor, plan: SegmentPlan
     ) -> ExtensionResult:
         """Run one loss call (see :mod:`lovasz_kernels._plan`): the backend's fused
         ``lovasz_loss`` when it has one (for multilabel plans: and ``FUSED_MULTILABEL``), else
-        the generic path through :meth:`run`."""
+        the generic path through :meth:`run_on_scratch`."""
         module = self._load()
         fused = getattr(module, "lovasz_loss", None)
         if fused is not None and (not plan.multilabel
                                   or getattr(module, "FUSED_MULTILABEL", False)):
             return fused(scores, labels, plan)
-        return generic_lovasz_loss(self.run, scores, labels, plan)
+        return generic_lovasz_loss(self.run_on_scratch, scores, labels, plan)
 
 
 _BACKENDS: dict[str, Backend] = {}

@@ -432,3 +432,62 @@ def test_torch_backend_runs_long_rows_one_at_a_time(gen, monkeypatch):
     assert set(blocks) == {1}
     assert torch.equal(by_row[0], whole[0]) and torch.equal(by_row[1], whole[1])
     assert whole_bytes >= 21 and by_row_bytes <= whole_bytes / 2
+
+
+def test_torch_backend_overwrites_only_errors_it_is_given(gen):
+    """``lovasz_extension_`` (errors the loss layer gives up) holds the gradient in the
+    errors' storage when they are contiguous and in the compute dtype, with the bits of
+    ``lovasz_extension``; otherwise it leaves them alone and allocates, as that does."""
+    import lovasz_kernels.backends.torch_eager as torch_eager
+
+    errors = torch.randn(3, 5000, generator=gen)
+    errors[1, -40:] = -torch.inf
+    errors[2, :30] = -0.0
+    fg = (torch.rand(errors.shape, generator=gen) < 0.3) & (errors > -torch.inf)
+    expected = torch_eager.lovasz_extension(errors, fg)
+    scratch = errors.clone()
+    loss, grad = torch_eager.lovasz_extension_(scratch, fg)
+    assert grad.data_ptr() == scratch.data_ptr()
+    assert torch.equal(loss, expected[0]) and torch.equal(grad, expected[1])
+
+    for kept in (errors.half(), errors.t().contiguous().t()):  # 16-bit; not contiguous
+        before = kept.clone()
+        loss, grad = torch_eager.lovasz_extension_(kept, fg)
+        assert grad.data_ptr() != kept.data_ptr() and torch.equal(kept, before)
+        reference = torch_eager.lovasz_extension(before, fg)
+        assert torch.equal(loss, reference[0]) and torch.equal(grad, reference[1])
+
+
+def test_generic_loss_path_lets_the_backend_reuse_its_errors(gen, monkeypatch):
+    """The generic path hands the torch backend its own errors to overwrite: a hinge loss
+    allocates about one input's size less at its peak, with the same loss and gradient; a
+    backend without ``lovasz_extension_`` gets ``lovasz_extension`` (the user's tensors are
+    never overwritten: the public extension)."""
+    import lovasz_kernels.backends.torch_eager as torch_eager
+    from lovasz_kernels import lovasz_hinge
+
+    logits = torch.randn(1, 256, 256, generator=gen)
+    masks = (torch.rand(1, 256, 256, generator=gen) < 0.3).long()
+
+    def call():
+        scores = logits.clone().requires_grad_()
+        loss = lovasz_hinge(scores, masks, backend="torch")
+        loss.backward()
+        return loss.detach(), scores.grad
+
+    reused = call()
+    reused_peak = peak_allocated_bytes(call)
+    monkeypatch.delattr(torch_eager, "lovasz_extension_")
+    copied = call()
+    copied_peak = peak_allocated_bytes(call)
+    assert torch.equal(reused[0], copied[0]) and torch.equal(reused[1], copied[1])
+    assert copied_peak - reused_peak >= 0.9 * logits.numel() * logits.element_size()
+
+    errors = torch.randn(2, 300, generator=gen)
+    fg = torch.rand(errors.shape, generator=gen) < 0.3
+    before = errors.clone()
+    numpy_result = get_backend("numpy").run_on_scratch(errors, fg)
+    assert torch.equal(errors, before)
+    reference = get_backend("numpy").run(errors, fg)
+    assert torch.equal(numpy_result[0], reference[0])
+    assert torch.equal(numpy_result[1], reference[1])

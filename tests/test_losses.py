@@ -249,11 +249,12 @@ def test_gradcheck_fp64(backend, gen, per_image):
 
 
 def test_backend_runs_once_per_forward_and_never_in_backward(backend, gen, monkeypatch):
-    """Whichever entry point the backend offers (the fused ``lovasz_loss`` or
-    ``lovasz_extension``), forward calls the backend once and backward never does."""
+    """Whichever entry point the backend offers (the fused ``lovasz_loss``,
+    ``lovasz_extension_`` or ``lovasz_extension``), forward calls the backend once and
+    backward never does."""
     module = get_backend(backend)._load()
     calls = []
-    for entry_point in ("lovasz_extension", "lovasz_loss"):
+    for entry_point in ("lovasz_extension", "lovasz_extension_", "lovasz_loss"):
         original = getattr(module, entry_point, None)
         if original is None:
             continue

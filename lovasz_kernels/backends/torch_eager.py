@@ -61,10 +61,25 @@ def lovasz_extension(errors: torch.Tensor, fg: torch.Tensor) -> tuple[torch.Tens
     (``chunk_floor_bytes`` at least): the extension called on many segments at once needs
     about twice its input, not six times. Each chunk's gradient rows double as its work
     array. A loss call's chunks (``generic_lovasz_loss``) are already that small."""
-    dtype = compute_dtype(errors.dtype)
+    grad = torch.empty(errors.shape, dtype=compute_dtype(errors.dtype), device=errors.device)
+    return _extension_into(errors, fg, grad)
+
+
+def lovasz_extension_(errors: torch.Tensor, fg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`lovasz_extension` on errors the caller gives up (the loss layer's own): when
+    they are contiguous and in the compute dtype their storage becomes the gradient, which
+    each row overwrites once its errors are read (one array of the input's size less)."""
+    if errors.dtype != compute_dtype(errors.dtype) or not errors.is_contiguous():
+        return lovasz_extension(errors, fg)
+    return _extension_into(errors, fg, errors)
+
+
+def _extension_into(errors: torch.Tensor, fg: torch.Tensor,
+                    grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The extension with its gradient written into ``grad`` (contiguous, compute dtype;
+    ``errors`` itself is allowed: each chunk reads its rows before it writes them)."""
     num_segments, num_pixels = errors.shape
-    grad = torch.empty(errors.shape, dtype=dtype, device=errors.device)
-    budget = max(grad.numel() * dtype.itemsize, chunk_floor_bytes(grad.device))
+    budget = max(grad.numel() * grad.dtype.itemsize, chunk_floor_bytes(grad.device))
     step = rows_at_least_threads(budget // (num_pixels * TEMPORARY_BYTES_PER_PIXEL), grad.device)
     if step >= num_segments:
         loss = _extension_rows(errors, fg, grad)
@@ -72,7 +87,7 @@ def lovasz_extension(errors: torch.Tensor, fg: torch.Tensor) -> tuple[torch.Tens
         loss = torch.cat([_extension_rows(errors[start:start + step], fg[start:start + step],
                                           grad[start:start + step])
                           for start in range(0, num_segments, step)])
-    return loss.to(dtype), grad.to(errors.dtype)
+    return loss.to(grad.dtype), grad.to(errors.dtype)
 
 
 # PyTorch sorts a 1-D integer array of at least this many values (its grain size) in
