@@ -28,12 +28,8 @@ fastmath stays off everywhere: the kernels rely on IEEE comparisons and division
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import platform
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -41,6 +37,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
+
+from lovasz_kernels._machine_choices import cache_path, processor_model, read_entry, write_entry
 
 try:
     import numba
@@ -463,58 +461,32 @@ def _time_sorts(keys: np.ndarray, rounds: int, threads: int) -> dict[str, float]
 
 def _machine_key() -> str:
     """What the choice depends on: the processor, numpy's sort and the kernels."""
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
     numba_version = numba.__version__ if numba is not None else "none"
-    return (f"{model} | numpy {np.__version__} | numba {numba_version} | "
+    return (f"{processor_model()} | numpy {np.__version__} | numba {numba_version} | "
             f"sorts v{_CALIBRATION_VERSION}")
 
 
 def choice_path() -> str:
-    """The file that keeps the measured choice: ``$XDG_CACHE_HOME/lovasz_kernels`` or
-    ``~/.cache/lovasz_kernels``."""
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "lovasz_kernels", "sort-choice.json")
+    """The file that keeps the measured choice (:func:`~lovasz_kernels._machine_choices.
+    cache_path`)."""
+    return cache_path("sort-choice.json")
 
 
 def _read_choice(path: str, key: str) -> SortChoice | None:
+    entry = read_entry(path, key)
     try:
-        with open(path, encoding="utf-8") as handle:
-            saved = json.load(handle)
-        entry = saved[key]
         host, kernel = SORT_NAMES.index(entry["host"]), SORT_NAMES.index(entry["kernel"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # missing, unreadable, from another machine or version: measure again
+        times_ms = dict(entry.get("times_ms", {}))
+    except (ValueError, KeyError, TypeError):
+        return None  # missing, from another machine or version: measure again
     if kernel == SORT_NUMPY:
         return None
-    return SortChoice(host, kernel, dict(entry.get("times_ms", {})))
+    return SortChoice(host, kernel, times_ms)
 
 
 def _write_choice(path: str, key: str, choice: SortChoice) -> None:
-    """Add this machine's entry to the file (atomically; a failure only costs a re-measure)."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            saved = json.load(handle)
-        if not isinstance(saved, dict):
-            saved = {}
-    except (OSError, ValueError):
-        saved = {}
-    saved[key] = {"host": SORT_NAMES[choice.host], "kernel": SORT_NAMES[choice.kernel],
-                  "times_ms": choice.times_ms}
-    with contextlib.suppress(OSError):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as out:
-                json.dump(saved, out, indent=1)
-            os.replace(temporary, path)
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
+    write_entry(path, key, {"host": SORT_NAMES[choice.host], "kernel": SORT_NAMES[choice.kernel],
+                            "times_ms": choice.times_ms})
 
 
 def choose_sorts(times_ms: dict[str, float]) -> tuple[int, int]:

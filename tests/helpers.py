@@ -20,6 +20,7 @@ __all__ = [
     "LOSS_TOLERANCE",
     "assert_close_report",
     "distinct_float32",
+    "measured_choice_file",
     "peak_allocated_bytes",
     "registered_fake_backend",
     "tie_free_errors",
@@ -125,3 +126,21 @@ def registered_fake_backend(
     finally:
         unregister_backend(name)
         del sys.modules[module.__name__]
+
+
+@contextlib.contextmanager
+def measured_choice_file(monkeypatch, tmp_path, module: types.ModuleType, filename: str,
+                         forget, measurement: str, result) -> Iterator[tuple[object, list]]:
+    """A choice measured once per machine (``module.choice_path``), kept in an empty place
+    under ``tmp_path`` instead of the user's cache, its measurement (``module.<measurement>``)
+    replaced by one that returns ``result`` and counts its calls; this process's copy is
+    dropped (``forget``) before and after. Yields the file's path and the list of calls."""
+    path = tmp_path / "cache" / filename
+    monkeypatch.setattr(module, "choice_path", lambda: str(path))
+    forget()
+    measured: list[int] = []
+    monkeypatch.setattr(module, measurement, lambda: measured.append(1) or result)
+    try:
+        yield path, measured
+    finally:
+        forget()

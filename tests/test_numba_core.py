@@ -23,7 +23,12 @@ import torch
 from lovasz_kernels import _numba_core as core
 from lovasz_kernels import lovasz_hinge, lovasz_softmax
 from lovasz_kernels.backends import numba_cpu
-from tests.helpers import GRAD_TOLERANCE, LOSS_TOLERANCE, assert_close_report
+from tests.helpers import (
+    GRAD_TOLERANCE,
+    LOSS_TOLERANCE,
+    assert_close_report,
+    measured_choice_file,
+)
 
 pytestmark = pytest.mark.skipif(not core.NUMBA_AVAILABLE, reason=core.NUMBA_IMPORT_ERROR)
 
@@ -118,14 +123,10 @@ def test_large_segments_ask_for_the_machine_choice(monkeypatch):
 @pytest.fixture
 def choice_file(monkeypatch, tmp_path):
     """An empty place for the choice and a fake measurement that counts its calls."""
-    path = tmp_path / "cache" / "sort-choice.json"
-    monkeypatch.setattr(core, "choice_path", lambda: str(path))
-    core.forget_sort_choice()
-    measured = []
     fake = core.SortChoice(core.SORT_MSD, core.SORT_MSD, {"lsd": 2.0, "msd": 1.0, "numpy": 3.0})
-    monkeypatch.setattr(core, "measure_sorts", lambda: measured.append(1) or fake)
-    yield path, measured, fake
-    core.forget_sort_choice()
+    with measured_choice_file(monkeypatch, tmp_path, core, "sort-choice.json",
+                              core.forget_sort_choice, "measure_sorts", fake) as (path, measured):
+        yield path, measured, fake
 
 
 def test_choice_is_measured_once_and_kept_per_machine(choice_file):
