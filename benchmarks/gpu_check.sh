@@ -30,7 +30,7 @@ MEMORY_BUDGET="${MEMORY_BUDGET:-100}"
 STEPS="00_environment 01_tests_gpu_real_sizes 01_tests_triton 02_tests_cuda 03_check_cuda
 04_memory 05_goal_2e20x21_fp32 06_goal_8x512sq_x21 07_fp16_2e20x21 08_sort_strategies
 09_nccl_exact 09_nccl_histogram 10_cpu_sorts 10_cpu_sort_losses
-11_cpu_numba_threads"
+11_cpu_numba_threads 11_cpu_numba_scaling"
 # a misspelt step name would silently run the step: refuse it before any work
 for name in $SKIP; do
   if [[ " $(echo $STEPS) " != *" $name "* ]]; then
@@ -163,6 +163,9 @@ step 10_cpu_sort_losses 60 30 "$PY" tests/perf/torch_sorts.py --losses --rounds 
 # alone against the loss after a torch op, default and passive OpenMP, next to the floor
 step 11_cpu_numba_threads 150 90 "$PY" tests/perf/cpu_threads_interleaved.py --rounds 5 \
   --cases 512x21 1024x2 4x256x21-per-image
+# ... and how it scales with its thread count, with the sort each process chose
+step 11_cpu_numba_scaling 90 45 "$PY" tests/perf/cpu_threads_interleaved.py --rounds 5 \
+  --cases 512x21 1024x2 --numba-threads 1 4 8 16
 
 # ------------------------------------------------------------------------ results and logs
 "$PY" - "$OUT" <<'EOF' || true
@@ -193,5 +196,5 @@ for log in "$OUT"/logs/0[1-3]_*.log; do
   [ -f "$log" ] && echo "$(basename "$log" .log): $(grep -E '[0-9]+ (passed|failed)' "$log" | tail -n 1)"
 done
 cat "$OUT"/logs/04_memory.log "$OUT"/logs/08_sort_strategies.log "$OUT"/logs/10_cpu_sort*.log \
-  "$OUT"/logs/11_cpu_numba_threads.log 2>/dev/null
+  "$OUT"/logs/11_cpu_numba_*.log 2>/dev/null
 grep -h -A12 "median of" "$OUT"/logs/0[5-7]_*.log 2>/dev/null | grep -E "^(triton|torch|loop|torch.sort|lovasz)" | head -n 40

@@ -10,6 +10,11 @@ validation, no class counting, which are torch ops); a torch op right after that
 torch op after 50 ms idle (every pool asleep); the floor, ``np.sort`` of as many random packed
 uint64 keys as the loss sorts, segments spread over the threads. Prints medians and the ratios
 that should be near 1: default / passive, and the torch op after numba / after idle.
+
+``--numba-threads 1 4 16`` instead runs one process per thread count of the numba kernels
+(``NUMBA_NUM_THREADS``; default OpenMP policy, torch's threads and the floor's unchanged) and
+prints how the loss and the kernel scale, with the sort that each process chose (measured on
+first use with that many threads busy, or read from the machine's cache file).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ def _child(cases: list[str], rounds: int) -> dict:
     import numpy as np
     import torch
 
+    from lovasz_kernels import _numba_core as core
     from lovasz_kernels import lovasz_softmax
     from lovasz_kernels._plan import plan_segments
     from lovasz_kernels.backends import numba_cpu
@@ -92,17 +98,48 @@ def _child(cases: list[str], rounds: int) -> dict:
             samples["torch op after idle"].append(timed(torch_op))
             samples["floor"].append(timed(floor))
         results[name] = samples
+    choice = core.measured_sort_choice()
+    results["sort choice"] = (None if choice is None else
+                              {"host": core.SORT_NAMES[choice.host],
+                               "kernel": core.SORT_NAMES[choice.kernel], **choice.times_ms})
     return results
+
+
+def _run_child(args: argparse.Namespace, env: dict[str, str]) -> dict:
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", "--rounds", str(args.rounds), "--cases",
+         *args.cases], capture_output=True, text=True, env=env, check=True)
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def _print_thread_scaling(args: argparse.Namespace) -> None:
+    print(f"medians of {args.rounds} rounds, one process per numba thread count, ms")
+    print(f"{'case':20s} {'threads':>7s} {'numba':>8s} {'kernel':>8s} {'floor':>8s} "
+          f"{'numba / floor':>14s}")
+    for count in args.numba_threads:
+        env = dict(os.environ, NUMBA_NUM_THREADS=str(count))
+        env.pop("OMP_WAIT_POLICY", None)
+        results = _run_child(args, env)
+        for case in args.cases:
+            rows = {row: statistics.median(values) for row, values in results[case].items()}
+            print(f"{case:20s} {count:7d} {rows['numba']:8.2f} {rows['numba kernel']:8.2f} "
+                  f"{rows['floor']:8.2f} {rows['numba'] / rows['floor']:14.2f}")
+        print(f"{'':20s} sort choice with {count} threads: {results['sort choice']}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--numba-threads", nargs="+", type=int, metavar="N",
+                        help="one process per numba thread count instead of per policy")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(_child(args.cases, args.rounds)))
+        return
+    if args.numba_threads:
+        _print_thread_scaling(args)
         return
     merged: dict[str, dict[str, dict[str, list[float]]]] = {"default": {}, "passive": {}}
     for _ in range(2):
@@ -111,11 +148,9 @@ def main() -> None:
             env.pop("OMP_WAIT_POLICY", None)
             if policy == "passive":
                 env["OMP_WAIT_POLICY"] = "passive"
-            done = subprocess.run(
-                [sys.executable, __file__, "--child", "--rounds", str(args.rounds), "--cases",
-                 *args.cases], capture_output=True, text=True, env=env, check=True)
-            for case, rows in json.loads(done.stdout.splitlines()[-1]).items():
-                for row, values in rows.items():
+            results = _run_child(args, env)
+            for case in args.cases:
+                for row, values in results[case].items():
                     merged[policy].setdefault(case, {}).setdefault(row, []).extend(values)
     print(f"medians of {2 * args.rounds} rounds per policy (two processes each), ms")
     print(f"{'case':20s} {'policy':8s} {'numba':>8s} {'kernel':>8s} {'floor':>8s} "
