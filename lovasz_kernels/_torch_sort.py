@@ -117,7 +117,7 @@ def padded_radix_speedup(num_pixels: int, threads: int) -> float:
 
 def padded_radix_speedups(threads: int) -> tuple[float, ...]:
     """This machine's speedups at :data:`MEASURED_FRACTIONS` with ``threads`` torch threads:
-    from this process, else from :func:`choice_path`, else measured (tens of milliseconds)
+    from this process, else from :func:`choice_path`, else measured (about 0.15 s)
     and saved there."""
     cached = _speedups.get(threads)
     if cached is not None:
