@@ -14,7 +14,12 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-from lovasz_kernels import get_backend, registered_backends  # noqa: E402
+from lovasz_kernels import (  # noqa: E402
+    _numba_core,
+    _torch_sort,
+    get_backend,
+    registered_backends,
+)
 
 # the `backend` fixture is a constant string per test, safe to share across examples
 _shared_fixture = [HealthCheck.function_scoped_fixture]
@@ -23,6 +28,18 @@ settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True
 settings.register_profile("dev", max_examples=300, deadline=None,
                           suppress_health_check=_shared_fixture)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _machine_choices_in_a_session_folder(tmp_path_factory):
+    """The sorts measured on first use (numba's, the torch backend's padding) are measured into
+    a folder of this session, not the user's cache: a choice measured while the tests load the
+    machine would otherwise be kept for every later run on it."""
+    folder = tmp_path_factory.mktemp("machine-choices")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_numba_core, "choice_path", lambda: str(folder / "sort-choice.json"))
+        patch.setattr(_torch_sort, "choice_path", lambda: str(folder / "torch-sort-choice.json"))
+        yield
 
 
 def _backend_params() -> list:
