@@ -85,6 +85,7 @@ def _loss_medians_ms(batch: int, side: int, per_image: bool, rounds: int,
     inputs = [(torch.randn(batch, side, side, generator=gen),
                (torch.rand(batch, side, side, generator=gen) < 0.3).long())
               for _ in range(KEY_SETS)]
+
     def backend(padded):
         def call(logits, masks):
             with (contextlib.nullcontext() if padded is None
@@ -102,7 +103,7 @@ def _loss_medians_ms(batch: int, side: int, per_image: bool, rounds: int,
     names, shuffler = list(calls), random.Random(0)
     for round_index in range(-KEY_SETS, rounds):  # one untimed pass over the inputs first
         # a new order every round: a fixed one (even rotated) has one contender always run
-        # right after the loop, which measured 5-10% slower
+        # right after the loop, which measured it 5-20% slower
         shuffler.shuffle(names)
         for offset, name in enumerate(names):
             call = calls[name]
