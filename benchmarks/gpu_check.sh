@@ -30,7 +30,7 @@ MEMORY_BUDGET="${MEMORY_BUDGET:-100}"
 STEPS="00_environment 01_tests_gpu_real_sizes 01_tests_triton 02_tests_cuda 03_check_cuda
 04_memory 05_goal_2e20x21_fp32 06_goal_8x512sq_x21 07_fp16_2e20x21 08_sort_strategies
 09_nccl_exact 09_nccl_histogram 10_cpu_sorts 10_cpu_sort_losses
-11_cpu_numba_threads 11_cpu_numba_scaling"
+11_cpu_numba_threads 11_cpu_numba_scaling 11_cpu_numba_split"
 # a misspelt step name would silently run the step: refuse it before any work
 for name in $SKIP; do
   if [[ " $(echo $STEPS) " != *" $name "* ]]; then
@@ -166,6 +166,10 @@ step 11_cpu_numba_threads 150 90 "$PY" tests/perf/cpu_threads_interleaved.py --r
 # ... and how it scales with its thread count, with the sort each process chose
 step 11_cpu_numba_scaling 90 45 "$PY" tests/perf/cpu_threads_interleaved.py --rounds 5 \
   --cases 512x21 1024x2 --numba-threads 1 4 8 16
+# ... and whether splitting segments across its threads pays there (measured on first use:
+# split whenever possible, never, and as measured)
+step 11_cpu_numba_split 90 45 "$PY" tests/perf/split_segments.py --rounds 10 \
+  --cases softmax-512x21 softmax-1024x2 softmax-1024x3 hinge-512 hinge-1024
 
 # ------------------------------------------------------------------------ results and logs
 "$PY" - "$OUT" <<'EOF' || true

@@ -20,6 +20,7 @@ from lovasz_kernels import (  # noqa: E402
     get_backend,
     registered_backends,
 )
+from lovasz_kernels.backends import numba_cpu  # noqa: E402
 
 # the `backend` fixture is a constant string per test, safe to share across examples
 _shared_fixture = [HealthCheck.function_scoped_fixture]
@@ -32,13 +33,16 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 @pytest.fixture(autouse=True, scope="session")
 def _machine_choices_in_a_session_folder(tmp_path_factory):
-    """The sorts measured on first use (numba's, the torch backend's padding) are measured into
-    a folder of this session, not the user's cache: a choice measured while the tests load the
-    machine would otherwise be kept for every later run on it."""
+    """The choices measured on first use (numba's sort and when it splits a segment across
+    threads, the torch backend's padding) are measured into a folder of this session, not
+    the user's cache: a choice measured while the tests load the machine would otherwise be
+    kept for every later run on it."""
     folder = tmp_path_factory.mktemp("machine-choices")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(_numba_core, "choice_path", lambda: str(folder / "sort-choice.json"))
         patch.setattr(_torch_sort, "choice_path", lambda: str(folder / "torch-sort-choice.json"))
+        patch.setattr(numba_cpu, "split_choice_path",
+                      lambda: str(folder / "numba-split-choice.json"))
         yield
 
 

@@ -7,6 +7,7 @@ loss tests (the ``backend`` fixture); here each path is forced explicitly and co
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -187,6 +188,7 @@ def test_within_segment_path_matches_serial_and_reference(monkeypatch, gen, padd
         monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_PIXELS", 1 << 40)
         serial_loss, serial_grad = numba_cpu.lovasz_extension(errors, fg)
         monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_PIXELS", 1)
+        monkeypatch.setattr(numba_cpu, "_split_pays", lambda *args: True)
         monkeypatch.setattr(core, "thread_count", lambda: 3)
         blocked_loss, blocked_grad = numba_cpu.lovasz_extension(errors, fg)
         monkeypatch.undo()
@@ -389,6 +391,7 @@ def test_fused_within_segment_path(monkeypatch, gen, per_image):
     logits = torch.randn(2, 40, 50, generator=gen)
     labels = torch.randint(0, 3, (2, 40, 50), generator=gen)  # 2 is ignored
     monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_PIXELS", 1)
+    monkeypatch.setattr(numba_cpu, "_split_pays", lambda *args: True)
     monkeypatch.setattr(core, "thread_count", lambda: 3)
     monkeypatch.setattr(numba_cpu, "RADIX_MIN_KEYS", 0)
     fused = _loss_and_grad(lovasz_hinge, logits, labels, per_image=per_image, ignore_index=2)
@@ -594,10 +597,13 @@ def test_concurrent_calls_from_threads_match_sequential_ones(gen):
                 assert torch.equal(loss, loss_seq) and torch.equal(grad, grad_seq)
 
 
+@pytest.mark.parametrize("splits", [True, False], ids=["split", "whole"])
 @pytest.mark.parametrize("threads", [2, 3])
-def test_leftover_segments_split_across_threads(monkeypatch, gen, threads):
-    """With more segments than threads, the last S mod W large segments run split across the
-    threads: the same gradient as one thread per segment, the loss to rounding."""
+def test_leftover_segments_split_where_the_rule_says(monkeypatch, gen, threads, splits):
+    """With more segments than threads, the last S mod W segments run split across the
+    threads when the rule says that pays (asked once, with their count and size), else whole
+    with the others: the same gradient as one thread per segment either way, the loss to
+    rounding."""
     probas = torch.randn(1, 7, 30, 40, generator=gen).softmax(dim=1)
     labels = torch.randint(0, 7, (1, 30, 40), generator=gen)
 
@@ -610,6 +616,8 @@ def test_leftover_segments_split_across_threads(monkeypatch, gen, threads):
     monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_PIXELS", 1 << 40)
     whole_loss, whole_grad = run()
     monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_PIXELS", 1)
+    asked = []
+    monkeypatch.setattr(numba_cpu, "_split_pays", lambda *args: asked.append(args) or splits)
     monkeypatch.setattr(core, "thread_count", lambda: threads)
     blocked = []
     original = numba_cpu._segment_blocked
@@ -620,9 +628,123 @@ def test_leftover_segments_split_across_threads(monkeypatch, gen, threads):
 
     monkeypatch.setattr(numba_cpu, "_segment_blocked", spy)
     split_loss, split_grad = run()
-    assert blocked == list(range(7 - 7 % threads, 7))
+    assert asked == [(7 % threads, 30 * 40, threads)]
+    assert blocked == (list(range(7 - 7 % threads, 7)) if splits else [])
     assert torch.equal(split_grad, whole_grad)
     torch.testing.assert_close(split_loss, whole_loss, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("splits", [True, False], ids=["split", "whole"])
+def test_fewer_segments_than_threads_split_where_the_rule_says(monkeypatch, gen, splits):
+    """Fewer segments than threads: each is split across the threads when the rule says so,
+    else they run whole, one per thread; the same gradient either way."""
+    errors = tie_free_errors((2, 5000), torch.float32, gen)
+    fg = torch.rand(errors.shape, generator=gen) < 0.3
+    monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_PIXELS", 1 << 40)
+    whole_loss, whole_grad = numba_cpu.lovasz_extension(errors, fg)
+    monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_PIXELS", 1)
+    asked = []
+    monkeypatch.setattr(numba_cpu, "_split_pays", lambda *args: asked.append(args) or splits)
+    monkeypatch.setattr(core, "thread_count", lambda: 4)
+    blocked = []
+    original = numba_cpu._segment_blocked
+    monkeypatch.setattr(numba_cpu, "_segment_blocked",
+                        lambda batch, s, *args: blocked.append(s) or original(batch, s, *args))
+    loss, grad = numba_cpu.lovasz_extension(errors, fg)
+    assert asked == [(2, 5000, 4)]
+    assert blocked == ([0, 1] if splits else [])
+    assert torch.equal(grad, whole_grad)
+    torch.testing.assert_close(loss, whole_loss, rtol=1e-6, atol=0)
+
+
+# one segment of 2^18 and of 2^20 pixels, as a machine might measure them
+COSTS = numba_cpu.SplitCosts(whole_ms=(2.0, 8.0), split_ms=(1.5, 5.0))
+MANY_CORES = numba_cpu.SplitCosts(whole_ms=(2.0, 8.0), split_ms=(0.5, 2.0))
+
+
+@pytest.mark.parametrize(("count", "pixels", "costs", "expected"), [
+    (1, 1 << 18, COSTS, True),  # 1.5 x 1.25 < 2.0
+    (2, 1 << 18, COSTS, False),  # two splits one after the other: 3.75 > 2.0
+    (1, 1 << 20, COSTS, True),
+    (1, 1 << 19, COSTS, True),  # interpolated: 2.67 x 1.25 < 4.0
+    (2, 1 << 19, COSTS, False),  # 6.7 > 4.0
+    (1, 1 << 22, COSTS, True),  # extrapolated: 19 x 1.25 < 32
+    (1, 1 << 18, numba_cpu.SplitCosts((2.0, 8.0), (1.7, 7.0)), False),  # faster, not by 1.25x
+    (3, 1 << 20, MANY_CORES, True),
+    (5, 1 << 20, MANY_CORES, False),
+    (1, numba_cpu.SPLIT_MIN_PIXELS - 1, numba_cpu.SplitCosts((2.0, 8.0), (0.0, 0.0)), False),
+    (0, 1 << 20, COSTS, False),
+])
+def test_split_rule_follows_the_measured_costs(monkeypatch, count, pixels, costs, expected):
+    """Split when ``count`` splits one after another, by the costs measured with this many
+    threads (interpolated in the pixels) and the margin, beat one segment's whole time;
+    never below SPLIT_MIN_PIXELS (where nothing is measured)."""
+    asked = []
+    monkeypatch.setattr(numba_cpu, "split_costs", lambda threads: asked.append(threads) or costs)
+    assert numba_cpu._split_pays(count, pixels, 4) is expected
+    assert asked == ([] if pixels < numba_cpu.SPLIT_MIN_PIXELS or count < 1 else [4])
+
+
+@pytest.fixture
+def split_file(monkeypatch, tmp_path):
+    """The measured split costs kept under tmp_path, their measurement counted."""
+    path = tmp_path / "cache" / "numba-split-choice.json"
+    monkeypatch.setattr(numba_cpu, "split_choice_path", lambda: str(path))
+    measured = []
+    monkeypatch.setattr(numba_cpu, "measure_split_costs",
+                        lambda threads: measured.append(threads) or COSTS)
+    numba_cpu.forget_split_costs()
+    yield path, measured
+    numba_cpu.forget_split_costs()
+
+
+def test_split_costs_are_measured_once_and_kept_per_thread_count(split_file, monkeypatch):
+    path, measured = split_file
+    monkeypatch.setattr(core, "thread_count", lambda: 3)
+    assert "split across threads: measured on first use" in numba_cpu.details()
+    assert numba_cpu.split_costs(2) == COSTS and measured == [2]
+    saved = json.loads(path.read_text())
+    assert saved[numba_cpu._split_key(2)] == {"whole_ms": [2.0, 8.0], "split_ms": [1.5, 5.0]}
+    assert numba_cpu.split_costs(2) == COSTS and measured == [2]  # this process: kept
+    numba_cpu.forget_split_costs()
+    assert numba_cpu.split_costs(2) == COSTS and measured == [2]  # another process: read back
+    assert numba_cpu.split_costs(3) == COSTS and measured == [2, 3]  # another thread count
+    numba_cpu.forget_split_costs()
+    assert "whole 2.0 / 8.0 ms, split 1.5 / 5.0 ms" in numba_cpu.details()  # from the file
+
+
+@pytest.mark.parametrize("content", ["not json", "[]", '{"key": 1}', "{}"])
+def test_unusable_split_file_means_measuring_again(split_file, content):
+    path, measured = split_file
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    assert numba_cpu.split_costs(2) == COSTS and measured == [2]
+    other = numba_cpu._split_key(5)
+    path.write_text(json.dumps({other: {"whole_ms": [1.0], "split_ms": [1.0, 2.0]}}))
+    numba_cpu.forget_split_costs()
+    assert numba_cpu.split_costs(5) == COSTS and measured == [2, 5]  # one time only: foreign
+
+
+def test_measurement_times_both_paths(monkeypatch):
+    """The measurement runs a segment of each size whole and split (the gradient it writes
+    is the reference's), and gives two positive times each."""
+    monkeypatch.setattr(numba_cpu, "SPLIT_MEASURED_PIXELS", (3000, 7000))
+    monkeypatch.setattr(numba_cpu, "SPLIT_MEASURE_ROUNDS", 2)
+    calls = {"whole": 0, "split": 0}
+    whole, split = numba_cpu._segments_task, numba_cpu._segment_blocked
+
+    def count(name, function):
+        def counted(*args):
+            calls[name] += 1
+            return function(*args)
+        return counted
+
+    monkeypatch.setattr(numba_cpu, "_segments_task", count("whole", whole))
+    monkeypatch.setattr(numba_cpu, "_segment_blocked", count("split", split))
+    costs = numba_cpu.measure_split_costs(3)
+    assert calls == {"whole": 6, "split": 6}  # 2 sizes x (1 untimed + 2 timed rounds)
+    assert len(costs.whole_ms) == len(costs.split_ms) == 2
+    assert all(value > 0 for value in costs.whole_ms + costs.split_ms)
 
 
 @pytest.mark.parametrize("blocked", [False, True], ids=["serial", "blocked"])
@@ -639,6 +761,7 @@ def test_packing_skips_unsorted_pixels_wherever_they_are(monkeypatch, gen, block
     # row 2: every pixel sorted
     if blocked:
         monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_PIXELS", 1)
+        monkeypatch.setattr(numba_cpu, "_split_pays", lambda *args: True)
         monkeypatch.setattr(core, "thread_count", lambda: 4)
     for dtype in (torch.float32, torch.float64):
         for row in range(3):  # one segment at a time: rows < threads takes the blocked path

@@ -59,6 +59,7 @@ def test_each_sort_on_each_path_matches_the_reference(monkeypatch, gen, method, 
     threads = {"serial": 1, "over segments": 2, "within a segment": 3}[path]
     monkeypatch.setattr(core, "thread_count", lambda: threads)
     monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_PIXELS", 1000)
+    monkeypatch.setattr(numba_cpu, "_split_pays", lambda *args: True)
     host_sorted, blocked = numba_cpu._segment_host_sorted, numba_cpu._segment_blocked
     sorted_by_numpy, split = [], []
     monkeypatch.setattr(numba_cpu, "_segment_host_sorted",
@@ -93,6 +94,7 @@ def test_hinge_within_a_segment_with_each_sort(monkeypatch, gen):
     labels = torch.randint(0, 2, (1, 120, 130), generator=gen)
     monkeypatch.setattr(core, "thread_count", lambda: 2)
     monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_PIXELS", 1)
+    monkeypatch.setattr(numba_cpu, "_split_pays", lambda *args: True)
     results = {}
     for method in _METHODS:
         monkeypatch.setattr(numba_cpu, "_sort_methods", lambda n, m=method: _METHODS[m])

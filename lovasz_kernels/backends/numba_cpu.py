@@ -33,24 +33,32 @@ Parallelism: the kernels release the GIL and run on the worker threads of
 against torch's thread pool; the calling thread works too, and takes over the tasks of a
 worker that starts late). Over segments, each thread takes the next chunk of segments
 until none is left (a thread slowed by other work on the machine takes fewer), with its own
-scratch. When there are fewer segments than threads, *within* a segment, in
-``BLOCKS_PER_THREAD`` blocks per thread: each block of pixels is packed, an MSD pass scatters
-every block's keys by their top digit, and each range of whole buckets is sorted and gets the
-fused pass from its range's fg offset. The last
-``S mod W`` segments, which would leave threads idle, also run within-segment when they are
-large (21 classes on 2 threads: 10 each, then one split; 3-5% faster than 11 and 10).
+scratch. Segments that would leave threads idle (fewer segments than threads, or the last
+``S mod W``) can run *within* a segment instead, one after another, in ``BLOCKS_PER_THREAD``
+blocks per thread: each block of pixels is packed, an MSD pass scatters every block's keys by
+their top digit, and each range of whole buckets is sorted and gets the fused pass from its
+range's fg offset. That is four pool rounds per segment, each a wait for the slowest thread,
+and one more pass over the keys: it pays for large segments on machines whose threads scale,
+so it is taken only where the times measured on this machine, with this many threads, say it
+pays (:func:`_split_pays`; on the 2-core development VM a lone hinge image of 256² took 1.5x
+as long split, one of 1024² 0.7x).
 
 This module imports without numba (:func:`availability` then explains how to install it).
 """
 
 from __future__ import annotations
 
+import os
+import statistics
+import threading
+import time
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from lovasz_kernels import _numba_core as core
+from lovasz_kernels._machine_choices import cache_path, processor_model, read_entry, write_entry
 from lovasz_kernels._numba_core import (
     INSERTION_MAX,
     SORT_LSD,
@@ -72,10 +80,13 @@ from lovasz_kernels.backends._host import errors_to_numpy, fg_to_numpy, results_
 _INSTALL_HINT = ("numba is not installed: pip install numba "
                  "(from a clone: pip install -e '.[numba]')")
 
-# Segments with at least this many pixels are split across threads when there are fewer
-# segments than threads, and calls with fewer pixels in all run on the calling thread alone
-# (below it, waking threads costs more than it saves). Tests lower it.
+# Calls with fewer pixels in all run on the calling thread alone (below it, waking threads
+# costs more than it saves). Tests lower it.
 PARALLEL_MIN_PIXELS = 1 << 16
+# Segments under this many pixels are never split across threads (splitting costs four pool
+# rounds, each a wait for the slowest thread: 1.5-2.3x the serial time at 64k pixels on 2
+# threads of the development VM); larger ones where that was measured to pay (_split_pays).
+SPLIT_MIN_PIXELS = 1 << 17
 # Below this many positive errors a comparison sort beats radix passes.
 RADIX_MIN_KEYS = 1024
 # Segments of at least this many pixels use the sort measured fastest on this machine (which
@@ -634,11 +645,28 @@ def _segment_blocked(batch: SegmentBatch, s: int, keys: np.ndarray, buffer: np.n
     return float(sum(range_loss))
 
 
+def _split_pays(count: int, num_pixels: int, threads: int) -> bool:
+    """Whether ``count`` segments of ``num_pixels`` each, split across ``threads`` threads
+    one after another (:func:`_segment_blocked`), end sooner than the same segments run
+    whole at once, one per thread (about one segment's time on one thread): by the times
+    measured on this machine with this many threads (:func:`split_costs`), interpolated in
+    the pixels, and by ``SPLIT_MARGIN``."""
+    if num_pixels < SPLIT_MIN_PIXELS or count < 1:
+        return False
+    costs = split_costs(threads)
+    (small, large), whole, split = SPLIT_MEASURED_PIXELS, costs.whole_ms, costs.split_ms
+    fraction = (num_pixels - small) / (large - small)
+    whole_ms = whole[0] + (whole[1] - whole[0]) * fraction
+    split_ms = split[0] + (split[1] - split[0]) * fraction
+    return count * split_ms * SPLIT_MARGIN < whole_ms
+
+
 def _run_batch(batch: SegmentBatch, num_segments: int) -> np.ndarray:
     """Per-segment float64 losses (S,); gradients written into ``batch.grad``.
 
-    Segments run on the worker threads; with fewer segments than threads and at least
-    ``PARALLEL_MIN_PIXELS`` pixels, each segment is split across threads.
+    Segments run on the worker threads, each on one thread; those that would leave threads
+    idle (fewer segments than threads, or the last ``S mod threads``) are split across
+    threads instead where that pays (:func:`_split_pays`).
     """
     num_pixels = batch.rows * batch.num_cols
     loss = np.zeros(num_segments, dtype=np.float64)
@@ -650,7 +678,7 @@ def _run_batch(batch: SegmentBatch, num_segments: int) -> np.ndarray:
         _segments_task(batch, num_segments, np.zeros(1, dtype=np.int64), max(num_segments, 1),
                        loss, radix_min, methods)
         return loss
-    if num_segments < threads and num_pixels >= PARALLEL_MIN_PIXELS:
+    if num_segments < threads and _split_pays(num_segments, num_pixels, threads):
         keys, buffer = _key_scratch(num_pixels)
         for s in range(num_segments):
             loss[s] = _segment_blocked(batch, s, keys, buffer, blocks, radix_min, methods)
@@ -658,7 +686,9 @@ def _run_batch(batch: SegmentBatch, num_segments: int) -> np.ndarray:
     workers = min(threads, num_segments)
     # the last num_segments % workers segments would leave threads idle at the end (21
     # classes on 2 threads: 11 against 10): large ones are split across the threads instead
-    leftover = num_segments % workers if num_pixels >= PARALLEL_MIN_PIXELS else 0
+    leftover = num_segments % workers
+    if leftover and not _split_pays(leftover, num_pixels, threads):
+        leftover = 0
     shared = num_segments - leftover
     chunk = max(1, min(CHUNK_PIXELS // max(num_pixels, 1), shared // (4 * workers)))
     next_segment = np.zeros(1, dtype=np.int64)
@@ -669,6 +699,124 @@ def _run_batch(batch: SegmentBatch, num_segments: int) -> np.ndarray:
         for s in range(shared, num_segments):
             loss[s] = _segment_blocked(batch, s, keys, buffer, blocks, radix_min, methods)
     return loss
+
+
+# --------------------------------------------------------------------------------------------
+# when a segment is split across threads: measured once per machine and thread count
+
+#: the measurement's segment sizes; costs between (and past) them are interpolated linearly
+SPLIT_MEASURED_PIXELS = (1 << 18, 1 << 20)
+#: splitting must be measured faster by this factor. The measurement runs on idle threads;
+#: in a call, torch's OpenMP threads still spin for milliseconds after the call's own torch
+#: ops, and every pool round waits for a thread that shares a core with one: on the 2-core
+#: development VM 262k-pixel segments were 1.16-1.19x faster split in the measurement but
+#: 0.90-0.96x in whole losses (tests/perf/split_segments.py)
+SPLIT_MARGIN = 1.25
+#: medians of this many rounds, the two ways interleaved (about 0.2 s in all on that VM)
+SPLIT_MEASURE_ROUNDS = 7
+# bumped when the kernels or the measurement change, so that machines measure again
+_SPLIT_MEASURE_VERSION = 1
+_split_lock = threading.Lock()
+_split_costs: dict[int, SplitCosts] = {}  # per thread count, this process
+
+
+def _new_split_lock_in_child() -> None:
+    # a forked child may get the lock held by a thread that it does not have
+    global _split_lock
+    _split_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_split_lock_in_child)
+
+
+class SplitCosts(NamedTuple):
+    """One segment of each ``SPLIT_MEASURED_PIXELS`` size on one thread (``whole_ms``) and
+    split across the threads (``split_ms``), medians in ms."""
+
+    whole_ms: tuple[float, float]
+    split_ms: tuple[float, float]
+
+
+def split_choice_path() -> str:
+    """The file that keeps the measured costs (:func:`~lovasz_kernels._machine_choices.
+    cache_path`)."""
+    return cache_path("numba-split-choice.json")
+
+
+def _split_key(threads: int) -> str:
+    return (f"{processor_model()} | numba {core.numba.__version__} | {threads} threads | "
+            f"split v{_SPLIT_MEASURE_VERSION}")
+
+
+def _calibration_segment(num_pixels: int, rng: np.random.Generator) -> SegmentBatch:
+    """One segment of softmax-like errors (lognormal around 0.05, every one sorted; 5%
+    foreground), as the extension sees them."""
+    errors = np.minimum(np.exp(rng.standard_normal(num_pixels, dtype=np.float32)
+                               - np.float32(3.0)), np.float32(1.0))
+    fg = rng.random(num_pixels) < 0.05
+    return _extension_batch(errors[None], fg[None], np.empty((1, num_pixels), np.float32))
+
+
+def _saved_split_costs(threads: int) -> SplitCosts | None:
+    """The file's costs for ``threads`` threads on this machine, or None."""
+    entry = read_entry(split_choice_path(), _split_key(threads)) or {}
+    try:
+        costs = SplitCosts(tuple(float(value) for value in entry["whole_ms"]),
+                           tuple(float(value) for value in entry["split_ms"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return costs if len(costs.whole_ms) == len(costs.split_ms) == 2 else None
+
+
+def measure_split_costs(threads: int) -> SplitCosts:
+    """Time one segment of each measured size whole on one thread and split across
+    ``threads`` threads (the paths a call takes; the other threads idle meanwhile, as when
+    segments are left over), rounds interleaved, medians."""
+    rng = np.random.default_rng(0)
+    whole_ms, split_ms = [], []
+    for num_pixels in SPLIT_MEASURED_PIXELS:
+        batch = _calibration_segment(num_pixels, rng)
+        methods = _sort_methods(num_pixels)
+        keys, buffer = _key_scratch(num_pixels)
+        loss = np.zeros(1)
+        samples: dict[str, list[float]] = {"whole": [], "split": []}
+        for round_index in range(-1, SPLIT_MEASURE_ROUNDS):  # a first untimed round
+            start = time.perf_counter()
+            _segments_task(batch, 1, np.zeros(1, dtype=np.int64), 1, loss, RADIX_MIN_KEYS,
+                           methods)
+            middle = time.perf_counter()
+            _segment_blocked(batch, 0, keys, buffer, threads * BLOCKS_PER_THREAD,
+                             RADIX_MIN_KEYS, methods)
+            if round_index >= 0:
+                samples["whole"].append(middle - start)
+                samples["split"].append(time.perf_counter() - middle)
+        whole_ms.append(round(statistics.median(samples["whole"]) * 1e3, 3))
+        split_ms.append(round(statistics.median(samples["split"]) * 1e3, 3))
+    return SplitCosts(tuple(whole_ms), tuple(split_ms))
+
+
+def split_costs(threads: int) -> SplitCosts:
+    """The costs with ``threads`` threads: this process's, the file's (:func:`split_choice_path`),
+    or measured now (about 0.2 s) and saved there. Results never depend on them beyond the
+    loss's last bits (the gradient is the same bits either way)."""
+    cached = _split_costs.get(threads)
+    if cached is not None:
+        return cached
+    with _split_lock:
+        if threads not in _split_costs:
+            costs = _saved_split_costs(threads)
+            if costs is None:  # missing, unreadable or from another machine: measure
+                costs = measure_split_costs(threads)
+                write_entry(split_choice_path(), _split_key(threads),
+                            {"whole_ms": list(costs.whole_ms), "split_ms": list(costs.split_ms)})
+            _split_costs[threads] = costs
+    return _split_costs[threads]
+
+
+def forget_split_costs() -> None:
+    """Drop this process's costs (tests; the file is read again on next use)."""
+    _split_costs.clear()
 
 
 def _host_floats(tensor: torch.Tensor) -> np.ndarray:
@@ -683,7 +831,7 @@ def lovasz_extension(errors: torch.Tensor, fg: torch.Tensor) -> tuple[torch.Tens
 
     float16/bfloat16 are widened to float32 (exactly) and float64 stays float64, so the
     kernels compile for two dtypes only. Segments run in parallel; with fewer segments than
-    threads and at least ``PARALLEL_MIN_PIXELS`` pixels, each segment is split across threads.
+    threads, each segment is split across threads where that pays (:func:`_split_pays`).
     """
     num_segments, num_pixels = errors.shape
     if num_pixels > MAX_PIXELS:
@@ -794,8 +942,13 @@ def details() -> str:
     measured = core.measured_sort_choice()
     sort = (f"sort: {core.SORT_NAMES[measured.host]} (measured fastest here)" if measured
             else "sort: measured on first use")
-    return (f"numba {core.numba.__version__}, {core.thread_count()} threads (nogil kernels on "
-            f"blocking worker threads; numba's threading layer is not used), {sort}")
+    threads = core.thread_count()
+    costs = _split_costs.get(threads) or _saved_split_costs(threads)
+    split = ("segments split across threads: measured on first use" if costs is None else
+             "one segment of {} / {} pixels, whole {} / {} ms, split {} / {} ms".format(
+                 *SPLIT_MEASURED_PIXELS, *costs.whole_ms, *costs.split_ms))
+    return (f"numba {core.numba.__version__}, {threads} threads (nogil kernels on "
+            f"blocking worker threads; numba's threading layer is not used), {sort}; {split}")
 
 
 __all__ = ["availability", "details", "lovasz_extension", "lovasz_loss"]

@@ -102,6 +102,9 @@ def _child(cases: list[str], rounds: int) -> dict:
     results["sort choice"] = (None if choice is None else
                               {"host": core.SORT_NAMES[choice.host],
                                "kernel": core.SORT_NAMES[choice.kernel], **choice.times_ms})
+    costs = numba_cpu._split_costs.get(core.thread_count())
+    results["split costs"] = (None if costs is None else
+                              {"pixels": numba_cpu.SPLIT_MEASURED_PIXELS, **costs._asdict()})
     return results
 
 
@@ -125,6 +128,7 @@ def _print_thread_scaling(args: argparse.Namespace) -> None:
             print(f"{case:20s} {count:7d} {rows['numba']:8.2f} {rows['numba kernel']:8.2f} "
                   f"{rows['floor']:8.2f} {rows['numba'] / rows['floor']:14.2f}")
         print(f"{'':20s} sort choice with {count} threads: {results['sort choice']}")
+        print(f"{'':20s} split costs with {count} threads: {results['split costs']}")
 
 
 def main() -> None:
