@@ -83,6 +83,15 @@ class SegmentPlan:
             weight=self.weight[start:stop], dense=False)
 
 
+# CPU plans that depend on the shapes alone are kept and handed out again (their tables are
+# never written): a training loop calls with the same shapes every step, and building one is a
+# handful of small ops, 5% of a small call (one 64² hinge image: 575 against 545 us on the
+# development VM). Only on the CPU: a GPU plan's tables come from kernels on some stream,
+# which another stream could read before they ran. Inference-mode tensors are kept apart.
+SHAPE_PLANS_KEPT = 64
+_SHAPE_PLANS: dict[tuple, SegmentPlan] = {}
+
+
 def reads_are_free(device: torch.device) -> bool:
     """Whether the host may read values of tensors on ``device`` (see ``_SETTINGS``): then
     plans list only the segments that count."""
@@ -102,7 +111,9 @@ def plan_segments(
     labels_checked: bool = False,
     multilabel: bool = False,
 ) -> SegmentPlan:
-    """The plan of a loss call: which segments count and with which coefficient.
+    """The plan of a loss call: which segments count and with which coefficient. A CPU plan
+    that depends on the shapes alone is built once and handed out again: no caller writes
+    its tables.
 
     Parameters
     ----------
@@ -132,12 +143,19 @@ def plan_segments(
     groups = batch if per_image else 1
     device = labels.device
     all_count = False  # known, without a look at the weights, that every segment counts
+    shape_key = None
     if _weights_need_labels(num_classes, classes, class_weights, ignore_index, reduce_counts,
                             multilabel):
         weight = _weights_from_counts(
             labels, num_classes, classes, class_list, class_weights, per_image, ignore_index,
             reduce_counts, labels_checked, multilabel)
     else:
+        if reads_are_free(device):
+            shape_key = (batch, labels.numel() == 0, num_classes, classes, tuple(class_list),
+                         per_image, bg_offset, multilabel, torch.is_inference_mode_enabled())
+            cached = _SHAPE_PLANS.get(shape_key)
+            if cached is not None:
+                return cached
         weight, all_count = _weights_from_shapes(labels, num_classes, classes, class_list,
                                                  groups)
 
@@ -158,10 +176,15 @@ def plan_segments(
         fg_label = torch.ones_like(channel)
     else:  # in the binary case channel 0 scores class 1
         fg_label = channel + 1 if num_classes == 1 else channel
-    return SegmentPlan(
+    plan = SegmentPlan(
         image=image, channel=channel, fg_label=fg_label, weight=weight, bg_offset=bg_offset,
         ignore_index=ignore_index, dense=dense, multilabel=multilabel,
     )
+    if shape_key is not None:
+        if len(_SHAPE_PLANS) >= SHAPE_PLANS_KEPT:
+            _SHAPE_PLANS.clear()
+        _SHAPE_PLANS[shape_key] = plan
+    return plan
 
 
 def _weights_need_labels(

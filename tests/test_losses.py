@@ -445,6 +445,44 @@ def test_plans_without_label_values_match_the_counted_plans(
     assert _plan._weights_need_labels(4, "all", None, None, lambda counts: counts, False)
 
 
+@pytest.mark.parametrize("backend", ["torch", "numba", "numpy"])
+def test_cpu_plans_from_shapes_are_kept_and_never_written(gen, monkeypatch, backend):
+    """A CPU plan that depends on the shapes alone is built once per shape and handed out
+    again (also for other label values); losses leave its tables as they were; inference
+    mode keeps its own; a full store starts afresh."""
+    from lovasz_kernels import _plan
+
+    if not get_backend(backend).availability()[0]:
+        pytest.skip(f"{backend} not available")
+    monkeypatch.setattr(_plan, "_SHAPE_PLANS", {})
+    monkeypatch.setattr(_plan, "SHAPE_PLANS_KEPT", 3)
+
+    def plan_of(labels, per_image=True):
+        return _plan.plan_segments(labels, 1, "present", [], None, per_image, None, 1.0)
+
+    labels = (torch.rand(2, 64, generator=gen) < 0.5).long()
+    first = plan_of(labels)
+    assert plan_of(1 - labels) is first
+    assert plan_of(labels[:1]) is not first and plan_of(labels, per_image=False) is not first
+    tables = {name: getattr(first, name).clone() for name in ("channel", "fg_label", "weight",
+                                                              "image")}
+    logits = torch.randn(2, 8, 8, generator=gen)
+    for _ in range(2):
+        _loss_and_grad(lovasz_hinge, logits, labels.view(2, 8, 8), backend=backend)
+    assert plan_of(labels) is first
+    for name, table in tables.items():
+        assert torch.equal(getattr(first, name), table), name
+    assert len(_plan._SHAPE_PLANS) == 3
+    with torch.inference_mode():
+        inference = plan_of(labels)
+        assert inference is not first and inference.weight.is_inference()
+    assert len(_plan._SHAPE_PLANS) == 1  # the store was full: started afresh
+    assert plan_of(labels) is not first and not plan_of(labels).weight.is_inference()
+    with monkeypatch.context() as patched:  # as on a device: nothing kept
+        patched.setitem(_plan._SETTINGS, "read_values_on_cpu", False)
+        assert plan_of(labels) is not plan_of(labels)
+
+
 def test_eager_calls_skip_the_transform_ready_function(gen):
     """Plain eager calls take the cheaper ``forward(ctx, ...)`` twin; under ``torch.func``
     the ``setup_context`` Function runs, with the same gradient."""
