@@ -533,8 +533,9 @@ def sort_choice() -> SortChoice:
 
 
 def measured_sort_choice() -> SortChoice | None:
-    """This process's choice if it has one already (reads nothing, measures nothing)."""
-    return _choice.get("choice")
+    """This process's choice, else the one kept for this machine, else None (measures
+    nothing)."""
+    return _choice.get("choice") or _read_choice(choice_path(), _machine_key())
 
 
 def forget_sort_choice() -> None:
