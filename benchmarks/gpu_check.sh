@@ -30,7 +30,8 @@ MEMORY_BUDGET="${MEMORY_BUDGET:-100}"
 STEPS="00_environment 01_tests_gpu_real_sizes 01_tests_triton 02_tests_cuda 03_check_cuda
 04_memory 05_goal_2e20x21_fp32 06_goal_8x512sq_x21 07_fp16_2e20x21 08_sort_strategies
 09_nccl_exact 09_nccl_histogram 10_cpu_sorts 10_cpu_sort_losses
-11_cpu_numba_threads 11_cpu_numba_scaling 11_cpu_numba_split"
+11_cpu_numba_trace 11_cpu_numba_omp_team 11_cpu_numba_threads 11_cpu_numba_scaling
+11_cpu_numba_split"
 # a misspelt step name would silently run the step: refuse it before any work
 for name in $SKIP; do
   if [[ " $(echo $STEPS) " != *" $name "* ]]; then
@@ -159,8 +160,16 @@ step 10_cpu_sorts 60 30 "$PY" tests/perf/torch_sorts.py --rounds 20
 step 10_cpu_sort_losses 60 30 "$PY" tests/perf/torch_sorts.py --losses --rounds 20
 
 # ------------------------------------------------------ CPU: the numba backend, many cores
-# on a 16-core Intel Xeon, 512² x 21 took 4.3x the floor (1.4x at 1024² x 2): the kernel call
-# alone against the loss after a torch op, default and passive OpenMP, next to the floor
+# on a 16-core Intel Xeon, 512² x 21 took 4.3x the floor (1.4x at 1024² x 2). Where the time
+# goes, thread by thread: the torch ops around the kernel, threads starting late (after a torch
+# op, torch's OpenMP threads spin on every core), segments slowed beside each other, splits
+step 11_cpu_numba_trace 60 30 "$PY" tests/perf/numba_trace.py --rounds 9
+# ... the same tasks on torch's own (spinning) OpenMP team instead of the pool: if late
+# threads are the cause, this is where it shows
+step 11_cpu_numba_omp_team 60 30 "$PY" tests/perf/omp_team_experiment.py --rounds 9 \
+  --scratch-per-os-thread
+# the kernel call alone against the loss after a torch op, default and passive OpenMP, next
+# to the floor
 step 11_cpu_numba_threads 150 90 "$PY" tests/perf/cpu_threads_interleaved.py --rounds 5 \
   --cases 512x21 1024x2 4x256x21-per-image
 # ... and how it scales with its thread count, with the sort each process chose
