@@ -1,10 +1,11 @@
 """Choices measured once per machine and kept in a small JSON file.
 
 Which sort runs fastest depends on the processor (numba's sorts of packed keys, the torch
-backend's padded radix sort against its comparison sort), so the backends time the candidates
-on first use and keep the result here, one entry per machine key (the processor and whatever
-else the timing depends on). A missing, corrupt or unwritable file only means measuring again;
-nothing here ever raises.
+backend's padded radix sort against its comparison sort), and whether splitting a segment
+across threads pays on how its threads scale, so the backends time the candidates on first
+use and keep the result here (:func:`kept_or_measured`), one entry per machine key (the
+processor and whatever else the timing depends on). A missing, corrupt or unwritable file
+only means measuring again; nothing here ever raises.
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ import json
 import os
 import platform
 import tempfile
+import threading
+from collections.abc import Callable, Hashable
+from typing import TypeVar
+
+Value = TypeVar("Value")
 
 
 def processor_model() -> str:
@@ -62,3 +68,25 @@ def write_entry(path: str, key: str, entry: dict) -> None:
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
+
+
+def kept_or_measured(
+    kept: dict, slot: Hashable, lock: threading.Lock, path: str, key: str,
+    decode: Callable[[dict | None], Value | None],
+    measure: Callable[[], tuple[Value, dict]],
+) -> Value:
+    """A choice measured once per machine: ``kept[slot]`` if this process has it; else the
+    file's entry for ``key`` at ``path``, through ``decode`` (None: missing, corrupt or from
+    another version); else ``measure()``'s value, its entry saved in the file. One thread
+    at a time reads or measures (``lock``); the others then find it kept."""
+    value = kept.get(slot)
+    if value is not None:
+        return value
+    with lock:
+        if slot not in kept:
+            value = decode(read_entry(path, key))
+            if value is None:
+                value, entry = measure()
+                write_entry(path, key, entry)
+            kept[slot] = value
+    return kept[slot]

@@ -38,7 +38,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from lovasz_kernels._machine_choices import cache_path, processor_model, read_entry, write_entry
+from lovasz_kernels._machine_choices import (
+    cache_path,
+    kept_or_measured,
+    processor_model,
+    read_entry,
+)
 
 try:
     import numba
@@ -472,8 +477,7 @@ def choice_path() -> str:
     return cache_path("sort-choice.json")
 
 
-def _read_choice(path: str, key: str) -> SortChoice | None:
-    entry = read_entry(path, key)
+def _decode_choice(entry: dict | None) -> SortChoice | None:
     try:
         host, kernel = SORT_NAMES.index(entry["host"]), SORT_NAMES.index(entry["kernel"])
         times_ms = dict(entry.get("times_ms", {}))
@@ -484,9 +488,9 @@ def _read_choice(path: str, key: str) -> SortChoice | None:
     return SortChoice(host, kernel, times_ms)
 
 
-def _write_choice(path: str, key: str, choice: SortChoice) -> None:
-    write_entry(path, key, {"host": SORT_NAMES[choice.host], "kernel": SORT_NAMES[choice.kernel],
-                            "times_ms": choice.times_ms})
+def _encode_choice(choice: SortChoice) -> dict:
+    return {"host": SORT_NAMES[choice.host], "kernel": SORT_NAMES[choice.kernel],
+            "times_ms": choice.times_ms}
 
 
 def choose_sorts(times_ms: dict[str, float]) -> tuple[int, int]:
@@ -518,24 +522,18 @@ def sort_choice() -> SortChoice:
     """The sort this machine runs fastest: read from :func:`choice_path`, or measured (about
     0.1 s) on first use and saved there. Results never depend on it: every method gives the
     one order of the unique keys."""
-    cached = _choice.get("choice")
-    if cached is not None:
-        return cached
-    with _choice_lock:
-        if "choice" not in _choice:
-            key, path = _machine_key(), choice_path()
-            choice = _read_choice(path, key)
-            if choice is None:
-                choice = measure_sorts()
-                _write_choice(path, key, choice)
-            _choice["choice"] = choice
-    return _choice["choice"]
+    def measure() -> tuple[SortChoice, dict]:
+        choice = measure_sorts()
+        return choice, _encode_choice(choice)
+
+    return kept_or_measured(_choice, "choice", _choice_lock, choice_path(), _machine_key(),
+                            _decode_choice, measure)
 
 
 def measured_sort_choice() -> SortChoice | None:
     """This process's choice, else the one kept for this machine, else None (measures
     nothing)."""
-    return _choice.get("choice") or _read_choice(choice_path(), _machine_key())
+    return _choice.get("choice") or _decode_choice(read_entry(choice_path(), _machine_key()))
 
 
 def forget_sort_choice() -> None:

@@ -38,7 +38,7 @@ from collections.abc import Iterator
 
 import torch
 
-from lovasz_kernels._machine_choices import cache_path, processor_model, read_entry, write_entry
+from lovasz_kernels._machine_choices import cache_path, kept_or_measured, processor_model
 
 #: PyTorch's grain size: from this many values a 1-D integer sort on the CPU is a radix sort
 RADIX_SORT_MIN_PIXELS = 32768
@@ -119,18 +119,12 @@ def padded_radix_speedups(threads: int) -> tuple[float, ...]:
     """This machine's speedups at :data:`MEASURED_FRACTIONS` with ``threads`` torch threads:
     from this process, else from :func:`choice_path`, else measured (about 0.15 s)
     and saved there."""
-    cached = _speedups.get(threads)
-    if cached is not None:
-        return cached
-    with _lock:
-        if threads not in _speedups:
-            key, path = _machine_key(threads), choice_path()
-            speedups = _read_speedups(path, key)
-            if speedups is None:
-                speedups, times_ms = measure_padded_radix_speedups()
-                write_entry(path, key, {"speedups": list(speedups), "times_ms": times_ms})
-            _speedups[threads] = speedups
-    return _speedups[threads]
+    def measure() -> tuple[tuple[float, ...], dict]:
+        speedups, times_ms = measure_padded_radix_speedups()
+        return speedups, {"speedups": list(speedups), "times_ms": times_ms}
+
+    return kept_or_measured(_speedups, threads, _lock, choice_path(), _machine_key(threads),
+                            _decode_speedups, measure)
 
 
 def measured_padded_radix_speedups() -> dict[int, tuple[float, ...]]:
@@ -154,8 +148,7 @@ def _machine_key(threads: int) -> str:
             f"v{_MEASURE_VERSION}")
 
 
-def _read_speedups(path: str, key: str) -> tuple[float, ...] | None:
-    entry = read_entry(path, key)
+def _decode_speedups(entry: dict | None) -> tuple[float, ...] | None:
     try:
         speedups = tuple(float(value) for value in entry["speedups"])
     except (KeyError, TypeError, ValueError):

@@ -143,6 +143,36 @@ def test_choice_is_measured_once_and_kept_per_machine(choice_file):
     assert core.sort_choice() == fake and measured == [1]  # read back
 
 
+def test_choices_are_measured_by_one_thread_while_the_others_wait(tmp_path):
+    """Every measured-once choice goes through kept_or_measured: threads asking at once get
+    one measurement between them, and its entry is in the file; a decoder that refuses the
+    file's entry means measuring again."""
+    from lovasz_kernels._machine_choices import kept_or_measured
+
+    path, kept, lock, started = str(tmp_path / "choice.json"), {}, threading.Lock(), []
+
+    def measure():
+        started.append(1)
+        time.sleep(0.05)  # long enough for the other threads to ask meanwhile
+        return 7, {"value": 7}
+
+    def decode(entry):
+        return None if entry is None else entry["value"]
+
+    def ask():
+        return kept_or_measured(kept, "slot", lock, path, "key", decode, measure)
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: ask(), range(4)))
+    assert answers == [7] * 4 and started == [1]
+    assert json.loads((tmp_path / "choice.json").read_text()) == {"key": {"value": 7}}
+    kept.clear()
+    assert ask() == 7 and started == [1]  # read back
+    kept.clear()
+    assert kept_or_measured(kept, "slot", lock, path, "key", lambda entry: None,
+                            measure) == 7 and started == [1, 1]
+
+
 @pytest.mark.parametrize("content", ["not json", "[]", '{"other machine": {"host": "lsd"}}',
                                      None], ids=["garbage", "a list", "other machine", "a dir"])
 def test_unusable_choice_file_means_measuring_again(choice_file, content):

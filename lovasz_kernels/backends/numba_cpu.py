@@ -58,7 +58,12 @@ import numpy as np
 import torch
 
 from lovasz_kernels import _numba_core as core
-from lovasz_kernels._machine_choices import cache_path, processor_model, read_entry, write_entry
+from lovasz_kernels._machine_choices import (
+    cache_path,
+    kept_or_measured,
+    processor_model,
+    read_entry,
+)
 from lovasz_kernels._numba_core import (
     INSERTION_MAX,
     SORT_LSD,
@@ -758,9 +763,8 @@ def _calibration_segment(num_pixels: int, rng: np.random.Generator) -> SegmentBa
     return _extension_batch(errors[None], fg[None], np.empty((1, num_pixels), np.float32))
 
 
-def _saved_split_costs(threads: int) -> SplitCosts | None:
-    """The file's costs for ``threads`` threads on this machine, or None."""
-    entry = read_entry(split_choice_path(), _split_key(threads)) or {}
+def _decode_split_costs(entry: dict | None) -> SplitCosts | None:
+    """The costs in a file entry, or None (missing, or not two numbers each)."""
     try:
         costs = SplitCosts(tuple(float(value) for value in entry["whole_ms"]),
                            tuple(float(value) for value in entry["split_ms"]))
@@ -800,18 +804,12 @@ def split_costs(threads: int) -> SplitCosts:
     """The costs with ``threads`` threads: this process's, the file's (:func:`split_choice_path`),
     or measured now (about 0.2 s) and saved there. Results never depend on them beyond the
     loss's last bits (the gradient is the same bits either way)."""
-    cached = _split_costs.get(threads)
-    if cached is not None:
-        return cached
-    with _split_lock:
-        if threads not in _split_costs:
-            costs = _saved_split_costs(threads)
-            if costs is None:  # missing, unreadable or from another machine: measure
-                costs = measure_split_costs(threads)
-                write_entry(split_choice_path(), _split_key(threads),
-                            {"whole_ms": list(costs.whole_ms), "split_ms": list(costs.split_ms)})
-            _split_costs[threads] = costs
-    return _split_costs[threads]
+    def measure() -> tuple[SplitCosts, dict]:
+        costs = measure_split_costs(threads)
+        return costs, {"whole_ms": list(costs.whole_ms), "split_ms": list(costs.split_ms)}
+
+    return kept_or_measured(_split_costs, threads, _split_lock, split_choice_path(),
+                            _split_key(threads), _decode_split_costs, measure)
 
 
 def forget_split_costs() -> None:
@@ -943,7 +941,8 @@ def details() -> str:
     sort = (f"sort: {core.SORT_NAMES[measured.host]} (measured fastest here)" if measured
             else "sort: measured on first use")
     threads = core.thread_count()
-    costs = _split_costs.get(threads) or _saved_split_costs(threads)
+    costs = _split_costs.get(threads) or _decode_split_costs(
+        read_entry(split_choice_path(), _split_key(threads)))
     split = ("segments split across threads: measured on first use" if costs is None else
              "one segment of {} / {} pixels, whole {} / {} ms, split {} / {} ms".format(
                  *SPLIT_MEASURED_PIXELS, *costs.whole_ms, *costs.split_ms))
