@@ -690,7 +690,7 @@ def _run_batch(batch: SegmentBatch, num_segments: int) -> np.ndarray:
         return loss
     workers = min(threads, num_segments)
     # the last num_segments % workers segments would leave threads idle at the end (21
-    # classes on 2 threads: 11 against 10): large ones are split across the threads instead
+    # classes on 2 threads: 11 against 10): split across the threads instead where that pays
     leftover = num_segments % workers
     if leftover and not _split_pays(leftover, num_pixels, threads):
         leftover = 0
@@ -714,8 +714,9 @@ SPLIT_MEASURED_PIXELS = (1 << 18, 1 << 20)
 #: splitting must be measured faster by this factor. The measurement runs on idle threads;
 #: in a call, torch's OpenMP threads still spin for milliseconds after the call's own torch
 #: ops, and every pool round waits for a thread that shares a core with one: on the 2-core
-#: development VM 262k-pixel segments were 1.16-1.19x faster split in the measurement but
-#: 0.90-0.96x in whole losses (tests/perf/split_segments.py)
+#: development VM 262k-pixel segments were 1.16-1.19x faster split in the measurement, but
+#: whole losses with them split took 1.03-1.25x the time of those with them whole
+#: (tests/perf/split_segments.py)
 SPLIT_MARGIN = 1.25
 #: medians of this many rounds, the two ways interleaved (about 0.2 s in all on that VM)
 SPLIT_MEASURE_ROUNDS = 7
