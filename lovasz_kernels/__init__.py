@@ -6,6 +6,7 @@ One kernel interface, several cross-validated backends chosen per call by name::
     loss = lovasz_softmax(probas, labels, backend="torch")
 """
 
+from lovasz_kernels._plan import set_chunk_floor
 from lovasz_kernels._registry import (
     Backend,
     BackendUnavailableError,
@@ -61,6 +62,7 @@ __all__ = [
     "per_image_miou",
     "register_backend",
     "registered_backends",
+    "set_chunk_floor",
     "set_validate_values",
     "validate_values_enabled",
 ]

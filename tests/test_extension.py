@@ -266,6 +266,43 @@ def test_torch_backend_chunks_many_segments_within_the_gradients_size(gen, monke
     assert chunked_peak <= 2.5 * gradient_bytes < whole_peak / 2
 
 
+def test_set_chunk_floor_moves_the_floor_and_checks_its_arguments(gen, monkeypatch):
+    """``lovasz_kernels.set_chunk_floor``: a floor per device type (every GPU is "cuda"),
+    None restores the default; the chunks follow it with the same answer; bad arguments
+    get a clear error."""
+    from lovasz_kernels import _plan, set_chunk_floor
+
+    monkeypatch.setattr(_plan, "_FLOORS_SET", {})
+    cpu, gpu = torch.device("cpu"), torch.device("meta")
+    set_chunk_floor("cuda", 32 << 20)
+    assert _plan.chunk_floor_bytes(gpu) == 32 << 20 and _plan.chunk_floor_bytes(cpu) == 32 << 20
+    set_chunk_floor("cpu", 0)
+    assert _plan.chunk_floor_bytes(cpu) == 0
+    set_chunk_floor("cuda", None)
+    assert _plan.chunk_floor_bytes(gpu) == _plan.GPU_CHUNK_FLOOR_BYTES
+    errors = tie_free_errors((24, 4096), torch.float32, gen)
+    fg = torch.rand(errors.shape, generator=gen) < 0.3
+    backend = get_backend("torch")
+    chunked = backend.run(errors, fg)
+    chunked_peak = peak_allocated_bytes(lambda: backend.run(errors, fg))
+    set_chunk_floor("cpu", None)
+    assert _plan.chunk_floor_bytes(cpu) == _plan.CPU_CHUNK_FLOOR_BYTES
+    whole = backend.run(errors, fg)
+    whole_peak = peak_allocated_bytes(lambda: backend.run(errors, fg))
+    assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])
+    assert chunked_peak < whole_peak / 2
+    with pytest.raises(ValueError, match="device_type must be 'cpu' or 'cuda'; got 'gpu'"):
+        set_chunk_floor("gpu", 1)
+    with pytest.raises(TypeError, match="num_bytes must be an int"):
+        set_chunk_floor("cuda", 1.5)
+    with pytest.raises(TypeError, match="num_bytes must be an int"):
+        set_chunk_floor("cuda", True)
+    with pytest.raises(ValueError, match="num_bytes must be >= 0; got -1"):
+        set_chunk_floor("cuda", -1)
+    set_chunk_floor("cuda", np.int64(1 << 20))  # numpy integers are ints
+    assert _plan.chunk_floor_bytes(gpu) == 1 << 20 and _plan._FLOORS_SET == {"cuda": 1 << 20}
+
+
 @pytest.mark.parametrize("device, floor", [("cpu", 32 << 20), ("meta", 512 << 20)])
 def test_generic_chunks_are_at_least_the_devices_floor(device, floor):
     """The generic path holds a gradient's size of temporaries at once, or the device's

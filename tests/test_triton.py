@@ -757,8 +757,8 @@ def test_segments_run_in_chunks_within_the_budget(device, monkeypatch, strategy,
 
 
 def test_chunk_budget_is_the_gradients_size(monkeypatch, gen):
-    """By default a chunk's temporaries fit in the gradient's size (at least
-    ``CHUNK_FLOOR_BYTES``), never fewer than one segment. A sort's bytes follow the path
+    """By default a chunk's temporaries fit in the gradient's size (at least the GPU's chunk
+    floor), never fewer than one segment. A sort's bytes follow the path
     PyTorch's CUDA sort takes: per key, the keys, sorted keys and int64 order (16 bytes for
     32-bit keys) plus 32 bytes of pairs under 128 rows, 20 for CUB's segmented sort from 128
     rows on, and one row's scratch (20 bytes per column) for rows of a million keys."""
@@ -772,14 +772,18 @@ def test_chunk_budget_is_the_gradients_size(monkeypatch, gen):
     assert module._chunk_bytes(call, "rows", 21) == module._sort_bytes(21, 1000, 4)
     assert module._chunk_bytes(call, "flat", 21) == module._sort_bytes(1, 21000, 8)
     assert module._chunk_bytes(call, "in-register", 21) == 0
-    monkeypatch.setattr(module, "CHUNK_FLOOR_BYTES", 0)
+    monkeypatch.setattr(_plan, "GPU_CHUNK_FLOOR_BYTES", 0)
     gradient = errors.numel() * 4  # 84 bytes per segment's column: one segment's 48 fit
     assert module._segments_per_chunk(call, "rows", gradient) == 21 * 4 // 48  # 1
     assert module._segments_per_chunk(call, "rows", 4 * 48 * 1000) == 4
     assert module._segments_per_chunk(call, "rows", 1) == 1
     assert module._segments_per_chunk(call, "in-register", 1) == 21
-    monkeypatch.setattr(module, "CHUNK_FLOOR_BYTES", 10**9)
+    monkeypatch.setattr(_plan, "GPU_CHUNK_FLOOR_BYTES", 10**9)
     assert module._segments_per_chunk(call, "rows", gradient) == 21
+    with monkeypatch.context() as patched:  # the floor a user set: 0 on a GPU, not the CPU's
+        patched.setitem(_plan._FLOORS_SET, "cuda", 0)
+        patched.setitem(_plan._FLOORS_SET, "cpu", 10**9)
+        assert module._segments_per_chunk(call, "rows", gradient) == 1
 
 
 def test_chunked_extension_needs_about_twice_the_input(device, monkeypatch, gen):
@@ -793,7 +797,7 @@ def test_chunked_extension_needs_about_twice_the_input(device, monkeypatch, gen)
     with module._override(sort="rows"):
         whole = lovasz_extension(errors, fg, backend="triton")
         whole_peak = peak(lambda: lovasz_extension(errors, fg, backend="triton"))
-        monkeypatch.setattr(module, "CHUNK_FLOOR_BYTES", 0)  # chunk this small input
+        monkeypatch.setitem(_plan._FLOORS_SET, "cuda", 0)  # chunk this small input
         chunked = lovasz_extension(errors, fg, backend="triton")
         chunked_peak = peak(lambda: lovasz_extension(errors, fg, backend="triton"))
     assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])

@@ -76,7 +76,7 @@ Sort strategies (``LOVASZ_TRITON_SORT`` or ``_override(sort=...)``; default ``au
 Memory: the segments of a call run in chunks (the same kernels on a slice of the segments)
 whose temporaries — the keys, the sorted keys, the int64 order and the sort's scratch, which
 depends on the path PyTorch's CUDA sort takes (``_sort_bytes``) — fit in the gradient's size
-or ``CHUNK_FLOOR_BYTES``, whichever is larger (``_segments_per_chunk``).
+or the GPU's chunk floor, whichever is larger (``_segments_per_chunk``).
 
 ``sort_strategy(dtype, num_cols)`` says which path a call takes; ``sort_keys(scores, labels,
 plan)`` returns the keys a loss call sorts (to time the sort alone). Every kernel launch goes
@@ -103,7 +103,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lovasz_kernels._plan import GPU_CHUNK_FLOOR_BYTES, SegmentPlan
+from lovasz_kernels._plan import SegmentPlan, chunk_floor_bytes
 from lovasz_kernels._validate import compute_dtype
 
 try:
@@ -735,7 +735,7 @@ _SETTINGS = {
     # one of SORT_STRATEGIES; None: the LOVASZ_TRITON_SORT environment variable, else "auto"
     "sort": None,
     # temporary bytes a chunk of segments may hold (see _segments_per_chunk). None: the
-    # gradient's size, at least CHUNK_FLOOR_BYTES; tests force small chunks, benchmarks one
+    # gradient's size, at least the GPU's chunk floor; tests force small chunks, benchmarks one
     "chunk_bytes": None,
 }
 # one launch at a time through an autotuner (it keeps per-launch state on the shared kernel
@@ -879,7 +879,7 @@ def _needs_int64(num_keys: int, *tensors: torch.Tensor) -> bool:
 
 def _run(call: _Call, loss: torch.Tensor, gradient_bytes: int) -> None:
     """Write every segment's loss into ``loss`` (S,) and every pixel's gradient, segments in
-    chunks whose temporaries stay within ``gradient_bytes`` or ``CHUNK_FLOOR_BYTES``
+    chunks whose temporaries stay within ``gradient_bytes`` or the GPU's chunk floor
     (``_segments_per_chunk``)."""
     strategy = sort_strategy(call.input_dtype, call.num_cols,
                              from_scores=call.flags["FROM_SCORES"])
@@ -930,20 +930,21 @@ def _chunk_bytes(call: _Call, strategy: str, rows: int) -> int:
     return _sort_bytes(rows, call.num_cols, _KEYS[call.error_dtype][0].itemsize)
 
 
-# Below this many bytes of temporaries a call runs in one chunk (why: ``_plan``'s floors);
-# above it, a call's temporaries stay within its gradient's size, so inputs past the floor
-# need about twice their size. The GPU floor even on CPU tensors: this is a GPU backend.
-CHUNK_FLOOR_BYTES = GPU_CHUNK_FLOOR_BYTES
+# Below the GPU's chunk floor of temporaries a call runs in one chunk (why: ``_plan``'s
+# floors; set_chunk_floor moves it); above it, a call's temporaries stay within its
+# gradient's size, so inputs past the floor need about twice their size. The GPU floor even on
+# CPU tensors: this is a GPU backend.
+_GPU = torch.device("cuda")
 
 
 def _segments_per_chunk(call: _Call, strategy: str, gradient_bytes: int) -> int:
     """How many segments run at once: the most whose temporaries (``_chunk_bytes``) stay
-    within the gradient's size or ``CHUNK_FLOOR_BYTES``, whichever is larger; one segment
+    within the gradient's size or the GPU's chunk floor, whichever is larger; one segment
     when even one does not fit (a segment's sort is never split)."""
     total = max(call.num_segments, 1)
     budget = _SETTINGS["chunk_bytes"]
     if budget is None:
-        budget = max(gradient_bytes, CHUNK_FLOOR_BYTES)
+        budget = max(gradient_bytes, chunk_floor_bytes(_GPU))
     if _chunk_bytes(call, strategy, total) <= budget:
         return total
     low, high = 1, total  # the answer is in [low, high): chunks of `high` rows do not fit
