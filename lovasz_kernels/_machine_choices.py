@@ -90,3 +90,13 @@ def kept_or_measured(
                 write_entry(path, key, entry)
             kept[slot] = value
     return kept[slot]
+
+
+def kept_or_saved(
+    kept: dict, slot: Hashable, path: str, key: str,
+    decode: Callable[[dict | None], Value | None],
+) -> Value | None:
+    """What :func:`kept_or_measured` would give without measuring: ``kept[slot]``, else the
+    file's entry decoded, else None (for ``lovasz-kernels info``)."""
+    value = kept.get(slot)
+    return value if value is not None else decode(read_entry(path, key))

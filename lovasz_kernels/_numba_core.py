@@ -41,8 +41,8 @@ import numpy as np
 from lovasz_kernels._machine_choices import (
     cache_path,
     kept_or_measured,
+    kept_or_saved,
     processor_model,
-    read_entry,
 )
 
 try:
@@ -533,7 +533,7 @@ def sort_choice() -> SortChoice:
 def measured_sort_choice() -> SortChoice | None:
     """This process's choice, else the one kept for this machine, else None (measures
     nothing)."""
-    return _choice.get("choice") or _decode_choice(read_entry(choice_path(), _machine_key()))
+    return kept_or_saved(_choice, "choice", choice_path(), _machine_key(), _decode_choice)
 
 
 def forget_sort_choice() -> None:

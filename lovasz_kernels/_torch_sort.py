@@ -38,7 +38,12 @@ from collections.abc import Iterator
 
 import torch
 
-from lovasz_kernels._machine_choices import cache_path, kept_or_measured, processor_model
+from lovasz_kernels._machine_choices import (
+    cache_path,
+    kept_or_measured,
+    kept_or_saved,
+    processor_model,
+)
 
 #: PyTorch's grain size: from this many values a 1-D integer sort on the CPU is a radix sort
 RADIX_SORT_MIN_PIXELS = 32768
@@ -125,6 +130,13 @@ def padded_radix_speedups(threads: int) -> tuple[float, ...]:
 
     return kept_or_measured(_speedups, threads, _lock, choice_path(), _machine_key(threads),
                             _decode_speedups, measure)
+
+
+def saved_padded_radix_speedups(threads: int) -> tuple[float, ...] | None:
+    """This process's speedups with ``threads`` threads, else the ones kept for this machine,
+    else None (measures nothing)."""
+    return kept_or_saved(_speedups, threads, choice_path(), _machine_key(threads),
+                         _decode_speedups)
 
 
 def measured_padded_radix_speedups() -> dict[int, tuple[float, ...]]:

@@ -229,8 +229,11 @@ def test_measurement_times_both_sorts_and_leaves_the_callers_random_state(monkey
 
 def test_info_says_what_was_measured(speedup_file, monkeypatch):
     """``lovasz-kernels info``'s line for the torch backend: measured on first use, then the
-    speedups measured (here: the fake's) for this thread count."""
+    speedups measured (here: the fake's) for this thread count, also in a process that only
+    reads them."""
     monkeypatch.setattr(_torch_sort.torch, "get_num_threads", lambda: 3)
     assert "measured on first use" in torch_eager.details()
     _torch_sort.padded_radix_speedups(3)
+    assert "speedups measured here 1x, 1.5x, 2x, 3x; 3 threads" in torch_eager.details()
+    _torch_sort.forget_padded_radix_speedups()  # another process: read from the file
     assert "speedups measured here 1x, 1.5x, 2x, 3x; 3 threads" in torch_eager.details()

@@ -61,8 +61,8 @@ from lovasz_kernels import _numba_core as core
 from lovasz_kernels._machine_choices import (
     cache_path,
     kept_or_measured,
+    kept_or_saved,
     processor_model,
-    read_entry,
 )
 from lovasz_kernels._numba_core import (
     INSERTION_MAX,
@@ -942,8 +942,8 @@ def details() -> str:
     sort = (f"sort: {core.SORT_NAMES[measured.host]} (measured fastest here)" if measured
             else "sort: measured on first use")
     threads = core.thread_count()
-    costs = _split_costs.get(threads) or _decode_split_costs(
-        read_entry(split_choice_path(), _split_key(threads)))
+    costs = kept_or_saved(_split_costs, threads, split_choice_path(), _split_key(threads),
+                          _decode_split_costs)
     split = ("segments split across threads: measured on first use" if costs is None else
              "one segment of {} / {} pixels, whole {} / {} ms, split {} / {} ms".format(
                  *SPLIT_MEASURED_PIXELS, *costs.whole_ms, *costs.split_ms))

@@ -10,8 +10,8 @@ from lovasz_kernels._jaccard import count_dtype, jaccard_increments
 from lovasz_kernels._plan import chunk_floor_bytes, rows_at_least_threads
 from lovasz_kernels._torch_sort import (
     RADIX_SORT_MIN_PIXELS,
-    measured_padded_radix_speedups,
     radix_sorted,
+    saved_padded_radix_speedups,
     sort_descending,
 )
 from lovasz_kernels._validate import compute_dtype
@@ -163,7 +163,7 @@ def _extension_block(errors: torch.Tensor, fg: torch.Tensor, grad: torch.Tensor,
 def details() -> str:
     """The CPU sort in use, for ``lovasz-kernels info``."""
     threads = torch.get_num_threads()
-    speedups = measured_padded_radix_speedups().get(threads)
+    speedups = saved_padded_radix_speedups(threads)
     measured = ("measured on first use" if speedups is None else
                 f"speedups measured here {', '.join(f'{value:g}x' for value in speedups)}")
     return (f"CPU: rows of {RADIX_SORT_MIN_PIXELS} pixels or more radix-sorted one by one, "
