@@ -1,22 +1,31 @@
 """Masked updates by a random mask, fast on the CPU.
 
-torch's CPU kernels for ``where`` and ``masked_fill_`` run a branch per element: on a random
-mask (a segment's foreground, in pixel order or sorted by error) that is about 2 ns per
-element on the development VM, 20x an arithmetic pass over the same array. The mask's bytes
-viewed as 0/1 integers (:func:`as_bytes`) take part in vectorized arithmetic instead, and
-multiplying by 0 or 1 is exact, so each helper here does its update as exact arithmetic on CPU
-arrays of at least :data:`ARITHMETIC_MIN_ELEMENTS` (below that, one op's fixed cost outweighs
-the pass), and calls torch's op elsewhere (a GPU runs ``where`` as one fast kernel).
+torch's CPU kernels for ``where`` and ``masked_fill_`` run a branch per element. On a mask the
+branch predictor has not seen before (a segment's foreground, in pixel order or sorted by
+error) every unpredictable element costs a misprediction, 3-5 ns on the development VM:
+with half the pixels foreground that is 10-20x an arithmetic pass over the same array. The
+mask's bytes viewed as 0/1 integers (:func:`as_bytes`) take part in vectorized arithmetic
+instead, and multiplying by 0 or 1 is exact, so each helper here does its update as exact
+arithmetic on CPU arrays of at least :data:`ARITHMETIC_MIN_ELEMENTS` (below that, one op's
+fixed cost outweighs the pass), and calls torch's op elsewhere (a GPU runs ``where`` as one
+fast kernel).
 """
 
 from __future__ import annotations
 
 import torch
 
-#: CPU arrays from this size get the arithmetic: its two or three ops cost as much as the one
-#: branchy op at about 16k elements on the development VM, 3-6x less from 64k elements on
-#: (``python tests/perf/masked_updates.py``)
-ARITHMETIC_MIN_ELEMENTS = 32768
+#: CPU arrays from this size get the arithmetic. On the development VM, with a new mask every
+#: call (``python tests/perf/masked_updates.py``), its two or three ops cost as much as the
+#: branchy op at 2048-4096 elements when half of them are set, 4096-8192 when a fifth are and
+#: 8192-16384 when a twentieth are; at 8192 they take 0.37-0.40x its time with half set,
+#: 0.71-0.74x with a fifth and 1.2-1.3x with a twentieth, from 16384 on 0.1-0.92x. (A mask
+#: timed over and over, as first measured, is learnt by the branch predictor, which made the
+#: branchy op look up to 4x faster than a call ever sees it.)
+ARITHMETIC_MIN_ELEMENTS = 8192
+#: :func:`one_where_` works on groups of whole rows of about this many elements: the mask's
+#: bytes converted to the values' type are one group's worth, not the whole array's
+GROUP_ELEMENTS = 1 << 16
 
 
 def as_bytes(mask: torch.Tensor) -> torch.Tensor:
@@ -51,18 +60,23 @@ def negate_where_(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def one_where_(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``values.masked_fill_(mask, 1)`` for contiguous, integer-valued ``values`` (counts, in an
     integer type or a float type that holds them exactly), rows along the last dimension: on
-    the CPU, rows of at least :data:`ARITHMETIC_MIN_ELEMENTS` get ``(v − 1)(1 − m) + 1``, every
-    step an integer and exact, one row at a time (a CPU op between a float array and the
-    mask's bytes first converts the bytes into a temporary of the array's type: one row's
-    worth, not the whole array's)."""
-    num_columns = values.shape[-1] if values.dim() else 1
-    if values.device.type != "cpu" or num_columns < ARITHMETIC_MIN_ELEMENTS:
+    CPU arrays of at least :data:`ARITHMETIC_MIN_ELEMENTS`, ``(v − 1)(1 − m) + 1``, every step
+    an integer and exact, on groups of whole rows (one row, or as many short rows as make
+    about :data:`GROUP_ELEMENTS`): a CPU op between a float array and the mask's bytes first
+    converts the bytes into a temporary of the array's type, one group's worth."""
+    if values.device.type != "cpu" or values.numel() < ARITHMETIC_MIN_ELEMENTS:
         return values.masked_fill_(mask, 1)
-    rows, row_masks = values.view(-1, num_columns), as_bytes(mask).reshape(-1, num_columns)
-    for index in range(rows.shape[0]):
-        row = rows[index]
-        row.sub_(1).addcmul_(row, row_masks[index], value=-1).add_(1)
+    ones = as_bytes(mask)
+    num_columns = values.shape[-1]
+    if values.numel() <= max(num_columns, GROUP_ELEMENTS):  # one group: no slicing
+        return values.sub_(1).addcmul_(values, ones, value=-1).add_(1)
+    rows, row_masks = values.view(-1, num_columns), ones.reshape(-1, num_columns)
+    step = max(1, GROUP_ELEMENTS // num_columns)
+    for start in range(0, rows.shape[0], step):
+        group = rows[start:start + step]
+        group.sub_(1).addcmul_(group, row_masks[start:start + step], value=-1).add_(1)
     return values
 
 
-__all__ = ["ARITHMETIC_MIN_ELEMENTS", "as_bytes", "negate_where_", "one_where_", "select"]
+__all__ = ["ARITHMETIC_MIN_ELEMENTS", "GROUP_ELEMENTS", "as_bytes", "negate_where_", "one_where_",
+           "select"]

@@ -57,21 +57,45 @@ def test_negate_where(gen, columns):
     assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("columns", [SMALL, LARGE])
+# (rows, columns): below the threshold; one group of one long row; one group of short rows
+# whose total crosses the threshold; several groups of short rows, the last one partial; one
+# row longer than a group
+ONE_WHERE_SHAPES = [(3, SMALL), (1, LARGE), (LARGE // 512, 1024),
+                    (_masked.GROUP_ELEMENTS // 1024 * 2 + 5, 1024),
+                    (3, _masked.GROUP_ELEMENTS + 7)]
+
+
+@pytest.mark.parametrize("shape", ONE_WHERE_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.int32, torch.int64])
-def test_one_where_on_counts(gen, columns, dtype):
-    mask = torch.rand(3, columns, generator=gen) < 0.5
+def test_one_where_on_counts(gen, shape, dtype):
+    mask = torch.rand(shape, generator=gen) < 0.5
     top = 2**24 if dtype == torch.float32 else 2**30
-    values = torch.randint(-5, top, (3, columns), generator=gen).to(dtype)
+    values = torch.randint(-5, top, shape, generator=gen).to(dtype)
     expected = values.masked_fill(mask, 1)
     got = _masked.one_where_(values.clone(), mask)
     assert got.dtype == dtype
     assert torch.equal(got, expected)
 
 
-def test_one_where_takes_a_non_contiguous_mask(gen):
-    mask = (torch.rand(LARGE, 3, generator=gen) < 0.5).t()
-    values = torch.randint(0, 1000, (3, LARGE), generator=gen).float()
+def test_one_where_decides_by_the_whole_array(monkeypatch, gen):
+    """Short rows that make a large array get the arithmetic (the branchy op is what costs
+    there, whatever the rows' length), and a small array the branchy op."""
+    filled = []
+    original = torch.Tensor.masked_fill_
+    monkeypatch.setattr(torch.Tensor, "masked_fill_",
+                        lambda self, *args: filled.append(self.shape) or original(self, *args))
+    short_rows = torch.zeros(LARGE // 256, 256)
+    _masked.one_where_(short_rows, torch.rand(short_rows.shape, generator=gen) < 0.5)
+    assert filled == []
+    small = torch.zeros(2, SMALL // 2)
+    _masked.one_where_(small, torch.rand(small.shape, generator=gen) < 0.5)
+    assert filled == [small.shape]
+
+
+@pytest.mark.parametrize("shape", [(3, LARGE), (_masked.GROUP_ELEMENTS // 1024 * 2 + 5, 1024)])
+def test_one_where_takes_a_non_contiguous_mask(gen, shape):
+    mask = (torch.rand(shape[::-1], generator=gen) < 0.5).t()
+    values = torch.randint(0, 1000, shape, generator=gen).float()
     assert torch.equal(_masked.one_where_(values.clone(), mask), values.masked_fill(mask, 1))
 
 
