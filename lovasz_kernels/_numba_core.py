@@ -156,6 +156,13 @@ SORT_NAMES = ("lsd", "msd", "numpy")
 
 # Up to this many keys, insertion sort.
 INSERTION_MAX = 24
+# From this many keys the radix sort (its digits sized to the keys: see digit_bits_for) beats
+# a comparison sort. With new keys every call, as a loss sees them, on the development VM
+# (``python tests/perf/few_keys.py``): 32 keys 1.35-1.5 against 1.35-1.4 us, 64 keys
+# 1.5-1.7 against 2.4, 128 keys 1.8-2.3 against 4.1, 1023 keys 5.4-7.4 against 36. Keys
+# sorted over and over, as first measured, make the comparison sort look 2-4x faster than
+# that: the branch predictor learns them.
+RADIX_MIN_KEYS = 64
 # The widest radix digit: 2048 counters of int64 (16 KB, in L1).
 MAX_DIGIT_BITS = 11
 # The MSD pass scatters into at most 2^MSD_BITS buckets: 256 write streams keep their cache
@@ -206,6 +213,16 @@ def varying_prefix_bits(key_or, key_and):
     while (varying >> np.uint64(high)) != 0:
         high += 1
     return 32 + low, 32 + high
+
+
+@njit(cache=True)
+def digit_bits_for(count):
+    """The widest digit worth a pass over ``count`` keys: a 2^b-counter histogram costs about
+    2^b steps per pass, so about as many counters as keys (4 to ``MAX_DIGIT_BITS`` bits)."""
+    bits = 4
+    while bits < MAX_DIGIT_BITS and (2 << bits) <= count:
+        bits += 1
+    return bits
 
 
 @njit(cache=True)
@@ -300,10 +317,11 @@ def lsd_passes(source, target, low, bits, num_digits, histograms, offsets):
 def radix_sort_lsd(keys, buffer, n, key_or, key_and):
     """Stable LSD radix sort of keys[:n] by their 32-bit prefix, whose bitwise OR and AND are
     ``key_or``, ``key_and``, with ``buffer`` (as long) as scratch; returns the array (keys or
-    buffer) holding the result. Digits of at most 11 bits cover the varying bits; keys with
-    equal prefixes keep their order (the payload's)."""
+    buffer) holding the result. Digits of at most :func:`digit_bits_for` ``n`` bits (11 from
+    2048 keys on) cover the varying bits; keys with equal prefixes keep their order (the
+    payload's)."""
     low, high = varying_prefix_bits(key_or, key_and)
-    bits, num_digits = digit_layout(low, high, MAX_DIGIT_BITS)
+    bits, num_digits = digit_layout(low, high, digit_bits_for(n))
     histograms = np.empty((max(num_digits, 1), 1 << bits), dtype=np.int64)
     offsets = np.empty(1 << bits, dtype=np.int64)
     moves = lsd_passes(keys[:n], buffer[:n], low, bits, num_digits, histograms, offsets)
@@ -334,11 +352,7 @@ def sort_buckets(keys, scratch, bucket_start, first, stop, histograms, offsets):
             continue
         bucket_or, bucket_and = key_bits(keys, start, end)
         low, high = varying_prefix_bits(bucket_or, bucket_and)
-        # a 2^b-counter histogram per pass costs about 2^b steps: about as many as the keys
-        max_bits = 4
-        while max_bits < MAX_DIGIT_BITS and (2 << max_bits) <= count:
-            max_bits += 1
-        bits, num_digits = digit_layout(low, high, max_bits)
+        bits, num_digits = digit_layout(low, high, digit_bits_for(count))
         moves = lsd_passes(keys[start:end], scratch[start:end], low, bits, num_digits,
                            histograms, offsets)
         if moves % 2:

@@ -227,6 +227,35 @@ def test_calibration_keys_are_sorted_alike_by_every_method():
         np.testing.assert_array_equal(result, expected)
 
 
+def _keys_with_varying_bits(count: int, varying_bits: int, seed: int) -> np.ndarray:
+    """Packed keys (prefix, then the index and a label bit, in index order) whose prefixes
+    vary in their low ``varying_bits`` bits, with ties among them."""
+    rng = np.random.default_rng(seed)
+    prefix = rng.integers(0, 1 << varying_bits, count, dtype=np.uint64) | np.uint64(1 << 30)
+    payload = (np.arange(count, dtype=np.uint64) << np.uint64(1)) | rng.integers(
+        0, 2, count, dtype=np.uint64)
+    return (prefix << np.uint64(32)) | payload
+
+
+@pytest.mark.parametrize("count", [core.INSERTION_MAX + 1, core.RADIX_MIN_KEYS, 100, 1023,
+                                   2047, 5000])
+@pytest.mark.parametrize("varying_bits", [1, 7, 27, 30])
+def test_small_sorts_with_digits_sized_to_the_keys_match_numpys(count, varying_bits):
+    """From RADIX_MIN_KEYS keys the LSD sort runs with digits sized to the count (4 bits at
+    a few dozen keys, 11 from 2048): every layout gives np.sort's order, ties included."""
+    keys = _keys_with_varying_bits(count, varying_bits, seed=count + varying_bits)
+    expected = np.sort(keys)
+    result = core.sort_keys(keys.copy(), np.empty_like(keys), count, core.RADIX_MIN_KEYS,
+                            core.SORT_LSD)
+    np.testing.assert_array_equal(result[:count], expected)
+
+
+def test_digit_width_follows_the_key_count():
+    assert [core.digit_bits_for(count) for count in (1, 31, 32, 64, 1023, 1024, 2048, 1 << 20)
+            ] == [4, 4, 5, 6, 9, 10, 11, core.MAX_DIGIT_BITS]
+    assert core.RADIX_MIN_KEYS > core.INSERTION_MAX
+
+
 # --------------------------------------------------------------------------------------------
 # worker threads
 

@@ -20,9 +20,11 @@ first is the case "error = score, fg flag = label". Each segment is handled in t
    (:func:`lovasz_kernels._numba_core.sort_choice`, measured once): an LSD radix sort whose
    digits cover only the prefix bits that vary (softmax errors: 27 bits, three digits of 9
    bits), an MSD pass into cache-sized buckets then a local radix sort of each, or numpy's
-   sort. Keys are unique, so every method gives the same order. Small segments use a
-   comparison sort. For float64 the 32-bit prefix is not the whole error: runs of equal
-   prefixes are re-sorted on the low 32 bits, which makes the order exact.
+   sort. Keys are unique, so every method gives the same order. Segments of fewer than
+   ``RADIX_MIN_KEYS`` (64) positive errors use a comparison sort, and a radix sort of fewer
+   than 2048 keys uses narrower digits (``_numba_core.digit_bits_for``). For float64 the
+   32-bit prefix is not the whole error: runs of equal prefixes are re-sorted on the low 32
+   bits, which makes the order exact.
 3. **One fused pass** over the sorted keys: exact integer prefix counts, the closed-form
    Jaccard increments (no cancellation), the loss accumulated in float64 and the gradient
    (times the segment's weight and d error / d score) scattered straight to each pixel's
@@ -66,6 +68,7 @@ from lovasz_kernels._machine_choices import (
 )
 from lovasz_kernels._numba_core import (
     INSERTION_MAX,
+    RADIX_MIN_KEYS,
     SORT_LSD,
     SORT_NUMPY,
     bits_of,
@@ -92,8 +95,6 @@ PARALLEL_MIN_PIXELS = 1 << 16
 # rounds, each a wait for the slowest thread: 1.5-2.3x the serial time at 64k pixels on 2
 # threads of the development VM); larger ones where that was measured to pay (_split_pays).
 SPLIT_MIN_PIXELS = 1 << 17
-# Below this many positive errors a comparison sort beats radix passes.
-RADIX_MIN_KEYS = 1024
 # Segments of at least this many pixels use the sort measured fastest on this machine (which
 # may be numpy's, called from the host); smaller ones the LSD radix sort in the kernel.
 SORT_CHOICE_MIN_PIXELS = 1 << 16

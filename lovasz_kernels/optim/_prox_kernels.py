@@ -41,6 +41,7 @@ from lovasz_kernels import _numba_core as core
 from lovasz_kernels._numba_core import (  # NUMBA_*: what prox.py reports when numba is missing
     NUMBA_AVAILABLE,  # noqa: F401
     NUMBA_IMPORT_ERROR,  # noqa: F401
+    RADIX_MIN_KEYS,
     SORT_LSD,
     fetch_add,
     jaccard_increment,
@@ -52,8 +53,6 @@ from lovasz_kernels._scratch import scratch
 # blocks of the recursive splitting up to this many pixels first try one merge
 # (:func:`_merge_and_pool`)
 MERGE_LIMIT = 128
-# Below this many margins a label list is sorted by comparisons, not radix passes.
-RADIX_MIN_KEYS = 1024
 # Rows of at least this many pixels have their steps split across threads (when there are
 # fewer rows than threads); smaller ones run whole on one thread.
 SPLIT_MIN_PIXELS = 1 << 15
