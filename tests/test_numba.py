@@ -357,6 +357,24 @@ def test_fused_labels_narrowed_or_not(monkeypatch, gen, num_classes, ignore_inde
         _assert_same(fused, generic, torch.float64, f"{num_classes} classes")
 
 
+@pytest.mark.parametrize(("num_channels", "ignore_index", "dtype", "ignore_label"), [
+    (1, None, np.int64, 0), (1, -100, np.int64, -100), (2, None, np.uint8, 255),
+    (5, 3, np.uint8, 255), (254, None, np.uint8, 255), (255, 7, np.int64, 7)])
+def test_labels_are_narrowed_only_where_segments_reread_them(num_channels, ignore_index, dtype,
+                                                             ignore_label):
+    """One channel: each label is read by one segment, so the kernels read the int64 labels
+    (narrowing would be a pass of its own); 2 to 254 channels: uint8, the ignore label 255."""
+    labels = torch.tensor([[0, 1, 1, 0], [1, 0, 0, 1]])
+    if ignore_index is not None:
+        labels[0, 0] = ignore_index
+    flat, ignore = numba_cpu._narrow_labels(labels, ignore_index, num_channels)
+    assert flat.dtype == dtype and ignore == ignore_label
+    expected = labels.reshape(-1).numpy()
+    if dtype == np.uint8 and ignore_index is not None:
+        expected = np.where(expected == ignore_index, 255, expected)
+    np.testing.assert_array_equal(flat, expected)
+
+
 @pytest.mark.parametrize("dtype", _SCORE_DTYPES, ids=str)
 @pytest.mark.parametrize("per_image", [False, True], ids=["batch", "per_image"])
 @pytest.mark.parametrize("ignore_index", [None, 2])

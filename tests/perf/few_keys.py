@@ -13,6 +13,11 @@ about 0.6% of the pixels have a positive error), small per-image softmax, and th
 "radix" is ``RADIX_MIN_KEYS`` as it is; "comparison" raises it to 1024, as it was first set.
 Medians, and the ratio comparison / radix.
 
+Last, where few keys are sorted the passes around the sort show: hinge calls (one channel,
+so each label is read by one segment) with the labels narrowed to uint8 by a pass of their
+own first, as every call once did ("narrowed"), against the kernels reading the int64 labels
+("int64", as now), toggled per round.
+
 ``--prox``: only the exact prox of such a hinge (8 x 256², per image). Its kernels compile
 ``RADIX_MIN_KEYS`` in as a constant, so the two settings cannot be toggled in one process:
 time two checkouts in alternating processes (``PYTHONPATH=<checkout> python
@@ -117,6 +122,47 @@ def calls(rounds: int) -> None:
     numba_cpu.RADIX_MIN_KEYS = core.RADIX_MIN_KEYS
 
 
+HINGE_LABEL_CASES = {  # name: (batch, side, trained-like)
+    "8 x 256² per image, 0.6% positive": (8, 256, True),
+    "8 x 256² per image, random": (8, 256, False),
+    "1024², 0.6% positive": (1, 1024, True),
+    "1024², random": (1, 1024, False),
+}
+
+
+def hinge_labels(rounds: int) -> None:
+    print("numba hinge, forward + backward, ms per call: labels narrowed first or read as int64")
+    gen = torch.Generator().manual_seed(2)
+    order = random.Random(2)
+    reading = numba_cpu._narrow_labels
+
+    def narrowing(labels, ignore_index, num_channels):
+        return reading(labels, ignore_index, max(num_channels, 2))  # 2 channels: uint8
+
+    try:
+        for name, (batch, side, trained) in HINGE_LABEL_CASES.items():
+            samples = {"int64": [], "narrowed": []}
+            for round_index in range(-3, rounds):
+                ways = [("int64", reading), ("narrowed", narrowing)]
+                order.shuffle(ways)
+                for label, function in ways:
+                    if trained:
+                        logits, labels = _trained_hinge(batch, side, gen)
+                    else:
+                        logits = torch.randn(batch, side, side, generator=gen)
+                        labels = (torch.rand(batch, side, side, generator=gen) < 0.5).long()
+                    logits.requires_grad_()
+                    numba_cpu._narrow_labels = function
+                    start = time.perf_counter()
+                    lovasz_hinge(logits, labels, per_image=True, backend="numba").backward()
+                    if round_index >= 0:
+                        samples[label].append(time.perf_counter() - start)
+            now, before = (statistics.median(samples[key]) * 1e3 for key in ("int64", "narrowed"))
+            print(f"  {name:36s} int64 {now:7.3f}, narrowed {before:7.3f} ({before / now:.2f}x)")
+    finally:
+        numba_cpu._narrow_labels = reading
+
+
 def prox(rounds: int) -> None:
     gen = torch.Generator().manual_seed(1)
     samples = []
@@ -142,6 +188,7 @@ def main() -> None:
         return
     sorts(args.rounds)
     calls(args.rounds)
+    hinge_labels(args.rounds)
 
 
 if __name__ == "__main__":
