@@ -50,7 +50,8 @@ def cumsum_rows_(values: torch.Tensor, one_by_one: bool | None = None) -> torch.
 
 def jaccard_increments(
     gt_sorted: torch.Tensor, dtype: torch.dtype, *, counts: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
+    out: torch.Tensor | None = None, fg_total: torch.Tensor | None = None,
+    row_pixels: int | None = None,
 ) -> torch.Tensor:
     """g_k = Δ_J(first k+1 pixels) − Δ_J(first k), batched over the last dimension.
 
@@ -64,6 +65,11 @@ def jaccard_increments(
         Optional buffers of ``gt_sorted``'s shape to work in: ``counts`` of
         :func:`count_dtype` (overwritten), ``out`` of ``dtype`` (returned). Without them
         both are allocated; these two arrays are all the memory the increments take.
+    fg_total, row_pixels
+        When ``gt_sorted`` holds only the first pixels of longer rows (the rest have no
+        increment worth computing: their errors are ≤ 0): each row's foreground pixels in
+        all, (..., 1), and the rows' length, ``row_pixels`` (which sets the count type).
+        The increments are those of the whole rows' first pixels, bit for bit.
 
     Notes
     -----
@@ -77,11 +83,12 @@ def jaccard_increments(
     num_pixels = gt_sorted.shape[-1]
     device = gt_sorted.device
     if counts is None:
-        counts = torch.empty(gt_sorted.shape, dtype=count_dtype(num_pixels, dtype), device=device)
+        counts = torch.empty(gt_sorted.shape, device=device,
+                             dtype=count_dtype(row_pixels or num_pixels, dtype))
     # copied, then summed in place: a cumulative sum that converts the labels itself makes a
     # converted copy of them first (copied from their bytes: a copy from bool is a scalar loop)
     cumsum_rows_(counts.copy_(as_bytes(gt_sorted)))
-    n_fg = counts[..., -1:].clone()
+    n_fg = counts[..., -1:].clone() if fg_total is None else fg_total.to(counts.dtype)
     position = torch.arange(1, num_pixels + 1, device=device, dtype=counts.dtype)  # k + 1
     # everything in place in ``counts`` and ``out``: every pass is one wake-up of the thread
     # pool, every extra (..., P) array more peak memory (and integer counts, when needed,

@@ -237,3 +237,89 @@ def test_info_says_what_was_measured(speedup_file, monkeypatch):
     assert "speedups measured here 1x, 1.5x, 2x, 3x; 3 threads" in torch_eager.details()
     _torch_sort.forget_padded_radix_speedups()  # another process: read from the file
     assert "speedups measured here 1x, 1.5x, 2x, 3x; 3 threads" in torch_eager.details()
+
+
+# --------------------------------------------------------------------------------------------
+# rows with few positive errors: only those sorted (torch.topk)
+
+
+def _few_positive_errors(shape, dtype, gen, share=0.01):
+    """(S, P) tie-free errors of which about ``share`` are positive, as a trained model's
+    hinge has them."""
+    errors = tie_free_errors(shape, dtype, gen)
+    positive = torch.rand(shape, generator=gen) < share
+    return torch.where(positive, errors.abs(), -errors.abs())
+
+
+def test_few_positive_errors_take_the_top_k_and_many_do_not(gen):
+    """The count is taken only for CPU rows of TOP_K_MIN_PIXELS or more whose first row's
+    sample is mostly not positive, and the path only when every row has few."""
+    columns = torch_eager.TOP_K_MIN_PIXELS
+    few = _few_positive_errors((3, columns), torch.float32, gen)
+    assert torch_eager._few_positive(few) == int((few > 0).sum(dim=1).max())
+    many = few.clone()
+    many[2, : columns // 4] = 1.0  # one row with a quarter positive: every pixel is sorted
+    assert torch_eager._few_positive(many) is None
+    assert torch_eager._few_positive(few.abs()) is None  # the sample says: all positive
+    assert torch_eager._few_positive(few[:, : columns // 2]) is None  # short rows
+    assert torch_eager._few_positive(-few.abs()) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_top_k_rows_give_the_references_answer(gen, dtype):
+    """Rows with few positive errors, one with none, one with -inf padding and a -0.0: the
+    extension of only their positive errors matches the numpy reference, and matches sorting
+    every pixel (forced) bit for bit where no errors tie."""
+    columns = torch_eager.TOP_K_MIN_PIXELS * 2
+    errors = _few_positive_errors((4, columns), dtype, gen)
+    errors[1] = -errors[1].abs()  # no positive error
+    errors[2, columns // 2:] = -torch.inf  # padding
+    errors[3, 7] = -0.0
+    fg = torch.rand(errors.shape, generator=gen) < 0.4
+    fg[2, columns // 2:] = False
+    assert torch_eager._few_positive(errors) is not None
+    loss, grad = get_backend("torch").run(errors, fg)
+    ref_loss, ref_grad = _reference(errors, fg)
+    assert_close_report(loss, ref_loss, LOSS_TOLERANCE[dtype], "loss")
+    assert_close_report(grad, ref_grad, GRAD_TOLERANCE[dtype], "grad")
+    assert bool((grad[errors <= 0] == 0).all())
+    whole_grad = torch.empty_like(errors)
+    whole_loss = torch_eager._extension_rows(errors.clone(), fg, whole_grad)
+    assert torch.equal(loss.to(torch.float64), whole_loss.to(dtype).to(torch.float64))
+    assert torch.equal(grad, whole_grad)
+
+
+def test_top_k_with_tied_errors_keeps_each_tie_groups_gradient(gen):
+    """Exactly tied positive errors may come out of topk in another order than out of a
+    sort: the loss and each tie group's gradient sum stay the reference's."""
+    from lovasz_kernels._cases import tie_group_sums
+
+    columns = torch_eager.TOP_K_MIN_PIXELS
+    errors = -torch.rand(2, columns, generator=gen)
+    picked = torch.rand(2, columns, generator=gen) < 0.02
+    errors[picked] = torch.randint(1, 6, (int(picked.sum()),), generator=gen).float() / 4
+    fg = torch.rand(errors.shape, generator=gen) < 0.5
+    loss, grad = get_backend("torch").run(errors, fg)
+    ref_loss, ref_grad = _reference(errors, fg)
+    assert_close_report(loss, ref_loss, LOSS_TOLERANCE[torch.float32], "loss")
+    assert_close_report(tie_group_sums(errors, grad), tie_group_sums(errors, ref_grad),
+                        GRAD_TOLERANCE[torch.float32], "tie-group grad")
+
+
+def test_increments_of_the_first_pixels_equal_the_whole_rows(gen):
+    """jaccard_increments on a row's first k pixels, told the row's foreground and length,
+    gives the whole row's first k increments bit for bit (counts in an integer type too)."""
+    from lovasz_kernels._jaccard import jaccard_increments
+
+    gt = torch.rand(3, 5000, generator=gen) < 0.3
+    gt[1] = False
+    for dtype in (torch.float32, torch.float64):
+        whole = jaccard_increments(gt, dtype)
+        first = jaccard_increments(gt[:, :700], dtype, fg_total=gt.sum(dim=1, keepdim=True),
+                                   row_pixels=gt.shape[1])
+        assert torch.equal(first, whole[:, :700])
+    big = torch.zeros(1, 2**24 + 8, dtype=torch.bool)
+    big[0, ::3] = True
+    first = jaccard_increments(big[:, :64], torch.float32, fg_total=big.sum(dim=1, keepdim=True),
+                               row_pixels=big.shape[1])
+    assert torch.equal(first, jaccard_increments(big, torch.float32)[:, :64])

@@ -88,12 +88,69 @@ def _extension_into(errors: torch.Tensor, fg: torch.Tensor,
     budget = max(grad.numel() * grad.dtype.itemsize, chunk_floor_bytes(grad.device))
     step = rows_at_least_threads(budget // (num_pixels * TEMPORARY_BYTES_PER_PIXEL), grad.device)
     if step >= num_segments:
-        loss = _extension_rows(errors, fg, grad)
+        loss = _extension_chunk(errors, fg, grad)
     else:
-        loss = torch.cat([_extension_rows(errors[start:start + step], fg[start:start + step],
-                                          grad[start:start + step])
+        loss = torch.cat([_extension_chunk(errors[start:start + step], fg[start:start + step],
+                                           grad[start:start + step])
                           for start in range(0, num_segments, step)])
     return loss.to(grad.dtype), grad.to(errors.dtype)
+
+
+# A chunk whose rows each have at most this fraction of their pixels with a positive error
+# (a trained model's hinge: margins above 1 almost everywhere) sorts only those, the k
+# largest keys of each row (torch.topk), on the CPU, where the count is free to read. One
+# hinge image on the development VM, forward + backward, top k against sorting every pixel:
+# 1024² 1.7x as fast with 1% of the errors positive, 1.3x with 5%, even at 12.5%, 0.6x at 25%
+TOP_K_MAX_FRACTION = 1 / 16
+# rows shorter than this are sorted whole: there one sort costs little next to the call
+TOP_K_MIN_PIXELS = 1 << 14
+# pixels of the first row looked at before counting: where these are mostly positive (every
+# softmax, a hinge early in training) nothing is counted
+TOP_K_SAMPLE = 256
+
+
+def _few_positive(errors: torch.Tensor) -> int | None:
+    """The most positive errors in a row of ``errors`` when every row has at most
+    ``TOP_K_MAX_FRACTION`` of its pixels positive (CPU rows of ``TOP_K_MIN_PIXELS`` or more),
+    else None."""
+    num_pixels = errors.shape[1]
+    if errors.device.type != "cpu" or num_pixels < TOP_K_MIN_PIXELS or not errors.shape[0]:
+        return None
+    most = num_pixels * TOP_K_MAX_FRACTION
+    sample = errors[0, ::num_pixels // TOP_K_SAMPLE]
+    if int((sample > 0).sum()) > 2 * TOP_K_MAX_FRACTION * sample.numel():
+        return None
+    positive = int((errors > 0).sum(dim=1).max())
+    return positive if positive <= most else None
+
+
+def _extension_chunk(errors: torch.Tensor, fg: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """One chunk's float64 losses, its gradient written into ``grad``: only each row's
+    positive errors sorted where they are few (:func:`_few_positive`), else every pixel."""
+    positive = _few_positive(errors)
+    if positive is None:
+        return _extension_rows(errors, fg, grad)
+    return _extension_top(errors, fg, grad, positive)
+
+
+def _extension_top(errors: torch.Tensor, fg: torch.Tensor, grad: torch.Tensor,
+                   count: int) -> torch.Tensor:
+    """:func:`_extension_block` on each row's ``count`` largest errors (every positive one:
+    errors ≤ 0 neither add to the loss nor get a gradient, and they would sort last), taken
+    by ``torch.topk`` from the same clamped keys; the increments count each whole row's
+    foreground. Rows with fewer positive errors take some zeros, whose increments the
+    errors' sign clears."""
+    dtype = grad.dtype
+    keys = torch.clamp(errors.to(dtype), min=0, out=grad).view(_SAME_WIDTH_INT[dtype])
+    fg_total = fg.sum(dim=1, keepdim=True)
+    keys_sorted, order = torch.topk(keys, count, dim=1)
+    errors_sorted = keys_sorted.view(dtype)
+    increments = jaccard_increments(torch.gather(fg, 1, order), dtype, fg_total=fg_total,
+                                    row_pixels=errors.shape[1])
+    increments.mul_(torch.sign(errors_sorted))
+    loss = _row_sums_float64(torch.mul(errors_sorted, increments))
+    grad.zero_().scatter_(1, order, increments)
+    return loss
 
 
 # Radix-sorted rows from this many pixels go through the extension one at a time (see

@@ -13,6 +13,9 @@ about 0.6% of the pixels have a positive error), small per-image softmax, and th
 "radix" is ``RADIX_MIN_KEYS`` as it is; "comparison" raises it to 1024, as it was first set.
 Medians, and the ratio comparison / radix.
 
+Then the torch backend on such hinges: only each row's positive errors taken by
+``torch.topk`` ("top k", as now) against sorting every pixel ("sort all"), toggled per round.
+
 Last, where few keys are sorted the passes around the sort show: hinge calls (one channel,
 so each label is read by one segment) with the labels narrowed to uint8 by a pass of their
 own first, as every call once did ("narrowed"), against the kernels reading the int64 labels
@@ -75,9 +78,11 @@ def sorts(rounds: int) -> None:
                   f"{comparison:6.2f} ({comparison / radix:.2f}x)")
 
 
-def _trained_hinge(batch: int, side: int, gen: torch.Generator):
+def _trained_hinge(batch: int, side: int, gen: torch.Generator, mean_margin: float = 3.5):
+    """Logits whose margins are N(mean_margin, 1): 3.5 leaves 0.6% of the errors positive,
+    2.645 5%."""
     labels = (torch.rand(batch, side, side, generator=gen) < 0.5).long()
-    margins = torch.randn(batch, side, side, generator=gen) + 3.5
+    margins = torch.randn(batch, side, side, generator=gen) + mean_margin
     return (labels * 2 - 1) * margins, labels
 
 
@@ -122,45 +127,85 @@ def calls(rounds: int) -> None:
     numba_cpu.RADIX_MIN_KEYS = core.RADIX_MIN_KEYS
 
 
-HINGE_LABEL_CASES = {  # name: (batch, side, trained-like)
-    "8 x 256² per image, 0.6% positive": (8, 256, True),
-    "8 x 256² per image, random": (8, 256, False),
-    "1024², 0.6% positive": (1, 1024, True),
-    "1024², random": (1, 1024, False),
+def _hinge_inputs(batch: int, side: int, gen: torch.Generator, mean_margin: float | None):
+    """A trained-like hinge's logits and labels (:func:`_trained_hinge`), or random logits
+    (N(0, 1): 84% of the errors positive) when ``mean_margin`` is None."""
+    if mean_margin is not None:
+        return _trained_hinge(batch, side, gen, mean_margin)
+    logits = torch.randn(batch, side, side, generator=gen)
+    return logits, (torch.rand(batch, side, side, generator=gen) < 0.5).long()
+
+
+def _toggled_hinges(title: str, backend: str, module, name: str, ways: dict, cases: dict,
+                    rounds: int, seed: int) -> None:
+    """Hinge calls, forward + backward, per image, with ``module.name`` set to each of
+    ``ways`` (label: function; the first is the code as it is) in a new order every round.
+    ``cases``: name: (batch, side, mean margin or None). Prints the medians in ms and how
+    much faster the first way is."""
+    print(title)
+    gen = torch.Generator().manual_seed(seed)
+    order = random.Random(seed)
+    kept = getattr(module, name)
+    now_label, before_label = ways
+    try:
+        for case, (batch, side, mean_margin) in cases.items():
+            samples = {label: [] for label in ways}
+            for round_index in range(-3, rounds):
+                shuffled = list(ways.items())
+                order.shuffle(shuffled)
+                for label, function in shuffled:
+                    logits, labels = _hinge_inputs(batch, side, gen, mean_margin)
+                    logits.requires_grad_()
+                    setattr(module, name, function)
+                    start = time.perf_counter()
+                    lovasz_hinge(logits, labels, per_image=True, backend=backend).backward()
+                    if round_index >= 0:
+                        samples[label].append(time.perf_counter() - start)
+            now, before = (statistics.median(samples[key]) * 1e3
+                           for key in (now_label, before_label))
+            print(f"  {case:36s} {now_label} {now:7.3f}, {before_label} {before:7.3f} "
+                  f"({before / now:.2f}x)")
+    finally:
+        setattr(module, name, kept)
+
+
+TORCH_TOP_K_CASES = {  # name: (batch, side, mean margin)
+    "256², 0.6% positive": (1, 256, 3.5),
+    "1024², 0.6% positive": (1, 1024, 3.5),
+    "1024², 5% positive": (1, 1024, 2.645),
+    "8 x 256² per image, 0.6% positive": (8, 256, 3.5),
+    "8 x 256² per image, 5% positive": (8, 256, 2.645),
+}
+
+
+def torch_top_k(rounds: int) -> None:
+    from lovasz_kernels.backends import torch_eager
+
+    _toggled_hinges(
+        "torch backend hinge, forward + backward, ms per call: top k or every pixel sorted",
+        "torch", torch_eager, "_few_positive",
+        {"top k": torch_eager._few_positive, "sort all": lambda errors: None},
+        TORCH_TOP_K_CASES, rounds, seed=3)
+
+
+HINGE_LABEL_CASES = {  # name: (batch, side, mean margin; None: random logits)
+    "8 x 256² per image, 0.6% positive": (8, 256, 3.5),
+    "8 x 256² per image, random": (8, 256, None),
+    "1024², 0.6% positive": (1, 1024, 3.5),
+    "1024², random": (1, 1024, None),
 }
 
 
 def hinge_labels(rounds: int) -> None:
-    print("numba hinge, forward + backward, ms per call: labels narrowed first or read as int64")
-    gen = torch.Generator().manual_seed(2)
-    order = random.Random(2)
     reading = numba_cpu._narrow_labels
 
     def narrowing(labels, ignore_index, num_channels):
         return reading(labels, ignore_index, max(num_channels, 2))  # 2 channels: uint8
 
-    try:
-        for name, (batch, side, trained) in HINGE_LABEL_CASES.items():
-            samples = {"int64": [], "narrowed": []}
-            for round_index in range(-3, rounds):
-                ways = [("int64", reading), ("narrowed", narrowing)]
-                order.shuffle(ways)
-                for label, function in ways:
-                    if trained:
-                        logits, labels = _trained_hinge(batch, side, gen)
-                    else:
-                        logits = torch.randn(batch, side, side, generator=gen)
-                        labels = (torch.rand(batch, side, side, generator=gen) < 0.5).long()
-                    logits.requires_grad_()
-                    numba_cpu._narrow_labels = function
-                    start = time.perf_counter()
-                    lovasz_hinge(logits, labels, per_image=True, backend="numba").backward()
-                    if round_index >= 0:
-                        samples[label].append(time.perf_counter() - start)
-            now, before = (statistics.median(samples[key]) * 1e3 for key in ("int64", "narrowed"))
-            print(f"  {name:36s} int64 {now:7.3f}, narrowed {before:7.3f} ({before / now:.2f}x)")
-    finally:
-        numba_cpu._narrow_labels = reading
+    _toggled_hinges(
+        "numba hinge, forward + backward, ms per call: labels narrowed first or read as int64",
+        "numba", numba_cpu, "_narrow_labels", {"int64": reading, "narrowed": narrowing},
+        HINGE_LABEL_CASES, rounds, seed=2)
 
 
 def prox(rounds: int) -> None:
@@ -188,6 +233,7 @@ def main() -> None:
         return
     sorts(args.rounds)
     calls(args.rounds)
+    torch_top_k(args.rounds)
     hinge_labels(args.rounds)
 
 
