@@ -51,7 +51,8 @@ def cumsum_rows_(values: torch.Tensor, one_by_one: bool | None = None) -> torch.
 def jaccard_increments(
     gt_sorted: torch.Tensor, dtype: torch.dtype, *, counts: torch.Tensor | None = None,
     out: torch.Tensor | None = None, fg_total: torch.Tensor | None = None,
-    row_pixels: int | None = None,
+    row_pixels: int | None = None, pixels_before: int = 0,
+    fg_before: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """g_k = Δ_J(first k+1 pixels) − Δ_J(first k), batched over the last dimension.
 
@@ -70,6 +71,11 @@ def jaccard_increments(
         increment worth computing: their errors are ≤ 0): each row's foreground pixels in
         all, (..., 1), and the rows' length, ``row_pixels`` (which sets the count type).
         The increments are those of the whole rows' first pixels, bit for bit.
+    pixels_before, fg_before
+        With ``fg_total`` and ``row_pixels``: ``gt_sorted`` holds the pixels that come after
+        the first ``pixels_before`` of each row, of which ``fg_before`` (..., 1) are
+        foreground (a row sorted a range of errors at a time). The increments are those of
+        the same positions of the whole rows, bit for bit.
 
     Notes
     -----
@@ -88,8 +94,11 @@ def jaccard_increments(
     # copied, then summed in place: a cumulative sum that converts the labels itself makes a
     # converted copy of them first (copied from their bytes: a copy from bool is a scalar loop)
     cumsum_rows_(counts.copy_(as_bytes(gt_sorted)))
+    if fg_before is not None:
+        counts.add_(fg_before.to(counts.dtype))
     n_fg = counts[..., -1:].clone() if fg_total is None else fg_total.to(counts.dtype)
-    position = torch.arange(1, num_pixels + 1, device=device, dtype=counts.dtype)  # k + 1
+    position = torch.arange(pixels_before + 1, pixels_before + num_pixels + 1,  # k + 1
+                            device=device, dtype=counts.dtype)
     # everything in place in ``counts`` and ``out``: every pass is one wake-up of the thread
     # pool, every extra (..., P) array more peak memory (and integer counts, when needed,
     # cost a hidden float copy in each mixed-type op below)
@@ -104,5 +113,6 @@ def jaccard_increments(
     torch.div(counts, increments, out=increments)
     # U_k = 1 happens only at k = 0 when n_fg = 0: the first mistake alone costs the full loss
     # (0/0 above, the only NaN: U_k >= 2 everywhere else)
-    increments[..., 0].nan_to_num_(nan=1.0)
+    if pixels_before == 0:
+        increments[..., 0].nan_to_num_(nan=1.0)
     return increments

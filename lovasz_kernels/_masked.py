@@ -26,11 +26,36 @@ ARITHMETIC_MIN_ELEMENTS = 8192
 #: :func:`one_where_` works on groups of whole rows of about this many elements: the mask's
 #: bytes converted to the values' type are one group's worth, not the whole array's
 GROUP_ELEMENTS = 1 << 16
+#: :func:`count_true` sums CPU masks in blocks of about this many elements
+COUNT_BLOCK_ELEMENTS = 1 << 16
 
 
 def as_bytes(mask: torch.Tensor) -> torch.Tensor:
     """A bool mask's own memory as uint8 0/1 (no copy): arithmetic with it is vectorized."""
     return mask.view(torch.uint8)
+
+
+def count_true(mask: torch.Tensor) -> torch.Tensor:
+    """The True elements of ``mask`` along its last dimension, int64, the dimension kept.
+
+    torch's CPU sum of a bool (or uint8) array first converts all of it to int64: 8 bytes
+    per element, and about 15x the time of the sum itself (2 x 2^22 elements on the
+    development VM: 22 ms against 1.5 ms in blocks of 2^16). On the CPU the mask is therefore
+    summed in blocks of about :data:`COUNT_BLOCK_ELEMENTS`, whose int64 copies stay small."""
+    if mask.device.type != "cpu" or mask.numel() <= COUNT_BLOCK_ELEMENTS:
+        return mask.sum(dim=-1, keepdim=True)
+    num_columns = mask.shape[-1]
+    rows = as_bytes(mask).reshape(-1, num_columns)
+    width = min(num_columns, max(COUNT_BLOCK_ELEMENTS // rows.shape[0], 4096))
+    step = max(COUNT_BLOCK_ELEMENTS // width, 1)
+    counts = torch.empty((rows.shape[0], 1), dtype=torch.int64)
+    for start in range(0, rows.shape[0], step):
+        group = rows[start:start + step]
+        total = group[:, :width].sum(dim=1, keepdim=True)
+        for column in range(width, num_columns, width):
+            total += group[:, column:column + width].sum(dim=1, keepdim=True)
+        counts[start:start + step] = total
+    return counts.reshape(*mask.shape[:-1], 1)
 
 
 def _by_arithmetic(values: torch.Tensor) -> bool:
@@ -78,5 +103,5 @@ def one_where_(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return values
 
 
-__all__ = ["ARITHMETIC_MIN_ELEMENTS", "GROUP_ELEMENTS", "as_bytes", "negate_where_", "one_where_",
-           "select"]
+__all__ = ["ARITHMETIC_MIN_ELEMENTS", "COUNT_BLOCK_ELEMENTS", "GROUP_ELEMENTS", "as_bytes",
+           "count_true", "negate_where_", "one_where_", "select"]

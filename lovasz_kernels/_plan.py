@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from lovasz_kernels._masked import negate_where_, select
+from lovasz_kernels._masked import count_true, negate_where_, select
 from lovasz_kernels._validate import compute_dtype, valid_pixels
 
 ExtensionFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -296,7 +296,7 @@ def _valid_counts(labels: torch.Tensor, ignore_index: int | None) -> torch.Tenso
     batch, num_pixels = labels.shape
     if ignore_index is None:
         return torch.full((batch, 1), num_pixels, dtype=torch.int64, device=labels.device)
-    return valid_pixels(labels, ignore_index).sum(dim=1, keepdim=True)
+    return count_true(valid_pixels(labels, ignore_index))
 
 
 def _channel_counts(
@@ -304,7 +304,7 @@ def _channel_counts(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Foreground (label 1) and valid pixels of each (image, channel), both (B, C)."""
     valid = valid_pixels(labels, ignore_index)
-    return (labels == 1).sum(dim=-1), valid.sum(dim=-1)
+    return count_true(labels == 1).squeeze(-1), count_true(valid).squeeze(-1)
 
 
 def segment_errors(
@@ -325,14 +325,16 @@ def segment_errors(
     one_fg_label = plan.multilabel or num_channels == 1
     fg_label = 1 if one_fg_label else plan.fg_label[start:stop, None]
     if plan.image is None:
+        # (k, B, P) views, not (k, B·P) copies: the errors come out contiguous, so their
+        # (k, B·P) view is free
         channels = slice(start, stop) if plan.dense else plan.channel[start:stop]
-        segment_scores = scores[:, channels].transpose(0, 1).reshape(
-            stop - start, batch * num_pixels)
+        segment_scores = scores[:, channels].transpose(0, 1)
         if per_channel is None:
-            segment_labels = labels.reshape(1, -1)
+            segment_labels = labels.unsqueeze(0)
+            if not one_fg_label:
+                fg_label = plan.fg_label[start:stop, None, None]
         else:
-            segment_labels = per_channel[:, channels].transpose(0, 1).reshape(
-                stop - start, batch * num_pixels)
+            segment_labels = per_channel[:, channels].transpose(0, 1)
     elif plan.dense and start % num_channels == 0 and stop % num_channels == 0:
         # whole images: (k, C, P) scores against (k, 1, P) labels, no per-segment label copy
         first, last = start // num_channels, stop // num_channels
@@ -352,19 +354,38 @@ def segment_errors(
         else:
             segment_labels = per_channel.reshape(batch * num_channels, num_pixels)[rows]
     fg = segment_labels == fg_label
-    segment_scores = segment_scores.to(compute)
-    # 1 - score on foreground, score + bg_offset elsewhere, in as few (k, P') arrays as the
-    # values allow (each one more page-faulted array in every chunk of the call)
-    errors = torch.rsub(segment_scores, 1)
-    background = segment_scores + plan.bg_offset if plan.bg_offset else segment_scores
-    errors = select(fg, errors, background, out=errors)
-    del background
+    errors = _errors(segment_scores.to(compute), fg, plan.bg_offset)
     if plan.ignore_index is not None:
         ignored = ~valid_pixels(segment_labels, plan.ignore_index)
         fg.masked_fill_(ignored, False)
         errors.masked_fill_(ignored, -torch.inf)
-    num_cols = errors.shape[-1]
-    return errors.reshape(stop - start, num_cols), fg.reshape(stop - start, num_cols)
+    return errors.reshape(stop - start, -1), fg.reshape(stop - start, -1)
+
+
+# On the CPU, errors of more than this many elements are made this many at a time (in blocks
+# of columns): each block's temporaries (the foreground and background errors, the masked
+# update's) are a block's worth, not arrays of the errors' size
+ERROR_BLOCK_ELEMENTS = 1 << 20
+
+
+def _errors(scores: torch.Tensor, fg: torch.Tensor, bg_offset: float) -> torch.Tensor:
+    """1 - score on foreground, score + ``bg_offset`` elsewhere (``fg`` broadcasts to the
+    scores' shape), in one new contiguous array (scores that are a transposed view give one
+    whose rows are whole segments)."""
+    errors = torch.empty(scores.shape, dtype=scores.dtype, device=scores.device)
+    one = torch.ones((), dtype=scores.dtype, device="cpu")  # 0-d: a scalar on every device
+    num_columns = errors.shape[-1]
+    if errors.device.type != "cpu" or errors.numel() <= ERROR_BLOCK_ELEMENTS:
+        width = num_columns
+    else:
+        width = max(ERROR_BLOCK_ELEMENTS * num_columns // errors.numel(), 1024)
+    for column in range(0, num_columns, width):
+        block = slice(column, column + width)
+        block_errors, block_scores = errors[..., block], scores[..., block]
+        torch.sub(one, block_scores, out=block_errors)
+        background = block_scores + bg_offset if bg_offset else block_scores
+        select(fg[..., block], block_errors, background, out=block_errors)
+    return errors
 
 
 def _rows(plan: SegmentPlan, start: int, stop: int, num_channels: int) -> torch.Tensor:

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
+from lovasz_kernels._masked import count_true
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _validate_values = True
 
@@ -175,7 +177,7 @@ def check_labels(
     if low >= 0 and high < num_classes:
         return
     out_of_range = ((labels < 0) | (labels >= num_classes)) & valid_pixels(labels, ignore_index)
-    n_bad = int(out_of_range.sum())
+    n_bad = int(count_true(out_of_range.reshape(-1)))
     if n_bad:
         example = int(labels[out_of_range].flatten()[0])
         ignore = "" if ignore_index is None else f" or ignore_index={ignore_index}"
@@ -334,7 +336,7 @@ def check_extension_inputs(errors: object, fg: object) -> None:
             f"and {n_pos_inf} +inf values"
         )
     if low == -math.inf:
-        n_fg_padding = int((fg & torch.isneginf(errors)).sum())
+        n_fg_padding = int(count_true((fg & torch.isneginf(errors)).reshape(-1)))
         if n_fg_padding:
             raise ValueError(
                 f"padding pixels (errors == -inf) must have fg == False; got {n_fg_padding} "

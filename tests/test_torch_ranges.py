@@ -1,0 +1,270 @@
+"""The torch backend's rows too long for the call's memory budget: sorted one range of error
+values at a time (torch_eager._extension_by_ranges), with the answer of sorting the whole row
+and a bounded peak; and the pieces it stands on (increments of a later part of a row, masks
+counted in blocks, the loss layer's errors made in blocks)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lovasz_kernels import _jaccard, _masked, _plan, get_backend, lovasz_hinge, lovasz_softmax
+from lovasz_kernels.backends import torch_eager
+from tests.helpers import (
+    GRAD_TOLERANCE,
+    LOSS_TOLERANCE,
+    assert_close_report,
+    distinct_float32,
+    peak_allocated_bytes,
+)
+from tests.test_extension import _reference
+
+
+def _signed_distinct(shape, dtype, gen, positive_share):
+    """(S, P) errors, no two of the same magnitude, about ``positive_share`` of them > 0."""
+    rows, cols = shape
+    magnitudes = distinct_float32(rows * cols, gen).reshape(rows, cols).to(dtype)
+    positive = torch.rand(shape, generator=gen) < positive_share
+    return torch.where(positive, magnitudes, -magnitudes)
+
+
+def _by_ranges(errors, fg, range_pixels):
+    grad = torch.empty_like(errors)
+    loss = torch.cat([torch_eager._extension_by_ranges(errors[row:row + 1].clone(),
+                                                       fg[row:row + 1], grad[row:row + 1],
+                                                       range_pixels)
+                      for row in range(errors.shape[0])])
+    return loss, grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("range_pixels", [1, 777, 5000, 1 << 20])
+def test_ranges_give_the_whole_rows_gradient_bit_for_bit(gen, dtype, range_pixels):
+    """Rows with all, half and no errors positive, -inf padding, a -0.0 and a row without
+    foreground, cut into ranges of every size from one pixel to the whole row: the gradient
+    of sorting each whole row bit for bit (no errors tie), the loss up to the order of its
+    float64 sum, and both the numpy reference's."""
+    columns = 3000
+    errors = _signed_distinct((5, columns), dtype, gen, positive_share=0.5)
+    errors[0] = errors[0].abs()
+    errors[1] = -errors[1].abs()
+    errors[2, columns // 2:] = -torch.inf
+    errors[3, 11] = -0.0
+    fg = torch.rand(errors.shape, generator=gen) < 0.4
+    fg[2, columns // 2:] = False
+    fg[4] = False
+    if range_pixels == 1:  # every positive error a range of its own: a short row will do
+        errors, fg = errors[:, :300], fg[:, :300]
+    loss, grad = _by_ranges(errors, fg, range_pixels)
+    whole_grad = torch.empty_like(errors)
+    whole_loss = torch_eager._extension_block(errors.clone(), fg, whole_grad)
+    assert torch.equal(grad, whole_grad)
+    torch.testing.assert_close(loss, whole_loss, rtol=1e-12, atol=0)
+    assert bool((grad[errors <= 0] == 0).all()) and not bool(torch.signbit(grad).any())
+    ref_loss, ref_grad = _reference(errors, fg)
+    assert_close_report(loss.to(dtype), ref_loss, LOSS_TOLERANCE[dtype], "loss")
+    assert_close_report(grad, ref_grad, GRAD_TOLERANCE[dtype], "grad")
+
+
+def test_ranges_with_tied_errors_keep_each_tie_groups_gradient(gen):
+    """Ties across a range's edge and within ranges (errors in steps of 1/8): the loss and each
+    tie group's gradient sum are the reference's."""
+    from lovasz_kernels._cases import tie_group_sums
+
+    errors = (torch.randn(2, 20000, generator=gen) * 8).round() / 8
+    fg = torch.rand(errors.shape, generator=gen) < 0.5
+    loss, grad = _by_ranges(errors, fg, 1500)
+    ref_loss, ref_grad = _reference(errors, fg)
+    assert_close_report(loss.float(), ref_loss, LOSS_TOLERANCE[torch.float32], "loss")
+    assert_close_report(tie_group_sums(errors, grad), tie_group_sums(errors, ref_grad),
+                        GRAD_TOLERANCE[torch.float32], "tie-group grad")
+
+
+def test_rows_under_the_length_minimum_go_by_ranges_only_with_fewer_positive_errors(
+        gen, monkeypatch):
+    """Below RANGES_MIN_PIXELS a row over the budget is sorted by ranges only when a strided
+    sample finds at most RANGES_MAX_POSITIVE_SHARE of its errors positive; from it, always."""
+    errors = torch.rand(1, 40000, generator=gen)  # every error positive
+    assert not torch_eager._ranges_pay(errors)
+    errors[0, ::4] = -errors[0, ::4]  # three quarters positive
+    assert torch_eager._ranges_pay(errors)
+    errors[0, ::4] = -errors[0, ::4]
+    monkeypatch.setattr(torch_eager, "RANGES_MIN_PIXELS", 40000)
+    assert torch_eager._ranges_pay(errors)
+
+
+def test_chunks_mix_rows_by_ranges_and_whole_rows(gen, monkeypatch):
+    """In one chunk over the budget, a row with many errors ≤ 0 goes by ranges and an all
+    positive one whole: each row's gradient is what its own path gives alone."""
+    monkeypatch.setattr(_plan, "_FLOORS_SET", {"cpu": 1 << 18})
+    errors = _signed_distinct((2, 1 << 15), torch.float32, gen, positive_share=0.5)
+    errors[1] = errors[1].abs()
+    fg = torch.rand(errors.shape, generator=gen) < 0.3
+    calls = []
+    real = torch_eager._extension_by_ranges
+    monkeypatch.setattr(torch_eager, "_extension_by_ranges",
+                        lambda *args: calls.append(args[0].data_ptr()) or real(*args))
+    loss, grad = get_backend("torch").run(errors, fg)
+    assert len(calls) == 1
+    ref_loss, ref_grad = _reference(errors, fg)
+    assert_close_report(loss, ref_loss, LOSS_TOLERANCE[torch.float32], "loss")
+    assert_close_report(grad, ref_grad, GRAD_TOLERANCE[torch.float32], "grad")
+
+
+def test_range_edges_cut_the_positive_keys_evenly_and_end_at_zero(gen):
+    """About ``range_pixels`` positive keys between consecutive edges, the last edge 0; one
+    range when they all fit."""
+    errors = torch.rand(1, 1 << 18, generator=gen) - 0.25
+    keys = errors.clamp(min=0).view(torch.int32)[0]
+    edges = torch_eager._range_edges(keys, 1 << 15)
+    assert edges[-1] == 0 and edges == sorted(edges, reverse=True)
+    positive = int((keys > 0).sum())
+    fewest = -(-positive // (1 << 15))
+    assert len(edges) in (fewest, fewest + 1)  # the count is estimated from a sample
+    bounds = [torch.iinfo(torch.int32).max, *edges]
+    sizes = [int(((keys > low) & (keys <= high)).sum()) for high, low in zip(bounds, edges)]
+    assert sum(sizes) == positive
+    assert max(sizes) <= 1.15 * (1 << 15)
+    assert torch_eager._range_edges(keys, 1 << 20) == [0]
+    assert torch_eager._range_edges(torch.zeros(1000, dtype=torch.int32), 10) == [0]
+
+
+def test_rows_over_the_budget_go_by_ranges_with_a_bounded_peak(gen, monkeypatch):
+    """A row whose work arrays would not fit in the budget (a small CPU floor here) goes by
+    ranges: the same gradient, and a peak of about one range's work plus the row's own
+    arrays, under half of sorting it whole."""
+    monkeypatch.setattr(_plan, "_FLOORS_SET", {"cpu": 1 << 20})
+    errors = _signed_distinct((1, 1 << 18), torch.float32, gen, positive_share=0.7)
+    fg = torch.rand(errors.shape, generator=gen) < 0.3
+    backend = get_backend("torch")
+    calls = []
+    real = torch_eager._extension_by_ranges
+    monkeypatch.setattr(torch_eager, "_extension_by_ranges",
+                        lambda *args: calls.append(args[-1]) or real(*args))
+    loss, grad = backend.run(errors, fg)
+    assert calls == [(1 << 20) // torch_eager.RANGE_BYTES_PER_PIXEL]
+    ranged_peak = peak_allocated_bytes(lambda: backend.run(errors, fg))
+    monkeypatch.setattr(_plan, "_FLOORS_SET", {"cpu": 1 << 30})
+    calls.clear()
+    whole_loss, whole_grad = backend.run(errors, fg)
+    assert not calls
+    whole_peak = peak_allocated_bytes(lambda: backend.run(errors, fg))
+    assert torch.equal(grad, whole_grad)
+    torch.testing.assert_close(loss, whole_loss, rtol=1e-6, atol=0)
+    # the gradient (4 bytes per pixel), the pick of a range (1), a block of the count of
+    # foreground pixels and the budget
+    bound = errors.numel() * 5 + 8 * _masked.COUNT_BLOCK_ELEMENTS + (1 << 20)
+    assert ranged_peak <= bound < whole_peak / 2
+
+
+@pytest.mark.parametrize("loss_kind", ["hinge", "softmax"])
+def test_losses_over_the_budget_match_the_reference(gen, monkeypatch, loss_kind):
+    """Through the loss layer, batch IoU (one long segment per class) with ignored pixels and a
+    small CPU floor: the ranges give the numpy reference's loss and gradient."""
+    monkeypatch.setattr(_plan, "_FLOORS_SET", {"cpu": 1 << 18})
+    monkeypatch.setattr(torch_eager, "RANGES_MIN_PIXELS", 1)  # rows of any share of positives
+    # float64 scores: no two errors tie, so the gradient is unique
+    if loss_kind == "hinge":
+        scores = torch.randn(2, 96, 96, generator=gen, dtype=torch.float64)
+        labels = (torch.rand(scores.shape, generator=gen) < 0.4).long()
+        labels[0, :5] = 255
+        call = lovasz_hinge
+    else:
+        scores = torch.randn(2, 3, 96, 96, generator=gen, dtype=torch.float64).softmax(1)
+        labels = torch.randint(0, 3, (2, 96, 96), generator=gen)
+        labels[1, -4:] = 255
+        call = lovasz_softmax
+    ranged = []
+    real = torch_eager._extension_by_ranges
+    monkeypatch.setattr(torch_eager, "_extension_by_ranges",
+                        lambda *args: ranged.append(args[-1]) or real(*args))
+    results = {}
+    for backend in ("torch", "numpy"):
+        x = scores.clone().requires_grad_()
+        loss = call(x, labels, per_image=False, ignore_index=255, backend=backend)
+        loss.backward()
+        results[backend] = loss.detach(), x.grad
+    assert_close_report(results["torch"][0], results["numpy"][0],
+                        LOSS_TOLERANCE[torch.float64], "loss")
+    assert_close_report(results["torch"][1], results["numpy"][1],
+                        GRAD_TOLERANCE[torch.float64], "grad")
+    assert ranged and len(ranged) == (1 if loss_kind == "hinge" else 3)
+
+
+def test_increments_of_a_later_part_equal_the_whole_rows(gen):
+    """jaccard_increments on pixels k0.. of sorted rows, told the pixels and foreground before
+    them, the row's foreground and length, gives the whole row's increments there bit for bit
+    (counts in an integer type too)."""
+    gt = torch.rand(3, 5000, generator=gen) < 0.3
+    gt[1] = False
+    for dtype in (torch.float32, torch.float64):
+        whole = _jaccard.jaccard_increments(gt, dtype)
+        for start, stop in ((0, 700), (700, 2300), (2300, 5000)):
+            part = _jaccard.jaccard_increments(
+                gt[:, start:stop], dtype, fg_total=gt.sum(dim=1, keepdim=True),
+                row_pixels=gt.shape[1], pixels_before=start,
+                fg_before=gt[:, :start].sum(dim=1, keepdim=True))
+            assert torch.equal(part, whole[:, start:stop])
+    big = torch.zeros(1, 2**24 + 8, dtype=torch.bool)
+    big[0, ::3] = True
+    start = 2**24 - 32
+    part = _jaccard.jaccard_increments(
+        big[:, start:start + 64], torch.float32, fg_total=big.sum(dim=1, keepdim=True),
+        row_pixels=big.shape[1], pixels_before=start,
+        fg_before=big[:, :start].sum(dim=1, keepdim=True))
+    assert torch.equal(part, _jaccard.jaccard_increments(big, torch.float32)[:, start:start + 64])
+
+
+@pytest.mark.parametrize("shape", [(5,), (3, 1000), (1, 700_001), (3, 90_001), (4000, 70),
+                                   (2, 3, 50_000)])
+def test_count_true_counts_along_the_last_dimension(gen, shape):
+    """Below and above the block size, one long row, many short ones, more dimensions and a
+    view that is not contiguous: the sum, as int64, the last dimension kept."""
+    mask = torch.rand(shape, generator=gen) < 0.3
+    expected = mask.sum(dim=-1, keepdim=True)
+    counted = _masked.count_true(mask)
+    assert counted.dtype == torch.int64 and torch.equal(counted, expected)
+    if len(shape) > 1:
+        transposed = mask.transpose(-1, -2)
+        assert torch.equal(_masked.count_true(transposed), transposed.sum(dim=-1, keepdim=True))
+
+
+def test_count_true_does_not_widen_the_whole_mask(gen):
+    """torch's sum of a bool array makes an int64 copy of it all; counted in blocks the peak
+    is a block's worth."""
+    mask = torch.rand(2, 1 << 20, generator=gen) < 0.3
+    assert peak_allocated_bytes(lambda: mask.sum(dim=-1)) >= 8 * mask.numel()
+    assert peak_allocated_bytes(lambda: _masked.count_true(mask)) <= (
+        8 * _masked.COUNT_BLOCK_ELEMENTS + 4096)
+
+
+@pytest.mark.parametrize("per_image", [True, False])
+@pytest.mark.parametrize("kind", ["probas", "hinge"])
+def test_segment_errors_made_in_blocks_are_the_same(gen, monkeypatch, per_image, kind):
+    """The loss layer's errors made a block of columns at a time (a small block size here):
+    1 - score on foreground, score + offset elsewhere, -inf where ignored, as computed
+    directly; the same bits as in one block; rows contiguous, batch segments (a transposed
+    view of the scores) included."""
+    from lovasz_kernels._ops import LOSS_KINDS
+
+    batch, classes, pixels = 3, 4, 2000
+    scores = torch.randn(batch, classes, pixels, generator=gen)
+    labels = torch.randint(0, classes, (batch, pixels), generator=gen)
+    labels[:, :7] = 255
+    bg_offset = LOSS_KINDS[kind].bg_offset
+    plan = _plan.plan_segments(labels, classes, "all", [], None, per_image, 255, bg_offset)
+    whole = _plan.segment_errors(scores, labels, plan)
+    monkeypatch.setattr(_plan, "ERROR_BLOCK_ELEMENTS", 1000)
+    blocked = _plan.segment_errors(scores, labels, plan)
+    assert torch.equal(blocked[0], whole[0]) and torch.equal(blocked[1], whole[1])
+    assert blocked[0].is_contiguous()
+
+    # segment rows: (image, class) per image, class per batch (images one after the other)
+    fg = labels[:, None, :] == torch.arange(classes)[None, :, None]  # (B, C, P)
+    expected = torch.where(fg, 1 - scores, scores + bg_offset)
+    expected = expected.masked_fill((labels == 255)[:, None, :], -torch.inf)
+    if not per_image:
+        expected, fg = expected.transpose(0, 1), fg.transpose(0, 1)
+    expected = expected.reshape(plan.num_segments, -1)
+    fg = fg.reshape(plan.num_segments, -1) & (expected > -torch.inf)
+    assert torch.equal(blocked[0], expected) and torch.equal(blocked[1], fg)
