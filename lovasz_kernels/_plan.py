@@ -372,13 +372,17 @@ def _errors(scores: torch.Tensor, fg: torch.Tensor, bg_offset: float) -> torch.T
     """1 - score on foreground, score + ``bg_offset`` elsewhere (``fg`` broadcasts to the
     scores' shape), in one new contiguous array (scores that are a transposed view give one
     whose rows are whole segments)."""
-    errors = torch.empty(scores.shape, dtype=scores.dtype, device=scores.device)
-    one = torch.ones((), dtype=scores.dtype, device="cpu")  # 0-d: a scalar on every device
-    num_columns = errors.shape[-1]
-    if errors.device.type != "cpu" or errors.numel() <= ERROR_BLOCK_ELEMENTS:
+    num_columns = scores.shape[-1]
+    if scores.device.type != "cpu" or scores.numel() <= ERROR_BLOCK_ELEMENTS:
+        if scores.is_contiguous():  # one block, in as few ops as small calls can have
+            errors = torch.rsub(scores, 1)
+            background = scores + bg_offset if bg_offset else scores
+            return select(fg, errors, background, out=errors)
         width = num_columns
     else:
-        width = max(ERROR_BLOCK_ELEMENTS * num_columns // errors.numel(), 1024)
+        width = max(ERROR_BLOCK_ELEMENTS * num_columns // scores.numel(), 1024)
+    errors = torch.empty(scores.shape, dtype=scores.dtype, device=scores.device)
+    one = torch.ones((), dtype=scores.dtype, device="cpu")  # 0-d: a scalar on every device
     for column in range(0, num_columns, width):
         block = slice(column, column + width)
         block_errors, block_scores = errors[..., block], scores[..., block]

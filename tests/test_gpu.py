@@ -102,3 +102,31 @@ def test_offsets_past_2e31_elements_match_rows_run_alone():
         alone, _ = lovasz_extension(errors[row:row + 1].clone(), fg[row:row + 1].clone(),
                                     backend="triton")
         torch.testing.assert_close(loss[row:row + 1], alone, rtol=1e-6, atol=0)
+
+
+def test_torch_backend_ranges_on_a_gpu_match_the_cpu(monkeypatch):
+    """A segment over the GPU budget (a 32 MB floor here, as ``set_chunk_floor`` allows) is
+    sorted a range of values at a time on the GPU too: a 4 x 1024² hinge, batch IoU, the CPU
+    torch backend's answer (float64 logits: no ties, one gradient)."""
+    from lovasz_kernels import _plan, lovasz_hinge
+    from lovasz_kernels.backends import torch_eager
+
+    monkeypatch.setattr(_plan, "_FLOORS_SET", {"cuda": 32 << 20})
+    calls = []
+    real = torch_eager._extension_by_ranges
+    monkeypatch.setattr(torch_eager, "_extension_by_ranges",
+                        lambda *args: calls.append(args[0].device.type) or real(*args))
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, 1024, 1024, generator=gen, dtype=torch.float64)
+    labels = (torch.rand(logits.shape, generator=gen) < 0.4).long()
+    results = {}
+    for device in ("cuda", "cpu"):
+        scores = logits.to(device).requires_grad_()
+        loss = lovasz_hinge(scores, labels.to(device), per_image=False, backend="torch")
+        (grad,) = torch.autograd.grad(loss, scores)
+        results[device] = loss.detach().cpu(), grad.cpu()
+    assert calls and calls[0] == "cuda"
+    loss_tol = LOSS_TOLERANCE[torch.float64]
+    assert not mismatches(results["cuda"][0], results["cpu"][0], loss_tol).any()
+    bad = mismatches(results["cuda"][1], results["cpu"][1], GRAD_TOLERANCE[torch.float64])
+    assert not bad.any(), f"{int(bad.sum())} gradients differ"
