@@ -86,20 +86,24 @@ def one_where_(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``values.masked_fill_(mask, 1)`` for contiguous, integer-valued ``values`` (counts, in an
     integer type or a float type that holds them exactly), rows along the last dimension: on
     CPU arrays of at least :data:`ARITHMETIC_MIN_ELEMENTS`, ``(v − 1)(1 − m) + 1``, every step
-    an integer and exact, on groups of whole rows (one row, or as many short rows as make
-    about :data:`GROUP_ELEMENTS`): a CPU op between a float array and the mask's bytes first
-    converts the bytes into a temporary of the array's type, one group's worth."""
+    an integer and exact, on groups of about :data:`GROUP_ELEMENTS` (as many short rows as
+    make that, or a block of one long row's columns): a CPU op between a float array and the
+    mask's bytes first converts the bytes into a temporary of the array's type, one group's
+    worth."""
     if values.device.type != "cpu" or values.numel() < ARITHMETIC_MIN_ELEMENTS:
         return values.masked_fill_(mask, 1)
     ones = as_bytes(mask)
-    num_columns = values.shape[-1]
-    if values.numel() <= max(num_columns, GROUP_ELEMENTS):  # one group: no slicing
+    if values.numel() <= GROUP_ELEMENTS:  # one group: no slicing
         return values.sub_(1).addcmul_(values, ones, value=-1).add_(1)
+    num_columns = values.shape[-1]
     rows, row_masks = values.view(-1, num_columns), ones.reshape(-1, num_columns)
-    step = max(1, GROUP_ELEMENTS // num_columns)
+    width = min(num_columns, GROUP_ELEMENTS)
+    step = max(1, GROUP_ELEMENTS // width)
     for start in range(0, rows.shape[0], step):
-        group = rows[start:start + step]
-        group.sub_(1).addcmul_(group, row_masks[start:start + step], value=-1).add_(1)
+        for column in range(0, num_columns, width):
+            block = (slice(start, start + step), slice(column, column + width))
+            group = rows[block]
+            group.sub_(1).addcmul_(group, row_masks[block], value=-1).add_(1)
     return values
 
 

@@ -80,23 +80,25 @@ def test_ranges_with_tied_errors_keep_each_tie_groups_gradient(gen):
                         GRAD_TOLERANCE[torch.float32], "tie-group grad")
 
 
-def test_rows_under_the_length_minimum_go_by_ranges_only_with_fewer_positive_errors(
-        gen, monkeypatch):
-    """Below RANGES_MIN_PIXELS a row over the budget is sorted by ranges only when a strided
-    sample finds at most RANGES_MAX_POSITIVE_SHARE of its errors positive; from it, always."""
+def test_which_rows_over_the_budget_go_by_ranges(gen, monkeypatch):
+    """Rows shorter than RANGES_MIN_PIXELS never; from it, those with at most
+    RANGES_MAX_POSITIVE_SHARE of a strided sample positive; from RANGES_ANY_SHARE_MIN_PIXELS
+    every row."""
     errors = torch.rand(1, 40000, generator=gen)  # every error positive
-    assert not torch_eager._ranges_pay(errors)
-    errors[0, ::4] = -errors[0, ::4]  # three quarters positive
-    assert torch_eager._ranges_pay(errors)
-    errors[0, ::4] = -errors[0, ::4]
+    fewer = errors.clone()
+    fewer[0, ::4] = -fewer[0, ::4]  # three quarters positive
+    assert not torch_eager._ranges_pay(errors) and not torch_eager._ranges_pay(fewer)
     monkeypatch.setattr(torch_eager, "RANGES_MIN_PIXELS", 40000)
-    assert torch_eager._ranges_pay(errors)
+    assert not torch_eager._ranges_pay(errors) and torch_eager._ranges_pay(fewer)
+    monkeypatch.setattr(torch_eager, "RANGES_ANY_SHARE_MIN_PIXELS", 40000)
+    assert torch_eager._ranges_pay(errors) and torch_eager._ranges_pay(fewer)
 
 
 def test_chunks_mix_rows_by_ranges_and_whole_rows(gen, monkeypatch):
     """In one chunk over the budget, a row with many errors ≤ 0 goes by ranges and an all
     positive one whole: each row's gradient is what its own path gives alone."""
     monkeypatch.setattr(_plan, "_FLOORS_SET", {"cpu": 1 << 18})
+    monkeypatch.setattr(torch_eager, "RANGES_MIN_PIXELS", 1)
     errors = _signed_distinct((2, 1 << 15), torch.float32, gen, positive_share=0.5)
     errors[1] = errors[1].abs()
     fg = torch.rand(errors.shape, generator=gen) < 0.3
@@ -134,6 +136,7 @@ def test_rows_over_the_budget_go_by_ranges_with_a_bounded_peak(gen, monkeypatch)
     ranges: the same gradient, and a peak of about one range's work plus the row's own
     arrays, under half of sorting it whole."""
     monkeypatch.setattr(_plan, "_FLOORS_SET", {"cpu": 1 << 20})
+    monkeypatch.setattr(torch_eager, "RANGES_MIN_PIXELS", 1)
     errors = _signed_distinct((1, 1 << 18), torch.float32, gen, positive_share=0.7)
     fg = torch.rand(errors.shape, generator=gen) < 0.3
     backend = get_backend("torch")
@@ -162,7 +165,7 @@ def test_losses_over_the_budget_match_the_reference(gen, monkeypatch, loss_kind)
     """Through the loss layer, batch IoU (one long segment per class) with ignored pixels and a
     small CPU floor: the ranges give the numpy reference's loss and gradient."""
     monkeypatch.setattr(_plan, "_FLOORS_SET", {"cpu": 1 << 18})
-    monkeypatch.setattr(torch_eager, "RANGES_MIN_PIXELS", 1)  # rows of any share of positives
+    monkeypatch.setattr(torch_eager, "RANGES_ANY_SHARE_MIN_PIXELS", 1)  # every row
     # float64 scores: no two errors tie, so the gradient is unique
     if loss_kind == "hinge":
         scores = torch.randn(2, 96, 96, generator=gen, dtype=torch.float64)

@@ -18,11 +18,12 @@ from lovasz_kernels._torch_sort import (
 from lovasz_kernels._validate import compute_dtype
 
 _SAME_WIDTH_INT = {torch.float32: torch.int32, torch.float64: torch.int64}
-#: a chunk's work arrays (:func:`_extension_block`), widest first: the sort's order, the
-#: sorted keys, the increments, the sorted labels
-_WORK_DTYPES = {dtype: (torch.int64, _SAME_WIDTH_INT[dtype], dtype, torch.bool)
-                for dtype in _SAME_WIDTH_INT}
-#: a chunk's temporaries per pixel, float32, besides the inputs and the gradient: the block
+#: a chunk's work arrays (:func:`_extension_block`), widest first, in two blocks: the sort's
+#: outputs (its order, the sorted keys), then what follows it (the increments, the sorted
+#: labels), allocated once the sort's own buffers are freed
+_SORT_DTYPES = {dtype: (torch.int64, _SAME_WIDTH_INT[dtype]) for dtype in _SAME_WIDTH_INT}
+_AFTER_SORT_DTYPES = {dtype: (dtype, torch.bool) for dtype in _SAME_WIDTH_INT}
+#: a chunk's temporaries per pixel, float32, besides the inputs and the gradient: the blocks
 #: (int64 order, sorted keys, increments, sorted labels), plus one for what each row adds
 #: (torch.sort's index row, the positions 1..P, a column block of the float64 loss sum)
 TEMPORARY_BYTES_PER_PIXEL = 8 + 4 + 4 + 1 + 1
@@ -179,23 +180,28 @@ RANGE_BYTES_PER_PIXEL = 48
 RANGE_SAMPLE = 1 << 12
 
 
-# Ranges are taken for every row over the budget from this many pixels, and below it only
-# for rows with at most RANGES_MAX_POSITIVE_SHARE of their errors positive: each range costs
-# one pass over the whole row to pick it, which sorting fewer keys in cache pays for only
-# where some errors are not sorted at all. Loss calls on the development VM, batch IoU, whole
-# rows against ranges toggled call by call (tests/perf/long_rows.py --toggle): a hinge of
-# random logits (84% positive) 1.03x as fast at 2 x 1024², 1.33x at 4 x 1024², 0.98x at
-# 8 x 1024²; two classes (every error positive) 0.83x at 4 x 1024², 0.99x at 8 x 1024²
-RANGES_MIN_PIXELS = 1 << 23
+# A row over the budget is sorted a range at a time from RANGES_MIN_PIXELS if at most
+# RANGES_MAX_POSITIVE_SHARE of a strided sample of its errors is positive, and from
+# RANGES_ANY_SHARE_MIN_PIXELS whatever the share; shorter rows are sorted whole. Each range
+# costs a pass over the whole row to pick it, which sorting fewer keys in cache pays for only
+# on long rows where some errors are not sorted at all. Loss calls on the development VM,
+# batch IoU, ranges against whole rows toggled call by call (tests/perf/long_rows.py
+# --toggle): a hinge of random logits (84% positive) 0.82-0.84x as fast at 2 x 1024² (once
+# 1.03x), 1.11-1.33x at 4 x 1024², 1.08-1.24x at 8 x 1024²; two classes (every error
+# positive) 0.77-0.83x at 4 x 1024², 0.95-1.09x at 8 x 1024²
+RANGES_MIN_PIXELS = 1 << 22
+RANGES_ANY_SHARE_MIN_PIXELS = 1 << 23
 RANGES_MAX_POSITIVE_SHARE = 7 / 8
 
 
 def _ranges_pay(errors: torch.Tensor) -> bool:
-    """Whether one row (1, P) over the budget is sorted a range at a time: from
-    :data:`RANGES_MIN_PIXELS`, or with few enough positive errors in a strided sample."""
+    """Whether one row (1, P) over the budget is sorted a range at a time (see
+    :data:`RANGES_MIN_PIXELS`)."""
     num_pixels = errors.shape[1]
-    if num_pixels >= RANGES_MIN_PIXELS:
+    if num_pixels >= RANGES_ANY_SHARE_MIN_PIXELS:
         return True
+    if num_pixels < RANGES_MIN_PIXELS:
+        return False
     sample = errors[0, ::max(num_pixels // RANGE_SAMPLE, 1)]
     return int(count_true(sample > 0)) <= RANGES_MAX_POSITIVE_SHARE * sample.numel()
 
@@ -284,14 +290,14 @@ def _extension_rows(errors: torch.Tensor, fg: torch.Tensor, grad: torch.Tensor) 
     num_rows, num_pixels = errors.shape
     if num_rows == 1 or num_pixels < ROW_BY_ROW_MIN_PIXELS or not radix_sorted(errors):
         return _extension_block(errors, fg, grad)
-    work = _work_arrays(errors[:1].shape, _WORK_DTYPES[grad.dtype], errors.device)
+    sort_work = _work_arrays(errors[:1].shape, _SORT_DTYPES[grad.dtype], errors.device)
     return torch.cat([_extension_block(errors[row:row + 1], fg[row:row + 1],
-                                       grad[row:row + 1], work)
+                                       grad[row:row + 1], sort_work)
                       for row in range(num_rows)])
 
 
 def _extension_block(errors: torch.Tensor, fg: torch.Tensor, grad: torch.Tensor,
-                     work: list[torch.Tensor] | None = None) -> torch.Tensor:
+                     sort_work: list[torch.Tensor] | None = None) -> torch.Tensor:
     """The float64 losses of some segments, their gradient written into ``grad`` (contiguous).
 
     Errors ≤ 0 (``-inf`` padding included) neither add to the loss nor get a gradient, and
@@ -304,19 +310,21 @@ def _extension_block(errors: torch.Tensor, fg: torch.Tensor, grad: torch.Tensor,
     positions are each one vectorized pass: every pass is one more wake-up of torch's thread
     pool, which on a busy machine costs more than the pass.
 
-    Memory: one allocation. ``grad`` holds the keys, then the counts, then the errors'
-    signs, then the loss's products, then the gradient; one block holds the sort's outputs,
-    the increments and the sorted labels (:func:`_work_arrays`): 17 bytes per pixel in
-    float32, the same size on every chunk of a call (a dozen arrays freed in between would
-    fragment the heap).
+    Memory: two allocations. ``grad`` holds the keys, then the counts, then the errors'
+    signs, then the loss's products, then the gradient; one block holds the sort's outputs
+    (``sort_work``, which rows run one by one share), and one allocated after the sort the
+    increments and the sorted labels (:func:`_work_arrays`): 12 + 5 bytes per pixel in
+    float32, the same sizes on every chunk of a call (a dozen arrays freed in between would
+    fragment the heap). The second block does not exist while the sort holds its own
+    buffers (a radix sort's: 8 bytes per pixel), which sets a long row's peak.
     """
     dtype = grad.dtype
     shape = errors.shape
     torch.clamp(errors.to(dtype), min=0, out=grad)
-    order, keys_sorted, increments, labels_sorted = (
-        work or _work_arrays(shape, _WORK_DTYPES[dtype], errors.device))
+    order, keys_sorted = sort_work or _work_arrays(shape, _SORT_DTYPES[dtype], errors.device)
     sort_descending(grad.view(_SAME_WIDTH_INT[dtype]), keys_sorted, order)
     errors_sorted = keys_sorted.view(dtype)
+    increments, labels_sorted = _work_arrays(shape, _AFTER_SORT_DTYPES[dtype], errors.device)
     torch.gather(fg, 1, order, out=labels_sorted)
     # the keys are dead once sorted: ``grad`` holds the counts, unless they need an integer
     jaccard_increments(labels_sorted, dtype,
