@@ -26,6 +26,9 @@ ARITHMETIC_MIN_ELEMENTS = 8192
 #: :func:`one_where_` works on groups of whole rows of about this many elements: the mask's
 #: bytes converted to the values' type are one group's worth, not the whole array's
 GROUP_ELEMENTS = 1 << 16
+#: ... and on a row longer than this, a block of this many columns at a time (a row of 2^20
+#: pixels then converts a quarter of its mask at once, for 3-12 more ops)
+LONG_ROW_BLOCK = 1 << 18
 #: :func:`count_true` sums CPU masks in blocks of about this many elements
 COUNT_BLOCK_ELEMENTS = 1 << 16
 
@@ -86,18 +89,18 @@ def one_where_(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``values.masked_fill_(mask, 1)`` for contiguous, integer-valued ``values`` (counts, in an
     integer type or a float type that holds them exactly), rows along the last dimension: on
     CPU arrays of at least :data:`ARITHMETIC_MIN_ELEMENTS`, ``(v − 1)(1 − m) + 1``, every step
-    an integer and exact, on groups of about :data:`GROUP_ELEMENTS` (as many short rows as
-    make that, or a block of one long row's columns): a CPU op between a float array and the
-    mask's bytes first converts the bytes into a temporary of the array's type, one group's
-    worth."""
+    an integer and exact, on groups of whole rows of about :data:`GROUP_ELEMENTS` (a row
+    longer than :data:`LONG_ROW_BLOCK`, a block of that many of its columns at a time): a CPU
+    op between a float array and the mask's bytes first converts the bytes into a temporary
+    of the array's type, one group's worth."""
     if values.device.type != "cpu" or values.numel() < ARITHMETIC_MIN_ELEMENTS:
         return values.masked_fill_(mask, 1)
     ones = as_bytes(mask)
-    if values.numel() <= GROUP_ELEMENTS:  # one group: no slicing
-        return values.sub_(1).addcmul_(values, ones, value=-1).add_(1)
     num_columns = values.shape[-1]
+    if values.numel() <= max(min(num_columns, LONG_ROW_BLOCK), GROUP_ELEMENTS):  # one group
+        return values.sub_(1).addcmul_(values, ones, value=-1).add_(1)
     rows, row_masks = values.view(-1, num_columns), ones.reshape(-1, num_columns)
-    width = min(num_columns, GROUP_ELEMENTS)
+    width = min(num_columns, LONG_ROW_BLOCK)
     step = max(1, GROUP_ELEMENTS // width)
     for start in range(0, rows.shape[0], step):
         for column in range(0, num_columns, width):
@@ -107,5 +110,5 @@ def one_where_(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return values
 
 
-__all__ = ["ARITHMETIC_MIN_ELEMENTS", "COUNT_BLOCK_ELEMENTS", "GROUP_ELEMENTS", "as_bytes",
-           "count_true", "negate_where_", "one_where_", "select"]
+__all__ = ["ARITHMETIC_MIN_ELEMENTS", "COUNT_BLOCK_ELEMENTS", "GROUP_ELEMENTS", "LONG_ROW_BLOCK",
+           "as_bytes", "count_true", "negate_where_", "one_where_", "select"]

@@ -59,10 +59,10 @@ def test_negate_where(gen, columns):
 
 # (rows, columns): below the threshold; one group of one long row; one group of short rows
 # whose total crosses the threshold; several groups of short rows, the last one partial; one
-# row longer than a group
+# row longer than a group; rows longer than a long row's block, the last block partial
 ONE_WHERE_SHAPES = [(3, SMALL), (1, LARGE), (LARGE // 512, 1024),
                     (_masked.GROUP_ELEMENTS // 1024 * 2 + 5, 1024),
-                    (3, _masked.GROUP_ELEMENTS + 7)]
+                    (3, _masked.GROUP_ELEMENTS + 7), (2, 2 * _masked.LONG_ROW_BLOCK + 3)]
 
 
 @pytest.mark.parametrize("shape", ONE_WHERE_SHAPES)

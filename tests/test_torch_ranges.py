@@ -271,3 +271,13 @@ def test_segment_errors_made_in_blocks_are_the_same(gen, monkeypatch, per_image,
     expected = expected.reshape(plan.num_segments, -1)
     fg = fg.reshape(plan.num_segments, -1) & (expected > -torch.inf)
     assert torch.equal(blocked[0], expected) and torch.equal(blocked[1], fg)
+
+
+def test_one_where_converts_a_long_rows_mask_a_block_at_a_time(gen):
+    """The counts of one long row masked in blocks of LONG_ROW_BLOCK columns: the converted
+    mask is a block's worth, not the row's (which the whole-row extension's peak would add)."""
+    columns = 4 * _masked.LONG_ROW_BLOCK
+    mask = torch.rand(1, columns, generator=gen) < 0.5
+    values = torch.randint(0, 1000, (1, columns), generator=gen).float()
+    peak = peak_allocated_bytes(lambda: _masked.one_where_(values, mask))
+    assert peak <= 4 * _masked.LONG_ROW_BLOCK + 4096 < 4 * columns

@@ -187,8 +187,8 @@ RANGE_SAMPLE = 1 << 12
 # on long rows where some errors are not sorted at all. Loss calls on the development VM,
 # batch IoU, ranges against whole rows toggled call by call (tests/perf/long_rows.py
 # --toggle): a hinge of random logits (84% positive) 0.82-0.84x as fast at 2 x 1024² (once
-# 1.03x), 1.11-1.33x at 4 x 1024², 1.08-1.24x at 8 x 1024²; two classes (every error
-# positive) 0.77-0.83x at 4 x 1024², 0.95-1.09x at 8 x 1024²
+# 1.03x), 1.09-1.33x at 4 x 1024², 1.08-1.24x at 8 x 1024²; two classes (every error
+# positive) 0.77-0.83x at 4 x 1024², 0.95-1.12x at 8 x 1024²
 RANGES_MIN_PIXELS = 1 << 22
 RANGES_ANY_SHARE_MIN_PIXELS = 1 << 23
 RANGES_MAX_POSITIVE_SHARE = 7 / 8

@@ -340,6 +340,10 @@ FULL_SUITE_EXTRA: tuple[Workload, ...] = (
     Workload("hinge", 1, 2048, per_image=True),
     Workload("hinge", 8, 256, dtype="float16", per_image=True),
     Workload("extension", 1, 1024, 21),
+    # batch IoU over large images: one segment of 8M pixels per class, which the torch
+    # backend sorts a range of values at a time
+    Workload("hinge", 8, 1024),
+    Workload("softmax", 8, 1024, 2),
 )
 
 #: The GPU goals' sizes: 2^20 pixels x 21 classes, and 8 x 512² x 21 over the batch.
