@@ -281,3 +281,19 @@ def test_one_where_converts_a_long_rows_mask_a_block_at_a_time(gen):
     values = torch.randint(0, 1000, (1, columns), generator=gen).float()
     peak = peak_allocated_bytes(lambda: _masked.one_where_(values, mask))
     assert peak <= 4 * _masked.LONG_ROW_BLOCK + 4096 < 4 * columns
+
+
+def test_ranges_on_a_row_past_float32_counts_match_the_whole_row(gen):
+    """A float32 row of more than 2^24 pixels counts in int32 (float32 would round the
+    counts): by ranges, the whole-row sort's gradient bit for bit, in about 12 ranges."""
+    columns = 2**24 + 1000
+    magnitudes = (0x3F000000 + torch.randperm(columns, generator=gen).to(torch.int32))
+    errors = magnitudes.view(torch.float32).reshape(1, -1)
+    errors[0, ::3] = -errors[0, ::3]
+    fg = torch.rand(errors.shape, generator=gen) < 0.3
+    grad = torch.empty_like(errors)
+    loss = torch_eager._extension_by_ranges(errors.clone(), fg, grad, 1 << 20)
+    whole_grad = torch.empty_like(errors)
+    whole_loss = torch_eager._extension_block(errors.clone(), fg, whole_grad)
+    assert torch.equal(grad, whole_grad)
+    torch.testing.assert_close(loss, whole_loss, rtol=1e-12, atol=0)
