@@ -113,6 +113,28 @@ def test_chunks_mix_rows_by_ranges_and_whole_rows(gen, monkeypatch):
     assert_close_report(grad, ref_grad, GRAD_TOLERANCE[torch.float32], "grad")
 
 
+@pytest.mark.parametrize("tied_share", [1.0, 0.5])
+def test_a_tie_group_larger_than_a_range_sorts_the_row_whole(gen, monkeypatch, tied_share):
+    """Every error (or half of them) tied at 1, as zero logits give a hinge: the sample's
+    edges repeat, and the row is sorted whole rather than as one range holding the group;
+    the loss and each tie group's gradient are the reference's."""
+    from lovasz_kernels._cases import tie_group_sums
+
+    errors = torch.rand(1, 40000, generator=gen)
+    errors[torch.rand(errors.shape, generator=gen) < tied_share] = 1.0
+    fg = torch.rand(errors.shape, generator=gen) < 0.4
+    blocks = []
+    real = torch_eager._extension_block
+    monkeypatch.setattr(torch_eager, "_extension_block",
+                        lambda *args: blocks.append(args[0].shape) or real(*args))
+    loss, grad = _by_ranges(errors, fg, 5000)
+    assert blocks == [errors.shape]
+    ref_loss, ref_grad = _reference(errors, fg)
+    assert_close_report(loss.float(), ref_loss, LOSS_TOLERANCE[torch.float32], "loss")
+    assert_close_report(tie_group_sums(errors, grad), tie_group_sums(errors, ref_grad),
+                        GRAD_TOLERANCE[torch.float32], "tie-group grad")
+
+
 def test_range_edges_cut_the_positive_keys_evenly_and_end_at_zero(gen):
     """About ``range_pixels`` positive keys between consecutive edges, the last edge 0; one
     range when they all fit."""

@@ -229,8 +229,9 @@ def _extension_by_ranges(errors: torch.Tensor, fg: torch.Tensor, grad: torch.Ten
     positions of the whole row (counts carried over from the ranges before). Its gradient
     goes in negated: a negative key is never picked again. Errors ≤ 0 are never picked, and
     keep a gradient of 0. Exact ties may be ordered differently from the whole-row sort
-    (the sum over a group of ties does not change); a group of tied keys larger than a range
-    stays in one range, which then holds more than ``range_pixels``.
+    (the sum over a group of ties does not change). A group of tied keys stays in one range:
+    where the sample shows one larger than a range (two edges alike), the row is sorted
+    whole instead.
 
     Each range's sort, gather and scatter stay in cache and errors ≤ 0 are not sorted at
     all, but picking a range is a pass over the whole row: :func:`_ranges_pay` says where
@@ -238,13 +239,20 @@ def _extension_by_ranges(errors: torch.Tensor, fg: torch.Tensor, grad: torch.Ten
     dtype = grad.dtype
     num_pixels = errors.shape[1]
     keys = torch.clamp(errors.to(dtype), min=0, out=grad).view(_SAME_WIDTH_INT[dtype])[0]
+    edges = _range_edges(keys, range_pixels)
+    if len(set(edges)) < len(edges):
+        # a group of tied errors larger than a range (every logit 0, as a model may start,
+        # ties every hinge error at 1): one range would hold it all, with more work arrays
+        # per pixel than the whole row's sort; ``grad`` holds the clamped errors, which
+        # clamp to themselves
+        return _extension_block(grad, fg, grad)
     labels = fg[0]
     fg_total = count_true(fg)
     fg_before = torch.zeros_like(fg_total)
     pixels_before = 0
     reuse_keys_as_counts = count_dtype(num_pixels, dtype) == dtype
     loss = torch.zeros(1, dtype=torch.float64, device=errors.device)
-    for edge in _range_edges(keys, range_pixels):
+    for edge in edges:
         positions = torch.nonzero(keys > edge).squeeze(1)  # ascending
         count = positions.numel()
         if not count:
