@@ -100,13 +100,17 @@ def one_where_(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     if values.numel() <= max(min(num_columns, LONG_ROW_BLOCK), GROUP_ELEMENTS):  # one group
         return values.sub_(1).addcmul_(values, ones, value=-1).add_(1)
     rows, row_masks = values.view(-1, num_columns), ones.reshape(-1, num_columns)
-    width = min(num_columns, LONG_ROW_BLOCK)
-    step = max(1, GROUP_ELEMENTS // width)
+    if num_columns > LONG_ROW_BLOCK:  # a long row: a block of its columns at a time
+        for row, row_mask in zip(rows, row_masks):
+            for column in range(0, num_columns, LONG_ROW_BLOCK):
+                block = row[column:column + LONG_ROW_BLOCK]
+                block.sub_(1).addcmul_(block, row_mask[column:column + LONG_ROW_BLOCK],
+                                       value=-1).add_(1)
+        return values
+    step = max(1, GROUP_ELEMENTS // num_columns)
     for start in range(0, rows.shape[0], step):
-        for column in range(0, num_columns, width):
-            block = (slice(start, start + step), slice(column, column + width))
-            group = rows[block]
-            group.sub_(1).addcmul_(group, row_masks[block], value=-1).add_(1)
+        group = rows[start:start + step]
+        group.sub_(1).addcmul_(group, row_masks[start:start + step], value=-1).add_(1)
     return values
 
 

@@ -51,14 +51,29 @@ def _work_arrays(shape: torch.Size, dtypes: tuple[torch.dtype, ...], device: tor
 # a float64 sum of a float32 array converts the whole array first (8 bytes per pixel, the
 # call's peak): summed in this many column blocks, the copy is an eighth of that
 _SUM_BLOCKS = 8
+# ... and on the CPU, many short rows are summed this many elements at a time (40 rows of
+# 64² pixels: the whole float64 copy was the call's peak)
+_SUM_GROUP_ELEMENTS = 1 << 16
 
 
 def _row_sums_float64(values: torch.Tensor) -> torch.Tensor:
     """Σ over the last dimension, accumulated in float64, without a float64 copy of it all."""
-    num_columns = values.shape[1]
+    num_rows, num_columns = values.shape
     width = max(-(-num_columns // _SUM_BLOCKS), 4096)
+    step = num_rows
+    if values.device.type == "cpu":
+        step = max(1, _SUM_GROUP_ELEMENTS // min(width, num_columns))
+    if step >= num_rows:
+        return _column_block_sums(values, width)
+    total = torch.empty(num_rows, dtype=torch.float64, device=values.device)
+    for start in range(0, num_rows, step):
+        total[start:start + step] = _column_block_sums(values[start:start + step], width)
+    return total
+
+
+def _column_block_sums(values: torch.Tensor, width: int) -> torch.Tensor:
     total = values[:, :width].sum(dim=1, dtype=torch.float64)
-    for start in range(width, num_columns, width):
+    for start in range(width, values.shape[1], width):
         total += values[:, start:start + width].sum(dim=1, dtype=torch.float64)
     return total
 
@@ -318,21 +333,31 @@ def _extension_block(errors: torch.Tensor, fg: torch.Tensor, grad: torch.Tensor,
     positions are each one vectorized pass: every pass is one more wake-up of torch's thread
     pool, which on a busy machine costs more than the pass.
 
-    Memory: two allocations. ``grad`` holds the keys, then the counts, then the errors'
-    signs, then the loss's products, then the gradient; one block holds the sort's outputs
-    (``sort_work``, which rows run one by one share), and one allocated after the sort the
-    increments and the sorted labels (:func:`_work_arrays`): 12 + 5 bytes per pixel in
-    float32, the same sizes on every chunk of a call (a dozen arrays freed in between would
-    fragment the heap). The second block does not exist while the sort holds its own
-    buffers (a radix sort's: 8 bytes per pixel), which sets a long row's peak.
+    Memory: ``grad`` holds the keys, then the counts, then the errors' signs, then the
+    loss's products, then the gradient; blocks (:func:`_work_arrays`) hold the sort's
+    outputs (``sort_work``, which rows run one by one share) and the increments and the
+    sorted labels: 12 + 5 bytes per pixel in float32, the same sizes on every chunk of a
+    call (a dozen arrays freed in between would fragment the heap). Before a radix sort,
+    which holds buffers of its own (8 bytes per pixel, a long row's peak), only the first
+    block is allocated, the second after the sort; before a comparison sort, both at once.
     """
     dtype = grad.dtype
     shape = errors.shape
     torch.clamp(errors.to(dtype), min=0, out=grad)
-    order, keys_sorted = sort_work or _work_arrays(shape, _SORT_DTYPES[dtype], errors.device)
-    sort_descending(grad.view(_SAME_WIDTH_INT[dtype]), keys_sorted, order)
+    keys = grad.view(_SAME_WIDTH_INT[dtype])
+    radix = radix_sorted(keys)
+    after_sort = None
+    if sort_work is not None:
+        order, keys_sorted = sort_work
+    elif radix:
+        order, keys_sorted = _work_arrays(shape, _SORT_DTYPES[dtype], errors.device)
+    else:  # a comparison sort holds no buffers of its own: one block, one allocation
+        order, keys_sorted, *after_sort = _work_arrays(
+            shape, _SORT_DTYPES[dtype] + _AFTER_SORT_DTYPES[dtype], errors.device)
+    sort_descending(keys, keys_sorted, order, radix=radix)
     errors_sorted = keys_sorted.view(dtype)
-    increments, labels_sorted = _work_arrays(shape, _AFTER_SORT_DTYPES[dtype], errors.device)
+    increments, labels_sorted = after_sort or _work_arrays(shape, _AFTER_SORT_DTYPES[dtype],
+                                                           errors.device)
     torch.gather(fg, 1, order, out=labels_sorted)
     # the keys are dead once sorted: ``grad`` holds the counts, unless they need an integer
     jaccard_increments(labels_sorted, dtype,
