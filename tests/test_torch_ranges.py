@@ -319,3 +319,20 @@ def test_ranges_on_a_row_past_float32_counts_match_the_whole_row(gen):
     whole_loss = torch_eager._extension_block(errors.clone(), fg, whole_grad)
     assert torch.equal(grad, whole_grad)
     torch.testing.assert_close(loss, whole_loss, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(336, 1024), (40, 4096), (3, 100_000), (1, 5)])
+def test_float64_row_sums_in_groups_of_rows_are_the_sums(gen, shape):
+    """Many short rows summed a group of rows at a time (and long rows by column blocks): each
+    row's float64 sum of one float64 conversion per block, the same as summing each row
+    alone; the float64 copy a group's worth, not the array's."""
+    values = torch.rand(shape, generator=gen)
+    sums = torch_eager._row_sums_float64(values)
+    assert sums.dtype == torch.float64 and sums.shape == (shape[0],)
+    alone = torch.stack([torch_eager._row_sums_float64(values[row:row + 1])[0]
+                         for row in range(shape[0])])
+    assert torch.equal(sums, alone)
+    torch.testing.assert_close(sums, values.double().sum(dim=1), rtol=1e-12, atol=0)
+    if shape[0] * shape[1] > 4 * torch_eager._SUM_GROUP_ELEMENTS:
+        peak = peak_allocated_bytes(lambda: torch_eager._row_sums_float64(values))
+        assert peak <= 8 * torch_eager._SUM_GROUP_ELEMENTS + 8 * shape[0] + 4096
