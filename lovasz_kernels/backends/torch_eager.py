@@ -20,7 +20,7 @@ from lovasz_kernels._validate import compute_dtype
 _SAME_WIDTH_INT = {torch.float32: torch.int32, torch.float64: torch.int64}
 #: a chunk's work arrays (:func:`_extension_block`), widest first, in two blocks: the sort's
 #: outputs (its order, the sorted keys), then what follows it (the increments, the sorted
-#: labels), allocated once the sort's own buffers are freed
+#: labels), allocated, before a radix sort, once the sort's own buffers are freed
 _SORT_DTYPES = {dtype: (torch.int64, _SAME_WIDTH_INT[dtype]) for dtype in _SAME_WIDTH_INT}
 _AFTER_SORT_DTYPES = {dtype: (dtype, torch.bool) for dtype in _SAME_WIDTH_INT}
 #: a chunk's temporaries per pixel, float32, besides the inputs and the gradient: the blocks
