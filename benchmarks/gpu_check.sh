@@ -28,7 +28,7 @@ DRY_RUN="${DRY_RUN:-0}"
 SKIP=" ${SKIP:-} "
 MEMORY_BUDGET="${MEMORY_BUDGET:-100}"
 STEPS="00_environment 01_tests_gpu_real_sizes 01_tests_triton 02_tests_cuda 03_check_cuda
-04_memory 05_goal_2e20x21_fp32 06_goal_8x512sq_x21 07_fp16_2e20x21 08_sort_strategies
+04_memory 04_long_rows 05_goal_2e20x21_fp32 06_goal_8x512sq_x21 07_fp16_2e20x21 08_sort_strategies
 09_nccl_exact 09_nccl_histogram 10_cpu_sorts 10_cpu_sort_losses
 11_cpu_numba_trace 11_cpu_numba_omp_team 11_cpu_numba_threads 11_cpu_numba_scaling
 11_cpu_numba_split"
@@ -131,6 +131,10 @@ wait
 step 04_memory $((MEMORY_BUDGET + 50)) 60 "$PY" tests/perf/gpu_memory.py --rounds 10 \
   --budget "$MEMORY_BUDGET" \
   --json "$OUT/gpu_memory.json"
+# the torch backend on segments of 33.5M pixels (batch IoU over 8 x 2048²), past the GPU
+# budget: sorted a range of values at a time against every row whole, memory and time
+step 04_long_rows 90 40 "$PY" tests/perf/long_rows.py --device cuda --toggle --rounds 5 \
+  --cases hinge:8:2048 softmax:8:2048:2
 # 2^20 pixels x 21 classes, float32, batch IoU: triton vs one torch.sort of the keys it
 # sorts, the torch backend and the per-class loop, peak memory, the float64 cross-check
 BENCH=("$PY" -m lovasz_kernels.cli bench --device cuda --classes 21 --budget 30)
