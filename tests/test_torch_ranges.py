@@ -167,7 +167,7 @@ def test_rows_over_the_budget_go_by_ranges_with_a_bounded_peak(gen, monkeypatch)
     monkeypatch.setattr(torch_eager, "_extension_by_ranges",
                         lambda *args: calls.append(args[-1]) or real(*args))
     loss, grad = backend.run(errors, fg)
-    assert calls == [(1 << 20) // torch_eager.RANGE_BYTES_PER_PIXEL]
+    assert calls == [(1 << 20) // torch_eager.RANGE_BYTES_PER_PIXEL[torch.float32]]
     ranged_peak = peak_allocated_bytes(lambda: backend.run(errors, fg))
     monkeypatch.setattr(_plan, "_FLOORS_SET", {"cpu": 1 << 30})
     calls.clear()
