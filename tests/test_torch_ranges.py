@@ -80,18 +80,53 @@ def test_ranges_with_tied_errors_keep_each_tie_groups_gradient(gen):
                         GRAD_TOLERANCE[torch.float32], "tie-group grad")
 
 
-def test_which_rows_over_the_budget_go_by_ranges(gen, monkeypatch):
-    """Rows shorter than RANGES_MIN_PIXELS never; from it, those with at most
-    RANGES_MAX_POSITIVE_SHARE of a strided sample positive; from RANGES_ANY_SHARE_MIN_PIXELS
-    every row."""
+def test_which_rows_go_by_ranges(gen, monkeypatch):
+    """Over the budget: rows from RANGES_MIN_PIXELS with at most RANGES_MAX_POSITIVE_SHARE of
+    a strided sample positive, every row from RANGES_ANY_SHARE_MIN_PIXELS. Within it, CPU rows
+    from POSITIVES_ONLY_MIN_PIXELS with at most POSITIVES_ONLY_MAX_SHARE positive. Shorter
+    rows never."""
     errors = torch.rand(1, 40000, generator=gen)  # every error positive
     fewer = errors.clone()
     fewer[0, ::4] = -fewer[0, ::4]  # three quarters positive
-    assert not torch_eager._ranges_pay(errors) and not torch_eager._ranges_pay(fewer)
+    fewest = -errors
+    fewest[0, ::4] = errors[0, ::4]  # a quarter positive
+    rows = (errors, fewer, fewest)
+
+    def paying(over_budget):
+        return [torch_eager._ranges_pay(row, over_budget) for row in rows]
+
+    assert paying(True) == paying(False) == [False, False, False]
     monkeypatch.setattr(torch_eager, "RANGES_MIN_PIXELS", 40000)
-    assert not torch_eager._ranges_pay(errors) and torch_eager._ranges_pay(fewer)
+    assert paying(True) == [False, True, True] and paying(False) == [False, False, False]
+    monkeypatch.setattr(torch_eager, "POSITIVES_ONLY_MIN_PIXELS", 40000)
+    assert paying(False) == [False, False, True]
+    assert not torch_eager._ranges_pay(fewest.to("meta"), False)  # not on a GPU
     monkeypatch.setattr(torch_eager, "RANGES_ANY_SHARE_MIN_PIXELS", 40000)
-    assert torch_eager._ranges_pay(errors) and torch_eager._ranges_pay(fewer)
+    assert paying(True) == [True, True, True]
+
+
+def test_partly_trained_hinges_sort_only_their_positive_errors(gen, monkeypatch):
+    """A 512² hinge image with about a fifth of its errors positive, within the budget: one
+    range of its positive errors, the numpy reference's loss and gradient (float64 logits:
+    no ties)."""
+    labels = (torch.rand(1, 512, 512, generator=gen) < 0.4).long()
+    margins = torch.randn(1, 512, 512, generator=gen, dtype=torch.float64) + 1.84
+    logits = (2 * labels - 1) * margins
+    calls = []
+    real = torch_eager._extension_by_ranges
+    monkeypatch.setattr(torch_eager, "_extension_by_ranges",
+                        lambda *args: calls.append(args[-1]) or real(*args))
+    results = {}
+    for backend in ("torch", "numpy"):
+        x = logits.clone().requires_grad_()
+        loss = lovasz_hinge(x, labels, backend=backend)
+        loss.backward()
+        results[backend] = loss.detach(), x.grad
+    assert len(calls) == 1 and calls[0] >= 512 * 512 // 4
+    assert_close_report(results["torch"][0], results["numpy"][0],
+                        LOSS_TOLERANCE[torch.float64], "loss")
+    assert_close_report(results["torch"][1], results["numpy"][1],
+                        GRAD_TOLERANCE[torch.float64], "grad")
 
 
 def test_chunks_mix_rows_by_ranges_and_whole_rows(gen, monkeypatch):

@@ -14,7 +14,9 @@ about 0.6% of the pixels have a positive error), small per-image softmax, and th
 Medians, and the ratio comparison / radix.
 
 Then the torch backend on such hinges: only each row's positive errors taken by
-``torch.topk`` ("top k", as now) against sorting every pixel ("sort all"), toggled per round.
+``torch.topk`` ("top k", as now) against sorting every pixel ("sort all"), toggled per round;
+and on partly trained hinges (10-30% of the errors positive, ``--torch-positives`` alone):
+only the positive errors sorted, by ranges ("positives", as now), against every pixel.
 
 Last, where few keys are sorted the passes around the sort show: hinge calls (one channel,
 so each label is read by one segment) with the labels narrowed to uint8 by a pass of their
@@ -188,6 +190,28 @@ def torch_top_k(rounds: int) -> None:
         TORCH_TOP_K_CASES, rounds, seed=3)
 
 
+TORCH_POSITIVES_CASES = {  # name: (batch, side, mean margin)
+    "512², 10% positive": (1, 512, 2.28),
+    "512², 25% positive": (1, 512, 1.674),
+    "512², 30% positive": (1, 512, 1.524),
+    "1024², 10% positive": (1, 1024, 2.28),
+    "1024², 25% positive": (1, 1024, 1.674),
+    "1024², 30% positive": (1, 1024, 1.524),
+    "4 x 512² per image, 25% positive": (4, 512, 1.674),
+}
+
+
+def torch_positives_only(rounds: int) -> None:
+    from lovasz_kernels.backends import torch_eager
+
+    _toggled_hinges(
+        "torch backend hinge, forward + backward, ms per call: only the positive errors "
+        "sorted (by ranges) or every pixel",
+        "torch", torch_eager, "_ranges_pay",
+        {"positives": torch_eager._ranges_pay, "sort all": lambda errors, over_budget: False},
+        TORCH_POSITIVES_CASES, rounds, seed=4)
+
+
 HINGE_LABEL_CASES = {  # name: (batch, side, mean margin; None: random logits)
     "8 x 256² per image, 0.6% positive": (8, 256, 3.5),
     "8 x 256² per image, random": (8, 256, None),
@@ -225,15 +249,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=41)
     parser.add_argument("--prox", action="store_true", help="only the prox (any checkout)")
+    parser.add_argument("--torch-positives", action="store_true",
+                        help="only the torch backend's partly trained hinges")
     args = parser.parse_args()
     print(f"numba {core.numba.__version__}, {core.thread_count()} threads; "
           f"medians of {args.rounds} rounds")
     if args.prox:
         prox(args.rounds)
         return
+    if args.torch_positives:
+        torch_positives_only(args.rounds)
+        return
     sorts(args.rounds)
     calls(args.rounds)
     torch_top_k(args.rounds)
+    torch_positives_only(args.rounds)
     hinge_labels(args.rounds)
 
 

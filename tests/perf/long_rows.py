@@ -84,7 +84,7 @@ def main() -> None:
     args = parser.parse_args()
     modes = {"now": torch_eager._ranges_pay}
     if args.toggle:
-        modes["whole rows"] = lambda errors: False
+        modes["whole rows"] = lambda errors, over_budget: False
     for case in args.cases:
         workload = _workload(case)
         _measure([Prepared(workload, device=args.device, seed=seed) for seed in range(3)],
