@@ -37,6 +37,30 @@ def _by_ranges(errors, fg, range_pixels):
     return loss, grad
 
 
+def _record_ranges(monkeypatch) -> list[int]:
+    """A list that each call of ``_extension_by_ranges`` appends its range size to."""
+    calls = []
+    real = torch_eager._extension_by_ranges
+    monkeypatch.setattr(torch_eager, "_extension_by_ranges",
+                        lambda *args: calls.append(args[-1]) or real(*args))
+    return calls
+
+
+def _assert_loss_matches_reference(call, scores, labels, **options):
+    """``call`` (a loss) with the torch backend and with the numpy reference: the same loss
+    and gradient w.r.t. ``scores`` (float64: no ties, one gradient)."""
+    results = {}
+    for backend in ("torch", "numpy"):
+        x = scores.clone().requires_grad_()
+        loss = call(x, labels, backend=backend, **options)
+        loss.backward()
+        results[backend] = loss.detach(), x.grad
+    assert_close_report(results["torch"][0], results["numpy"][0],
+                        LOSS_TOLERANCE[torch.float64], "loss")
+    assert_close_report(results["torch"][1], results["numpy"][1],
+                        GRAD_TOLERANCE[torch.float64], "grad")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("range_pixels", [1, 777, 5000, 1 << 20])
 def test_ranges_give_the_whole_rows_gradient_bit_for_bit(gen, dtype, range_pixels):
@@ -112,21 +136,9 @@ def test_partly_trained_hinges_sort_only_their_positive_errors(gen, monkeypatch)
     labels = (torch.rand(1, 512, 512, generator=gen) < 0.4).long()
     margins = torch.randn(1, 512, 512, generator=gen, dtype=torch.float64) + 1.84
     logits = (2 * labels - 1) * margins
-    calls = []
-    real = torch_eager._extension_by_ranges
-    monkeypatch.setattr(torch_eager, "_extension_by_ranges",
-                        lambda *args: calls.append(args[-1]) or real(*args))
-    results = {}
-    for backend in ("torch", "numpy"):
-        x = logits.clone().requires_grad_()
-        loss = lovasz_hinge(x, labels, backend=backend)
-        loss.backward()
-        results[backend] = loss.detach(), x.grad
+    calls = _record_ranges(monkeypatch)
+    _assert_loss_matches_reference(lovasz_hinge, logits, labels)
     assert len(calls) == 1 and calls[0] >= 512 * 512 // 4
-    assert_close_report(results["torch"][0], results["numpy"][0],
-                        LOSS_TOLERANCE[torch.float64], "loss")
-    assert_close_report(results["torch"][1], results["numpy"][1],
-                        GRAD_TOLERANCE[torch.float64], "grad")
 
 
 def test_chunks_mix_rows_by_ranges_and_whole_rows(gen, monkeypatch):
@@ -137,10 +149,7 @@ def test_chunks_mix_rows_by_ranges_and_whole_rows(gen, monkeypatch):
     errors = _signed_distinct((2, 1 << 15), torch.float32, gen, positive_share=0.5)
     errors[1] = errors[1].abs()
     fg = torch.rand(errors.shape, generator=gen) < 0.3
-    calls = []
-    real = torch_eager._extension_by_ranges
-    monkeypatch.setattr(torch_eager, "_extension_by_ranges",
-                        lambda *args: calls.append(args[0].data_ptr()) or real(*args))
+    calls = _record_ranges(monkeypatch)
     loss, grad = get_backend("torch").run(errors, fg)
     assert len(calls) == 1
     ref_loss, ref_grad = _reference(errors, fg)
@@ -197,10 +206,7 @@ def test_rows_over_the_budget_go_by_ranges_with_a_bounded_peak(gen, monkeypatch)
     errors = _signed_distinct((1, 1 << 18), torch.float32, gen, positive_share=0.7)
     fg = torch.rand(errors.shape, generator=gen) < 0.3
     backend = get_backend("torch")
-    calls = []
-    real = torch_eager._extension_by_ranges
-    monkeypatch.setattr(torch_eager, "_extension_by_ranges",
-                        lambda *args: calls.append(args[-1]) or real(*args))
+    calls = _record_ranges(monkeypatch)
     loss, grad = backend.run(errors, fg)
     assert calls == [(1 << 20) // torch_eager.RANGE_BYTES_PER_PIXEL[torch.float32]]
     ranged_peak = peak_allocated_bytes(lambda: backend.run(errors, fg))
@@ -234,20 +240,8 @@ def test_losses_over_the_budget_match_the_reference(gen, monkeypatch, loss_kind)
         labels = torch.randint(0, 3, (2, 96, 96), generator=gen)
         labels[1, -4:] = 255
         call = lovasz_softmax
-    ranged = []
-    real = torch_eager._extension_by_ranges
-    monkeypatch.setattr(torch_eager, "_extension_by_ranges",
-                        lambda *args: ranged.append(args[-1]) or real(*args))
-    results = {}
-    for backend in ("torch", "numpy"):
-        x = scores.clone().requires_grad_()
-        loss = call(x, labels, per_image=False, ignore_index=255, backend=backend)
-        loss.backward()
-        results[backend] = loss.detach(), x.grad
-    assert_close_report(results["torch"][0], results["numpy"][0],
-                        LOSS_TOLERANCE[torch.float64], "loss")
-    assert_close_report(results["torch"][1], results["numpy"][1],
-                        GRAD_TOLERANCE[torch.float64], "grad")
+    ranged = _record_ranges(monkeypatch)
+    _assert_loss_matches_reference(call, scores, labels, per_image=False, ignore_index=255)
     assert ranged and len(ranged) == (1 if loss_kind == "hinge" else 3)
 
 
