@@ -11,6 +11,7 @@ only means measuring again; nothing here ever raises.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -22,6 +23,7 @@ from typing import TypeVar
 Value = TypeVar("Value")
 
 
+@functools.cache  # read once per process: choices are looked up on every call
 def processor_model() -> str:
     """The processor's model name (``/proc/cpuinfo``), else what :mod:`platform` says."""
     model = platform.processor() or platform.machine()

@@ -1,41 +1,55 @@
 """The torch backend's descending sort of integer keys, one row per segment, on the CPU: the
-2-D comparison sort or, row by row, PyTorch's radix sort; which one where, measured on this
-machine.
+2-D comparison sort, PyTorch's radix sort row by row, or numpy's sort of packed keys; which
+one where, measured on this machine.
 
 PyTorch sorts a 1-D integer array of at least its grain size (``RADIX_SORT_MIN_PIXELS``) in
 ascending order with a parallel radix sort; a descending or a 2-D sort is a comparison sort.
 Rows of a grain or more are radix-sorted one by one (1.2-12x faster alone on every machine
-and thread count measured). A shorter row can be padded up to a grain and radix-sorted,
-which costs about as much as sorting a full grain. That pays only
+and thread count measured). Shorter rows have two other candidates:
 
-- **where the 2-D sort runs the rows one after the other**: it hands them to threads in
-  tasks of one grain of values, so rows that fit in one grain run on one thread (a lone row,
-  a few short ones), as do all rows with one thread. Rows it spreads over threads stay with
-  it (the sort alone, time compared / time padded at 8 x 16384 pixels: 0.50-0.73 with 4-16
-  threads on a 16-core Intel Xeon, 0.78-0.85 with 2; 0.96-1.15 on a 2-core AMD EPYC VM,
-  where 21 x 16384 gave 1.00-1.16);
-- **on machines where it was measured faster** (:func:`padded_radix_speedups`): the speedup
-  differs between processors, thread counts and runs (one 12288-pixel row, the sort alone:
-  1.44-1.73x on the AMD VM; 0.72-1.56x on the Intel Xeon from 1 to 16 threads, 0.75x and
-  then 1.47x with 16 threads on two machines of that kind). So the extension of one row
-  (what a call pays, not the sort alone) is timed both ways once per machine and thread
-  count on first use (about 0.15 s) and the speedups kept in a small file
-  (:mod:`lovasz_kernels._machine_choices`).
+- **padded**: the row padded up to a grain and radix-sorted, which costs about as much as
+  sorting a full grain;
+- **packed**: each key and its pixel's index packed into one uint64 (the key in the high
+  half), the rows sorted by numpy (a SIMD quicksort on x86 with AVX2 or AVX-512 and on
+  AArch64), the index and the key read back from the halves. The packed keys are unique, so
+  this order is the radix sort's, ties included (by position). One 4096-pixel row, the sort
+  alone, new keys every call, on a 2-core AMD EPYC VM: 67 us against 120 for the
+  comparison sort.
 
-The two sorts order tied keys differently, so exactly tied errors may swap gradients (the
-sums over a group of ties do not change). Under ``torch.use_deterministic_algorithms(True)``
-nothing is measured and rows under a grain always get the comparison sort: the same results
-on every machine and every run.
+The 2-D sort hands the rows to threads in tasks of one grain of values, so rows that fit in
+one grain run on one thread (a lone row, a few short ones), as do all rows with one thread.
+There either sort may pay; rows it spreads over threads are never padded (the padded sort
+alone, time compared / time padded at 8 x 16384 pixels: 0.50-0.73 with 4-16 threads on a
+16-core Intel Xeon, 0.78-0.85 with 2; 0.96-1.15 on the AMD VM, where 21 x 16384 gave
+1.00-1.16), and packed only where numpy's sort on one thread was measured faster than the
+2-D sort on all of them (on the 2-core AMD VM, 2.0x at 32 x 4096 pixels, 2.1x at 8 x 16384;
+a machine with many cores will not see that). Each pays only **on machines where it was
+measured faster** (:func:`short_row_speedups`): the speedup differs between processors,
+thread counts and runs (one 12288-pixel row, padded, the sort alone: 1.44-1.73x on the AMD
+VM; 0.72-1.56x on the Intel Xeon from 1 to 16 threads, 0.75x and then 1.47x with 16 threads
+on two machines of that kind), and numpy's sort is a SIMD sort only where numpy has one for
+the processor. So the extension of one row (what a call pays, not the sort alone) is timed
+each way, and the sorts of rows spread over every thread, once per machine and thread count
+on first use (about 0.6 s on the AMD VM), and the speedups kept in a small file
+(:mod:`lovasz_kernels._machine_choices`).
+
+The comparison sort orders tied keys differently from the other two, so exactly tied errors
+may swap gradients (the sums over a group of ties do not change). Under
+``torch.use_deterministic_algorithms(True)`` nothing is measured and rows under a grain always
+get the comparison sort: the same results on every machine and every run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import statistics
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 
 from lovasz_kernels._machine_choices import (
@@ -45,106 +59,145 @@ from lovasz_kernels._machine_choices import (
     processor_model,
 )
 
+#: the sorts a row can get: the 2-D comparison sort, the radix sort row by row (shorter rows
+#: padded to a grain), numpy's sort of packed keys
+COMPARED, RADIX, PACKED = "compared", "radix", "packed"
+#: the two that are measured against the comparison sort on one row, in the order the file
+#: keeps them
+MEASURED_METHODS = (RADIX, PACKED)
+#: the file's entry for packed keys on rows the 2-D sort spreads over threads
+SPREAD_PACKED = "packed over threads"
+#: rounds of the rows-over-threads measurement (its calls are many rows each)
+SPREAD_MEASURE_ROUNDS = 5
 #: PyTorch's grain size: from this many values a 1-D integer sort on the CPU is a radix sort
 RADIX_SORT_MIN_PIXELS = 32768
 #: rows shorter than this fraction of a grain are never padded: 0.25-0.67x at 4096 pixels
 #: on every thread count measured
 PADDED_RADIX_MIN_FRACTION = 0.25
-#: where the lone-row speedup is measured, as fractions of a grain (8192, 12288, 16384 and
-#: 24576 pixels); between them it is interpolated, past the last it is the last
-MEASURED_FRACTIONS = (0.25, 0.375, 0.5, 0.75)
-#: a row is padded only where its measured speedup is at least this (a choice that timing
-#: noise could flip is not worth making)
+#: where the lone-row speedups are measured, as fractions of a grain (1024, 4096, 8192, 12288,
+#: 16384 and 24576 pixels); between them they are interpolated, outside them they are the
+#: nearest one's
+MEASURED_FRACTIONS = (1 / 32, 1 / 8, 0.25, 0.375, 0.5, 0.75)
+#: a row gets another sort than the comparison sort only where its measured speedup is at
+#: least this (a choice that timing noise could flip is not worth making)
 RADIX_MARGIN = 1.1
 #: rounds of the measurement: medians of this many extensions per sort and size
 MEASURE_ROUNDS = 15
 # bumped when the sorts or the measurement change, so that machines measure again
-_MEASURE_VERSION = 1
+_MEASURE_VERSION = 2
 
 _lock = threading.Lock()
-_speedups: dict[int, tuple[float, ...]] = {}  # per thread count, this process
+_speedups: dict[int, dict[str, tuple[float, ...]]] = {}  # per thread count, this process
 _forced = threading.local()  # the measurement's choice, this thread only
 
 
-def radix_sorted(rows: torch.Tensor) -> bool:
-    """Whether the rows of an (S, P) array of this shape, device and element size are
-    radix-sorted (reads no values)."""
+def sort_method(rows: torch.Tensor) -> str:
+    """The sort (:data:`COMPARED`, :data:`RADIX` or :data:`PACKED`) that the rows of an
+    (S, P) array of this shape, device and element size get (reads no values)."""
     if rows.device.type != "cpu":
-        return False
+        return COMPARED
     num_rows, num_pixels = rows.shape
     if num_pixels >= RADIX_SORT_MIN_PIXELS:
-        return True
-    if num_pixels < PADDED_RADIX_MIN_FRACTION * RADIX_SORT_MIN_PIXELS:
-        return False
+        return RADIX
     if torch.are_deterministic_algorithms_enabled():
-        return False
+        return COMPARED
     one_grain = num_rows * num_pixels <= RADIX_SORT_MIN_PIXELS
     if rows.element_size() == 8:
-        # int64 keys take more radix passes: padded rows pay only from half the grain, and
-        # only within one grain (1.5x at 1 x 16384 on 2 threads, 1.14x on 16; 0.78-0.80x at
-        # 8 and 21 x 16384, 0.72-0.88x at 9216: tests/perf/torch_sorts.py --float64); not
-        # worth a measurement of its own
-        return one_grain and 2 * num_pixels >= RADIX_SORT_MIN_PIXELS
+        # int64 keys take more radix passes, and leave no room to pack an index: padded rows
+        # pay only from half the grain, and only within one grain (1.5x at 1 x 16384 on 2
+        # threads, 1.14x on 16; 0.78-0.80x at 8 and 21 x 16384, 0.72-0.88x at 9216:
+        # tests/perf/torch_sorts.py --float64); not worth a measurement of its own
+        return RADIX if one_grain and 2 * num_pixels >= RADIX_SORT_MIN_PIXELS else COMPARED
     threads = torch.get_num_threads()
-    if not (one_grain or threads == 1):
-        return False  # the 2-D sort spreads the rows over threads
-    forced = getattr(_forced, "radix", None)
+    spread = not (one_grain or threads == 1)  # the 2-D sort spreads the rows over threads
+    forced = getattr(_forced, "method", None)
     if forced is not None:
-        return forced
-    return padded_radix_speedup(num_pixels, threads) >= RADIX_MARGIN
+        return COMPARED if spread and forced == RADIX else forced
+    # looked up on every call: one read of the speedups, no other work
+    speedups = short_row_speedups(threads)
+    fraction = num_pixels / RADIX_SORT_MIN_PIXELS
+    if spread:
+        # numpy sorts the rows on one thread against the 2-D sort's many: only where that
+        # was measured faster (the sorts alone, every thread busy)
+        spread_packed = _interpolated(speedups[SPREAD_PACKED], fraction)
+        return PACKED if spread_packed >= RADIX_MARGIN else COMPARED
+    packed = _interpolated(speedups[PACKED], fraction)
+    padded = (_interpolated(speedups[RADIX], fraction)
+              if fraction >= PADDED_RADIX_MIN_FRACTION else 0.0)
+    best, speedup = (PACKED, packed) if packed >= padded else (RADIX, padded)
+    return best if speedup >= RADIX_MARGIN else COMPARED
+
+
+def holds_buffers(method: str) -> bool:
+    """Whether a sort of this method allocates arrays of its own as large as its keys (8
+    bytes per pixel: the radix sort's, the packed keys)."""
+    return method != COMPARED
 
 
 @contextlib.contextmanager
-def padding_forced(radix: bool) -> Iterator[None]:
-    """Within the block, on this thread, rows that could be padded are (``radix``) or are
-    not, whatever was measured (the measurement; tests)."""
-    previous = getattr(_forced, "radix", None)
-    _forced.radix = radix
+def method_forced(method: str) -> Iterator[None]:
+    """Within the block, on this thread, rows that have a choice (float32 keys under a grain)
+    get ``method``, whatever was measured and however short (rows the 2-D sort spreads over
+    threads are never padded) (the measurement; tests)."""
+    previous = getattr(_forced, "method", None)
+    _forced.method = method
     try:
         yield
     finally:
-        _forced.radix = previous
+        _forced.method = previous
 
 
-def padded_radix_speedup(num_pixels: int, threads: int) -> float:
-    """The measured speedup of the padded radix sort on one row of ``num_pixels`` pixels,
-    interpolated linearly between :data:`MEASURED_FRACTIONS` of a grain."""
-    speedups = padded_radix_speedups(threads)
-    fraction = num_pixels / RADIX_SORT_MIN_PIXELS
-    points = list(zip(MEASURED_FRACTIONS, speedups))
-    if fraction <= points[0][0]:
-        return points[0][1]
-    for (low, low_speedup), (high, high_speedup) in zip(points, points[1:]):
+def sort_speedup(method: str, num_pixels: int, threads: int) -> float:
+    """The measured speedup of ``method`` (:data:`MEASURED_METHODS`) over the comparison
+    sort on one row of ``num_pixels`` pixels, interpolated linearly between
+    :data:`MEASURED_FRACTIONS` of a grain."""
+    return _interpolated(short_row_speedups(threads)[method], num_pixels / RADIX_SORT_MIN_PIXELS)
+
+
+def _interpolated(speedups: tuple[float, ...], fraction: float) -> float:
+    """Speedups at :data:`MEASURED_FRACTIONS`, linearly interpolated at ``fraction``; the
+    nearest one's outside them."""
+    if fraction <= MEASURED_FRACTIONS[0]:
+        return speedups[0]
+    for index in range(1, len(MEASURED_FRACTIONS)):
+        high = MEASURED_FRACTIONS[index]
         if fraction <= high:
-            return low_speedup + (high_speedup - low_speedup) * (fraction - low) / (high - low)
-    return points[-1][1]
+            low = MEASURED_FRACTIONS[index - 1]
+            low_speedup = speedups[index - 1]
+            return low_speedup + (speedups[index] - low_speedup) * (fraction - low) / (high - low)
+    return speedups[-1]
 
 
-def padded_radix_speedups(threads: int) -> tuple[float, ...]:
-    """This machine's speedups at :data:`MEASURED_FRACTIONS` with ``threads`` torch threads:
-    from this process, else from :func:`choice_path`, else measured (about 0.15 s)
-    and saved there."""
-    def measure() -> tuple[tuple[float, ...], dict]:
-        speedups, times_ms = measure_padded_radix_speedups()
-        return speedups, {"speedups": list(speedups), "times_ms": times_ms}
+def short_row_speedups(threads: int) -> dict[str, tuple[float, ...]]:
+    """This machine's speedups of each of :data:`MEASURED_METHODS` at
+    :data:`MEASURED_FRACTIONS` with ``threads`` torch threads: from this process, else from
+    :func:`choice_path`, else measured (about 0.6 s) and saved there."""
+    kept = _speedups.get(threads)  # looked up on every short row: no file path built
+    if kept is not None:
+        return kept
+
+    def measure() -> tuple[dict[str, tuple[float, ...]], dict]:
+        speedups, times_ms = measure_short_row_speedups()
+        return speedups, {**{name: list(values) for name, values in speedups.items()},
+                          "times_ms": times_ms}
 
     return kept_or_measured(_speedups, threads, _lock, choice_path(), _machine_key(threads),
                             _decode_speedups, measure)
 
 
-def saved_padded_radix_speedups(threads: int) -> tuple[float, ...] | None:
+def saved_short_row_speedups(threads: int) -> dict[str, tuple[float, ...]] | None:
     """This process's speedups with ``threads`` threads, else the ones kept for this machine,
     else None (measures nothing)."""
     return kept_or_saved(_speedups, threads, choice_path(), _machine_key(threads),
                          _decode_speedups)
 
 
-def measured_padded_radix_speedups() -> dict[int, tuple[float, ...]]:
+def measured_short_row_speedups() -> dict[int, dict[str, tuple[float, ...]]]:
     """What this process has measured or read, per thread count (measures nothing)."""
     return dict(_speedups)
 
 
-def forget_padded_radix_speedups() -> None:
+def forget_short_row_speedups() -> None:
     """Drop this process's speedups (tests; the file is read again on next use)."""
     _speedups.clear()
 
@@ -155,62 +208,119 @@ def choice_path() -> str:
 
 
 def _machine_key(threads: int) -> str:
-    """What the speedups depend on: the processor, torch's sorts, the thread count."""
-    return (f"{processor_model()} | torch {torch.__version__} | {threads} threads | "
-            f"v{_MEASURE_VERSION}")
+    """What the speedups depend on: the processor, torch's and numpy's sorts, the thread
+    count."""
+    return (f"{processor_model()} | torch {torch.__version__} | numpy {np.__version__} | "
+            f"{threads} threads | v{_MEASURE_VERSION}")
 
 
-def _decode_speedups(entry: dict | None) -> tuple[float, ...] | None:
+def _decode_speedups(entry: dict | None) -> dict[str, tuple[float, ...]] | None:
     try:
-        speedups = tuple(float(value) for value in entry["speedups"])
+        speedups = {name: tuple(float(value) for value in entry[name])
+                    for name in (*MEASURED_METHODS, SPREAD_PACKED)}
     except (KeyError, TypeError, ValueError):
         return None  # missing, from another machine or version: measure again
-    if len(speedups) != len(MEASURED_FRACTIONS) or not all(value > 0 for value in speedups):
-        return None
+    for values in speedups.values():
+        if len(values) != len(MEASURED_FRACTIONS) or not all(value > 0 for value in values):
+            return None
     return speedups
 
 
-def measure_padded_radix_speedups(rounds: int = MEASURE_ROUNDS) -> tuple[tuple[float, ...],
-                                                                         dict[str, float]]:
+def measure_short_row_speedups(rounds: int = MEASURE_ROUNDS,
+                               spread_rounds: int = SPREAD_MEASURE_ROUNDS) -> tuple[
+        dict[str, tuple[float, ...]], dict[str, float]]:
     """Time the torch backend's extension of one row at each of :data:`MEASURED_FRACTIONS` of
-    a grain with the row padded and radix-sorted and with the comparison sort, interleaved,
-    new random errors and labels every call (a comparison sort of keys it has just sorted
-    runs 2-4x faster, which training never sees), from a generator of its own (the caller's
-    random state is left alone). Returns the speedups (median time compared / median time
-    padded) and the medians in ms."""
+    a grain with each sort (the row padded and radix-sorted, its keys packed, and the
+    comparison sort), interleaved in a new order every round, new random errors and labels
+    every call (a comparison sort of keys it has just sorted runs 2-4x faster, which training
+    never sees), from a generator of its own (the caller's random state is left alone).
+    Then, with more than one thread, the packed keys' sort alone against the 2-D sort on
+    rows of those lengths that the 2-D sort spreads over every thread (two grains of keys per
+    thread). Returns the speedups of each of :data:`MEASURED_METHODS` and of
+    :data:`SPREAD_PACKED` (median time compared / its median time; 1.0 on one thread, where
+    no rows are spread) and the medians in ms."""
     from lovasz_kernels.backends.torch_eager import lovasz_extension
 
     generator = torch.Generator().manual_seed(0)
-    speedups, times_ms = [], {}
+    methods = (COMPARED, *MEASURED_METHODS)
+    speedups: dict[str, list[float]] = {name: [] for name in (*MEASURED_METHODS, SPREAD_PACKED)}
+    times_ms = {}
+    threads = torch.get_num_threads()
     for fraction in MEASURED_FRACTIONS:
         num_pixels = int(fraction * RADIX_SORT_MIN_PIXELS)
-        samples: dict[bool, list[float]] = {False: [], True: []}
-        for round_index in range(-1, rounds):  # one untimed round first
-            for radix in (round_index % 2 == 0, round_index % 2 != 0):
-                # errors in [0, 1): between a softmax's (skewed to 0) and a hinge's
-                errors = torch.rand(1, num_pixels, generator=generator)
-                fg = torch.rand(1, num_pixels, generator=generator) < 0.3
-                with padding_forced(radix):
-                    start = time.perf_counter()
-                    lovasz_extension(errors, fg)
-                    elapsed = time.perf_counter() - start
-                if round_index >= 0:
-                    samples[radix].append(elapsed)
-        compared, radixed = statistics.median(samples[False]), statistics.median(samples[True])
-        speedups.append(round(compared / radixed, 3))
-        times_ms[f"{num_pixels} compared"] = round(compared * 1e3, 4)
-        times_ms[f"{num_pixels} padded"] = round(radixed * 1e3, 4)
-    return tuple(speedups), times_ms
+        medians = _interleaved_medians(
+            functools.partial(_time_one_row, lovasz_extension, num_pixels, generator), methods,
+            rounds)
+        for method in MEASURED_METHODS:
+            speedups[method].append(round(medians[COMPARED] / medians[method], 3))
+        times_ms.update({f"{num_pixels} {method}": round(medians[method] * 1e3, 4)
+                         for method in methods})
+        if threads == 1:
+            speedups[SPREAD_PACKED].append(1.0)
+            continue
+        num_rows = 2 * threads * RADIX_SORT_MIN_PIXELS // num_pixels
+        spread = _interleaved_medians(
+            functools.partial(_time_spread_rows, num_rows, num_pixels, generator),
+            (COMPARED, PACKED), spread_rounds)
+        speedups[SPREAD_PACKED].append(round(spread[COMPARED] / spread[PACKED], 3))
+        times_ms.update({f"{num_rows} x {num_pixels} {method}": round(spread[method] * 1e3, 4)
+                         for method in (COMPARED, PACKED)})
+    return {name: tuple(values) for name, values in speedups.items()}, times_ms
+
+
+def _time_one_row(extension: Callable, num_pixels: int, generator: torch.Generator,
+                  method: str) -> float:
+    """Seconds of one extension of one new row, its short rows sorted by ``method``."""
+    # errors in [0, 1): between a softmax's (skewed to 0) and a hinge's
+    errors = torch.rand(1, num_pixels, generator=generator)
+    fg = torch.rand(1, num_pixels, generator=generator) < 0.3
+    with method_forced(method):
+        start = time.perf_counter()
+        extension(errors, fg)
+        return time.perf_counter() - start
+
+
+def _time_spread_rows(num_rows: int, num_pixels: int, generator: torch.Generator,
+                      method: str) -> float:
+    """Seconds of one sort of new keys (num_rows, num_pixels) by ``method``."""
+    keys = torch.rand(num_rows, num_pixels, generator=generator).view(torch.int32)
+    keys_sorted = torch.empty_like(keys)
+    order = torch.empty(keys.shape, dtype=torch.int64)
+    start = time.perf_counter()
+    sort_descending(keys, keys_sorted, order, method)
+    return time.perf_counter() - start
+
+
+def _interleaved_medians(timed: Callable[[str], float], methods: tuple[str, ...],
+                         rounds: int) -> dict[str, float]:
+    """The median of ``timed(method)`` over ``rounds`` rounds for each method, the methods in
+    a new order every round, after one untimed round."""
+    samples: dict[str, list[float]] = {method: [] for method in methods}
+    for round_index in range(-1, rounds):
+        shift = round_index % len(methods)
+        for method in methods[shift:] + methods[:shift]:
+            elapsed = timed(method)
+            if round_index >= 0:
+                samples[method].append(elapsed)
+    return {method: statistics.median(times) for method, times in samples.items()}
 
 
 def sort_descending(keys: torch.Tensor, keys_sorted: torch.Tensor, order: torch.Tensor,
-                    radix: bool | None = None) -> None:
+                    method: str | None = None) -> None:
     """Sort each row of the integer ``keys`` (overwritten) in descending order into
-    ``keys_sorted`` and ``order`` (its indices), radix-sorted where :func:`radix_sorted`
-    says (or ``radix``)."""
-    if not (radix_sorted(keys) if radix is None else radix):
+    ``keys_sorted`` and ``order`` (its int64 indices), by ``method`` (by default
+    :func:`sort_method`'s)."""
+    method = sort_method(keys) if method is None else method
+    if method == COMPARED:
         torch.sort(keys, dim=1, descending=True, out=(keys_sorted, order))
-        return
+    elif method == PACKED:
+        _packed_sort_descending(keys, keys_sorted, order)
+    else:
+        _radix_sort_descending(keys, keys_sorted, order)
+
+
+def _radix_sort_descending(keys: torch.Tensor, keys_sorted: torch.Tensor,
+                           order: torch.Tensor) -> None:
     # the complement (-k - 1) reverses the order of every integer, so its ascending,
     # radix-sortable order is the keys' descending one (the key of a clamped -0.0 error,
     # the most negative integer, complements to the largest: last either way)
@@ -232,3 +342,38 @@ def sort_descending(keys: torch.Tensor, keys_sorted: torch.Tensor, order: torch.
             keys_sorted[row] = padded_sorted[:num_pixels]
             order[row] = padded_order[:num_pixels]
     keys_sorted.bitwise_not_()
+
+
+# x ^ 0x7FFFFFFF maps the int32 keys, read as uint32, to uint32 values in the reverse order
+# (non-negative keys to [0, 2^31), negative ones above), and back
+_REVERSE_INT32 = np.uint32(0x7FFFFFFF)
+_LOW_HALF = np.uint64(0xFFFFFFFF)
+# the packed keys' high halves, as every other uint32 of the array
+_HIGH_HALF_INDEX = 1 if sys.byteorder == "little" else 0
+#: rows are packed in groups of about this many keys: the packed copy (8 bytes a key) is one
+#: group's, not the chunk's (with one thread every row under a grain may be packed)
+PACKED_GROUP_KEYS = 1 << 16
+
+
+def _packed_sort_descending(keys: torch.Tensor, keys_sorted: torch.Tensor,
+                            order: torch.Tensor) -> None:
+    """int32 keys sorted by numpy as uint64 values: the key, reversed (descending order
+    becomes ascending), in the high half and the pixel's index in the low one, a group of
+    rows at a time. Unique values, so ties come out by position, as from the stable radix
+    sort."""
+    num_rows, num_pixels = keys.shape
+    reversed_keys = keys.numpy().view(np.uint32)
+    np.bitwise_xor(reversed_keys, _REVERSE_INT32, out=reversed_keys)
+    positions = np.arange(num_pixels, dtype=np.uint64)
+    order_bits = order.numpy().view(np.uint64)
+    sorted_bits = keys_sorted.numpy().view(np.uint32)
+    step = max(1, PACKED_GROUP_KEYS // num_pixels)
+    for start in range(0, num_rows, step):
+        rows = slice(start, start + step)
+        packed = reversed_keys[rows].astype(np.uint64)
+        packed <<= np.uint64(32)
+        packed |= positions
+        packed.sort(axis=1)
+        np.bitwise_and(packed, _LOW_HALF, out=order_bits[rows])
+        high_halves = packed.view(np.uint32)[:, _HIGH_HALF_INDEX::2]
+        np.bitwise_xor(high_halves, _REVERSE_INT32, out=sorted_bits[rows])

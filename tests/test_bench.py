@@ -386,6 +386,33 @@ def test_run_cross_checks_times_and_measures():
     assert bench.failures(results) == 0
 
 
+@pytest.mark.parametrize("largest", [1 << 20, 0], ids=["small input", "large input"])
+def test_small_inputs_are_timed_on_new_sets_in_turn(monkeypatch, largest):
+    """Every round gives all contenders the next of INPUT_SETS seeded input sets (the first
+    is the cross-checked one), so a sort never times keys it has just sorted; an input over
+    ROTATED_MAX_INPUT_BYTES keeps one set."""
+    monkeypatch.setattr(engine, "ROTATED_MAX_INPUT_BYTES", largest)
+    seen: list[tuple[str, int]] = []
+    real = bench.Prepared.fwd_bwd
+
+    def recording(self, contender):
+        seen.append((contender, int(self.scores.detach().reshape(-1)[:8].mul(1e6).sum())))
+        return real(self, contender)
+
+    monkeypatch.setattr(bench.Prepared, "fwd_bwd", recording)
+    _run(TINY[1:2], ("torch",), repeat=6, measure_memory=False)
+    timed = [scores for contender, scores in seen[2:]]  # after the cross-check's calls
+    assert [contender for contender, _ in seen[2:]] == ["torch", bench.LOOP] * 6
+    rounds = timed[::2]
+    assert rounds == timed[1::2]  # both contenders on the same set each round
+    if largest:
+        assert len(set(rounds)) == engine.INPUT_SETS
+        assert rounds == (rounds[:engine.INPUT_SETS] * 2)[:6]  # in turn
+        assert rounds[0] == seen[0][1]  # the cross-checked set first
+    else:
+        assert len(set(rounds)) == 1
+
+
 def test_run_does_not_time_a_wrong_answer():
     with registered_fake_backend("doubled", scale_grad=2.0):
         results = _run(TINY[:1], ("numpy", "torch", "doubled"), measure_memory=False)

@@ -1,5 +1,6 @@
-"""The torch backend's CPU sort (lovasz_kernels._torch_sort): which rows get the radix sort,
-the per-machine measurement behind it, and the same answer from either sort."""
+"""The torch backend's CPU sort (lovasz_kernels._torch_sort): which rows get the radix sort or
+numpy's sort of packed keys, the per-machine measurement behind it, and the same answer from
+every sort."""
 
 from __future__ import annotations
 
@@ -20,8 +21,11 @@ from tests.helpers import (
 )
 from tests.test_extension import _reference
 
-# speedups at MEASURED_FRACTIONS of the grain, as a machine might measure them
-SPEEDUPS = (1.0, 1.5, 2.0, 3.0)
+COMPARED, RADIX, PACKED = _torch_sort.COMPARED, _torch_sort.RADIX, _torch_sort.PACKED
+SPREAD = _torch_sort.SPREAD_PACKED
+# speedups at MEASURED_FRACTIONS of the grain, as a machine might measure them: padding that
+# pays from a quarter of a grain on, packed keys that never pay
+SPEEDUPS = {RADIX: (0.5, 0.8, 1.0, 1.5, 2.0, 3.0), PACKED: (1.0,) * 6, SPREAD: (0.5,) * 6}
 
 
 @pytest.fixture
@@ -35,7 +39,7 @@ def machine(monkeypatch):
         state["asked"].append(threads)
         return state["speedups"]
 
-    monkeypatch.setattr(_torch_sort, "padded_radix_speedups", speedups)
+    monkeypatch.setattr(_torch_sort, "short_row_speedups", speedups)
     return state
 
 
@@ -54,55 +58,179 @@ def _record_sorts(monkeypatch) -> list[tuple[int, bool]]:
 
 def test_rows_padded_where_the_2d_sort_runs_them_one_by_one_and_it_was_measured_faster(
         machine, monkeypatch):
-    monkeypatch.setattr(_torch_sort, "RADIX_SORT_MIN_PIXELS", 1024)  # fractions: 256 ... 768
-    decide = _torch_sort.radix_sorted
-    assert decide(torch.empty(1, 1024)) and decide(torch.empty(30, 5000))  # a grain: always
+    monkeypatch.setattr(_torch_sort, "RADIX_SORT_MIN_PIXELS", 1024)  # fractions: 32 ... 768
+    method = _torch_sort.sort_method
+    assert method(torch.empty(1, 1024)) == method(torch.empty(30, 5000)) == RADIX  # a grain
     assert not machine["asked"]  # ... without a measurement
-    assert not decide(torch.empty(1, 255)) and not machine["asked"]  # under a quarter: never
-    assert not decide(torch.empty(1, 300, device="meta"))  # the CPU only
-    assert not decide(torch.empty(1, 256))  # speedup 1.0
-    assert not decide(torch.empty(1, 270))  # 1.0 + 0.5 * 14 / 128 = 1.05: under the margin
-    assert decide(torch.empty(1, 300))  # 1.17
-    assert decide(torch.empty(3, 300))  # 900 values: one task of the 2-D sort
-    asked = len(machine["asked"])
-    assert not decide(torch.empty(4, 300))  # two tasks, on two threads at once
-    assert not decide(torch.empty(5, 512))
-    assert len(machine["asked"]) == asked  # nothing to measure for them
+    assert method(torch.empty(1, 255)) == COMPARED  # under a quarter: never padded
+    assert method(torch.empty(1, 300, device="meta")) == COMPARED  # the CPU only
+    assert method(torch.empty(1, 256)) == COMPARED  # speedup 1.0
+    assert method(torch.empty(1, 270)) == COMPARED  # 1.0 + 0.5 * 14 / 128 = 1.05: < margin
+    assert method(torch.empty(1, 300)) == RADIX  # 1.17
+    assert method(torch.empty(3, 300)) == RADIX  # 900 values: one task of the 2-D sort
+    assert method(torch.empty(4, 300)) == COMPARED  # two tasks, on two threads at once
+    assert method(torch.empty(5, 512)) == COMPARED  # (packing them was measured slower)
     machine["threads"] = 1
-    assert decide(torch.empty(5, 512))  # one thread: the rows one after the other
+    assert method(torch.empty(5, 512)) == RADIX  # one thread: the rows one after the other
     machine["threads"] = 16
-    assert decide(torch.empty(1, 1000))  # past the last fraction: its speedup, 3.0
-    assert _torch_sort.padded_radix_speedup(640, 16) == pytest.approx(2.5)
+    assert method(torch.empty(1, 1000)) == RADIX  # past the last fraction: its speedup, 3.0
+    assert _torch_sort.sort_speedup(RADIX, 640, 16) == pytest.approx(2.5)
     assert set(machine["asked"]) == {1, 2, 16}  # per thread count
-    machine["speedups"] = (0.5, 0.7, 0.9, 1.05)  # a machine where it never pays
-    assert not decide(torch.empty(1, 1000))
-    assert decide(torch.empty(1, 1024))
-    with _torch_sort.padding_forced(True):  # the measurement's override, this thread only
-        assert decide(torch.empty(1, 300)) and not decide(torch.empty(4, 300))
-        with _torch_sort.padding_forced(False):
-            assert not decide(torch.empty(1, 1000))
-        assert decide(torch.empty(1, 300))
-    assert not decide(torch.empty(1, 300))
+    machine["speedups"] = {**SPEEDUPS, RADIX: (0.5, 0.5, 0.5, 0.7, 0.9, 1.05)}  # never pays
+    assert method(torch.empty(1, 1000)) == COMPARED
+    assert method(torch.empty(1, 1024)) == RADIX
+
+
+def test_packed_keys_where_they_were_measured_fastest(machine, monkeypatch):
+    """Packed keys compete with the comparison sort at any length under a grain and with
+    padding from a quarter of one; the fastest measured wins, by the same margin."""
+    monkeypatch.setattr(_torch_sort, "RADIX_SORT_MIN_PIXELS", 1024)
+    machine["speedups"] = {**SPEEDUPS, PACKED: (1.0, 2.0, 1.0, 1.0, 1.0, 4.0)}
+    method = _torch_sort.sort_method
+    assert method(torch.empty(1, 16)) == COMPARED  # before the first fraction: its 1.0
+    assert method(torch.empty(1, 40)) == COMPARED  # 1.0 + 8 / 96 = 1.08: under the margin
+    assert method(torch.empty(1, 64)) == PACKED  # 1.33
+    assert method(torch.empty(1, 128)) == PACKED
+    assert method(torch.empty(2, 128)) == PACKED  # within one grain
+    assert method(torch.empty(9, 128)) == COMPARED  # two tasks, on two threads at once
+    assert method(torch.empty(1, 512)) == RADIX  # padded 2.0, packed 1.0
+    assert method(torch.empty(1, 700)) == PACKED  # padded 2.73, packed 3.20
+    assert _torch_sort.sort_speedup(PACKED, 700, 2) == pytest.approx(1 + 3 * 188 / 256)
+    machine["threads"] = 1
+    assert method(torch.empty(9, 128)) == PACKED
+    assert method(torch.empty(1, 128, dtype=torch.float64)) == COMPARED  # no room for an index
+
+
+def test_rows_spread_over_threads_packed_where_that_was_measured_faster(machine, monkeypatch):
+    """Rows the 2-D sort spreads over threads: never padded, packed where numpy's sort on one
+    thread was measured faster than the 2-D sort on all of them."""
+    monkeypatch.setattr(_torch_sort, "RADIX_SORT_MIN_PIXELS", 1024)
+    method = _torch_sort.sort_method
+    machine["speedups"] = {RADIX: (9.0,) * 6, PACKED: (9.0,) * 6,
+                           SPREAD: (0.5, 2.0, 1.0, 1.0, 1.0, 1.0)}
+    assert method(torch.empty(9, 128)) == PACKED  # 2.0
+    assert method(torch.empty(40, 32)) == COMPARED  # 0.5
+    assert method(torch.empty(40, 64)) == COMPARED  # 0.5 + 1.5 * 32 / 96 = 1.0: under
+    assert method(torch.empty(40, 100)) == PACKED  # 1.56
+    assert method(torch.empty(3, 700)) == COMPARED  # padding would pay alone, not spread
+    machine["speedups"] = {**machine["speedups"], SPREAD: (4.0,) * 6}
+    assert method(torch.empty(3, 700)) == PACKED
+    assert method(torch.empty(3, 700, dtype=torch.float64)) == COMPARED
+    with _torch_sort.method_forced(RADIX):
+        assert method(torch.empty(3, 700)) == COMPARED
+
+
+def test_a_forced_method_applies_only_where_there_is_a_choice(machine, monkeypatch):
+    """The measurement's override, this thread only: any length under a grain (rows the 2-D
+    sort spreads over threads never padded), never a grain or more, or int64 keys."""
+    monkeypatch.setattr(_torch_sort, "RADIX_SORT_MIN_PIXELS", 1024)
+    method = _torch_sort.sort_method
+    with _torch_sort.method_forced(PACKED):
+        assert method(torch.empty(1, 16)) == PACKED and method(torch.empty(1, 300)) == PACKED
+        assert method(torch.empty(4, 300)) == PACKED and method(torch.empty(1, 1024)) == RADIX
+        assert method(torch.empty(1, 300, dtype=torch.float64)) == COMPARED
+        with _torch_sort.method_forced(RADIX):
+            assert method(torch.empty(1, 16)) == RADIX
+        with _torch_sort.method_forced(COMPARED):
+            assert method(torch.empty(1, 1000)) == COMPARED
+        assert method(torch.empty(1, 300)) == PACKED
+    assert not machine["asked"]  # forced: nothing measured
+    assert method(torch.empty(1, 300)) == RADIX  # as measured (SPEEDUPS)
 
 
 def test_float64_keys_padded_from_half_a_grain_within_one(machine, monkeypatch):
     monkeypatch.setattr(_torch_sort, "RADIX_SORT_MIN_PIXELS", 1024)
-    decide = _torch_sort.radix_sorted
-    assert not decide(torch.empty(1, 511, dtype=torch.float64))
-    assert decide(torch.empty(2, 512, dtype=torch.float64))
-    assert not decide(torch.empty(3, 512, dtype=torch.float64))
-    assert decide(torch.empty(3, 1024, dtype=torch.float64))
+    method = _torch_sort.sort_method
+    assert method(torch.empty(1, 511, dtype=torch.float64)) == COMPARED
+    assert method(torch.empty(2, 512, dtype=torch.float64)) == RADIX
+    assert method(torch.empty(3, 512, dtype=torch.float64)) == COMPARED
+    assert method(torch.empty(3, 1024, dtype=torch.float64)) == RADIX
     assert not machine["asked"]  # a fixed rule: nothing measured
 
 
-def test_deterministic_algorithms_never_pad(machine, monkeypatch):
+def test_deterministic_algorithms_never_pad_or_pack(machine, monkeypatch):
     """Under ``torch.use_deterministic_algorithms`` nothing is measured: rows under a grain
     get the comparison sort on every machine, longer ones the (stable) radix sort."""
     monkeypatch.setattr(_torch_sort, "RADIX_SORT_MIN_PIXELS", 1024)
     monkeypatch.setattr(_torch_sort.torch, "are_deterministic_algorithms_enabled", lambda: True)
-    assert not _torch_sort.radix_sorted(torch.empty(1, 1000))
-    assert _torch_sort.radix_sorted(torch.empty(2, 1024))
+    machine["speedups"] = {RADIX: (4.0,) * 6, PACKED: (4.0,) * 6, SPREAD: (4.0,) * 6}
+    assert _torch_sort.sort_method(torch.empty(1, 1000)) == COMPARED
+    assert _torch_sort.sort_method(torch.empty(9, 1000)) == COMPARED
+    assert _torch_sort.sort_method(torch.empty(1, 64)) == COMPARED
+    assert _torch_sort.sort_method(torch.empty(2, 1024)) == RADIX
     assert not machine["asked"]
+
+
+def _sorted_by(method: str, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    keys_sorted, order = torch.empty_like(keys), torch.empty(keys.shape, dtype=torch.int64)
+    _torch_sort.sort_descending(keys.clone(), keys_sorted, order, method)
+    return keys_sorted, order
+
+
+@pytest.mark.parametrize("num_pixels", [1, 2, 1000, 5000])
+@pytest.mark.parametrize("group_keys", [1 << 16, 2000], ids=["one group", "groups of rows"])
+def test_packed_keys_sort_like_the_radix_sort_ties_and_extremes_included(
+        gen, monkeypatch, num_pixels, group_keys):
+    """Every int32 key (the extremes, zero, negatives, many ties), rows packed all at once or
+    in groups: the packed sort gives the radix sort's keys and order bit for bit (ties by
+    position), and the comparison sort's keys."""
+    monkeypatch.setattr(_torch_sort, "PACKED_GROUP_KEYS", group_keys)
+    keys = torch.randint(-50, 50, (3, num_pixels), generator=gen, dtype=torch.int32)
+    keys[0] = torch.randint(-2**31, 2**31 - 1, (num_pixels,), generator=gen, dtype=torch.int32)
+    extremes = torch.tensor([-2**31, 2**31 - 1, 0, -1, 1], dtype=torch.int32)
+    keys[1, :min(5, num_pixels)] = extremes[:num_pixels]
+    packed = _sorted_by(PACKED, keys)
+    radix = _sorted_by(RADIX, keys)
+    assert torch.equal(packed[0], radix[0]) and torch.equal(packed[1], radix[1])
+    assert torch.equal(packed[0], _sorted_by(COMPARED, keys)[0])
+    assert torch.equal(packed[0], torch.gather(keys, 1, packed[1]))
+    stable = torch.sort(-keys.long(), dim=1, stable=True).indices
+    assert torch.equal(packed[1], stable)
+
+
+def test_every_sort_gives_the_same_extension(gen, monkeypatch, machine):
+    """Rows that may be padded or packed: the losses and gradients of each forced sort are
+    the comparison sort's bit for bit, with -0.0 errors, -inf padding and zeros sorted
+    last, and the input untouched; float64 never packs."""
+    monkeypatch.setattr(_torch_sort, "RADIX_SORT_MIN_PIXELS", 1024)
+    backend = get_backend("torch")
+    for dtype in (torch.float32, torch.float64):
+        errors = tie_free_errors((2, 400), dtype, gen)
+        errors[0, :20] = -0.0
+        errors[1, -30:] = -torch.inf
+        errors[1, ::9] = 0.0
+        fg = torch.rand(errors.shape, generator=gen) < 0.3
+        kept = errors.clone()
+        results = {}
+        for method in (COMPARED, RADIX, PACKED):
+            with _torch_sort.method_forced(method):
+                results[method] = backend.run(errors, fg)
+        assert torch.equal(errors, kept)
+        for method in (RADIX, PACKED):
+            assert torch.equal(results[method][0], results[COMPARED][0]), (dtype, method)
+            assert torch.equal(results[method][1], results[COMPARED][1]), (dtype, method)
+
+
+def test_packed_and_radix_sorts_give_tied_errors_the_same_gradients(gen):
+    """Exactly tied errors: the packed and the radix sort order them alike (by position), so
+    their gradients are equal bit for bit; the comparison sort's tie groups sum alike."""
+    from lovasz_kernels._cases import tie_group_sums
+
+    errors = torch.randint(0, 6, (2, 3000), generator=gen).float() / 4 - 0.5
+    fg = torch.rand(errors.shape, generator=gen) < 0.4
+    backend = get_backend("torch")
+    results = {}
+    for method in (COMPARED, RADIX, PACKED):
+        with _torch_sort.method_forced(method):
+            results[method] = backend.run(errors, fg)
+    assert torch.equal(results[PACKED][1], results[RADIX][1])
+    assert torch.equal(results[PACKED][0], results[RADIX][0])
+    ref_loss, ref_grad = _reference(errors, fg)
+    assert_close_report(results[PACKED][0], ref_loss, LOSS_TOLERANCE[torch.float32], "loss")
+    for method in (PACKED, COMPARED):
+        assert_close_report(tie_group_sums(errors, results[method][1]),
+                            tie_group_sums(errors, ref_grad), GRAD_TOLERANCE[torch.float32],
+                            f"{method} tie-group grad")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -126,7 +254,7 @@ def test_radix_sorted_rows_give_the_comparison_sorts_answer(gen, monkeypatch, ma
     assert torch.equal(radix[0], compared[0]) and torch.equal(radix[1], compared[1])
     sorts.clear()
     monkeypatch.setattr(_torch_sort, "RADIX_SORT_MIN_PIXELS", 600)  # rows padded to 600
-    machine["speedups"] = (4.0,) * 4
+    machine["speedups"] = {RADIX: (4.0,) * 6, PACKED: (1.0,) * 6, SPREAD: (1.0,) * 6}
     # padded only where the rows fit in one grain of 600 values
     padded = backend.run(errors[:2], fg[:2])
     assert sorts == [(1, False)] * 2
@@ -135,9 +263,10 @@ def test_radix_sorted_rows_give_the_comparison_sorts_answer(gen, monkeypatch, ma
     sorts.clear()
     backend.run(errors, fg)
     assert sorts == [(2, True)]
-    machine["speedups"] = (1.0,) * 4  # measured slower here: compared (float64: a fixed rule)
+    machine["speedups"] = {RADIX: (1.0,) * 6, PACKED: (1.0,) * 6,  # measured slower here
+                           SPREAD: (1.0,) * 6}
     sorts.clear()
-    backend.run(errors[:2], fg[:2])
+    backend.run(errors[:2], fg[:2])  # compared (float64: a fixed rule)
     assert sorts == ([(1, False)] * 2 if dtype == torch.float64 else [(2, True)])
     assert torch.equal(errors.isneginf().sum(), torch.tensor(30))  # the input is untouched
 
@@ -160,71 +289,90 @@ def test_radix_sorted_rows_give_the_comparison_sorts_answer(gen, monkeypatch, ma
 def speedup_file(monkeypatch, tmp_path):
     """An empty place for the speedups and a fake measurement that counts its calls."""
     with measured_choice_file(monkeypatch, tmp_path, _torch_sort, "torch-sort-choice.json",
-                              _torch_sort.forget_padded_radix_speedups,
-                              "measure_padded_radix_speedups",
-                              (SPEEDUPS, {"8192 padded": 0.3})) as (path, measured):
+                              _torch_sort.forget_short_row_speedups,
+                              "measure_short_row_speedups",
+                              (SPEEDUPS, {"8192 radix": 0.3})) as (path, measured):
         yield path, measured
 
 
 def test_speedups_are_measured_once_and_kept_per_machine_and_thread_count(speedup_file):
     path, measured = speedup_file
-    assert _torch_sort.padded_radix_speedups(2) == SPEEDUPS and measured == [1]
-    saved = json.loads(path.read_text())
-    assert saved[_torch_sort._machine_key(2)]["speedups"] == list(SPEEDUPS)
-    assert _torch_sort.padded_radix_speedups(2) == SPEEDUPS and measured == [1]  # kept
-    assert _torch_sort.measured_padded_radix_speedups() == {2: SPEEDUPS}
-    _torch_sort.forget_padded_radix_speedups()
-    assert _torch_sort.padded_radix_speedups(2) == SPEEDUPS and measured == [1]  # read back
-    assert _torch_sort.padded_radix_speedups(4) == SPEEDUPS and measured == [1, 1]  # new count
+    assert _torch_sort.short_row_speedups(2) == SPEEDUPS and measured == [1]
+    saved = json.loads(path.read_text())[_torch_sort._machine_key(2)]
+    assert all(saved[name] == list(values) for name, values in SPEEDUPS.items())
+    assert _torch_sort.short_row_speedups(2) == SPEEDUPS and measured == [1]  # kept
+    assert _torch_sort.measured_short_row_speedups() == {2: SPEEDUPS}
+    _torch_sort.forget_short_row_speedups()
+    assert _torch_sort.short_row_speedups(2) == SPEEDUPS and measured == [1]  # read back
+    assert _torch_sort.short_row_speedups(4) == SPEEDUPS and measured == [1, 1]  # new count
     assert len(json.loads(path.read_text())) == 2
 
 
 @pytest.mark.parametrize("content", [
-    "not json", "[]", '{"other machine": {"speedups": [1, 1, 1, 1]}}', None, "wrong length",
-    "negative"], ids=["garbage", "a list", "other machine", "a dir", "wrong length", "negative"])
+    "not json", "[]", '{"other machine": {"radix": [1, 1, 1, 1, 1, 1]}}', None, "wrong length",
+    "negative", "no spread", "no packed"],
+    ids=["garbage", "a list", "other machine", "a dir", "wrong length", "negative",
+         "no spread", "the first version's entry"])
 def test_unusable_speedup_file_means_measuring_again(speedup_file, content):
     """A corrupt file, another machine's entry, an entry that makes no sense or a path that
     cannot be written: measured again, nothing raised, the other machines' entries kept."""
     path, measured = speedup_file
     path.parent.mkdir(parents=True)
     key = _torch_sort._machine_key(2)
+    entries = {"wrong length": {RADIX: [2.0] * 5, PACKED: [2.0] * 6, SPREAD: [2.0] * 6},
+               "negative": {RADIX: [2.0] * 6, PACKED: [2.0, -1.0, 2.0, 2.0, 2.0, 2.0],
+                            SPREAD: [2.0] * 6},
+               "no spread": {RADIX: [2.0] * 6, PACKED: [2.0] * 6},
+               "no packed": {"speedups": [2.0] * 4}}
     if content is None:
         path.mkdir()  # cannot be read or replaced
-    elif content in ("wrong length", "negative"):
-        speedups = [2.0] * 3 if content == "wrong length" else [2.0, -1.0, 2.0, 2.0]
-        path.write_text(json.dumps({key: {"speedups": speedups}}))
+    elif content in entries:
+        path.write_text(json.dumps({key: entries[content]}))
     else:
         path.write_text(content)
-    assert _torch_sort.padded_radix_speedups(2) == SPEEDUPS and measured == [1]
+    assert _torch_sort.short_row_speedups(2) == SPEEDUPS and measured == [1]
     if content and content.startswith("{"):
         saved = json.loads(path.read_text())
         assert "other machine" in saved and key in saved
 
 
-def test_measurement_times_both_sorts_and_leaves_the_callers_random_state(monkeypatch):
-    """The real measurement, shortened: a positive speedup per measured size from whole
-    extensions with the row padded and not (each as often), and the global random state as
-    it was."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_measurement_times_every_sort_and_leaves_the_callers_random_state(monkeypatch, threads):
+    """The real measurement, shortened: a positive speedup per sort and measured size from
+    whole extensions of one row with each sort (each as often), then, with more than one
+    thread, sorts of rows spread over every thread (two grains per thread) packed and
+    compared; the global random state as it was."""
     calls = []
     real = _torch_sort.sort_descending
 
-    def counting(keys, keys_sorted, order, radix=None):
-        calls.append((keys.shape[1], _torch_sort.radix_sorted(keys)))
-        return real(keys, keys_sorted, order, radix)
+    def counting(keys, keys_sorted, order, method=None):
+        calls.append((tuple(keys.shape), method))
+        return real(keys, keys_sorted, order, method)
 
     monkeypatch.setattr(_torch_sort, "sort_descending", counting)
     monkeypatch.setattr(torch_eager, "sort_descending", counting)
+    monkeypatch.setattr(_torch_sort.torch, "get_num_threads", lambda: threads)
     state = torch.random.get_rng_state()
-    speedups, times_ms = _torch_sort.measure_padded_radix_speedups(rounds=2)
+    speedups, times_ms = _torch_sort.measure_short_row_speedups(rounds=2, spread_rounds=1)
     assert torch.equal(torch.random.get_rng_state(), state)
-    assert len(speedups) == len(_torch_sort.MEASURED_FRACTIONS)
-    assert all(speedup > 0 for speedup in speedups)
-    sizes = [int(fraction * _torch_sort.RADIX_SORT_MIN_PIXELS)
-             for fraction in _torch_sort.MEASURED_FRACTIONS]
-    for size in sizes:  # an untimed round and two timed ones, both sorts each time
-        methods = sorted(radix for pixels, radix in calls if pixels == size)
-        assert methods == [False] * 3 + [True] * 3
-        assert times_ms[f"{size} compared"] > 0 and times_ms[f"{size} padded"] > 0
+    assert set(speedups) == {RADIX, PACKED, SPREAD}
+    for values in speedups.values():
+        assert len(values) == len(_torch_sort.MEASURED_FRACTIONS)
+        assert all(speedup > 0 for speedup in values)
+    grain = _torch_sort.RADIX_SORT_MIN_PIXELS
+    for fraction in _torch_sort.MEASURED_FRACTIONS:
+        size = int(fraction * grain)
+        # an untimed round and two timed ones, every sort each time
+        methods = sorted(method for shape, method in calls if shape == (1, size))
+        assert methods == sorted([COMPARED, RADIX, PACKED] * 3)
+        assert all(times_ms[f"{size} {method}"] > 0 for method in (COMPARED, RADIX, PACKED))
+        spread_shape = (2 * threads * grain // size, size)
+        spread_methods = sorted(method for shape, method in calls if shape == spread_shape)
+        if threads == 1:
+            assert not spread_methods and speedups[SPREAD] == (1.0,) * 6
+        else:
+            assert spread_methods == sorted([COMPARED, PACKED] * 2)
+            assert times_ms[f"{spread_shape[0]} x {size} {PACKED}"] > 0
 
 
 def test_info_says_what_was_measured(speedup_file, monkeypatch):
@@ -233,10 +381,13 @@ def test_info_says_what_was_measured(speedup_file, monkeypatch):
     reads them."""
     monkeypatch.setattr(_torch_sort.torch, "get_num_threads", lambda: 3)
     assert "measured on first use" in torch_eager.details()
-    _torch_sort.padded_radix_speedups(3)
-    assert "speedups measured here 1x, 1.5x, 2x, 3x; 3 threads" in torch_eager.details()
-    _torch_sort.forget_padded_radix_speedups()  # another process: read from the file
-    assert "speedups measured here 1x, 1.5x, 2x, 3x; 3 threads" in torch_eager.details()
+    _torch_sort.short_row_speedups(3)
+    measured = ("radix 0.5x, 0.8x, 1x, 1.5x, 2x, 3x; packed 1x, 1x, 1x, 1x, 1x, 1x; "
+                "packed over threads 0.5x, 0.5x, 0.5x, 0.5x, 0.5x, 0.5x; 3 threads")
+    assert measured in torch_eager.details()
+    assert "at 1024, 4096, 8192, 12288, 16384, 24576 pixels" in torch_eager.details()
+    _torch_sort.forget_short_row_speedups()  # another process: read from the file
+    assert measured in torch_eager.details()
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The ``torch`` backend: eager PyTorch, CPU and CUDA, one batched sort for all segments (on
-the CPU, long rows get one radix sort each, and shorter ones too where that was measured
-faster on this machine: :mod:`lovasz_kernels._torch_sort`)."""
+the CPU, long rows get one radix sort each, and shorter ones a radix sort or numpy's sort of
+packed keys where that was measured faster on this machine:
+:mod:`lovasz_kernels._torch_sort`)."""
 
 from __future__ import annotations
 
@@ -10,17 +11,20 @@ from lovasz_kernels._jaccard import count_dtype, jaccard_increments
 from lovasz_kernels._masked import count_true
 from lovasz_kernels._plan import chunk_floor_bytes, rows_at_least_threads
 from lovasz_kernels._torch_sort import (
+    MEASURED_FRACTIONS,
+    RADIX,
     RADIX_SORT_MIN_PIXELS,
-    radix_sorted,
-    saved_padded_radix_speedups,
+    holds_buffers,
+    saved_short_row_speedups,
     sort_descending,
+    sort_method,
 )
 from lovasz_kernels._validate import compute_dtype
 
 _SAME_WIDTH_INT = {torch.float32: torch.int32, torch.float64: torch.int64}
 #: a chunk's work arrays (:func:`_extension_block`), widest first, in two blocks: the sort's
 #: outputs (its order, the sorted keys), then what follows it (the increments, the sorted
-#: labels), allocated, before a radix sort, once the sort's own buffers are freed
+#: labels), allocated, before a sort that holds buffers of its own, once those are freed
 _SORT_DTYPES = {dtype: (torch.int64, _SAME_WIDTH_INT[dtype]) for dtype in _SAME_WIDTH_INT}
 _AFTER_SORT_DTYPES = {dtype: (dtype, torch.bool) for dtype in _SAME_WIDTH_INT}
 #: a chunk's temporaries per pixel, float32, besides the inputs and the gradient: the blocks
@@ -331,7 +335,7 @@ def _extension_rows(errors: torch.Tensor, fg: torch.Tensor, grad: torch.Tensor) 
     chunk: the cumulative sum, gather and scatter of one row run on one thread, where the
     chunk's rows run in parallel (row by row cost 15% more at 262k-pixel rows)."""
     num_rows, num_pixels = errors.shape
-    if num_rows == 1 or num_pixels < ROW_BY_ROW_MIN_PIXELS or not radix_sorted(errors):
+    if num_rows == 1 or num_pixels < ROW_BY_ROW_MIN_PIXELS or sort_method(errors) != RADIX:
         return _extension_block(errors, fg, grad)
     sort_work = _work_arrays(errors[:1].shape, _SORT_DTYPES[grad.dtype], errors.device)
     return torch.cat([_extension_block(errors[row:row + 1], fg[row:row + 1],
@@ -348,33 +352,34 @@ def _extension_block(errors: torch.Tensor, fg: torch.Tensor, grad: torch.Tensor,
     whose bit pattern orders like its value. So one descending sort of those bits as integers
     (faster than a float sort: no NaN handling) orders all segments together and gives back
     the sorted errors with no second pass (on the CPU, long rows are radix-sorted one by one
-    instead: :func:`~lovasz_kernels._torch_sort.sort_descending`). Increments, the loss dot
-    product (accumulated in float64) and the scatter of the gradient back to original
-    positions are each one vectorized pass: every pass is one more wake-up of torch's thread
-    pool, which on a busy machine costs more than the pass.
+    instead, and short ones may be: :func:`~lovasz_kernels._torch_sort.sort_descending`).
+    Increments, the loss dot product (accumulated in float64) and the scatter of the
+    gradient back to original positions are each one vectorized pass: every pass is one more
+    wake-up of torch's thread pool, which on a busy machine costs more than the pass.
 
     Memory: ``grad`` holds the keys, then the counts, then the errors' signs, then the
     loss's products, then the gradient; blocks (:func:`_work_arrays`) hold the sort's
     outputs (``sort_work``, which rows run one by one share) and the increments and the
     sorted labels: 12 + 5 bytes per pixel in float32, the same sizes on every chunk of a
-    call (a dozen arrays freed in between would fragment the heap). Before a radix sort,
-    which holds buffers of its own (8 bytes per pixel, a long row's peak), only the first
-    block is allocated, the second after the sort; before a comparison sort, both at once.
+    call (a dozen arrays freed in between would fragment the heap). Before a radix sort or a
+    sort of packed keys, which hold buffers of their own (8 bytes per pixel, a long row's
+    peak), only the first block is allocated, the second after the sort; before a
+    comparison sort, both at once.
     """
     dtype = grad.dtype
     shape = errors.shape
     torch.clamp(errors.to(dtype), min=0, out=grad)
     keys = grad.view(_SAME_WIDTH_INT[dtype])
-    radix = radix_sorted(keys)
+    method = sort_method(keys)
     after_sort = None
     if sort_work is not None:
         order, keys_sorted = sort_work
-    elif radix:
+    elif holds_buffers(method):
         order, keys_sorted = _work_arrays(shape, _SORT_DTYPES[dtype], errors.device)
     else:  # a comparison sort holds no buffers of its own: one block, one allocation
         order, keys_sorted, *after_sort = _work_arrays(
             shape, _SORT_DTYPES[dtype] + _AFTER_SORT_DTYPES[dtype], errors.device)
-    sort_descending(keys, keys_sorted, order, radix=radix)
+    sort_descending(keys, keys_sorted, order, method)
     errors_sorted = keys_sorted.view(dtype)
     increments, labels_sorted = after_sort or _work_arrays(shape, _AFTER_SORT_DTYPES[dtype],
                                                            errors.device)
@@ -393,10 +398,18 @@ def _extension_block(errors: torch.Tensor, fg: torch.Tensor, grad: torch.Tensor,
 
 
 def details() -> str:
-    """The CPU sort in use, for ``lovasz-kernels info``."""
+    """The CPU sorts in use, for ``lovasz-kernels info``."""
     threads = torch.get_num_threads()
-    speedups = saved_padded_radix_speedups(threads)
-    measured = ("measured on first use" if speedups is None else
-                f"speedups measured here {', '.join(f'{value:g}x' for value in speedups)}")
+    speedups = saved_short_row_speedups(threads)
+    if speedups is None:
+        measured = "measured on first use"
+    else:
+        sizes = ", ".join(str(int(fraction * RADIX_SORT_MIN_PIXELS))
+                          for fraction in MEASURED_FRACTIONS)
+        measured = "; ".join(
+            f"{method} {', '.join(f'{value:g}x' for value in values)}"
+            for method, values in speedups.items())
+        measured = f"speedups over the comparison sort measured here at {sizes} pixels: {measured}"
     return (f"CPU: rows of {RADIX_SORT_MIN_PIXELS} pixels or more radix-sorted one by one, "
-            f"shorter ones padded where that pays ({measured}; {threads} threads)")
+            f"shorter ones padded or packed and sorted by numpy where that pays ({measured}; "
+            f"{threads} threads)")

@@ -4,9 +4,11 @@ peak memory, and hand back one JSON-ready record.
 Per workload: each contender runs once (warm-up, and the cross-check against the numpy
 reference or, where that would take more than a few seconds, the torch backend in float64 on
 the same device); a contender that disagrees is not timed. Then every contender that passed,
-the per-class loop and the sort floor are timed in interleaved rounds, and each one's extra
-peak memory is measured in one more call. Nothing here prints: the caller gets each record
-through ``on_result`` and formats it (:mod:`lovasz_kernels.bench.report`).
+the per-class loop and the sort floor are timed in interleaved rounds (small inputs on
+:data:`INPUT_SETS` seeded sets in turn, as training sees new ones every step; the floor on
+the first), and each one's extra peak memory is measured in one more call. Nothing here
+prints: the caller gets each record through ``on_result`` and formats it
+(:mod:`lovasz_kernels.bench.report`).
 
 Layout: ``"cpu"`` (the floor is a threaded ``np.sort``; the numpy reference is a timed
 contender) or ``"gpu"`` (the floor is ``torch.sort`` of the triton keys; the reference only
@@ -27,10 +29,17 @@ import torch
 from lovasz_kernels import _cases
 from lovasz_kernels.bench import floors, measure
 from lovasz_kernels.bench.rules import DEFAULT_BUDGET_S, REFERENCE, Budget
-from lovasz_kernels.bench.workloads import FLOOR, LOOP, Prepared, Workload
+from lovasz_kernels.bench.workloads import FLOOR, LOOP, SEED, Prepared, Workload
 
 LOOP_STATUS = "reported, not checked (float counts)"
 FLOOR_STATUS = "a sort, not checked"
+#: Inputs of at most ``ROTATED_MAX_INPUT_BYTES`` are timed on this many seeded sets in turn,
+#: every contender on the same set in a round: a comparison sort of the few thousand keys it
+#: sorted in its previous call runs 2-4x faster (the branch predictor has learnt them), which
+#: training, with new inputs every step, never sees (one 4096-key row on the development VM:
+#: 53 us sorted over and over, 180 us new). Larger sorts are not learnt.
+INPUT_SETS = 4
+ROTATED_MAX_INPUT_BYTES = 16 << 20
 
 
 @dataclass
@@ -125,6 +134,7 @@ def _run_workload(workload: Workload, settings: Settings, budget: Budget,
     if check.reference == REFERENCE:
         budget.record(REFERENCE, workload, check.seconds)
 
+    rotation = _InputRotation(prepared)
     with ExitStack() as cleanup:
         calls: dict[str, Callable[[], object]] = {}
         for name in contenders:
@@ -144,13 +154,16 @@ def _run_workload(workload: Workload, settings: Settings, budget: Budget,
                 continue
             entry.update(check.run(name))  # also the warm-up
             if entry["status"] in ("ok", "reference", LOOP_STATUS):  # a wrong answer has no speed
-                calls[name] = lambda name=name: prepared.fwd_bwd(name)
+                calls[name] = lambda name=name: rotation.current().fwd_bwd(name)
             else:
                 progress.say(f"{name} at {workload.name}: {entry['status']}")
         progress.update(1)
 
-        times = measure.interleaved_times(calls, settings.repeat, clock,
-                                          after_round=progress.update)
+        def after_round() -> None:
+            rotation.advance()
+            progress.update()
+
+        times = measure.interleaved_times(calls, settings.repeat, clock, after_round=after_round)
         for name, samples in times.items():
             entry = result["contenders"][name]
             entry["samples_s"] = samples
@@ -162,6 +175,24 @@ def _run_workload(workload: Workload, settings: Settings, budget: Budget,
                     result["contenders"][name]["peak_bytes"] = meter.extra_peak_bytes(call)
         progress.update(1)
     return result
+
+
+class _InputRotation:
+    """The input sets a workload is timed on (the first is the cross-checked one): one, or
+    :data:`INPUT_SETS` when its input is small, the current one advanced each round."""
+
+    def __init__(self, first: Prepared):
+        self.sets = [first]
+        if first.input_bytes <= ROTATED_MAX_INPUT_BYTES:
+            self.sets += [Prepared(first.workload, first.device, seed=SEED + offset)
+                          for offset in range(1, INPUT_SETS)]
+        self.index = 0
+
+    def current(self) -> Prepared:
+        return self.sets[self.index]
+
+    def advance(self) -> None:
+        self.index = (self.index + 1) % len(self.sets)
 
 
 class _CrossCheck:

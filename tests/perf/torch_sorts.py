@@ -1,5 +1,6 @@
 """The torch backend's CPU sorts: the 2-D descending comparison sort against row-by-row radix
-sorts (ascending on the complemented keys, rows under PyTorch's grain size padded up to it).
+sorts (ascending on the complemented keys, rows under PyTorch's grain size padded up to it)
+and numpy's sort of packed keys.
 
     python tests/perf/torch_sorts.py [--rounds 50] [--float64] [--losses]
 
@@ -7,20 +8,20 @@ A hinge loss's errors at initialization, max(0, 1 - x) for standard normal x, as
 (``--float64``: float64 errors, int64 keys; errors clamped at 0 half the time, as a first
 version of this script had them, flatter the comparison sort: 1.09 against 1.56x speedup of
 the padded radix sort at 9216 pixels on the development VM), the shapes of the bench grid's
-segments and the shapes around the backend's thresholds; both sorts
+segments and the shapes around the backend's thresholds; the sorts
 fill the same preallocated outputs, as the backend does, and alternate in every round. Every
 call sorts keys it has not sorted in its previous calls (one of eight sets, in turn), as in
 training: a comparison sort of the same keys over and over runs 2-4x faster at a few thousand
 pixels on the development VM. Prints the median of each and their ratio.
 
-The rows marked "radix not used" are those the backend gives the comparison sort on this
-machine (lovasz_kernels._torch_sort: rows under a grain are padded where the 2-D sort would
-run them one after the other and the extension of one such row was measured faster padded
-here); the speedups it measured are printed first.
+The last column is the sort the backend gives such rows on this machine
+(lovasz_kernels._torch_sort: rows under a grain are padded or packed where the 2-D sort would
+run them one after the other and the extension of one such row was measured faster so here);
+the speedups it measured are printed first.
 
 ``--losses`` times whole hinge losses (forward + backward) instead, on shapes where padded
-rows may be chosen: the torch backend as it chooses, the same with such rows always padded
-and never padded, and the authors' per-image loop, interleaved, new inputs every call.
+or packed rows may be chosen: the torch backend as it chooses, the same with each sort
+forced, and the authors' per-image loop, interleaved, new inputs every call.
 """
 
 from __future__ import annotations
@@ -35,16 +36,18 @@ import torch
 
 from lovasz_kernels import _torch_sort
 
-SHAPES = [(1, 4096), (1, 8192), (1, 9216), (1, 10240), (1, 12288), (2, 12288), (3, 12288),
-          (8, 12288), (1, 16384), (8, 16384), (21, 16384), (1, 65536), (1, 262144),
-          (21, 262144), (2, 1 << 20)]
+SHAPES = [(1, 1024), (1, 2048), (1, 4096), (1, 8192), (1, 9216), (1, 10240), (1, 12288),
+          (2, 12288), (3, 12288), (8, 12288), (1, 16384), (8, 16384), (21, 16384), (40, 4096),
+          (1, 65536), (1, 262144), (21, 262144), (2, 1 << 20)]
 # distinct key sets per shape, used in turn
 KEY_SETS = 8
+METHODS = (_torch_sort.COMPARED, _torch_sort.RADIX, _torch_sort.PACKED)
 
 
 def _medians_ms(rows: int, pixels: int, rounds: int, gen: torch.Generator,
-                dtype: torch.dtype = torch.float32) -> tuple[float, float]:
-    """Median ms of the 2-D descending sort and of the backend's row-by-row radix sort."""
+                dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """Median ms of each sort (the 2-D descending sort, the backend's row-by-row radix sort
+    and, for int32 keys, its sort of packed keys)."""
     key_type = torch.int64 if dtype == torch.float64 else torch.int32
     key_sets = [(1 - torch.randn(rows, pixels, generator=gen, dtype=dtype)).clamp_(min=0)
                 .view(key_type)
@@ -52,33 +55,27 @@ def _medians_ms(rows: int, pixels: int, rounds: int, gen: torch.Generator,
     keys_sorted = torch.empty_like(key_sets[0])
     order = torch.empty(keys_sorted.shape, dtype=torch.int64)
     work = torch.empty_like(key_sets[0])
-
-    def compared(keys):
-        torch.sort(keys, dim=1, descending=True, out=(keys_sorted, order))
-
-    def radix(keys):
-        _torch_sort.sort_descending(keys, keys_sorted, order, radix=True)  # overwrites keys
-
-    samples = {compared: [], radix: []}
+    methods = METHODS if key_type == torch.int32 else METHODS[:2]
+    samples: dict[str, list[float]] = {method: [] for method in methods}
     for round_index in range(rounds):
-        for offset, (call, times) in enumerate(samples.items()):
+        for offset, (method, times) in enumerate(samples.items()):
             # the backend overwrites its keys: sorted from a copy, made outside the timing
             keys = work.copy_(key_sets[(round_index + offset) % len(key_sets)])
             start = time.perf_counter()
-            call(keys)
+            _torch_sort.sort_descending(keys, keys_sorted, order, method)
             times.append(time.perf_counter() - start)
-    return (statistics.median(samples[compared]) * 1e3, statistics.median(samples[radix]) * 1e3)
+    return {method: statistics.median(times) * 1e3 for method, times in samples.items()}
 
 
 LOSS_SHAPES = [  # (batch, side, per_image)
-    (1, 90, True), (1, 96, True), (1, 100, True), (1, 112, True), (3, 64, False), (2, 112, True),
-    (1, 128, True), (1, 160, True), (4, 128, True)]
+    (1, 64, True), (1, 90, True), (1, 96, True), (1, 100, True), (1, 112, True), (3, 64, False),
+    (2, 112, True), (1, 128, True), (1, 160, True), (4, 128, True)]
 
 
 def _loss_medians_ms(batch: int, side: int, per_image: bool, rounds: int,
                      gen: torch.Generator) -> dict[str, float]:
     """Median ms of a hinge loss's forward + backward: the torch backend as it chooses its
-    sort, with rows under a grain always padded and never, and the per-image loop."""
+    sort, with rows under a grain given each sort, and the per-image loop."""
     from lovasz_kernels import lovasz_hinge
     from lovasz_kernels.bench.baselines import per_image_loop_lovasz_hinge
 
@@ -86,10 +83,10 @@ def _loss_medians_ms(batch: int, side: int, per_image: bool, rounds: int,
                (torch.rand(batch, side, side, generator=gen) < 0.3).long())
               for _ in range(KEY_SETS)]
 
-    def backend(padded):
+    def backend(method):
         def call(logits, masks):
-            with (contextlib.nullcontext() if padded is None
-                  else _torch_sort.padding_forced(padded)):
+            with (contextlib.nullcontext() if method is None
+                  else _torch_sort.method_forced(method)):
                 lovasz_hinge(logits.clone().requires_grad_(), masks, per_image=per_image,
                              backend="torch").backward()
         return call
@@ -97,7 +94,7 @@ def _loss_medians_ms(batch: int, side: int, per_image: bool, rounds: int,
     def loop(logits, masks):
         per_image_loop_lovasz_hinge(logits.clone().requires_grad_(), masks, per_image).backward()
 
-    calls = {"chosen": backend(None), "padded": backend(True), "compared": backend(False),
+    calls = {"chosen": backend(None), **{method: backend(method) for method in METHODS},
              "loop": loop}
     samples: dict[str, list[float]] = {name: [] for name in calls}
     names, shuffler = list(calls), random.Random(0)
@@ -117,16 +114,17 @@ def _loss_medians_ms(batch: int, side: int, per_image: bool, rounds: int,
 
 def _print_losses(rounds: int, gen: torch.Generator) -> None:
     print(f"{torch.get_num_threads()} torch threads, hinge fwd+bwd, medians of {rounds} rounds")
-    print(f"{'input':>22} {'chooses':>8} {'chosen':>9} {'padded':>9} {'compared':>9} {'loop':>9}"
-          f" {'chosen/best':>12} {'loop/chosen':>12}")
+    columns = ("chosen", *METHODS, "loop")
+    print(f"{'input':>22} {'chooses':>9} " + " ".join(f"{name:>9}" for name in columns)
+          + f" {'chosen/best':>12} {'loop/chosen':>12}")
     for batch, side, per_image in LOSS_SHAPES:
         medians = _loss_medians_ms(batch, side, per_image, rounds, gen)
         rows, pixels = (batch, side * side) if per_image else (1, batch * side * side)
-        chooses = "padded" if _torch_sort.radix_sorted(torch.empty(rows, pixels)) else "compared"
+        chooses = _torch_sort.sort_method(torch.empty(rows, pixels))
         name = f"{batch} x {side}² {'per image' if per_image else 'batch'}"
-        best = min(medians["padded"], medians["compared"])
-        print(f"{name:>22} {chooses:>8} " + " ".join(
-            f"{medians[key]:6.3f} ms" for key in ("chosen", "padded", "compared", "loop"))
+        best = min(medians[method] for method in METHODS)
+        print(f"{name:>22} {chooses:>9} " + " ".join(
+            f"{medians[key]:6.3f} ms" for key in columns)
             + f" {medians['chosen'] / best:11.3f} {medians['loop'] / medians['chosen']:11.2f}x")
 
 
@@ -136,26 +134,28 @@ def main() -> None:
     parser.add_argument("--float64", action="store_true",
                         help="sort float64 errors (int64 keys) instead of float32")
     parser.add_argument("--losses", action="store_true",
-                        help="time whole hinge losses with and without the lone-row rule")
+                        help="time whole hinge losses with each sort forced and as chosen")
     args = parser.parse_args()
     gen = torch.Generator().manual_seed(0)
     threads = torch.get_num_threads()
-    speedups = _torch_sort.padded_radix_speedups(threads)
-    print(f"padded radix speedups of one row at {_torch_sort.MEASURED_FRACTIONS} of a grain, "
-          f"{threads} threads: {speedups} (kept in {_torch_sort.choice_path()})")
+    speedups = _torch_sort.short_row_speedups(threads)
+    print(f"speedups over the comparison sort of one row at {_torch_sort.MEASURED_FRACTIONS} "
+          f"of a grain, {threads} threads: {speedups} (kept in {_torch_sort.choice_path()})")
     if args.losses:
         _print_losses(args.rounds, gen)
         return
-    print(f"{threads} torch threads, medians of up to {args.rounds} rounds")
-    print(f"{'rows x pixels':>16} {'2-D descending':>15} {'row-by-row radix':>17} {'ratio':>6}")
+    dtype = torch.float64 if args.float64 else torch.float32
+    methods = METHODS if dtype == torch.float32 else METHODS[:2]
+    print(f"{threads} torch threads, medians of up to {args.rounds} rounds, ms")
+    print(f"{'rows x pixels':>16} " + " ".join(f"{method:>9}" for method in methods)
+          + "   chosen")
     for rows, pixels in SHAPES:
-        dtype = torch.float64 if args.float64 else torch.float32
-        # no values read
-        used = _torch_sort.radix_sorted(torch.empty((), dtype=dtype).expand(rows, pixels))
+        chosen = _torch_sort.sort_method(  # no values read
+            torch.empty((), dtype=dtype).expand(rows, pixels))
         rounds = max(3, min(args.rounds, (1 << 24) // (rows * pixels)))
-        compared_ms, radix_ms = _medians_ms(rows, pixels, rounds, gen, dtype)
-        print(f"{rows:>7} x {pixels:<7} {compared_ms:12.3f} ms {radix_ms:14.3f} ms "
-              f"{compared_ms / radix_ms:5.2f}x" + ("" if used else "  (radix not used)"))
+        medians = _medians_ms(rows, pixels, rounds, gen, dtype)
+        print(f"{rows:>7} x {pixels:<7} " + " ".join(
+            f"{medians[method]:9.3f}" for method in methods) + f"   {chosen}")
 
 
 if __name__ == "__main__":
