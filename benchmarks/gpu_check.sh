@@ -29,7 +29,7 @@ SKIP=" ${SKIP:-} "
 MEMORY_BUDGET="${MEMORY_BUDGET:-100}"
 STEPS="00_environment 01_tests_gpu_real_sizes 01_tests_triton 02_tests_cuda 03_check_cuda
 04_memory 04_long_rows 05_goal_2e20x21_fp32 06_goal_8x512sq_x21 07_fp16_2e20x21 08_sort_strategies
-09_nccl_exact 09_nccl_histogram 10_cpu_sorts 10_cpu_sort_losses
+09_nccl_exact 09_nccl_histogram 10_cpu_sorts 10_cpu_sort_losses 10_cpu_short_rows
 11_cpu_numba_trace 11_cpu_numba_omp_team 11_cpu_numba_threads 11_cpu_numba_scaling
 11_cpu_numba_split"
 # a misspelt step name would silently run the step: refuse it before any work
@@ -159,9 +159,12 @@ done
 
 # ------------------------------------------------- CPU: the torch backend's sorts, many cores
 # the sorts alone, then whole hinge losses as the backend chooses their sort on this machine
-# against each choice forced (the padded radix sort's speedups are measured here first)
+# against each choice forced (the padded radix and packed sorts' speedups are measured here
+# first: on many cores, rows spread over threads should keep the 2-D sort)
 step 10_cpu_sorts 60 30 "$PY" tests/perf/torch_sorts.py --rounds 20
 step 10_cpu_sort_losses 60 30 "$PY" tests/perf/torch_sorts.py --losses --rounds 20
+# the torch backend against the loop on the grid's small per-image inputs, new inputs every call
+step 10_cpu_short_rows 60 30 "$PY" tests/perf/short_rows.py --rounds 15
 
 # ------------------------------------------------------ CPU: the numba backend, many cores
 # on a 16-core Intel Xeon, 512² x 21 took 4.3x the floor (1.4x at 1024² x 2). Where the time
@@ -212,6 +215,6 @@ cat "$SUMMARY"
 for log in "$OUT"/logs/0[1-3]_*.log; do
   [ -f "$log" ] && echo "$(basename "$log" .log): $(grep -E '[0-9]+ (passed|failed)' "$log" | tail -n 1)"
 done
-cat "$OUT"/logs/04_memory.log "$OUT"/logs/08_sort_strategies.log "$OUT"/logs/10_cpu_sort*.log \
+cat "$OUT"/logs/04_memory.log "$OUT"/logs/08_sort_strategies.log "$OUT"/logs/10_cpu_*.log \
   "$OUT"/logs/11_cpu_numba_*.log 2>/dev/null
 grep -h -A12 "median of" "$OUT"/logs/0[5-7]_*.log 2>/dev/null | grep -E "^(triton|torch|loop|torch.sort|lovasz)" | head -n 40
