@@ -113,17 +113,14 @@ def sort_method(rows: torch.Tensor) -> str:
     forced = getattr(_forced, "method", None)
     if forced is not None:
         return COMPARED if spread and forced == RADIX else forced
-    # looked up on every call: one read of the speedups, no other work
-    speedups = short_row_speedups(threads)
-    fraction = num_pixels / RADIX_SORT_MIN_PIXELS
     if spread:
         # numpy sorts the rows on one thread against the 2-D sort's many: only where that
         # was measured faster (the sorts alone, every thread busy)
-        spread_packed = _interpolated(speedups[SPREAD_PACKED], fraction)
+        spread_packed = sort_speedup(SPREAD_PACKED, num_pixels, threads)
         return PACKED if spread_packed >= RADIX_MARGIN else COMPARED
-    packed = _interpolated(speedups[PACKED], fraction)
-    padded = (_interpolated(speedups[RADIX], fraction)
-              if fraction >= PADDED_RADIX_MIN_FRACTION else 0.0)
+    packed = sort_speedup(PACKED, num_pixels, threads)
+    padded = (sort_speedup(RADIX, num_pixels, threads)
+              if num_pixels >= PADDED_RADIX_MIN_FRACTION * RADIX_SORT_MIN_PIXELS else 0.0)
     best, speedup = (PACKED, packed) if packed >= padded else (RADIX, padded)
     return best if speedup >= RADIX_MARGIN else COMPARED
 
@@ -147,16 +144,13 @@ def method_forced(method: str) -> Iterator[None]:
         _forced.method = previous
 
 
-def sort_speedup(method: str, num_pixels: int, threads: int) -> float:
-    """The measured speedup of ``method`` (:data:`MEASURED_METHODS`) over the comparison
-    sort on one row of ``num_pixels`` pixels, interpolated linearly between
-    :data:`MEASURED_FRACTIONS` of a grain."""
-    return _interpolated(short_row_speedups(threads)[method], num_pixels / RADIX_SORT_MIN_PIXELS)
-
-
-def _interpolated(speedups: tuple[float, ...], fraction: float) -> float:
-    """Speedups at :data:`MEASURED_FRACTIONS`, linearly interpolated at ``fraction``; the
-    nearest one's outside them."""
+def sort_speedup(name: str, num_pixels: int, threads: int) -> float:
+    """The measured speedup ``name`` (one of :data:`MEASURED_METHODS` on one row, or
+    :data:`SPREAD_PACKED`) over the comparison sort on rows of ``num_pixels`` pixels,
+    interpolated linearly between :data:`MEASURED_FRACTIONS` of a grain (looked up on every
+    call: a read of the speedups kept in this process and a little arithmetic)."""
+    speedups = short_row_speedups(threads)[name]
+    fraction = num_pixels / RADIX_SORT_MIN_PIXELS
     if fraction <= MEASURED_FRACTIONS[0]:
         return speedups[0]
     for index in range(1, len(MEASURED_FRACTIONS)):
