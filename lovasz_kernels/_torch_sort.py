@@ -22,15 +22,15 @@ There either sort may pay; rows it spreads over threads are never padded (the pa
 alone, time compared / time padded at 8 x 16384 pixels: 0.50-0.73 with 4-16 threads on a
 16-core Intel Xeon, 0.78-0.85 with 2; 0.96-1.15 on the AMD VM, where 21 x 16384 gave
 1.00-1.16), and packed only where numpy's sort on one thread was measured faster than the
-2-D sort on all of them (on the 2-core AMD VM, 2.0x at 32 x 4096 pixels, 2.1x at 8 x 16384;
-a machine with many cores will not see that). Each pays only **on machines where it was
+2-D sort on all of them (on the 2-core AMD VM, 1.5-2.1x at 1024-24576 pixels a row; a
+machine with many cores should not see that). Each pays only **on machines where it was
 measured faster** (:func:`short_row_speedups`): the speedup differs between processors,
 thread counts and runs (one 12288-pixel row, padded, the sort alone: 1.44-1.73x on the AMD
 VM; 0.72-1.56x on the Intel Xeon from 1 to 16 threads, 0.75x and then 1.47x with 16 threads
 on two machines of that kind), and numpy's sort is a SIMD sort only where numpy has one for
 the processor. So the extension of one row (what a call pays, not the sort alone) is timed
 each way, and the sorts of rows spread over every thread, once per machine and thread count
-on first use (about 0.6 s on the AMD VM), and the speedups kept in a small file
+on first use (about 0.5 s on the AMD VM), and the speedups kept in a small file
 (:mod:`lovasz_kernels._machine_choices`).
 
 The comparison sort orders tied keys differently from the other two, so exactly tied errors
@@ -165,7 +165,7 @@ def sort_speedup(name: str, num_pixels: int, threads: int) -> float:
 def short_row_speedups(threads: int) -> dict[str, tuple[float, ...]]:
     """This machine's speedups of each of :data:`MEASURED_METHODS` at
     :data:`MEASURED_FRACTIONS` with ``threads`` torch threads: from this process, else from
-    :func:`choice_path`, else measured (about 0.6 s) and saved there."""
+    :func:`choice_path`, else measured (about 0.5 s) and saved there."""
     kept = _speedups.get(threads)  # looked up on every short row: no file path built
     if kept is not None:
         return kept
@@ -229,8 +229,8 @@ def measure_short_row_speedups(rounds: int = MEASURE_ROUNDS,
     every call (a comparison sort of keys it has just sorted runs 2-4x faster, which training
     never sees), from a generator of its own (the caller's random state is left alone).
     Then, with more than one thread, the packed keys' sort alone against the 2-D sort on
-    rows of those lengths that the 2-D sort spreads over every thread (two grains of keys per
-    thread). Returns the speedups of each of :data:`MEASURED_METHODS` and of
+    rows of those lengths that the 2-D sort spreads over every thread (a grain of keys, one
+    task, per thread). Returns the speedups of each of :data:`MEASURED_METHODS` and of
     :data:`SPREAD_PACKED` (median time compared / its median time; 1.0 on one thread, where
     no rows are spread) and the medians in ms."""
     from lovasz_kernels.backends.torch_eager import lovasz_extension
@@ -252,7 +252,7 @@ def measure_short_row_speedups(rounds: int = MEASURE_ROUNDS,
         if threads == 1:
             speedups[SPREAD_PACKED].append(1.0)
             continue
-        num_rows = 2 * threads * RADIX_SORT_MIN_PIXELS // num_pixels
+        num_rows = threads * RADIX_SORT_MIN_PIXELS // num_pixels  # a task for every thread
         spread = _interleaved_medians(
             functools.partial(_time_spread_rows, num_rows, num_pixels, generator),
             (COMPARED, PACKED), spread_rounds)
