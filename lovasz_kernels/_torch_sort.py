@@ -84,7 +84,7 @@ RADIX_MARGIN = 1.1
 #: rounds of the measurement: medians of this many extensions per sort and size
 MEASURE_ROUNDS = 15
 # bumped when the sorts or the measurement change, so that machines measure again
-_MEASURE_VERSION = 2
+_MEASURE_VERSION = 3
 
 _lock = threading.Lock()
 _speedups: dict[int, dict[str, tuple[float, ...]]] = {}  # per thread count, this process
