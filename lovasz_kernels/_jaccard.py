@@ -48,6 +48,13 @@ def cumsum_rows_(values: torch.Tensor, one_by_one: bool | None = None) -> torch.
     return values
 
 
+#: CPU arrays of at most this many elements get :func:`_increments_in_few_passes`: there each
+#: pass costs about as much as the op that runs it, and ten ops with their own temporaries
+#: beat the fifteen in place (4096 sorted labels on the development VM, new labels every
+#: call: 80 against 110 us; 1024: 59 against 83 us; equal at 16384, slower beyond)
+FEW_PASSES_MAX_ELEMENTS = 8192
+
+
 def jaccard_increments(
     gt_sorted: torch.Tensor, dtype: torch.dtype, *, counts: torch.Tensor | None = None,
     out: torch.Tensor | None = None, fg_total: torch.Tensor | None = None,
@@ -88,6 +95,10 @@ def jaccard_increments(
     """
     num_pixels = gt_sorted.shape[-1]
     device = gt_sorted.device
+    if (fg_before is None and pixels_before == 0 and device.type == "cpu"
+            and gt_sorted.numel() <= FEW_PASSES_MAX_ELEMENTS
+            and count_dtype(row_pixels or num_pixels, dtype) == dtype):
+        return _increments_in_few_passes(gt_sorted, dtype, out, fg_total)
     if counts is None:
         counts = torch.empty(gt_sorted.shape, device=device,
                              dtype=count_dtype(row_pixels or num_pixels, dtype))
@@ -116,3 +127,25 @@ def jaccard_increments(
     if pixels_before == 0:
         increments[..., 0].nan_to_num_(nan=1.0)
     return increments
+
+
+def _increments_in_few_passes(gt_sorted: torch.Tensor, dtype: torch.dtype,
+                              out: torch.Tensor | None,
+                              fg_total: torch.Tensor | None) -> torch.Tensor:
+    """:func:`jaccard_increments` of small whole rows, bit for bit, in fewer ops: both cases
+    of the closed form computed everywhere (new arrays, not a count buffer reused in place)
+    and the foreground's picked, one masked select where the other order takes two. Counts
+    in ``dtype`` itself (the caller checks that they are exact there)."""
+    num_pixels = gt_sorted.shape[-1]
+    counts = torch.cumsum(as_bytes(gt_sorted), dim=-1, dtype=dtype)  # c_k, exact
+    n_fg = counts[..., -1:] if fg_total is None else fg_total.to(dtype)
+    intersection = n_fg - counts  # I_k = n_fg - c_k
+    union = intersection + torch.arange(1, num_pixels + 1, device=gt_sorted.device,
+                                        dtype=dtype)  # U_k = n_fg + (k+1) - c_k
+    background = (union - 1).mul_(union)  # U_k (U_k - 1), one rounding
+    torch.div(intersection, background, out=background)  # I_k / (U_k (U_k - 1))
+    if out is None:
+        out = torch.empty(gt_sorted.shape, dtype=dtype, device=gt_sorted.device)
+    torch.where(gt_sorted, union.reciprocal_(), background, out=out)  # 1 / U_k on foreground
+    out[..., 0].nan_to_num_(nan=1.0)  # U_0 = 1: 0/0, as in jaccard_increments
+    return out

@@ -13,14 +13,19 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import platform
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Hashable
 from typing import TypeVar
 
 Value = TypeVar("Value")
+
+#: says when a choice is measured (INFO: first use on a machine, a fraction of a second)
+logger = logging.getLogger("lovasz_kernels")
 
 
 @functools.cache  # read once per process: choices are looked up on every call
@@ -75,12 +80,13 @@ def write_entry(path: str, key: str, entry: dict) -> None:
 def kept_or_measured(
     kept: dict, slot: Hashable, lock: threading.Lock, path: str, key: str,
     decode: Callable[[dict | None], Value | None],
-    measure: Callable[[], tuple[Value, dict]],
+    measure: Callable[[], tuple[Value, dict]], *, what: str,
 ) -> Value:
     """A choice measured once per machine: ``kept[slot]`` if this process has it; else the
     file's entry for ``key`` at ``path``, through ``decode`` (None: missing, corrupt or from
-    another version); else ``measure()``'s value, its entry saved in the file. One thread
-    at a time reads or measures (``lock``); the others then find it kept."""
+    another version); else ``measure()``'s value, its entry saved in the file, with an INFO
+    record on the ``lovasz_kernels`` logger before and after (``what`` is measured). One
+    thread at a time reads or measures (``lock``); the others then find it kept."""
     value = kept.get(slot)
     if value is not None:
         return value
@@ -88,8 +94,12 @@ def kept_or_measured(
         if slot not in kept:
             value = decode(read_entry(path, key))
             if value is None:
+                logger.info("lovasz_kernels: measuring %s (first use on this machine)", what)
+                start = time.perf_counter()
                 value, entry = measure()
                 write_entry(path, key, entry)
+                logger.info("lovasz_kernels: measured %s in %.2f s, kept in %s", what,
+                            time.perf_counter() - start, path)
             kept[slot] = value
     return kept[slot]
 

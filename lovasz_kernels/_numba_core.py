@@ -541,7 +541,7 @@ def sort_choice() -> SortChoice:
         return choice, _encode_choice(choice)
 
     return kept_or_measured(_choice, "choice", _choice_lock, choice_path(), _machine_key(),
-                            _decode_choice, measure)
+                            _decode_choice, measure, what="numba's sorts of packed keys")
 
 
 def measured_sort_choice() -> SortChoice | None:

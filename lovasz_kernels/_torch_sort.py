@@ -176,7 +176,8 @@ def short_row_speedups(threads: int) -> dict[str, tuple[float, ...]]:
                           "times_ms": times_ms}
 
     return kept_or_measured(_speedups, threads, _lock, choice_path(), _machine_key(threads),
-                            _decode_speedups, measure)
+                            _decode_speedups, measure,
+                            what=f"the torch backend's CPU sorts of short rows ({threads} threads)")
 
 
 def saved_short_row_speedups(threads: int) -> dict[str, tuple[float, ...]] | None:

@@ -337,6 +337,34 @@ def test_jaccard_counts_in_float_give_the_integer_counts_bits(gen, monkeypatch, 
     assert in_float[1, 0] == 1.0 and bool((in_float[1, 1:] == 0).all())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_small_arrays_take_fewer_passes_for_the_same_bits(gen, monkeypatch, dtype):
+    """Small CPU arrays get the increments in fewer ops: the same bits as the in-place
+    order, for whole rows and for the first pixels of longer rows (the top-k path's
+    ``fg_total``), with and without foreground, one pixel included; larger arrays, and
+    rows whose counts a float cannot hold exactly, keep the in-place order."""
+    cases = [torch.rand(3, 2000, generator=gen) < 0.3, torch.rand(1, 4096, generator=gen) < 0.5,
+             torch.rand(2, 1, generator=gen) < 0.5, torch.zeros(1, 7, dtype=torch.bool),
+             torch.ones(2, 5, dtype=torch.bool)]
+    cases[0][1] = False
+    few_passes = [_jaccard.jaccard_increments(gt, dtype) for gt in cases]
+    first = cases[0][:, :300]
+    fg_total = cases[0].sum(dim=1, keepdim=True)
+    partial = _jaccard.jaccard_increments(first, dtype, fg_total=fg_total, row_pixels=2000)
+    calls = []
+    monkeypatch.setattr(_jaccard, "_increments_in_few_passes",
+                        lambda *args: calls.append(args) or pytest.fail("few passes taken"))
+    monkeypatch.setattr(_jaccard, "FEW_PASSES_MAX_ELEMENTS", 0)
+    for gt, expected in zip(cases, few_passes):
+        assert torch.equal(_jaccard.jaccard_increments(gt, dtype), expected)
+    assert torch.equal(partial, _jaccard.jaccard_increments(first, dtype, fg_total=fg_total,
+                                                            row_pixels=2000))
+    assert torch.equal(few_passes[0][:, :300], partial)
+    monkeypatch.setattr(_jaccard, "FEW_PASSES_MAX_ELEMENTS", 8192)
+    _jaccard.jaccard_increments(cases[0][:, :10], dtype, fg_total=fg_total, row_pixels=2**60)
+    assert not calls
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.int32, torch.int64], ids=str)
 def test_rows_scanned_one_by_one_give_the_same_counts(gen, dtype):
     """The per-row scan (a GPU's fast path for few long rows) gives the one scan's values,

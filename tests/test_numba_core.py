@@ -8,6 +8,7 @@ segment) and must give the reference's answer: the machine's choice may be any o
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -143,10 +144,10 @@ def test_choice_is_measured_once_and_kept_per_machine(choice_file):
     assert core.sort_choice() == fake and measured == [1]  # read back
 
 
-def test_choices_are_measured_by_one_thread_while_the_others_wait(tmp_path):
+def test_choices_are_measured_by_one_thread_while_the_others_wait(tmp_path, caplog):
     """Every measured-once choice goes through kept_or_measured: threads asking at once get
-    one measurement between them, and its entry is in the file; a decoder that refuses the
-    file's entry means measuring again."""
+    one measurement between them, said in two INFO records, and its entry is in the file; a
+    decoder that refuses the file's entry means measuring again."""
     from lovasz_kernels._machine_choices import kept_or_measured
 
     path, kept, lock, started = str(tmp_path / "choice.json"), {}, threading.Lock(), []
@@ -160,17 +161,20 @@ def test_choices_are_measured_by_one_thread_while_the_others_wait(tmp_path):
         return None if entry is None else entry["value"]
 
     def ask():
-        return kept_or_measured(kept, "slot", lock, path, "key", decode, measure)
+        return kept_or_measured(kept, "slot", lock, path, "key", decode, measure, what="a test")
 
-    with ThreadPoolExecutor(4) as pool:
+    with caplog.at_level(logging.INFO, logger="lovasz_kernels"), ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(lambda _: ask(), range(4)))
     assert answers == [7] * 4 and started == [1]
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 2 and "measuring a test (first use" in messages[0]
+    assert "measured a test in" in messages[1] and path in messages[1]
     assert json.loads((tmp_path / "choice.json").read_text()) == {"key": {"value": 7}}
     kept.clear()
     assert ask() == 7 and started == [1]  # read back
     kept.clear()
     assert kept_or_measured(kept, "slot", lock, path, "key", lambda entry: None,
-                            measure) == 7 and started == [1, 1]
+                            measure, what="a test") == 7 and started == [1, 1]
 
 
 @pytest.mark.parametrize("content", ["not json", "[]", '{"other machine": {"host": "lsd"}}',

@@ -811,7 +811,8 @@ def split_costs(threads: int) -> SplitCosts:
         return costs, {"whole_ms": list(costs.whole_ms), "split_ms": list(costs.split_ms)}
 
     return kept_or_measured(_split_costs, threads, _split_lock, split_choice_path(),
-                            _split_key(threads), _decode_split_costs, measure)
+                            _split_key(threads), _decode_split_costs, measure,
+                            what=f"when numba splits a segment across {threads} threads")
 
 
 def forget_split_costs() -> None:
