@@ -95,6 +95,8 @@ def jaccard_increments(
     """
     num_pixels = gt_sorted.shape[-1]
     device = gt_sorted.device
+    if num_pixels == 0:
+        return torch.empty(gt_sorted.shape, dtype=dtype, device=device) if out is None else out
     if (fg_before is None and pixels_before == 0 and device.type == "cpu"
             and gt_sorted.numel() <= FEW_PASSES_MAX_ELEMENTS
             and count_dtype(row_pixels or num_pixels, dtype) == dtype):

@@ -216,7 +216,10 @@ def _lovasz_loss_impl(
         raise
     plan_options = dict(
         labels=labels_2d, num_classes=num_classes, classes=classes, class_list=list(class_list),
-        class_weights=None if class_weights is None else class_weights.to(torch.float64),
+        # constants: the operator's gradient is w.r.t. the scores only, and backends read the
+        # weights' values (numba through numpy, which refuses a tensor that requires grad)
+        class_weights=(None if class_weights is None
+                       else class_weights.detach().to(torch.float64)),
         per_image=per_image, ignore_index=ignore_index, bg_offset=LOSS_KINDS[kind].bg_offset,
         labels_checked=_validate.validate_values_enabled(),
         multilabel=LOSS_KINDS[kind].multilabel,

@@ -22,7 +22,9 @@ _validate_values = True
 def set_validate_values(enabled: bool) -> None:
     """Turn the value checks (NaN/inf scores, label range, probability simplex) on or off.
 
-    They are on by default. Shape, dtype and device checks always run.
+    They are on by default. Shape, dtype and device checks always run. With them off, input
+    they would reject gives undefined results, which differ between backends (numba, for
+    one, reads labels of 2 to 254 classes as bytes: a label of 256 counts as class 0).
 
     Examples
     --------

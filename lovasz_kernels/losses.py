@@ -214,6 +214,7 @@ def lovasz_sigmoid(
         Label value whose pixels are ignored (per channel).
     class_weights
         Optional (C,) non-negative weights: the mean over channels becomes a weighted mean.
+        Constants: no gradient flows to them (a tensor that requires grad is read detached).
     from_logits
         True: ``probas`` holds logits and the sigmoid is applied here, in float32 or wider.
     backend, process_group, dist_mode, bins
@@ -280,6 +281,7 @@ def lovasz_softmax(
         Label value whose pixels are ignored.
     class_weights
         Optional (C,) non-negative weights: the class mean becomes a weighted mean.
+        Constants: no gradient flows to them (a tensor that requires grad is read detached).
     from_logits
         True: ``probas`` holds logits and the softmax (sigmoid when C == 1) is applied here,
         in float32 or wider.

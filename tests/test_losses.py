@@ -10,6 +10,7 @@ import lovasz_kernels.backends.numpy_ref
 from lovasz_kernels import (
     _jaccard,
     get_backend,
+    lovasz_extension,
     lovasz_grad,
     lovasz_hinge,
     lovasz_sigmoid,
@@ -71,6 +72,52 @@ def test_softmax_class_weights(backend, gen, per_image):
     uniform = lovasz_softmax(probas, labels, per_image=per_image, class_weights=torch.ones(3) * 7)
     plain = lovasz_softmax(probas, labels, per_image=per_image)
     assert uniform.item() == pytest.approx(plain.item())
+
+
+@pytest.mark.parametrize("scores_require_grad", [False, True])
+def test_class_weights_that_require_grad_are_constants(backend, gen, scores_require_grad):
+    """A weight tensor that requires grad (a learnt parameter, say) weighs the classes as its
+    values do, on every backend, and gets no gradient, whether or not the scores need one."""
+    probas, labels = _softmax_inputs(gen, batch=2, classes=3, dtype=torch.float32)
+    weights = torch.tensor([0.5, 2.0, 1.0], requires_grad=True)
+    expected = lovasz_softmax(probas, labels, class_weights=[0.5, 2.0, 1.0], backend=backend)
+    for per_image in (False, True):
+        scores = probas.clone().requires_grad_(scores_require_grad)
+        loss = lovasz_softmax(scores, labels, per_image=per_image, class_weights=weights * 1,
+                              backend=backend)
+        assert loss.requires_grad == scores_require_grad
+        if per_image:
+            continue
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+        if scores_require_grad:
+            loss.backward()
+    assert weights.grad is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["hinge margins", "one-hot probas", "extension"])
+def test_no_positive_error_gives_zero_loss_and_gradient(backend, gen, case):
+    """Every pixel right by a margin (a well-trained model): loss 0 and gradient 0, also on
+    segments long enough for the torch backend to sort only the positive errors (none)."""
+    side = 128  # 16384 pixels a segment
+    if case == "extension":
+        errors = -torch.rand(2, side * side, generator=gen)
+        errors[1] = 0.0
+        loss, grad = lovasz_extension(errors, torch.rand(errors.shape, generator=gen) < 0.5,
+                                      backend=backend)
+        assert torch.equal(loss, torch.zeros(2)) and not bool(grad.any())
+        return
+    labels = torch.randint(0, 2, (2, side, side), generator=gen)
+    if case == "hinge margins":
+        scores = (2.0 * labels - 1) * (1 + torch.rand(labels.shape, generator=gen))
+        function = lovasz_hinge
+    else:
+        scores = torch.nn.functional.one_hot(labels, 2).movedim(-1, 1).float()
+        function = lovasz_softmax
+    for per_image in (False, True):
+        loss, grad = _loss_and_grad(function, scores, labels, per_image=per_image,
+                                    backend=backend)
+        assert loss.item() == 0.0 and not bool(grad.any()), (per_image, loss)
 
 
 @pytest.mark.parametrize("per_image", [False, True])

@@ -142,7 +142,9 @@ def _few_positive(errors: torch.Tensor) -> int | None:
     if int((sample > 0).sum()) > 2 * TOP_K_MAX_FRACTION * sample.numel():
         return None
     positive = int(count_true(errors > 0).max())
-    return positive if positive <= most else None
+    # no positive error at all (a model that gets every pixel right by a margin): one key
+    # each, a zero, whose increment the error's sign clears: a loss of 0, a gradient of 0
+    return max(positive, 1) if positive <= most else None
 
 
 def _extension_chunk(errors: torch.Tensor, fg: torch.Tensor, grad: torch.Tensor,
