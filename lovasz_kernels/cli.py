@@ -85,7 +85,8 @@ def _backends(requested: str | None, device: torch.device, *, interpreters: bool
     if requested is None:
         names = [n for n in registered_backends() if reference or n != REFERENCE]
     else:
-        names = [n.strip() for n in requested.split(",") if n.strip()]
+        # in the order given, each once
+        names = list(dict.fromkeys(n.strip() for n in requested.split(",") if n.strip()))
     chosen, skipped = [], []
     for name in names:
         try:
@@ -116,8 +117,36 @@ def _budget(value: float) -> float:
     return value
 
 
+def _memory_bytes(device: torch.device) -> int | None:
+    """The memory of ``device``: the machine's RAM for the CPU (None where the OS does not
+    say), the card's for a GPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _inputs_fit(workloads: list[bench.Workload], device: torch.device) -> None:
+    """Refuse sizes whose inputs alone (the scores and int64 labels) exceed the device's
+    memory: allocating them would fail with a traceback, after the work has started."""
+    available = _memory_bytes(device)
+    if available is None:
+        return
+    for workload in workloads:
+        itemsize = workload.torch_dtype.itemsize
+        needed = workload.pixels * (workload.classes * itemsize + 8)
+        if needed > available:
+            raise UsageError("--pixels", (
+                f"{workload.side} (--batch {workload.batch}, {workload.classes} class(es), "
+                f"{workload.dtype}): the inputs alone take {needed / 2**30:.1f} GiB, more than "
+                f"the {available / 2**30:.1f} GiB of {device.type} memory here"))
+
+
 def _writable_folder(path: str) -> str:
-    """Create ``path`` if needed and prove it writable now, not after the whole benchmark."""
+    """Create ``path`` if needed and prove it writable now, not after the whole benchmark
+    (the last check: a bad flag leaves no folder behind)."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError("--out", f"must be a folder; {path} is a file")
     try:
@@ -190,7 +219,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     repeat = _positive("--repeat", args.repeat if args.repeat is not None else
                        (3 if args.quick else 5))
     budget = _budget(args.budget)
-    out = _writable_folder(args.out)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError("--out", f"must be a folder; {args.out} is a file")
     if device.type == "cuda":
         print(f"the {REFERENCE} reference runs on CPU copies, for cross-checks where it is "
               "cheap (elsewhere the torch backend in float64 on the GPU checks)")
@@ -201,6 +231,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     class_counts = [1] if args.loss == "hinge" else args.classes
     workloads = [bench.Workload(args.loss, batch, side, classes, per_image, args.dtype)
                  for classes in class_counts for side in sides]
+    _inputs_fit(workloads, device)
+    out = _writable_folder(args.out)
     settings = engine.Settings(workloads, names, device, repeat, budget)
     clock = measure.clock_for(device)
     meter, memory = measure.peak_meter_for(device)

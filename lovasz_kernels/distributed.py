@@ -43,8 +43,9 @@ single-process gradient exactly (or keep ``loss`` and scale the learning rate by
 size; for SGD the two are the same). The returned value itself is never scaled.
 
 Every rank must make the call (collectives): with the same ``classes``, ``class_weights``,
-``dist_mode`` and ``bins``, and segments of the same dtype. A rank that raises before the
-collectives (say, on invalid labels) leaves the others waiting until the group's timeout.
+``dist_mode`` and ``bins``, and segments of the same dtype. A rank whose inputs fail the
+checks (say, invalid labels) still makes the first collective, to say so: it raises its own
+``ValueError``, every other rank one naming it, and the group stays usable.
 With ``per_image=True`` no collective is made and ``process_group`` is ignored.
 """
 
@@ -113,8 +114,9 @@ class GroupBatch:
 
     1. :meth:`agree`: an all-gather of a fixed-size header (this rank's pixel count, whether
        its inputs passed validation, and a code of every option that must match), so ranks
-       called with different options, or with one rank's inputs rejected, all raise the same
-       ``ValueError`` instead of deadlocking or aborting in a collective of mismatched sizes;
+       called with different options all raise the same ``ValueError``, and with one rank's
+       inputs rejected that rank raises its own and the others one naming it, instead of
+       deadlocking or aborting in a collective of mismatched sizes;
     2. :meth:`census`: an all-gather of the per-class pixel counts, summed, so that every
        rank counts the same classes;
     3. :meth:`extension_with`'s extension: the exact gather or the histogram all-reduce.
