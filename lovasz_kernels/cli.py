@@ -219,8 +219,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     repeat = _positive("--repeat", args.repeat if args.repeat is not None else
                        (3 if args.quick else 5))
     budget = _budget(args.budget)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UsageError("--out", f"must be a folder; {args.out} is a file")
     if device.type == "cuda":
         print(f"the {REFERENCE} reference runs on CPU copies, for cross-checks where it is "
               "cheap (elsewhere the torch backend in float64 on the GPU checks)")
