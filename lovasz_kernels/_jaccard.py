@@ -6,6 +6,8 @@ keeps its own, independent transcription.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from lovasz_kernels._masked import as_bytes, one_where_
@@ -142,8 +144,8 @@ def _increments_in_few_passes(gt_sorted: torch.Tensor, dtype: torch.dtype,
     counts = torch.cumsum(as_bytes(gt_sorted), dim=-1, dtype=dtype)  # c_k, exact
     n_fg = counts[..., -1:] if fg_total is None else fg_total.to(dtype)
     intersection = n_fg - counts  # I_k = n_fg - c_k
-    union = intersection + torch.arange(1, num_pixels + 1, device=gt_sorted.device,
-                                        dtype=dtype)  # U_k = n_fg + (k+1) - c_k
+    union = intersection + _positions(num_pixels, dtype,
+                                      torch.is_inference_mode_enabled())  # U_k = n_fg + (k+1) - c_k
     background = (union - 1).mul_(union)  # U_k (U_k - 1), one rounding
     torch.div(intersection, background, out=background)  # I_k / (U_k (U_k - 1))
     if out is None:
@@ -151,3 +153,11 @@ def _increments_in_few_passes(gt_sorted: torch.Tensor, dtype: torch.dtype,
     torch.where(gt_sorted, union.reciprocal_(), background, out=out)  # 1 / U_k on foreground
     out[..., 0].nan_to_num_(nan=1.0)  # U_0 = 1: 0/0, as in jaccard_increments
     return out
+
+
+@functools.lru_cache(maxsize=16)
+def _positions(num_pixels: int, dtype: torch.dtype, inference: bool) -> torch.Tensor:
+    """1, 2, …, ``num_pixels`` on the CPU, made once per size (a loop calls with the same
+    sizes every step; one op less in calls where every op counts). Never written: callers
+    only read it. Inference-mode tensors are kept apart (``inference``)."""
+    return torch.arange(1, num_pixels + 1, dtype=dtype)

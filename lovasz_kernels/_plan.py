@@ -70,6 +70,9 @@ class SegmentPlan:
     # labels (B, C, P), one binary problem per channel (fg: label 1 in the segment's own
     # channel), instead of (B, P) class indices
     multilabel: bool = False
+    # every segment's weight, when they are known to be equal without a read of ``weight``
+    # (a plan from the shapes alone): the gradient is scaled by a number, not a table
+    uniform_weight: float | None = None
 
     @property
     def num_segments(self) -> int:
@@ -81,7 +84,7 @@ class SegmentPlan:
         return replace(
             self, image=None if self.image is None else self.image[start:stop],
             channel=self.channel[start:stop], fg_label=self.fg_label[start:stop],
-            weight=self.weight[start:stop], dense=False)
+            weight=self.weight[start:stop], dense=False, uniform_weight=self.uniform_weight)
 
 
 # CPU plans that depend on the shapes alone are kept and handed out again (their tables are
@@ -143,7 +146,8 @@ def plan_segments(
     batch = labels.shape[0]
     groups = batch if per_image else 1
     device = labels.device
-    all_count = False  # known, without a look at the weights, that every segment counts
+    # known without a look at the weights: every segment counts, each with this weight
+    uniform_weight = None
     shape_key = None
     if _weights_need_labels(num_classes, classes, class_weights, ignore_index, reduce_counts,
                             multilabel):
@@ -157,14 +161,14 @@ def plan_segments(
             cached = _SHAPE_PLANS.get(shape_key)
             if cached is not None:
                 return cached
-        weight, all_count = _weights_from_shapes(labels, num_classes, classes, class_list,
-                                                 groups)
+        weight, uniform_weight = _weights_from_shapes(labels, num_classes, classes,
+                                                      class_list, groups)
 
     # segment s of the dense plan is (image s // C, channel s % C). Where reads are free the
     # plan lists only the segments that count; when that is all of them, the list is the
     # dense plan and is marked so (the dense paths take slices, not index copies)
     dense = True
-    if reads_are_free(device) and not all_count:
+    if reads_are_free(device) and uniform_weight is None:
         kept = torch.nonzero(weight > 0).reshape(-1)
         dense = kept.numel() == weight.numel()
         if not dense:
@@ -180,6 +184,7 @@ def plan_segments(
     plan = SegmentPlan(
         image=image, channel=channel, fg_label=fg_label, weight=weight, bg_offset=bg_offset,
         ignore_index=ignore_index, dense=dense, multilabel=multilabel,
+        uniform_weight=uniform_weight,
     )
     if shape_key is not None:
         if len(_SHAPE_PLANS) >= SHAPE_PLANS_KEPT:
@@ -202,20 +207,21 @@ def _weights_need_labels(
 
 def _weights_from_shapes(
     labels: torch.Tensor, num_classes: int, classes: str, class_list: list[int], groups: int,
-) -> tuple[torch.Tensor, bool]:
-    """The weights when no label value matters (see :func:`_weights_need_labels`), and
-    whether every one is positive: every group with a pixel counts the same classes, each
-    with 1/(classes · groups), rounded as :func:`_weights_from_counts` rounds it."""
+) -> tuple[torch.Tensor, float | None]:
+    """The weights when no label value matters (see :func:`_weights_need_labels`), and their
+    one value when every one is positive (else None): every group with a pixel counts the
+    same classes, each with 1/(classes · groups), rounded as :func:`_weights_from_counts`
+    rounds it."""
     size, device = groups * num_classes, labels.device
     chosen = class_list if classes == "list" and num_classes > 1 else range(num_classes)
     if labels.numel() == 0:  # no pixel: no group counts
-        return torch.zeros(size, dtype=torch.float64, device=device), False
+        return torch.zeros(size, dtype=torch.float64, device=device), None
     each = 1.0 / len(chosen) / groups  # 1 over the group's total, then over the groups
     if len(chosen) == num_classes:
-        return torch.full((size,), each, dtype=torch.float64, device=device), True
+        return torch.full((size,), each, dtype=torch.float64, device=device), each
     weight = torch.zeros(size, dtype=torch.float64, device=device)
     weight.view(groups, num_classes)[:, list(chosen)] = each
-    return weight, False
+    return weight, None
 
 
 def _weights_from_counts(
@@ -402,9 +408,14 @@ def sign_segment_grad(
 ) -> torch.Tensor:
     """Segments start:start+k's d extension / d errors (k, P'), weighted and signed (d error
     / d score is -1 on foreground), in place: ``error_grad`` itself."""
-    stop = start + error_grad.shape[0]
-    weight = plan.weight[start:stop, None].to(error_grad.dtype)
-    return negate_where_(error_grad.mul_(weight), fg)
+    if plan.uniform_weight is not None:
+        # a number rounds to the gradient's dtype as the table's entries do (the same bits)
+        if plan.uniform_weight != 1.0:
+            error_grad.mul_(plan.uniform_weight)
+    else:
+        stop = start + error_grad.shape[0]
+        error_grad.mul_(plan.weight[start:stop, None].to(error_grad.dtype))
+    return negate_where_(error_grad, fg)
 
 
 def write_segment_grad(

@@ -14,7 +14,8 @@ A backend is a module under ``lovasz_kernels/backends/`` that defines
     one line for ``lovasz-kernels info`` about how it will run (threads, device, mode).
 ``lovasz_extension_(errors, fg) -> (loss, grad)`` (optional)
     the kernel on errors its caller gives up (the generic loss path's own (S, P) errors,
-    never a user's): it may overwrite them, e.g. hold the gradient in their storage;
+    never a user's): it may overwrite them, e.g. hold the gradient in their storage, and
+    may return the losses in float64 (the loss path sums them in float64);
 ``lovasz_loss(scores, labels, plan) -> (loss, grad)`` (optional)
     a fused way to run a whole loss call, described by a
     :class:`lovasz_kernels._plan.SegmentPlan`, straight from ``scores`` (B, C, P) (the

@@ -332,6 +332,10 @@ def lovasz_softmax(
 # Argument normalization shared by the functions and the modules
 
 
+#: the kinds whose probabilities :func:`kind_loss` computes before the operator
+_KINDS_OF_LOGITS = ("softmax_of_logits", "sigmoid_of_logits")
+
+
 def _checked_loss(
     kind: str,
     scores: torch.Tensor,
@@ -346,11 +350,13 @@ def _checked_loss(
     bins: int | str,
 ) -> torch.Tensor:
     """The rest of a public loss call, once each function has checked its own arguments: the
-    class selection, the weights, the loss arguments and the distributed options checked,
-    then the operator."""
+    class selection, the weights and the distributed options checked, then the operator,
+    which checks the loss arguments (here already, before a softmax or sigmoid)."""
     classes_mode, class_list = _class_selection(classes)
     weights = _class_weights_tensor(class_weights, scores.device)
-    _ops.check_loss_arguments(kind, scores, labels, weights, classes_mode, class_list)
+    if kind in _KINDS_OF_LOGITS:
+        # the operator makes the same checks; the softmax before it must not meet bad shapes
+        _ops.check_loss_arguments(kind, scores, labels, weights, classes_mode, class_list)
     # the fp16 grid bins probabilities: hinge errors are unbounded
     _distributed.check_dist_options(process_group, dist_mode, bins,
                                     allow_fp16_grid=not _ops.LOSS_KINDS[kind].bg_offset)

@@ -513,11 +513,45 @@ def test_plans_without_label_values_match_the_counted_plans(
             ours, theirs = getattr(from_shapes, table), getattr(counted, table)
             assert (ours is None) == (theirs is None)
             assert ours is None or (ours.dtype == theirs.dtype and torch.equal(ours, theirs))
+        # every chosen class counts in every group with a pixel: one weight for all, known
+        # without a look at the table (and never claimed for a plan from counts)
+        every_class_counts = labels.numel() > 0 and (classes != "list" or num_classes == 1)
+        assert (from_shapes.uniform_weight is not None) == every_class_counts
+        if every_class_counts:
+            assert torch.all(from_shapes.weight == from_shapes.uniform_weight)
+        assert counted.uniform_weight is None
     assert _plan._weights_need_labels(4, "present", None, None, None, False)
     assert _plan._weights_need_labels(1, "present", None, None, None, True)
     assert _plan._weights_need_labels(1, "all", None, 255, None, False)
     assert _plan._weights_need_labels(4, "all", torch.ones(4), None, None, False)
     assert _plan._weights_need_labels(4, "all", None, None, lambda counts: counts, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch, num_classes, per_image", [
+    (1, 1, True), (3, 1, True), (2, 5, False), (3, 7, True),
+], ids=["weight 1", "1/3", "1/5", "1/21"])
+def test_one_weight_for_all_scales_the_gradient_as_the_table_does(
+        gen, dtype, batch, num_classes, per_image):
+    """A plan whose segments share one weight scales the gradient by that number instead of
+    by its table: the same losses and gradients, bit for bit."""
+    from dataclasses import replace
+
+    from lovasz_kernels import _plan
+
+    labels = torch.randint(0, max(num_classes, 2), (batch, 96), generator=gen)
+    scores = torch.randn(batch, num_classes, 96, generator=gen, dtype=dtype)
+    if num_classes > 1:
+        scores = scores.softmax(dim=1)
+    plan = _plan.plan_segments(labels, num_classes, "all", [], None, per_image, None,
+                               1.0 if num_classes == 1 else 0.0)
+    assert plan.uniform_weight == 1 / num_classes / (batch if per_image else 1)
+    extension = get_backend("torch").run_on_scratch
+    loss, grad = _plan.generic_lovasz_loss(extension, scores, labels, plan)
+    table_loss, table_grad = _plan.generic_lovasz_loss(
+        extension, scores, labels, replace(plan, uniform_weight=None))
+    assert torch.equal(loss, table_loss) and torch.equal(grad, table_grad)
+    assert grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("backend", ["torch", "numba", "numpy"])

@@ -76,6 +76,8 @@ def _row_sums_float64(values: torch.Tensor) -> torch.Tensor:
 
 
 def _column_block_sums(values: torch.Tensor, width: int) -> torch.Tensor:
+    if width >= values.shape[1]:  # one block: no slice (an op of its own)
+        return values.sum(dim=1, dtype=torch.float64)
     total = values[:, :width].sum(dim=1, dtype=torch.float64)
     for start in range(width, values.shape[1], width):
         total += values[:, start:start + width].sum(dim=1, dtype=torch.float64)
@@ -89,13 +91,15 @@ def lovasz_extension(errors: torch.Tensor, fg: torch.Tensor) -> tuple[torch.Tens
     about twice its input, not six times. Each chunk's gradient rows double as its work
     array. A loss call's chunks (``generic_lovasz_loss``) are already that small."""
     grad = torch.empty(errors.shape, dtype=compute_dtype(errors.dtype), device=errors.device)
-    return _extension_into(errors, fg, grad)
+    loss, grad = _extension_into(errors, fg, grad)
+    return loss.to(grad.dtype), grad.to(errors.dtype)
 
 
 def lovasz_extension_(errors: torch.Tensor, fg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`lovasz_extension` on errors the caller gives up (the loss layer's own): when
     they are contiguous and in the compute dtype their storage becomes the gradient, which
-    each row overwrites once its errors are read (one array of the input's size less)."""
+    each row overwrites once its errors are read (one array of the input's size less).
+    The losses then stay in float64, as the loss path sums them (two conversions less)."""
     if errors.dtype != compute_dtype(errors.dtype) or not errors.is_contiguous():
         return lovasz_extension(errors, fg)
     return _extension_into(errors, fg, errors)
@@ -103,8 +107,9 @@ def lovasz_extension_(errors: torch.Tensor, fg: torch.Tensor) -> tuple[torch.Ten
 
 def _extension_into(errors: torch.Tensor, fg: torch.Tensor,
                     grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The extension with its gradient written into ``grad`` (contiguous, compute dtype;
-    ``errors`` itself is allowed: each chunk reads its rows before it writes them)."""
+    """The extension's float64 losses, its gradient written into ``grad`` (contiguous,
+    compute dtype; ``errors`` itself is allowed: each chunk reads its rows before it writes
+    them)."""
     num_segments, num_pixels = errors.shape
     budget = max(grad.numel() * grad.dtype.itemsize, chunk_floor_bytes(grad.device))
     step = rows_at_least_threads(budget // (num_pixels * TEMPORARY_BYTES_PER_PIXEL), grad.device)
@@ -114,7 +119,7 @@ def _extension_into(errors: torch.Tensor, fg: torch.Tensor,
         loss = torch.cat([_extension_chunk(errors[start:start + step], fg[start:start + step],
                                            grad[start:start + step], budget)
                           for start in range(0, num_segments, step)])
-    return loss.to(grad.dtype), grad.to(errors.dtype)
+    return loss, grad
 
 
 # A chunk whose rows each have at most this fraction of their pixels with a positive error
