@@ -363,6 +363,62 @@ def test_torch_backend_runs_long_rows_one_at_a_time(gen, monkeypatch):
     assert whole_bytes >= 21 and by_row_bytes <= whole_bytes / 2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_torch_backend_keeps_small_work_arrays_per_thread(gen, monkeypatch, dtype):
+    """Small CPU chunks keep their work arrays between calls: whatever an earlier call left
+    in them (here garbage), the next call gives the bits of fresh arrays; inference mode keeps
+    its own (written outside it, its arrays would raise); at most ``KEPT_WORK_SHAPES`` shapes
+    are kept; each thread keeps its own."""
+    import threading
+
+    import lovasz_kernels.backends.torch_eager as torch_eager
+
+    errors = torch.randn(2, 3000, generator=gen, dtype=dtype).round(decimals=1)  # ties
+    errors[1, -40:] = -torch.inf
+    errors[0, :30] = -0.0
+    fg = (torch.rand(errors.shape, generator=gen) < 0.3) & (errors > -torch.inf)
+    with monkeypatch.context() as patched:
+        patched.setattr(torch_eager, "KEPT_WORK_MAX_ELEMENTS", 0)  # nothing kept
+        fresh = torch_eager.lovasz_extension(errors, fg)
+
+    def same_as_fresh(result):
+        return torch.equal(result[0], fresh[0]) and torch.equal(result[1], fresh[1])
+
+    monkeypatch.setattr(torch_eager, "_kept_work", threading.local())
+    assert same_as_fresh(torch_eager.lovasz_extension(errors, fg))
+    kept = torch_eager._kept_work.arrays
+    assert kept and all(array.shape == errors.shape for arrays in kept.values()
+                        for array in arrays)
+    for arrays in kept.values():
+        for array in arrays:
+            if array.dtype.is_floating_point:
+                array.fill_(torch.nan)
+            else:
+                array.copy_(torch.randint(-9, 9, array.shape, generator=gen))
+    assert same_as_fresh(torch_eager.lovasz_extension(errors, fg))
+
+    kept.clear()  # arrays made in inference mode first
+    with torch.inference_mode():
+        assert same_as_fresh(torch_eager.lovasz_extension(errors, fg))
+    assert same_as_fresh(torch_eager.lovasz_extension(errors, fg))
+
+    for columns in range(100, 100 + 2 * torch_eager.KEPT_WORK_SHAPES):
+        torch_eager.lovasz_extension(errors[:, :columns], fg[:, :columns])
+        assert len(torch_eager._kept_work.arrays) <= torch_eager.KEPT_WORK_SHAPES
+
+    in_thread = {}
+
+    def other_thread():
+        in_thread["result"] = torch_eager.lovasz_extension(errors, fg)
+        in_thread["store"] = torch_eager._kept_work.arrays
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    worker.join()
+    assert same_as_fresh(in_thread["result"])
+    assert in_thread["store"] is not torch_eager._kept_work.arrays
+
+
 def test_torch_backend_overwrites_only_errors_it_is_given(gen):
     """``lovasz_extension_`` (errors the loss layer gives up) holds the gradient in the
     errors' storage when they are contiguous and in the compute dtype, with the bits of
