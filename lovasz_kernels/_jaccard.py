@@ -144,8 +144,8 @@ def _increments_in_few_passes(gt_sorted: torch.Tensor, dtype: torch.dtype,
     counts = torch.cumsum(as_bytes(gt_sorted), dim=-1, dtype=dtype)  # c_k, exact
     n_fg = counts[..., -1:] if fg_total is None else fg_total.to(dtype)
     intersection = n_fg - counts  # I_k = n_fg - c_k
-    union = intersection + _positions(num_pixels, dtype,
-                                      torch.is_inference_mode_enabled())  # U_k = n_fg + (k+1) - c_k
+    # U_k = n_fg + (k+1) - c_k
+    union = intersection + _positions(num_pixels, dtype, torch.is_inference_mode_enabled())
     background = (union - 1).mul_(union)  # U_k (U_k - 1), one rounding
     torch.div(intersection, background, out=background)  # I_k / (U_k (U_k - 1))
     if out is None:

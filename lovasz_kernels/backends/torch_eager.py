@@ -43,7 +43,7 @@ _ONE_BLOCK_MIN_BYTES = 1 << 20
 # The work arrays of CPU chunks of at most this many elements are kept between calls, per
 # thread, for at most KEPT_WORK_SHAPES shapes (under 1 MB in all): there an allocation costs
 # as much as a pass over the array, and a training loop calls with the same shapes every
-# step (one 64² hinge image: 4-8% of the call). Never on a GPU, where a kernel on another
+# step (one 64² hinge image: 3-8% of the call). Never on a GPU, where a kernel on another
 # stream could still be reading them; inference-mode arrays are kept apart (they cannot be
 # written outside it). Every array is written in full before it is read.
 KEPT_WORK_MAX_ELEMENTS = 8192
