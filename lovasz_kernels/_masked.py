@@ -13,6 +13,8 @@ fast kernel).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 #: CPU arrays from this size get the arithmetic. On the development VM, with a new mask every
@@ -27,7 +29,8 @@ ARITHMETIC_MIN_ELEMENTS = 8192
 #: bytes converted to the values' type are one group's worth, not the whole array's
 GROUP_ELEMENTS = 1 << 16
 #: ... and on a row longer than this, a block of this many columns at a time (a row of 2^20
-#: pixels then converts a quarter of its mask at once, for 3-12 more ops)
+#: pixels then converts a quarter of its mask at once, for 3-12 more ops); the size of
+#: :func:`negate_where_`'s groups
 LONG_ROW_BLOCK = 1 << 18
 #: :func:`count_true` sums CPU masks in blocks of about this many elements
 COUNT_BLOCK_ELEMENTS = 1 << 16
@@ -81,36 +84,53 @@ def select(mask: torch.Tensor, if_true: torch.Tensor, if_false: torch.Tensor,
 def negate_where_(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``values`` negated where ``mask``, in place: ``v − 2·v·m``, exact for values below half
     the type's largest (2v is, and v − 2v is −v), on every device (one elementwise pass, as
-    ``where`` is on a GPU); a ``+0.0`` stays ``+0.0``."""
-    return values.addcmul_(values, as_bytes(mask), value=-2)
+    ``where`` is on a GPU); a ``+0.0`` stays ``+0.0``. On the CPU, contiguous ``values`` of
+    ``mask``'s shape go in groups of about :data:`LONG_ROW_BLOCK` elements
+    (:func:`_in_groups`), whose converted mask is one group's worth, not an array of the
+    values' size (smaller groups cost 3% of a small per-image call)."""
+    ones = as_bytes(mask)
+    if (values.device.type != "cpu" or not values.is_contiguous()
+            or mask.shape != values.shape):
+        return values.addcmul_(values, ones, value=-2)
+    return _in_groups(values, ones,
+                      lambda part, part_ones: part.addcmul_(part, part_ones, value=-2),
+                      group_elements=LONG_ROW_BLOCK)
 
 
 def one_where_(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``values.masked_fill_(mask, 1)`` for contiguous, integer-valued ``values`` (counts, in an
     integer type or a float type that holds them exactly), rows along the last dimension: on
     CPU arrays of at least :data:`ARITHMETIC_MIN_ELEMENTS`, ``(v − 1)(1 − m) + 1``, every step
-    an integer and exact, on groups of whole rows of about :data:`GROUP_ELEMENTS` (a row
-    longer than :data:`LONG_ROW_BLOCK`, a block of that many of its columns at a time): a CPU
-    op between a float array and the mask's bytes first converts the bytes into a temporary
-    of the array's type, one group's worth."""
+    an integer and exact, in groups (:func:`_in_groups`)."""
     if values.device.type != "cpu" or values.numel() < ARITHMETIC_MIN_ELEMENTS:
         return values.masked_fill_(mask, 1)
-    ones = as_bytes(mask)
+    return _in_groups(values, as_bytes(mask),
+                      lambda part, part_ones: part.sub_(1).addcmul_(part, part_ones,
+                                                                    value=-1).add_(1))
+
+
+def _in_groups(values: torch.Tensor, ones: torch.Tensor,
+               update: Callable[[torch.Tensor, torch.Tensor], object],
+               group_elements: int = GROUP_ELEMENTS) -> torch.Tensor:
+    """``update(part, its mask bytes)`` on groups of whole rows (the last dimension) of about
+    ``group_elements``, a row longer than :data:`LONG_ROW_BLOCK` a block of that many
+    columns at a time: a CPU op between a float array and the mask's bytes first converts the
+    bytes into a temporary of the array's type, one group's worth. ``values`` contiguous,
+    ``ones`` of its shape; returns ``values``."""
     num_columns = values.shape[-1]
-    if values.numel() <= max(min(num_columns, LONG_ROW_BLOCK), GROUP_ELEMENTS):  # one group
-        return values.sub_(1).addcmul_(values, ones, value=-1).add_(1)
+    if values.numel() <= max(min(num_columns, LONG_ROW_BLOCK), group_elements):  # one group
+        update(values, ones)
+        return values
     rows, row_masks = values.view(-1, num_columns), ones.reshape(-1, num_columns)
     if num_columns > LONG_ROW_BLOCK:  # a long row: a block of its columns at a time
         for row, row_mask in zip(rows, row_masks):
             for column in range(0, num_columns, LONG_ROW_BLOCK):
-                block = row[column:column + LONG_ROW_BLOCK]
-                block.sub_(1).addcmul_(block, row_mask[column:column + LONG_ROW_BLOCK],
-                                       value=-1).add_(1)
+                block = slice(column, column + LONG_ROW_BLOCK)
+                update(row[block], row_mask[block])
         return values
-    step = max(1, GROUP_ELEMENTS // num_columns)
+    step = max(1, group_elements // num_columns)
     for start in range(0, rows.shape[0], step):
-        group = rows[start:start + step]
-        group.sub_(1).addcmul_(group, row_masks[start:start + step], value=-1).add_(1)
+        update(rows[start:start + step], row_masks[start:start + step])
     return values
 
 

@@ -24,8 +24,10 @@ extension (over the pixels of every rank).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -370,8 +372,12 @@ def segment_errors(
 
 # On the CPU, errors of more than this many elements are made this many at a time (in blocks
 # of columns): each block's temporaries (the foreground and background errors, the masked
-# update's) are a block's worth, not arrays of the errors' size
+# update's) are a block's worth, not arrays of the errors' size. A chunk of a strictly
+# budgeted call (chunk_allowance_bytes) makes them in blocks whose temporaries, at most
+# ERROR_TEMPORARIES_PER_ELEMENT elements of the compute dtype each, fit its allowance, on
+# every device
 ERROR_BLOCK_ELEMENTS = 1 << 20
+ERROR_TEMPORARIES_PER_ELEMENT = 4
 
 
 def _errors(scores: torch.Tensor, fg: torch.Tensor, bg_offset: float) -> torch.Tensor:
@@ -379,14 +385,19 @@ def _errors(scores: torch.Tensor, fg: torch.Tensor, bg_offset: float) -> torch.T
     scores' shape), in one new contiguous array (scores that are a transposed view give one
     whose rows are whole segments)."""
     num_columns = scores.shape[-1]
-    if scores.device.type != "cpu" or scores.numel() <= ERROR_BLOCK_ELEMENTS:
+    allowance = chunk_allowance_bytes()
+    if allowance is None:
+        block_elements = ERROR_BLOCK_ELEMENTS
+    else:
+        block_elements = allowance // (ERROR_TEMPORARIES_PER_ELEMENT * scores.element_size())
+    if (scores.device.type != "cpu" and allowance is None) or scores.numel() <= block_elements:
         if scores.is_contiguous():  # one block, in as few ops as small calls can have
             errors = torch.rsub(scores, 1)
             background = scores + bg_offset if bg_offset else scores
             return select(fg, errors, background, out=errors)
         width = num_columns
     else:
-        width = max(ERROR_BLOCK_ELEMENTS * num_columns // scores.numel(), 1024)
+        width = max(block_elements * num_columns // scores.numel(), 1024)
     errors = torch.empty(scores.shape, dtype=scores.dtype, device=scores.device)
     one = torch.ones((), dtype=scores.dtype, device="cpu")  # 0-d: a scalar on every device
     for column in range(0, num_columns, width):
@@ -477,6 +488,16 @@ def set_chunk_floor(device_type: str, num_bytes: int | None) -> None:
     triton backends to 2.0x the input at 2^20 x 21 and 8 x 512² x 21 (from 3.3x and 2.3x
     for torch), at 2-5x the time (docs/gpu.md).
 
+    The default floors bend the budget where keeping it costs time: a CPU chunk holds at
+    least one row per thread, rows of up to 4M pixels are sorted whole, errors are made 2^20
+    at a time. A floor set here is kept (:func:`budget_is_strict`) by the loss layer and the
+    torch backend: chunks of as few rows as fit, each told what the call's budget leaves it
+    (:func:`chunk_allowance_bytes`), its errors made in blocks that fit that, and every row
+    whose sort would not fit sorted a range of values at a time. With
+    ``set_chunk_floor("cpu", 0)`` each standard workload needs at most twice its input in
+    forward + backward (1.3-2.0x, against 1.3-6.8x by default), at 0.9-3.1x the time; inputs
+    under a few MB add up to about 1 MB of fixed blocks (docs/performance.md).
+
     >>> import lovasz_kernels
     >>> lovasz_kernels.set_chunk_floor("cuda", 32 << 20)  # memory before speed
     >>> lovasz_kernels.set_chunk_floor("cuda", None)  # back to the default
@@ -493,6 +514,35 @@ def set_chunk_floor(device_type: str, num_bytes: int | None) -> None:
     _FLOORS_SET[device_type] = int(num_bytes)
 
 
+def budget_is_strict(device: torch.device) -> bool:
+    """Whether calls on ``device`` keep their memory budget strictly: where
+    :func:`set_chunk_floor` set its floor."""
+    return ("cpu" if device.type == "cpu" else "cuda") in _FLOORS_SET
+
+
+# Under a strict budget, the bytes a chunk of the loss call being run may still take for the
+# backend's work (generic_lovasz_loss): the call's budget less the chunk's own errors and
+# foreground. A chunk's gradient alone would allow far less than the call has, and rows
+# sorted a range at a time in ranges that small cost many passes
+_CHUNK_ALLOWANCE: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "lovasz_kernels_chunk_allowance", default=None)
+
+
+def chunk_allowance_bytes() -> int | None:
+    """What a backend's chunk of a strictly budgeted loss call may hold for its own work
+    (see :func:`generic_lovasz_loss`), or None outside one."""
+    return _CHUNK_ALLOWANCE.get()
+
+
+@contextlib.contextmanager
+def _chunk_allowance(num_bytes: int | None) -> Iterator[None]:
+    token = _CHUNK_ALLOWANCE.set(num_bytes)
+    try:
+        yield
+    finally:
+        _CHUNK_ALLOWANCE.reset(token)
+
+
 def chunk_floor_bytes(device: torch.device) -> int:
     """The temporaries a call on ``device`` may hold at once whatever its gradient's size
     (:func:`set_chunk_floor`)."""
@@ -501,17 +551,23 @@ def chunk_floor_bytes(device: torch.device) -> int:
     return _FLOORS_SET.get("cuda", GPU_CHUNK_FLOOR_BYTES)
 
 
+def call_budget_bytes(scores: torch.Tensor) -> int:
+    """The temporaries a loss call on ``scores`` (B, C, P) may hold at once: its gradient's
+    size or the device's floor, whichever is larger."""
+    gradient_bytes = scores.numel() * compute_dtype(scores.dtype).itemsize
+    return max(gradient_bytes, chunk_floor_bytes(scores.device))
+
+
 def segments_per_chunk(
     plan: SegmentPlan, scores: torch.Tensor, budget_bytes: int | None = None
 ) -> int:
     """How many segments the generic path runs at once: their temporaries stay within the
-    budget (by default the size of the gradient, so the whole call needs about twice the
-    input, or :func:`chunk_floor_bytes` if larger), but never fewer than the threads that
-    sort rows in parallel on the CPU."""
+    budget (by default :func:`call_budget_bytes`: the size of the gradient, so the whole
+    call needs about twice the input, or :func:`chunk_floor_bytes` if larger), but never
+    fewer than the threads that sort rows in parallel on the CPU (:func:`rows_at_least_threads`)."""
     batch, num_channels, num_pixels = scores.shape
-    compute = compute_dtype(scores.dtype)
     if budget_bytes is None:
-        budget_bytes = max(scores.numel() * compute.itemsize, chunk_floor_bytes(scores.device))
+        budget_bytes = call_budget_bytes(scores)
     columns = num_pixels * (batch if plan.image is None else 1)
     count = budget_bytes // max(columns * GENERIC_BYTES_PER_PIXEL, 1)
     if plan.image is not None and plan.dense and count >= num_channels:
@@ -521,9 +577,10 @@ def segments_per_chunk(
 
 def rows_at_least_threads(count: int, device: torch.device) -> int:
     """``count`` rows, but never fewer than the threads that sort rows in parallel on the CPU
-    (one (2, P) sort takes as long as one (1, P) sort there: fewer rows only idle a core)."""
-    threads = torch.get_num_threads() if device.type == "cpu" else 1
-    return int(max(count, threads, 1))
+    (one (2, P) sort takes as long as one (1, P) sort there: fewer rows only idle a core),
+    unless the budget is strict (:func:`budget_is_strict`)."""
+    spread = device.type == "cpu" and not budget_is_strict(device)
+    return int(max(count, torch.get_num_threads() if spread else 1, 1))
 
 
 def generic_lovasz_loss(
@@ -549,10 +606,18 @@ def generic_lovasz_loss(
     # other, or one image's channels): its signed rows are the gradient, with no copy
     rows_are_grad = (plan.dense and step >= plan.num_segments
                      and (plan.image is not None or scores.shape[0] == 1))
+    budget = call_budget_bytes(scores) if budget_is_strict(scores.device) else None
+    # a segment's errors (unless they become the gradient) and foreground, per pixel
+    held_per_pixel = 1 + (0 if rows_are_grad else compute.itemsize)
+    columns = scores.shape[2] * (scores.shape[0] if plan.image is None else 1)
     for start in range(0, plan.num_segments, step):
         stop = min(start + step, plan.num_segments)
-        errors, fg = segment_errors(scores, labels, plan, start, stop)
-        segment_loss, error_grad = extension(errors, fg)
+        allowance = None
+        if budget is not None:
+            allowance = max(budget - (stop - start) * columns * held_per_pixel, 0)
+        with _chunk_allowance(allowance):
+            errors, fg = segment_errors(scores, labels, plan, start, stop)
+            segment_loss, error_grad = extension(errors, fg)
         del errors
         weight = plan.weight if step >= plan.num_segments else plan.weight[start:stop]
         chunk_loss = torch.dot(segment_loss.to(torch.float64), weight)

@@ -57,6 +57,31 @@ def test_negate_where(gen, columns):
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("shape", [(2 * _masked.LONG_ROW_BLOCK // 1024 + 3, 1024),
+                                   (2, _masked.LONG_ROW_BLOCK + 5)])
+def test_negate_where_converts_the_mask_a_group_at_a_time(gen, shape):
+    """Groups of short rows, or a long row's blocks: the values of the one-pass update, and
+    a converted mask of one group's worth at a time, not the values' size; a mask that
+    broadcasts takes the one pass."""
+    from tests.helpers import peak_allocated_bytes
+
+    mask = torch.rand(shape, generator=gen) < 0.5
+    values = _finite_values(gen, shape)
+    values[mask & ~torch.isfinite(2 * values)] = 1.0  # 2v must stay finite: v - 2v = -v
+    expected = torch.where(mask, -values, values)
+    got = values.clone()
+    peak = peak_allocated_bytes(lambda: _masked.negate_where_(got, mask))
+    assert torch.equal(got, expected)
+    one_pass = values.clone()
+    one_pass_peak = peak_allocated_bytes(lambda: one_pass.addcmul_(one_pass, mask.view(torch.uint8),
+                                                                   value=-2))
+    assert peak <= 4 * _masked.LONG_ROW_BLOCK + 4096
+    assert peak < one_pass_peak / 2
+    column = mask[:, :1]
+    assert torch.equal(_masked.negate_where_(values.clone(), column),
+                       torch.where(column, -values, values))
+
+
 # (rows, columns): below the threshold; one group of one long row; one group of short rows
 # whose total crosses the threshold; several groups of short rows, the last one partial; one
 # row longer than a group; rows longer than a long row's block, the last block partial

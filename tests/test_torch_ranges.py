@@ -144,7 +144,7 @@ def test_partly_trained_hinges_sort_only_their_positive_errors(gen, monkeypatch)
 def test_chunks_mix_rows_by_ranges_and_whole_rows(gen, monkeypatch):
     """In one chunk over the budget, a row with many errors ≤ 0 goes by ranges and an all
     positive one whole: each row's gradient is what its own path gives alone."""
-    monkeypatch.setattr(_plan, "_FLOORS_SET", {"cpu": 1 << 18})
+    monkeypatch.setattr(_plan, "CPU_CHUNK_FLOOR_BYTES", 1 << 18)
     monkeypatch.setattr(torch_eager, "RANGES_MIN_PIXELS", 1)
     errors = _signed_distinct((2, 1 << 15), torch.float32, gen, positive_share=0.5)
     errors[1] = errors[1].abs()
@@ -201,16 +201,18 @@ def test_rows_over_the_budget_go_by_ranges_with_a_bounded_peak(gen, monkeypatch)
     """A row whose work arrays would not fit in the budget (a small CPU floor here) goes by
     ranges: the same gradient, and a peak of about one range's work plus the row's own
     arrays, under half of sorting it whole."""
-    monkeypatch.setattr(_plan, "_FLOORS_SET", {"cpu": 1 << 20})
+    monkeypatch.setattr(_plan, "CPU_CHUNK_FLOOR_BYTES", 1 << 20)
     monkeypatch.setattr(torch_eager, "RANGES_MIN_PIXELS", 1)
     errors = _signed_distinct((1, 1 << 18), torch.float32, gen, positive_share=0.7)
     fg = torch.rand(errors.shape, generator=gen) < 0.3
     backend = get_backend("torch")
     calls = _record_ranges(monkeypatch)
     loss, grad = backend.run(errors, fg)
-    assert calls == [(1 << 20) // torch_eager.RANGE_BYTES_PER_PIXEL[torch.float32]]
+    # the budget less the row's pick of a range (a byte a pixel)
+    range_pixels = ((1 << 20) - (1 << 18)) // torch_eager.RANGE_BYTES_PER_PIXEL[torch.float32]
+    assert calls == [range_pixels]
     ranged_peak = peak_allocated_bytes(lambda: backend.run(errors, fg))
-    monkeypatch.setattr(_plan, "_FLOORS_SET", {"cpu": 1 << 30})
+    monkeypatch.setattr(_plan, "CPU_CHUNK_FLOOR_BYTES", 1 << 30)
     calls.clear()
     whole_loss, whole_grad = backend.run(errors, fg)
     assert not calls
@@ -223,23 +225,27 @@ def test_rows_over_the_budget_go_by_ranges_with_a_bounded_peak(gen, monkeypatch)
     assert ranged_peak <= bound < whole_peak / 2
 
 
+def _loss_with_ignored_pixels(loss_kind, side, gen):
+    """(loss, scores, labels): two side² images, float64 scores (no two errors tie, so the
+    gradient is unique), a few pixels ignored (label 255); the softmax with three classes."""
+    if loss_kind == "hinge":
+        scores = torch.randn(2, side, side, generator=gen, dtype=torch.float64)
+        labels = (torch.rand(scores.shape, generator=gen) < 0.4).long()
+        labels[0, :5] = 255
+        return lovasz_hinge, scores, labels
+    scores = torch.randn(2, 3, side, side, generator=gen, dtype=torch.float64).softmax(1)
+    labels = torch.randint(0, 3, (2, side, side), generator=gen)
+    labels[1, -4:] = 255
+    return lovasz_softmax, scores, labels
+
+
 @pytest.mark.parametrize("loss_kind", ["hinge", "softmax"])
 def test_losses_over_the_budget_match_the_reference(gen, monkeypatch, loss_kind):
     """Through the loss layer, batch IoU (one long segment per class) with ignored pixels and a
     small CPU floor: the ranges give the numpy reference's loss and gradient."""
-    monkeypatch.setattr(_plan, "_FLOORS_SET", {"cpu": 1 << 18})
+    monkeypatch.setattr(_plan, "CPU_CHUNK_FLOOR_BYTES", 1 << 18)
     monkeypatch.setattr(torch_eager, "RANGES_ANY_SHARE_MIN_PIXELS", 1)  # every row
-    # float64 scores: no two errors tie, so the gradient is unique
-    if loss_kind == "hinge":
-        scores = torch.randn(2, 96, 96, generator=gen, dtype=torch.float64)
-        labels = (torch.rand(scores.shape, generator=gen) < 0.4).long()
-        labels[0, :5] = 255
-        call = lovasz_hinge
-    else:
-        scores = torch.randn(2, 3, 96, 96, generator=gen, dtype=torch.float64).softmax(1)
-        labels = torch.randint(0, 3, (2, 96, 96), generator=gen)
-        labels[1, -4:] = 255
-        call = lovasz_softmax
+    call, scores, labels = _loss_with_ignored_pixels(loss_kind, 96, gen)
     ranged = _record_ranges(monkeypatch)
     _assert_loss_matches_reference(call, scores, labels, per_image=False, ignore_index=255)
     assert ranged and len(ranged) == (1 if loss_kind == "hinge" else 3)
@@ -365,3 +371,73 @@ def test_float64_row_sums_in_groups_of_rows_are_the_sums(gen, shape):
     if shape[0] * shape[1] > 4 * torch_eager._SUM_GROUP_ELEMENTS:
         peak = peak_allocated_bytes(lambda: torch_eager._row_sums_float64(values))
         assert peak <= 8 * torch_eager._SUM_GROUP_ELEMENTS + 8 * shape[0] + 4096
+
+
+# ------------------------------------------------------------------ a floor set: strict
+
+
+def test_a_floor_set_keeps_every_standard_workload_within_twice_its_input(monkeypatch):
+    """``set_chunk_floor("cpu", 0)``: forward + backward of each workload of the standard
+    grid holds at most twice its input in torch allocations beyond the input (with the
+    default floor the long rows and small calls need 4-7x), and the loss is the default
+    path's."""
+    from lovasz_kernels.bench.workloads import SUITE, Prepared
+
+    monkeypatch.setattr(_plan, "_FLOORS_SET", {})
+    for workload in SUITE:
+        prepared = Prepared(workload)
+        default_loss, _ = prepared.fwd_bwd("torch")
+        _plan.set_chunk_floor("cpu", 0)
+        strict_loss, _ = prepared.fwd_bwd("torch")
+        peak = peak_allocated_bytes(lambda prepared=prepared: prepared.fwd_bwd("torch"))
+        _plan.set_chunk_floor("cpu", None)
+        assert peak <= 2 * prepared.input_bytes, (
+            f"{workload.name}: {peak / prepared.input_bytes:.2f}x the input")
+        torch.testing.assert_close(strict_loss.double(), default_loss.double(), rtol=1e-5,
+                                   atol=0, msg=workload.name)
+
+
+@pytest.mark.parametrize(("loss_kind", "per_image", "by_ranges"),
+                         [("hinge", True, True), ("hinge", False, True),
+                          ("softmax", True, False), ("softmax", False, True)])
+def test_losses_under_a_floor_set_match_the_reference(gen, monkeypatch, loss_kind, per_image,
+                                                      by_ranges):
+    """A floor of 0 set: rows too long for their chunk's allowance go by ranges at any length
+    (a per-image softmax row, a sixth of the call, fits whole), chunks hold as few rows as
+    fit, errors are made in blocks; with ignored pixels, the numpy reference's loss and
+    gradient (float64: no ties)."""
+    monkeypatch.setattr(_plan, "_FLOORS_SET", {"cpu": 0})
+    call, scores, labels = _loss_with_ignored_pixels(loss_kind, 160, gen)
+    ranged = _record_ranges(monkeypatch)
+    _assert_loss_matches_reference(call, scores, labels, per_image=per_image,
+                                   ignore_index=255)
+    assert bool(ranged) == by_ranges
+
+
+def test_a_strict_call_tells_each_chunk_its_allowance(gen, monkeypatch):
+    """Under a floor set, the loss layer runs each chunk within the call's budget less the
+    chunk's own errors and foreground, and tells the extension so; with the default floors
+    it says nothing. A strict budget spreads no chunk over the threads."""
+    labels = torch.randint(0, 3, (4, 1000), generator=gen)
+    scores = torch.rand(4, 3, 1000, generator=gen, dtype=torch.float64)
+    scores = scores / scores.sum(dim=1, keepdim=True)
+    plan = _plan.plan_segments(labels, 3, "all", [], None, True, None, 0.0)
+    seen = []
+
+    def extension(errors, fg):
+        seen.append((errors.shape[0], _plan.chunk_allowance_bytes()))
+        return get_backend("torch").run(errors, fg)
+
+    monkeypatch.setattr(_plan, "_FLOORS_SET", {})
+    default = _plan.generic_lovasz_loss(extension, scores, labels, plan)
+    assert all(allowance is None for _, allowance in seen)
+    budget = scores.numel() * 8
+    monkeypatch.setattr(_plan, "_FLOORS_SET", {"cpu": 0})
+    seen.clear()
+    strict = _plan.generic_lovasz_loss(extension, scores, labels, plan)
+    rows = budget // (1000 * _plan.GENERIC_BYTES_PER_PIXEL)  # 1, even with 2 threads or more
+    assert rows == 1 and [count for count, _ in seen] == [rows] * 12
+    assert [allowance for _, allowance in seen] == [budget - rows * 1000 * (1 + 8)] * len(seen)
+    assert _plan.chunk_allowance_bytes() is None
+    torch.testing.assert_close(strict[0], default[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(strict[1], default[1], rtol=1e-12, atol=1e-15)

@@ -11,7 +11,12 @@ import torch
 
 from lovasz_kernels._jaccard import count_dtype, jaccard_increments
 from lovasz_kernels._masked import count_true
-from lovasz_kernels._plan import chunk_floor_bytes, rows_at_least_threads
+from lovasz_kernels._plan import (
+    budget_is_strict,
+    chunk_allowance_bytes,
+    chunk_floor_bytes,
+    rows_at_least_threads,
+)
 from lovasz_kernels._torch_sort import (
     MEASURED_FRACTIONS,
     RADIX,
@@ -141,7 +146,9 @@ def _extension_into(errors: torch.Tensor, fg: torch.Tensor,
     compute dtype; ``errors`` itself is allowed: each chunk reads its rows before it writes
     them)."""
     num_segments, num_pixels = errors.shape
-    budget = max(grad.numel() * grad.dtype.itemsize, chunk_floor_bytes(grad.device))
+    budget = chunk_allowance_bytes()  # a chunk of a strictly budgeted loss call
+    if budget is None:
+        budget = max(grad.numel() * grad.dtype.itemsize, chunk_floor_bytes(grad.device))
     step = rows_at_least_threads(budget // (num_pixels * TEMPORARY_BYTES_PER_PIXEL), grad.device)
     if step >= num_segments:
         loss = _extension_chunk(errors, fg, grad, budget)
@@ -200,7 +207,10 @@ def _extension_chunk(errors: torch.Tensor, fg: torch.Tensor, grad: torch.Tensor,
     by_ranges = [_ranges_pay(errors[row:row + 1], over_budget) for row in range(num_rows)]
     if not any(by_ranges):
         return _extension_rows(errors, fg, grad)
-    range_pixels = max(budget // RANGE_BYTES_PER_PIXEL[grad.dtype], 1)
+    # the row's pick of a range, 1 byte a pixel, comes out of the budget too; and however
+    # small the budget, at most RANGES_MOST ranges (each is a pass over the row)
+    range_pixels = max((budget - num_pixels) // RANGE_BYTES_PER_PIXEL[grad.dtype],
+                       -(-num_pixels // RANGES_MOST), 1)
     losses = []
     for row, ranges in enumerate(by_ranges):
         rows = slice(row, row + 1)
@@ -252,6 +262,9 @@ RANGE_SAMPLE = 1 << 12
 RANGES_MIN_PIXELS = 1 << 22
 RANGES_ANY_SHARE_MIN_PIXELS = 1 << 23
 RANGES_MAX_POSITIVE_SHARE = 7 / 8
+# at most this many ranges a row, each a pass over it (a strict budget of about the row's
+# gradient gives about 24 in float32)
+RANGES_MOST = 64
 # Rows within the budget go by ranges too, on the CPU, from POSITIVES_ONLY_MIN_PIXELS with at
 # most POSITIVES_ONLY_MAX_SHARE of a sample positive (a hinge partly trained): the ranges,
 # usually one, sort only the positive errors. The extension alone, toggled call by call:
@@ -266,11 +279,13 @@ POSITIVES_ONLY_MAX_SHARE = 0.3
 def _ranges_pay(errors: torch.Tensor, over_budget: bool) -> bool:
     """Whether one row (1, P) is sorted a range at a time: over the budget, from
     :data:`RANGES_MIN_PIXELS` with few enough positive errors in a strided sample and from
-    :data:`RANGES_ANY_SHARE_MIN_PIXELS` whatever their share; within it, on the CPU, from
+    :data:`RANGES_ANY_SHARE_MIN_PIXELS` whatever their share, at any length where the budget
+    is strict (:func:`~lovasz_kernels._plan.budget_is_strict`); within it, on the CPU, from
     :data:`POSITIVES_ONLY_MIN_PIXELS` with at most :data:`POSITIVES_ONLY_MAX_SHARE`
     positive."""
     num_pixels = errors.shape[1]
-    if over_budget and num_pixels >= RANGES_ANY_SHARE_MIN_PIXELS:
+    if over_budget and (num_pixels >= RANGES_ANY_SHARE_MIN_PIXELS
+                        or budget_is_strict(errors.device)):
         return True
     positives_only = errors.device.type == "cpu" and num_pixels >= POSITIVES_ONLY_MIN_PIXELS
     long_over_budget = over_budget and num_pixels >= RANGES_MIN_PIXELS
