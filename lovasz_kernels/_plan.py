@@ -514,6 +514,17 @@ def set_chunk_floor(device_type: str, num_bytes: int | None) -> None:
     _FLOORS_SET[device_type] = int(num_bytes)
 
 
+@contextlib.contextmanager
+def chunk_floor_set(device_type: str, num_bytes: int | None) -> Iterator[None]:
+    """:func:`set_chunk_floor` for the ``with`` block, the floor before restored after it."""
+    before = _FLOORS_SET.get(device_type)
+    set_chunk_floor(device_type, num_bytes)
+    try:
+        yield
+    finally:
+        set_chunk_floor(device_type, before)
+
+
 def budget_is_strict(device: torch.device) -> bool:
     """Whether calls on ``device`` keep their memory budget strictly: where
     :func:`set_chunk_floor` set its floor."""

@@ -7,6 +7,7 @@ command exits with status 2. The benchmark itself lives in :mod:`lovasz_kernels.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import platform
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lovasz_kernels import __version__, _cases, bench
+from lovasz_kernels import __version__, _cases, _plan, bench
 from lovasz_kernels._registry import get_backend, registered_backends
 from lovasz_kernels.bench import engine, measure, report
 from lovasz_kernels.bench.rules import REFERENCE, backend_problem
@@ -115,6 +116,14 @@ def _budget(value: float) -> float:
         raise UsageError("--budget", f"must be a number of seconds >= 0 (inf: skip nothing); "
                          f"got {value}")
     return value
+
+
+def _chunk_floor_bytes(megabytes: float | None) -> int | None:
+    if megabytes is None:
+        return None
+    if not math.isfinite(megabytes) or megabytes < 0:
+        raise UsageError("--chunk-floor", f"must be a number of MB >= 0; got {megabytes}")
+    return int(megabytes * (1 << 20))
 
 
 def _memory_bytes(device: torch.device) -> int | None:
@@ -219,6 +228,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     repeat = _positive("--repeat", args.repeat if args.repeat is not None else
                        (3 if args.quick else 5))
     budget = _budget(args.budget)
+    floor_bytes = _chunk_floor_bytes(args.chunk_floor)
     if device.type == "cuda":
         print(f"the {REFERENCE} reference runs on CPU copies, for cross-checks where it is "
               "cheap (elsewhere the torch backend in float64 on the GPU checks)")
@@ -238,11 +248,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"{len(workloads)} workload(s) x {len(settings.contenders)} contenders "
           f"({', '.join(settings.contenders)}), median of {repeat} interleaved rounds; "
           f"skipping any call estimated above {budget:g} s (--budget)")
+    if floor_bytes is not None:
+        ctx["chunk_floor_bytes"] = floor_bytes
+        print(f"chunk floor on {device.type}: {args.chunk_floor:g} MB, kept strictly "
+              "(set_chunk_floor: memory before speed)")
 
-    progress = report.Progress(engine.steps(settings))
-    results = engine.run(settings, progress=progress, clock=clock, meter=meter,
-                         on_result=lambda r: progress.say(report.workload_table(r, ctx)))
-    progress.close()
+    with _plan.chunk_floor_set(device.type, floor_bytes) if floor_bytes is not None else (
+            contextlib.nullcontext()):
+        progress = report.Progress(engine.steps(settings))
+        results = engine.run(settings, progress=progress, clock=clock, meter=meter,
+                             on_result=lambda r: progress.say(report.workload_table(r, ctx)))
+        progress.close()
 
     doc = report.document("lovasz-kernels " + " ".join(args.argv), settings, ctx, results)
     json_path = os.path.join(out, report.BENCH_JSON)
@@ -301,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--budget", type=float, default=bench.DEFAULT_BUDGET_S, metavar="SECONDS",
         help="skip calls estimated to take longer (from a smaller size or a cost model; "
         f"default {bench.DEFAULT_BUDGET_S:g})")
+    add("--chunk-floor", type=float, metavar="MB",
+        help="set the device's chunk floor, as lovasz_kernels.set_chunk_floor does: kept "
+        "strictly, memory before speed (0: every call within about twice its input; "
+        "default: the device's own floor, which bends for speed)")
     add("--quick", action="store_true", help=f"sides {quick}, 3 rounds")
     add("--out", default=".", help="folder for the JSON and PNG (default: .)")
     bench_parser.set_defaults(handler=cmd_bench)

@@ -204,6 +204,32 @@ def test_bench_other_losses(capsys, tmp_path, loss, heading):
     assert result["contenders"]["torch"]["status"] == "ok"
 
 
+def test_bench_chunk_floor_is_set_for_the_run_only(capsys, tmp_path, monkeypatch):
+    """--chunk-floor sets the device's floor (kept strictly) while the bench runs, says so,
+    records it in the JSON, and leaves the floor as it was."""
+    from lovasz_kernels import _plan
+
+    monkeypatch.setattr(_plan, "_FLOORS_SET", {"cuda": 1 << 20})
+    strict_during_run = []
+    real_run = engine.run
+
+    def run(*args, **kwargs):
+        strict_during_run.append((_plan.budget_is_strict(torch.device("cpu")),
+                                  _plan.chunk_floor_bytes(torch.device("cpu"))))
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "run", run)
+    status = cli.main(_bench(tmp_path, "--backend", "torch", "--pixels", "24", "--classes", "3",
+                             "--repeat", "1", "--chunk-floor", "0.5"))
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "chunk floor on cpu: 0.5 MB, kept strictly" in out
+    assert strict_during_run == [(True, 1 << 19)]
+    assert _plan._FLOORS_SET == {"cuda": 1 << 20}
+    doc = json.loads((tmp_path / report.BENCH_JSON).read_text())
+    assert doc["settings"]["chunk_floor_bytes"] == 1 << 19
+
+
 def test_bench_budget_skips_and_says_so(capsys, tmp_path):
     # the first size is measured; any larger one is estimated above a zero budget
     status = cli.main(_bench(tmp_path, "--backend", "numpy,torch", "--pixels", "8,32",
@@ -280,6 +306,8 @@ def _assert_usage_error(capsys, argv, flag, message):
     (["--repeat", "0"], "--repeat", "must be a positive integer; got 0"),
     (["--budget", "nan"], "--budget", "got nan"),
     (["--budget", "-1"], "--budget", "got -1.0"),
+    (["--chunk-floor", "-1"], "--chunk-floor", "must be a number of MB >= 0; got -1.0"),
+    (["--chunk-floor", "nan"], "--chunk-floor", "got nan"),
     (["--out", "/dev/null"], "--out", "must be a folder; /dev/null is a file"),
     (["--device", "meta"], "--device", "must be cpu or cuda (or cuda:N); got 'meta'"),
     (["--device", "nope"], "--device", "must be cpu or cuda (or cuda:N); got 'nope'"),

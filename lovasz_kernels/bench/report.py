@@ -196,7 +196,8 @@ def document(command: str, settings, ctx: dict, results: list[dict]) -> dict:
         "settings": {"device": ctx["device"], "layout": settings.layout,
                      "repeat": settings.repeat, "budget_s": settings.budget_s,
                      "contenders": settings.contenders, "timing": ctx["clock"],
-                     "memory": ctx["memory"], "hbm_peak_gbps": ctx["hbm_peak_gbps"]},
+                     "memory": ctx["memory"], "hbm_peak_gbps": ctx["hbm_peak_gbps"],
+                     "chunk_floor_bytes": ctx.get("chunk_floor_bytes")},
         "byte_model": floors.ideal_bytes.__doc__ if settings.layout == "gpu" else None,
         "results": results,
     }
