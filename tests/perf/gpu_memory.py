@@ -5,11 +5,12 @@ peak of the CUDA caching allocator in one forward + backward (over the memory in
 it, as a multiple of the input's size) and the median time (CUDA events, interleaved rounds)
 of the triton backend as it runs by default (segments in chunks whose temporaries fit in the
 gradient's size or the GPU chunk floor, whichever is larger), in one chunk, with its value
-checks on, of the torch backend by default and with the CPU's smaller floor, and of the
-per-class loop. ``--triton-floors`` adds the triton backend under smaller floors,
-``--profile`` a kernel profile of two workloads. Then what ``torch.sort`` holds per key
-besides its keys and outputs (the scratch the chunk sizes assume). Value checks off unless
-named: they synchronise. Run by benchmarks/gpu_check.sh; by hand:
+checks on, of the torch backend by default, with the CPU's smaller floor and with a floor
+of 0 set as a user sets it (``set_chunk_floor``: kept strictly), and of the per-class loop.
+``--triton-floors`` adds the triton backend under smaller floors, ``--profile`` a kernel
+profile of two workloads. Then what ``torch.sort`` holds per key besides its keys and outputs
+(the scratch the chunk sizes assume). Value checks off unless named: they synchronise. Run
+by benchmarks/gpu_check.sh; by hand:
 
     python tests/perf/gpu_memory.py [--rounds 10] [--budget 120] [--json FILE]
 
@@ -64,6 +65,13 @@ def _torch_with_cpu_floor(prepared: Prepared):
         return prepared.fwd_bwd("torch")
     finally:
         plan_module.GPU_CHUNK_FLOOR_BYTES = saved
+
+
+def _torch_with_floor_set(prepared: Prepared):
+    """The torch backend under a floor of 0 set for the device: every row over the budget
+    sorted by ranges (each reads the device), errors in blocks, no chunk wider than fits."""
+    with plan_module.chunk_floor_set(prepared.scores.device.type, 0):
+        return prepared.fwd_bwd("torch")
 
 
 def _with_value_checks(prepared: Prepared, contender: str):
@@ -188,6 +196,7 @@ def main() -> None:
         calls["triton checks on"] = lambda p=prepared: _with_value_checks(p, "triton")
         calls["torch"] = lambda p=prepared: p.fwd_bwd("torch")
         calls["torch floor 32MB"] = lambda p=prepared: _torch_with_cpu_floor(p)
+        calls["torch floor 0 set"] = lambda p=prepared: _torch_with_floor_set(p)
         if workload.loss != "extension":
             calls["loop"] = lambda p=prepared: p.fwd_bwd(LOOP)
         row = {"input_MB": prepared.input_bytes / 1e6, "chunks": _count_chunks(prepared)}
