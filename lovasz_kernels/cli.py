@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"default {bench.DEFAULT_BUDGET_S:g})")
     add("--chunk-floor", type=float, metavar="MB",
         help="set the device's chunk floor, as lovasz_kernels.set_chunk_floor does: kept "
-        "strictly, memory before speed (0: every call within about twice its input; "
+        "strictly, memory before speed (0: the standard workloads within twice their input; "
         "default: the device's own floor, which bends for speed)")
     add("--quick", action="store_true", help=f"sides {quick}, 3 rounds")
     add("--out", default=".", help="folder for the JSON and PNG (default: .)")
