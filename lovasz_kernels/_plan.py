@@ -461,7 +461,10 @@ def _owns_whole_storage(tensor: torch.Tensor) -> bool:
 # foreground and their transients (up to ~19), then the backend's (the torch backend's 21 in
 # float32, the numpy reference's float64 arrays far more); the generic path runs at most a
 # memory budget's worth of segments at once. Rounded up: a budget overrun costs more than a
-# few more chunks.
+# few more chunks. Under a strict budget a backend that says what it holds
+# (``temporary_bytes_per_pixel``) gets chunks sized by that instead: there the errors'
+# transients fit each chunk's allowance, and chunks of a third as many rows as fit cost up to
+# 1.7x the time
 GENERIC_BYTES_PER_PIXEL = 64
 # Below these budgets a call's temporaries are held at once, in one chunk. On the CPU smaller
 # chunks save a few MB for 5-20% more time and idle cores. On a GPU every chunk is a whole
@@ -491,12 +494,12 @@ def set_chunk_floor(device_type: str, num_bytes: int | None) -> None:
     The default floors bend the budget where keeping it costs time: a CPU chunk holds at
     least one row per thread, rows of up to 4M pixels are sorted whole, errors are made 2^20
     at a time. A floor set here is kept (:func:`budget_is_strict`) by the loss layer and the
-    torch backend: chunks of as few rows as fit, each told what the call's budget leaves it
-    (:func:`chunk_allowance_bytes`), its errors made in blocks that fit that, and every row
-    whose sort would not fit sorted a range of values at a time. With
+    torch backend: chunks of as many rows as fit and no more, each told what the call's
+    budget leaves it (:func:`chunk_allowance_bytes`), its errors made in blocks that fit
+    that, and every row whose sort would not fit sorted a range of values at a time. With
     ``set_chunk_floor("cpu", 0)`` each standard workload needs at most twice its input in
-    forward + backward (1.3-2.0x, against 1.3-6.8x by default), at 0.9-3.1x the time; inputs
-    under a few MB add up to about 1 MB of fixed blocks (docs/performance.md).
+    forward + backward (1.85-1.97x, against 1.3-6.8x by default), at 0.87-3.2x the time;
+    inputs under a few MB add up to about 1 MB of fixed blocks (docs/performance.md).
 
     >>> import lovasz_kernels
     >>> lovasz_kernels.set_chunk_floor("cuda", 32 << 20)  # memory before speed
@@ -570,20 +573,34 @@ def call_budget_bytes(scores: torch.Tensor) -> int:
 
 
 def segments_per_chunk(
-    plan: SegmentPlan, scores: torch.Tensor, budget_bytes: int | None = None
+    plan: SegmentPlan, scores: torch.Tensor, budget_bytes: int | None = None,
+    backend_bytes_per_pixel: int | None = None,
 ) -> int:
     """How many segments the generic path runs at once: their temporaries stay within the
     budget (by default :func:`call_budget_bytes`: the size of the gradient, so the whole
     call needs about twice the input, or :func:`chunk_floor_bytes` if larger), but never
-    fewer than the threads that sort rows in parallel on the CPU (:func:`rows_at_least_threads`)."""
+    fewer than the threads that sort rows in parallel on the CPU (:func:`rows_at_least_threads`).
+
+    A segment's temporaries are :data:`GENERIC_BYTES_PER_PIXEL` a pixel, or, under a strict
+    budget (:func:`budget_is_strict`) where the backend says what its extension holds
+    (``backend_bytes_per_pixel``), that and the segment's own errors and foreground."""
     batch, num_channels, num_pixels = scores.shape
     if budget_bytes is None:
         budget_bytes = call_budget_bytes(scores)
     columns = num_pixels * (batch if plan.image is None else 1)
-    count = budget_bytes // max(columns * GENERIC_BYTES_PER_PIXEL, 1)
+    per_pixel = GENERIC_BYTES_PER_PIXEL
+    if backend_bytes_per_pixel is not None and budget_is_strict(scores.device):
+        per_pixel = _held_bytes_per_pixel(scores) + backend_bytes_per_pixel
+    count = budget_bytes // max(columns * per_pixel, 1)
     if plan.image is not None and plan.dense and count >= num_channels:
         count -= count % num_channels  # whole images: labels broadcast, not copied
     return rows_at_least_threads(count, scores.device)
+
+
+def _held_bytes_per_pixel(scores: torch.Tensor) -> int:
+    """What the generic path holds a pixel of a chunk while the backend works on it: the
+    errors and the foreground."""
+    return compute_dtype(scores.dtype).itemsize + 1
 
 
 def rows_at_least_threads(count: int, device: torch.device) -> int:
@@ -596,13 +613,14 @@ def rows_at_least_threads(count: int, device: torch.device) -> int:
 
 def generic_lovasz_loss(
     extension: ExtensionFn, scores: torch.Tensor, labels: torch.Tensor, plan: SegmentPlan,
-    chunked: bool = True,
+    chunked: bool = True, backend_bytes_per_pixel: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The default way to run a plan: segments as (k, P') errors, ``extension`` called on
     chunks of segments sized by :func:`segments_per_chunk` (one chunk when not ``chunked``:
     the distributed extensions are collectives, called the same number of times on every
-    rank). The errors are this function's own and dead once passed: ``extension`` may
-    overwrite them (``Backend.run_on_scratch``).
+    rank; under a strict budget by ``backend_bytes_per_pixel``, what ``extension`` holds
+    a pixel, when given). The errors are this function's own and dead once passed:
+    ``extension`` may overwrite them (``Backend.run_on_scratch``).
 
     Returns the 0-d float64 total loss and its gradient w.r.t. the scores (B, C, P) in the
     scores' compute dtype.
@@ -612,14 +630,15 @@ def generic_lovasz_loss(
     allocate = torch.empty if plan.dense else torch.zeros
     grad = None
     loss = None
-    step = segments_per_chunk(plan, scores) if chunked else max(plan.num_segments, 1)
+    step = (segments_per_chunk(plan, scores, backend_bytes_per_pixel=backend_bytes_per_pixel)
+            if chunked else max(plan.num_segments, 1))
     # one chunk of every segment, rows in the gradient's own layout (images one after the
     # other, or one image's channels): its signed rows are the gradient, with no copy
     rows_are_grad = (plan.dense and step >= plan.num_segments
                      and (plan.image is not None or scores.shape[0] == 1))
     budget = call_budget_bytes(scores) if budget_is_strict(scores.device) else None
-    # a segment's errors (unless they become the gradient) and foreground, per pixel
-    held_per_pixel = 1 + (0 if rows_are_grad else compute.itemsize)
+    # errors that become the gradient are not held beside it: then only the foreground
+    held_per_pixel = 1 if rows_are_grad else _held_bytes_per_pixel(scores)
     columns = scores.shape[2] * (scores.shape[0] if plan.image is None else 1)
     for start in range(0, plan.num_segments, step):
         stop = min(start + step, plan.num_segments)

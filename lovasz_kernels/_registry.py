@@ -26,6 +26,12 @@ A backend is a module under ``lovasz_kernels/backends/`` that defines
     scatter. Without it, :func:`lovasz_kernels._plan.generic_lovasz_loss` runs the plan
     through ``lovasz_extension``. Multilabel plans (labels (B, C, P)) reach it only when the
     module also sets ``FUSED_MULTILABEL = True``.
+``temporary_bytes_per_pixel(dtype) -> int`` (optional)
+    the most bytes a pixel its extension holds at once, besides the errors, the foreground
+    and the gradient, on errors of that (compute) dtype when the generic path gives a chunk
+    an allowance (:func:`lovasz_kernels._plan.chunk_allowance_bytes`) that fits them: a
+    strictly budgeted call's chunks are then sized by it, not by the generic path's
+    generous :data:`lovasz_kernels._plan.GENERIC_BYTES_PER_PIXEL`.
 
 and one :func:`register_backend` line at the bottom of this file. Modules are imported
 lazily, so an optional dependency that is missing costs nothing until that backend is asked for.
@@ -162,7 +168,12 @@ class Backend:
         if fused is not None and (not plan.multilabel
                                   or getattr(module, "FUSED_MULTILABEL", False)):
             return fused(scores, labels, plan)
-        return generic_lovasz_loss(self.run_on_scratch, scores, labels, plan)
+        held: Callable[[torch.dtype], int] | None = getattr(
+            module, "temporary_bytes_per_pixel", None)
+        return generic_lovasz_loss(
+            self.run_on_scratch, scores, labels, plan,
+            backend_bytes_per_pixel=None if held is None else held(
+                _validate.compute_dtype(scores.dtype)))
 
 
 _BACKENDS: dict[str, Backend] = {}

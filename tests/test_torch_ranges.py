@@ -414,6 +414,28 @@ def test_losses_under_a_floor_set_match_the_reference(gen, monkeypatch, loss_kin
     assert bool(ranged) == by_ranges
 
 
+@pytest.mark.parametrize(("backend", "dtype", "expected"),
+                         [("torch", torch.float16, 18), ("torch", torch.float32, 18),
+                          ("torch", torch.float64, 26), ("numpy", torch.float32, None)])
+def test_a_backend_says_what_its_chunks_hold(gen, monkeypatch, backend, dtype, expected):
+    """The generic path learns from the backend what its extension holds a pixel, for the
+    scores' compute dtype (16-bit scores compute in float32), and sizes strictly budgeted
+    chunks by it; a backend that does not say gets the generic path's own figure."""
+    from lovasz_kernels import _registry
+
+    told = []
+    generic = _registry.generic_lovasz_loss
+
+    def recording(*args, backend_bytes_per_pixel=None, **kwargs):
+        told.append(backend_bytes_per_pixel)
+        return generic(*args, backend_bytes_per_pixel=backend_bytes_per_pixel, **kwargs)
+
+    monkeypatch.setattr(_registry, "generic_lovasz_loss", recording)
+    probas = torch.rand(2, 3, 50, generator=gen).softmax(dim=1).to(dtype)
+    lovasz_softmax(probas, torch.randint(0, 3, (2, 50), generator=gen), backend=backend)
+    assert told == [expected]
+
+
 def test_a_strict_call_tells_each_chunk_its_allowance(gen, monkeypatch):
     """Under a floor set, the loss layer runs each chunk within the call's budget less the
     chunk's own errors and foreground, and tells the extension so; with the default floors
@@ -434,10 +456,19 @@ def test_a_strict_call_tells_each_chunk_its_allowance(gen, monkeypatch):
     budget = scores.numel() * 8
     monkeypatch.setattr(_plan, "_FLOORS_SET", {"cpu": 0})
     seen.clear()
-    strict = _plan.generic_lovasz_loss(extension, scores, labels, plan)
-    rows = budget // (1000 * _plan.GENERIC_BYTES_PER_PIXEL)  # 1, even with 2 threads or more
-    assert rows == 1 and [count for count, _ in seen] == [rows] * 12
+    # a backend that does not say what it holds: the generic path's generous figure, 1 row
+    generic = _plan.generic_lovasz_loss(extension, scores, labels, plan)
+    assert [count for count, _ in seen] == [budget // (1000 * _plan.GENERIC_BYTES_PER_PIXEL)] * 12
+    # one that does: as many rows as fit with their errors and foreground (9 bytes a pixel
+    # in float64) and its work arrays (26), here 2, even with 2 threads or more
+    seen.clear()
+    held = torch_eager.temporary_bytes_per_pixel(torch.float64)
+    strict = _plan.generic_lovasz_loss(extension, scores, labels, plan,
+                                       backend_bytes_per_pixel=held)
+    rows = budget // (1000 * (9 + held))
+    assert rows == 2 and [count for count, _ in seen] == [rows] * 6
     assert [allowance for _, allowance in seen] == [budget - rows * 1000 * (1 + 8)] * len(seen)
     assert _plan.chunk_allowance_bytes() is None
-    torch.testing.assert_close(strict[0], default[0], rtol=1e-12, atol=0)
-    torch.testing.assert_close(strict[1], default[1], rtol=1e-12, atol=1e-15)
+    for answer in (generic, strict):
+        torch.testing.assert_close(answer[0], default[0], rtol=1e-12, atol=0)
+        torch.testing.assert_close(answer[1], default[1], rtol=1e-12, atol=1e-15)

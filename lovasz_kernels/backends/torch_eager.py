@@ -34,10 +34,14 @@ _SAME_WIDTH_INT = {torch.float32: torch.int32, torch.float64: torch.int64}
 #: labels), allocated, before a sort that holds buffers of its own, once those are freed
 _SORT_DTYPES = {dtype: (torch.int64, _SAME_WIDTH_INT[dtype]) for dtype in _SAME_WIDTH_INT}
 _AFTER_SORT_DTYPES = {dtype: (dtype, torch.bool) for dtype in _SAME_WIDTH_INT}
-#: a chunk's temporaries per pixel, float32, besides the inputs and the gradient: the blocks
-#: (int64 order, sorted keys, increments, sorted labels), plus one for what each row adds
-#: (torch.sort's index row, the positions 1..P, a column block of the float64 loss sum)
-TEMPORARY_BYTES_PER_PIXEL = 8 + 4 + 4 + 1 + 1
+
+
+def temporary_bytes_per_pixel(dtype: torch.dtype) -> int:
+    """A chunk's temporaries per pixel on errors of ``dtype`` (float32 or float64), besides
+    the inputs and the gradient: the blocks (int64 order, sorted keys, increments, sorted
+    labels), plus one for what each row adds (torch.sort's index row, the positions 1..P, a
+    column block of the float64 loss sum): 18 bytes in float32, 26 in float64."""
+    return 8 + 2 * dtype.itemsize + 1 + 1
 
 
 # below this size the work arrays are allocated one by one: on small calls three views per
@@ -121,7 +125,7 @@ def _column_block_sums(values: torch.Tensor, width: int) -> torch.Tensor:
 
 def lovasz_extension(errors: torch.Tensor, fg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss (S,) and gradient (S, P) of the Lovász extension, segments in chunks of rows
-    whose temporaries (``TEMPORARY_BYTES_PER_PIXEL``) stay within the gradient's size
+    whose temporaries (:func:`temporary_bytes_per_pixel`) stay within the gradient's size
     (``chunk_floor_bytes`` at least): the extension called on many segments at once needs
     about twice its input, not six times. Each chunk's gradient rows double as its work
     array. A loss call's chunks (``generic_lovasz_loss``) are already that small."""
@@ -149,7 +153,8 @@ def _extension_into(errors: torch.Tensor, fg: torch.Tensor,
     budget = chunk_allowance_bytes()  # a chunk of a strictly budgeted loss call
     if budget is None:
         budget = max(grad.numel() * grad.dtype.itemsize, chunk_floor_bytes(grad.device))
-    step = rows_at_least_threads(budget // (num_pixels * TEMPORARY_BYTES_PER_PIXEL), grad.device)
+    row_bytes = num_pixels * temporary_bytes_per_pixel(grad.dtype)
+    step = rows_at_least_threads(budget // row_bytes, grad.device)
     if step >= num_segments:
         loss = _extension_chunk(errors, fg, grad, budget)
     else:
@@ -200,7 +205,7 @@ def _extension_chunk(errors: torch.Tensor, fg: torch.Tensor, grad: torch.Tensor,
     if positive is not None:
         return _extension_top(errors, fg, grad, positive)
     num_rows, num_pixels = errors.shape
-    over_budget = num_pixels * TEMPORARY_BYTES_PER_PIXEL > budget
+    over_budget = num_pixels * temporary_bytes_per_pixel(grad.dtype) > budget
     if not over_budget and (errors.device.type != "cpu"
                             or num_pixels < POSITIVES_ONLY_MIN_PIXELS):
         return _extension_rows(errors, fg, grad)
