@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lovasz_kernels import bench
+from lovasz_kernels import bench, set_chunk_floor
 
 from . import common
 
@@ -40,6 +40,29 @@ class LovaszExtension(_FwdBwd):
     it returns the loss and the gradient in one call, so this is the kernel's fwd+bwd."""
 
     params = [common.workloads("extension"), common.contenders("extension")]
+
+
+class MemoryFirst:
+    """The torch backend with the CPU floor set to 0 (``set_chunk_floor("cpu", 0)``: kept
+    strictly, memory before speed) on the loss workloads: the standard workloads' forward +
+    backward within twice their input, and what that costs in time."""
+
+    params = [common.workloads("softmax") + common.workloads("hinge")]
+    param_names = ["workload"]
+    timeout = 300
+
+    def setup(self, workload):
+        set_chunk_floor("cpu", 0)
+        self.call = bench.warmed_call(workload, "torch")
+
+    def teardown(self, workload):
+        set_chunk_floor("cpu", None)
+
+    def time_fwd_bwd(self, workload):
+        self.call()
+
+    def peakmem_fwd_bwd(self, workload):
+        self.call()
 
 
 class SortFloor:

@@ -7,6 +7,7 @@ import inspect
 import pkgutil
 
 import pytest
+import torch
 
 import benchmarks
 from benchmarks import bench_cuda, common
@@ -34,7 +35,7 @@ def _methods(obj) -> list[str]:
 
 def test_suite_has_every_operation_family():
     names = {cls.__name__ for cls in CLASSES}
-    assert {"LovaszSoftmax", "LovaszHinge", "LovaszExtension", "SortFloor",
+    assert {"LovaszSoftmax", "LovaszHinge", "LovaszExtension", "MemoryFirst", "SortFloor",
             "ProxLovaszHinge"} <= names
     assert ("CudaLovaszLoss" in names) == common.CUDA_AVAILABLE
 
@@ -62,6 +63,7 @@ def test_default_grid_is_the_standard_suite():
     timed = by_name["LovaszSoftmax"] + by_name["LovaszHinge"] + by_name["LovaszExtension"]
     assert timed == [w.name for w in bench.SUITE]
     assert by_name["SortFloor"] == by_name["LovaszSoftmax"] + by_name["LovaszHinge"]
+    assert by_name["MemoryFirst"] == by_name["SortFloor"]
     assert rules.REFERENCE not in common.contenders("softmax")  # the oracle: full grid only
 
 
@@ -108,6 +110,23 @@ def test_each_benchmark_runs_on_the_smallest_input(cls, monkeypatch):
             assert result >= 0
     if hasattr(instance, "teardown"):
         instance.teardown(*params)
+
+
+def test_memory_first_sets_the_floor_for_its_benchmarks_only():
+    """``MemoryFirst`` runs its bodies under a CPU floor of 0, kept strictly, and gives the
+    default back in teardown."""
+    from benchmarks.bench_losses import MemoryFirst
+    from lovasz_kernels import _plan
+
+    workload = _smallest(MemoryFirst.params[0])
+    instance = MemoryFirst()
+    instance.setup(workload)
+    try:
+        assert _plan.budget_is_strict(torch.device("cpu"))
+        assert _plan.chunk_floor_bytes(torch.device("cpu")) == 0
+    finally:
+        instance.teardown(workload)
+    assert not _plan.budget_is_strict(torch.device("cpu"))
 
 
 def test_over_budget_is_not_implemented():
