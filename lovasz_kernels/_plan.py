@@ -498,7 +498,7 @@ def set_chunk_floor(device_type: str, num_bytes: int | None) -> None:
     budget leaves it (:func:`chunk_allowance_bytes`), its errors made in blocks that fit
     that, and every row whose sort would not fit sorted a range of values at a time. With
     ``set_chunk_floor("cpu", 0)`` each standard workload needs at most twice its input in
-    forward + backward (1.85-1.97x, against 1.3-6.8x by default), at 0.87-3.2x the time;
+    forward + backward (1.88-1.97x, against 1.3-6.8x by default), at 0.86-2.8x the time;
     inputs under a few MB add up to about 1 MB of fixed blocks (docs/performance.md).
 
     >>> import lovasz_kernels

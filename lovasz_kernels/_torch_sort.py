@@ -372,3 +372,21 @@ def _packed_sort_descending(keys: torch.Tensor, keys_sorted: torch.Tensor,
         np.bitwise_and(packed, _LOW_HALF, out=order_bits[rows])
         high_halves = packed.view(np.uint32)[:, _HIGH_HALF_INDEX::2]
         np.bitwise_xor(high_halves, _REVERSE_INT32, out=sorted_bits[rows])
+
+
+def sort_picked_descending(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The int32 ``keys`` (1-D, CPU) at ``positions`` (int64, 1-D, contiguous, each under
+    2^32), sorted in descending order, ties by position: returns those keys in that order
+    and leaves ``positions`` in it, with no other array. Each position gets its key,
+    reversed, in its high half (zero below 2^32), numpy sorts the packed values in place,
+    and the halves are read back: the order of :func:`sort_descending`'s packed and radix
+    sorts."""
+    picked = torch.index_select(keys, 0, positions)
+    picked_bits = picked.numpy().view(np.uint32)
+    packed = positions.numpy().view(np.uint64)
+    high_halves = packed.view(np.uint32)[_HIGH_HALF_INDEX::2]
+    np.bitwise_xor(picked_bits, _REVERSE_INT32, out=high_halves)
+    packed.sort()
+    np.bitwise_xor(high_halves, _REVERSE_INT32, out=picked_bits)
+    high_halves[:] = 0
+    return picked

@@ -340,6 +340,31 @@ def test_one_where_converts_a_long_rows_mask_a_block_at_a_time(gen):
     assert peak <= 4 * _masked.LONG_ROW_BLOCK + 4096 < 4 * columns
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["default: radix", "floor set: packed"])
+def test_float32_ranges_sort_whole_rows_either_way(gen, monkeypatch, strict):
+    """A float32 row by ranges, its ranges radix-sorted (default) or sorted as packed
+    positions (a floor set, where smaller ranges fit): the whole-row sort's loss and
+    gradient bit for bit, exact ties included (a tie group stays in one range and both
+    order it by position)."""
+    monkeypatch.setattr(_plan, "_FLOORS_SET", {"cpu": 1 << 20} if strict else {})
+    errors = torch.rand(1, 100_000, generator=gen)
+    errors[0, ::7] = 0.5  # a tie group, within one range
+    errors[0, ::5] = -errors[0, ::5]
+    fg = torch.rand(errors.shape, generator=gen) < 0.3
+    grad = torch.empty_like(errors)
+    packed = []
+    real = torch_eager.sort_picked_descending
+    monkeypatch.setattr(torch_eager, "sort_picked_descending",
+                        lambda keys, positions: packed.append(positions.numel())
+                        or real(keys, positions))
+    loss = torch_eager._extension_by_ranges(errors.clone(), fg, grad, 10_000)
+    assert len(packed) >= 6 if strict else not packed  # about 8 ranges
+    whole_grad = torch.empty_like(errors)
+    whole_loss = torch_eager._extension_block(errors.clone(), fg, whole_grad)
+    assert torch.equal(grad, whole_grad)
+    torch.testing.assert_close(loss, whole_loss, rtol=1e-12, atol=0)
+
+
 def test_ranges_on_a_row_past_float32_counts_match_the_whole_row(gen):
     """A float32 row of more than 2^24 pixels counts in int32 (float32 would round the
     counts): by ranges, the whole-row sort's gradient bit for bit, in about 12 ranges."""

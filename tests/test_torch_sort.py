@@ -188,6 +188,24 @@ def test_packed_keys_sort_like_the_radix_sort_ties_and_extremes_included(
     assert torch.equal(packed[1], stable)
 
 
+@pytest.mark.parametrize("num_pixels", [1, 2, 1000, 40000])
+def test_picked_keys_sort_in_their_positions_like_the_radix_sort(gen, num_pixels):
+    """Keys picked at ascending positions of a row (every int32 key: extremes, zero,
+    negatives, ties) come back in the radix sort's order, ties by position, with the
+    positions themselves left in that order."""
+    keys = torch.randint(-50, 50, (3 * num_pixels,), generator=gen, dtype=torch.int32)
+    keys[:num_pixels] = torch.randint(-2**31, 2**31 - 1, (num_pixels,), generator=gen,
+                                      dtype=torch.int32)
+    keys[:5] = torch.tensor([-2**31, 2**31 - 1, 0, -1, 1], dtype=torch.int32)[:keys.numel()]
+    positions = torch.randperm(keys.numel(), generator=gen)[:num_pixels].sort().values
+    picked = torch.index_select(keys, 0, positions)
+    radix_keys, radix_order = _sorted_by(RADIX, picked.unsqueeze(0))
+    sorted_positions = positions.clone()
+    sorted_keys = _torch_sort.sort_picked_descending(keys, sorted_positions)
+    assert torch.equal(sorted_keys, radix_keys[0])
+    assert torch.equal(sorted_positions, positions[radix_order[0]])
+
+
 def test_every_sort_gives_the_same_extension(gen, monkeypatch, machine):
     """Rows that may be padded or packed: the losses and gradients of each forced sort are
     the comparison sort's bit for bit, with -0.0 errors, -inf padding and zeros sorted
