@@ -464,7 +464,7 @@ def _owns_whole_storage(tensor: torch.Tensor) -> bool:
 # few more chunks. Under a strict budget a backend that says what it holds
 # (``temporary_bytes_per_pixel``) gets chunks sized by that instead: there the errors'
 # transients fit each chunk's allowance, and chunks of a third as many rows as fit cost up to
-# 1.7x the time
+# 2.1x the time (small per-image inputs)
 GENERIC_BYTES_PER_PIXEL = 64
 # Below these budgets a call's temporaries are held at once, in one chunk. On the CPU smaller
 # chunks save a few MB for 5-20% more time and idle cores. On a GPU every chunk is a whole

@@ -298,7 +298,8 @@ def _packs_ranges(grad: torch.Tensor) -> bool:
 
 
 def _range_bytes_per_pixel(grad: torch.Tensor) -> int:
-    """What a row's range holds a pixel of it (:data:`RANGE_BYTES_PER_PIXEL`)."""
+    """What a row's range holds a pixel of it (:data:`RANGE_BYTES_PER_PIXEL`, or
+    :data:`PACKED_RANGE_BYTES_PER_PIXEL` where :func:`_packs_ranges`)."""
     if _packs_ranges(grad):
         return PACKED_RANGE_BYTES_PER_PIXEL
     return RANGE_BYTES_PER_PIXEL[grad.dtype]
@@ -341,10 +342,11 @@ def _extension_by_ranges(errors: torch.Tensor, fg: torch.Tensor, grad: torch.Ten
                          range_pixels: int) -> torch.Tensor:
     """One row's float64 loss (1,), its gradient written into ``grad`` (1, P), the positive
     errors sorted one range of values at a time, the largest first: about ``range_pixels``
-    pixels' work arrays at once (:data:`RANGE_BYTES_PER_PIXEL`), not the row's.
+    pixels' work arrays at once (:func:`_range_bytes_per_pixel`), not the row's.
 
     The keys stay in ``grad``; each range is the keys above its lower edge, picked in one
-    pass (the ranges before have been taken out), sorted, and given the increments of those
+    pass (the ranges before have been taken out), sorted (as packed positions where
+    :func:`_packs_ranges`, else by order and gather), and given the increments of those
     positions of the whole row (counts carried over from the ranges before). Its gradient
     goes in negated: a negative key is never picked again. Errors ≤ 0 are never picked, and
     keep a gradient of 0. Exact ties may be ordered differently from the whole-row sort
