@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from lovasz_kernels import bench, lovasz_extension, lovasz_softmax
+from lovasz_kernels import _scratch, bench, lovasz_extension, lovasz_softmax
 from lovasz_kernels.bench import engine, floors, measure, report, rules
 from lovasz_kernels.bench.workloads import TORCH_FLOAT64, segment_errors
 from tests.helpers import registered_fake_backend
@@ -302,6 +302,71 @@ def test_rss_peak_counts_what_a_call_allocates():
     extra = meter.extra_peak_bytes(allocate_64_mb)
     assert 60e6 < extra < 200e6
     assert meter.extra_peak_bytes(lambda: None) < 16e6
+
+
+def test_rss_peak_counts_scratch_kept_from_an_earlier_call():
+    """A call whose 32 MB of scratch was kept from the warm-up call needs it all the same:
+    the meter releases kept scratch first, so the second call's peak counts it too."""
+    meter = _rss_meter_or_skip()
+
+    def sort_in_scratch():
+        keys = _scratch.scratch("test keys", 4 << 20, np.uint64)  # 32 MB
+        keys[:] = 1
+        return int(keys[::4096].sum())
+
+    sort_in_scratch()  # warm-up: the scratch is now kept
+    assert meter.extra_peak_bytes(sort_in_scratch) > 30e6
+    assert meter.extra_peak_bytes(sort_in_scratch) > 30e6
+
+
+def test_allocation_peak_counts_torch_work_arrays_kept_from_an_earlier_call(monkeypatch):
+    """The torch backend keeps small work arrays between calls: the allocation meter counts
+    them as the call's, as the RSS meter counts numba's scratch: the same peak as when
+    nothing is kept."""
+    from lovasz_kernels.backends import torch_eager
+
+    errors = torch.rand(2, 2000)
+    fg = errors > 0.7
+    meter = measure.TorchAllocationPeakMeter()
+
+    def call():
+        return torch_eager.lovasz_extension(errors, fg)
+
+    call()  # warm-up: its work arrays are kept
+    kept_peak = meter.extra_peak_bytes(call)
+    monkeypatch.setattr(torch_eager, "KEPT_WORK_MAX_ELEMENTS", 0)  # nothing kept
+    assert kept_peak == meter.extra_peak_bytes(call)
+
+
+def test_release_kept_empties_every_threads_scratch_and_spares_arrays_in_use():
+    """Every live thread's kept arrays are dropped (this one's and a waiting worker's), so
+    their next calls allocate anew; an array a call still holds stays valid."""
+    import threading
+
+    taken, released = threading.Event(), threading.Event()
+    worker_saw = {}
+
+    def worker():
+        first = _scratch.scratch("test release", 1000, np.float64)
+        first[:] = 3.0
+        taken.set()
+        released.wait(timeout=30)
+        again = _scratch.scratch("test release", 1000, np.float64)
+        worker_saw["fresh"] = not np.shares_memory(first, again)
+        worker_saw["intact"] = bool((first == 3.0).all())
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    mine = _scratch.scratch("test release", 1000, np.float64)
+    mine[:] = 7.0
+    assert np.shares_memory(mine, _scratch.scratch("test release", 1000, np.float64))
+    assert taken.wait(timeout=30)
+    _scratch.release_kept()
+    released.set()
+    thread.join()
+    assert not np.shares_memory(mine, _scratch.scratch("test release", 1000, np.float64))
+    assert (mine == 7.0).all()  # still this caller's memory
+    assert worker_saw == {"fresh": True, "intact": True}
 
 
 def test_peak_meter_falls_back_where_rss_cannot_be_reset(monkeypatch, tmp_path):

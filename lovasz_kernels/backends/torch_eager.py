@@ -17,6 +17,7 @@ from lovasz_kernels._plan import (
     chunk_floor_bytes,
     rows_at_least_threads,
 )
+from lovasz_kernels._scratch import new_kept_store
 from lovasz_kernels._torch_sort import (
     MEASURED_FRACTIONS,
     RADIX,
@@ -82,7 +83,7 @@ def _kept_work_arrays(shape: torch.Size, dtypes: tuple[torch.dtype, ...]) -> lis
     """This thread's CPU arrays of ``shape`` and ``dtypes``, made on first request."""
     kept = getattr(_kept_work, "arrays", None)
     if kept is None:
-        kept = _kept_work.arrays = {}
+        kept = _kept_work.arrays = new_kept_store()
     key = (tuple(shape), dtypes, torch.is_inference_mode_enabled())
     arrays = kept.get(key)
     if arrays is None:

@@ -8,7 +8,11 @@ around each call) or CUDA events, so the logic runs and is tested without a GPU.
 Peak memory: the extra memory one call needs over what exists before it (its inputs, and
 whatever the process already holds), measured once per contender after the warm-up call.
 CPU: peak resident set size (Linux: reset with ``/proc/self/clear_refs``, read as ``VmHWM``);
-CUDA: the caching allocator's peak (``torch.cuda.max_memory_allocated``).
+CUDA: the caching allocator's peak (``torch.cuda.max_memory_allocated``). The arrays that
+CPU calls keep between them (numba's sort keys and radix buffers, the torch backend's small
+work arrays: :mod:`lovasz_kernels._scratch`) are released first, so the peak counts them as
+the call's: kept from the warm-up call, they would be in the baseline, and a call that needs
+several times its input would look as if it needed none.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from collections.abc import Callable
 from typing import Protocol
 
 import torch
+
+from lovasz_kernels._scratch import release_kept
 
 # --------------------------------------------------------------------------------------------
 # clocks
@@ -138,9 +144,11 @@ def _release_free_heap() -> None:
 
 
 class RssPeakMeter:
-    """Extra peak resident memory of a call (Linux: ``clear_refs`` resets ``VmHWM``)."""
+    """Extra peak resident memory of a call, what calls keep between them released first
+    (Linux: ``clear_refs`` resets ``VmHWM``)."""
 
-    name = "peak RSS over the RSS before the call (Linux VmHWM, reset via /proc/self/clear_refs)"
+    name = ("peak RSS over the RSS before the call, kept scratch released first (Linux VmHWM, "
+            "reset via /proc/self/clear_refs)")
 
     def __init__(self, clear_refs: str | None = None, status: str | None = None):
         self._clear_refs = clear_refs or _CLEAR_REFS
@@ -161,6 +169,7 @@ class RssPeakMeter:
         return None
 
     def extra_peak_bytes(self, call: Callable[[], object]) -> int:
+        release_kept()
         _release_free_heap()
         self._reset()
         before = _status_kib("VmRSS", self._status)
@@ -192,7 +201,8 @@ class TorchAllocationPeakMeter:
     torch's profiler records every allocation and free; the running sum's maximum is what
     the call needs, deterministic and free of the heap fragmentation that a peak RSS adds
     (it is what ``torch.cuda.max_memory_allocated`` reports for the same code on a GPU).
-    numpy arrays are not counted: for the torch backend, not for numpy or numba.
+    numpy arrays are not counted: for the torch backend, not for numpy or numba. Work arrays
+    kept between calls are released first (as by :class:`RssPeakMeter`).
     """
 
     name = "peak of torch's CPU allocations during the call (profiler allocation records)"
@@ -200,6 +210,7 @@ class TorchAllocationPeakMeter:
     def extra_peak_bytes(self, call: Callable[[], object]) -> int:
         from torch.profiler import ProfilerActivity, profile
 
+        release_kept()
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             call()
         changes = sorted((event.start_ns(), event.nbytes())
