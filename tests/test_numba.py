@@ -803,3 +803,131 @@ def test_packing_batch_segments_with_ignored_pixels(monkeypatch, gen):
         monkeypatch, lovasz_softmax, probas, labels, ignore_index=255
     )
     _assert_same(fused, generic, torch.float64, "batch segments")
+
+
+# --------------------------------------------------------------------------------------------
+# a strict budget: segments sorted a range of keys at a time
+
+
+@pytest.mark.parametrize("dtype", _FLOAT_DTYPES)
+@pytest.mark.parametrize("capacity", [1, 5, 64, 700])
+def test_segment_by_ranges_matches_the_whole_segment_bit_for_bit(dtype, capacity):
+    """Ranges of at most ``capacity`` keys (digits refined where one holds more; in float64
+    runs of keys with one 32-bit prefix kept whole, however many) give the loss and gradient
+    of the segment sorted whole, bit for bit: ties, special values, -0.0, padding."""
+    rng = np.random.default_rng(7)
+    methods = numba_cpu._SortMethods(core.SORT_LSD, core.SORT_LSD)
+    for row in _float_rows(dtype, rng):
+        errors = row.reshape(1, -1).copy()
+        fg = rng.random(errors.shape) < 0.3
+        whole_grad = np.full(errors.shape, np.nan, dtype=dtype)
+        whole_batch = numba_cpu._extension_batch(errors, fg, whole_grad)
+        keys, buffer = (np.empty(errors.size, dtype=np.uint64) for _ in range(2))
+        whole = numba_cpu._segment_serial(whole_batch, 0, keys, buffer, core.RADIX_MIN_KEYS,
+                                          core.SORT_LSD)
+        grad = np.full(errors.shape, np.nan, dtype=dtype)
+        batch = numba_cpu._extension_batch(errors, fg, grad)
+        keys, buffer = (np.empty(capacity + 1, dtype=np.uint64) for _ in range(2))
+        counts = np.empty(1 << numba_cpu._RANGE_DIGIT_BITS, dtype=np.int64)
+        by_ranges = numba_cpu._segment_by_ranges(batch, 0, keys, buffer, counts,
+                                                 core.RADIX_MIN_KEYS, methods)
+        assert by_ranges == whole
+        np.testing.assert_array_equal(grad, whole_grad)
+
+
+def test_key_ranges_hold_at_most_their_capacity_and_cover_every_key():
+    """Concentrated errors (every one in one top digit) are counted again by finer digits:
+    ranges of at most the capacity, ascending, together every sorted pixel."""
+    rng = np.random.default_rng(3)
+    errors = (0.5 + rng.random((1, 20000)) * 2.0**-10).astype(np.float32)
+    errors[0, ::7] = -1.0  # not sorted
+    fg = rng.random(errors.shape) < 0.5
+    batch = numba_cpu._extension_batch(errors, fg, np.empty_like(errors))
+    counts = np.empty(1 << numba_cpu._RANGE_DIGIT_BITS, dtype=np.int64)
+    ranges, n_fg = numba_cpu._key_ranges(batch, 0, 1000, counts)
+    assert n_fg == fg.sum()
+    assert len(ranges) >= (errors > 0).sum() // 1000
+    assert all(count <= 1000 for _, _, count in ranges)
+    assert sum(count for _, _, count in ranges) == (errors > 0).sum()
+    assert all(hi <= next_lo for (_, hi, _), (next_lo, _, _) in zip(ranges, ranges[1:]))
+
+
+def _strict_and_default(call):
+    from lovasz_kernels._plan import chunk_floor_set
+
+    default = call()
+    with chunk_floor_set("cpu", 0):
+        strict = call()
+    return default, strict
+
+
+@pytest.mark.parametrize("case", ["softmax batch", "softmax per image", "hinge", "extension"])
+def test_a_strict_budget_gives_the_default_answer_bit_for_bit(case, gen, monkeypatch):
+    """With the CPU floor at 0 numba sorts segments a range of keys at a time (over threads,
+    batch segments across images, ignored pixels, an image with none valid): the same loss
+    and gradient as by default, bit for bit."""
+    ranged = []
+    real = numba_cpu._segment_by_ranges
+    monkeypatch.setattr(numba_cpu, "_segment_by_ranges",
+                        lambda *args: ranged.append(args[1]) or real(*args))
+    side = 160
+    if case == "extension":
+        errors = torch.randn(3, side * side, generator=gen)
+        fg = torch.rand(errors.shape, generator=gen) < 0.4
+
+        def call():
+            return tuple(t.clone() for t in lovasz_extension(errors, fg, backend="numba"))
+    else:
+        # a segment's keys must not fit: few classes and images per pixel of a segment
+        classes = {"hinge": 1, "softmax batch": 3, "softmax per image": 2}[case]
+        images = 2 if case == "softmax per image" else 3
+        shape = (images, side, side) if classes == 1 else (images, classes, side, side)
+        scores = torch.randn(shape, generator=gen)
+        if classes > 1:
+            scores = scores.softmax(dim=1)
+        labels = torch.randint(0, max(classes, 2), (images, side, side), generator=gen)
+        labels[0, :10] = 255
+        labels[-1] = 255  # no valid pixel
+
+        def call():
+            leaf = scores.clone().requires_grad_()
+            if classes == 1:
+                loss = lovasz_hinge(leaf, labels, ignore_index=255, backend="numba")
+            else:
+                loss = lovasz_softmax(leaf, labels, per_image=case == "softmax per image",
+                                      ignore_index=255, backend="numba")
+            loss.backward()
+            return loss.detach(), leaf.grad
+
+    (default_loss, default_grad), (strict_loss, strict_grad) = _strict_and_default(call)
+    assert ranged, "the strict call sorted no segment by ranges"
+    assert torch.equal(strict_loss, default_loss)
+    assert torch.equal(strict_grad, default_grad)
+
+
+def test_a_strict_budget_bounds_numbas_memory():
+    """numpy's allocations in a loss call (the gradient, numba's keys and buffers, from any
+    thread; traced by tracemalloc) stay within twice the input with the CPU floor at 0, where
+    by default one 512² hinge image's keys alone are 4x it."""
+    import tracemalloc
+
+    from lovasz_kernels import _scratch
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 512, 512, generator=gen)
+    labels = torch.randint(0, 2, (1, 512, 512), generator=gen)
+    input_bytes = logits.numel() * logits.element_size()
+
+    def traced_peak():
+        lovasz_hinge(logits, labels, backend="numba")  # compiled, scratch made
+        _scratch.release_kept()
+        tracemalloc.start()
+        try:
+            lovasz_hinge(logits, labels, backend="numba")
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    default, strict = _strict_and_default(traced_peak)
+    assert default > 3 * input_bytes
+    assert strict <= 2 * input_bytes

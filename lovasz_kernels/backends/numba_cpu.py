@@ -80,7 +80,14 @@ from lovasz_kernels._numba_core import (
     njit,
     sort_keys,
 )
-from lovasz_kernels._plan import SegmentPlan, generic_lovasz_loss
+from lovasz_kernels._plan import (
+    SegmentPlan,
+    budget_is_strict,
+    call_budget_bytes,
+    chunk_allowance_bytes,
+    chunk_floor_bytes,
+    generic_lovasz_loss,
+)
 from lovasz_kernels._scratch import scratch
 from lovasz_kernels._validate import compute_dtype as _compute_dtype
 from lovasz_kernels.backends._host import errors_to_numpy, fg_to_numpy, results_to_torch
@@ -322,12 +329,16 @@ def _refine_float64_ties(sorted_keys, first, n, batch, s):
 
 
 @njit(cache=True)
-def _fused_pass(sorted_keys, start, stop, n_fg, fg_before, batch, s):
+def _fused_pass(sorted_keys, start, stop, n_fg, fg_before, batch, s, keys_before=0,
+                loss_before=0.0):
     """Jaccard increments of sorted_keys[start:stop], scattered to segment s's gradient;
-    returns the float64 loss of that block.
+    returns the float64 loss of that block, added to ``loss_before``.
 
-    ``fg_before`` is the number of fg pixels in sorted_keys[:start]; each increment comes from
-    exact integer counts (:func:`lovasz_kernels._numba_core.jaccard_increment`, docs/design.md §1).
+    ``fg_before`` is the number of fg pixels in sorted_keys[:start], and in the
+    ``keys_before`` keys of the segment sorted before sorted_keys[0] (a range of keys sorted
+    on its own, :func:`_segment_by_ranges`, whose running loss, ``loss_before``, goes on
+    adding up in the order of the whole segment); each increment comes from exact integer counts
+    (:func:`lovasz_kernels._numba_core.jaccard_increment`, docs/design.md §1).
     The gradient written is ``grad_scale[s] * slope * increment`` (d error / d score = slope):
     the segment's weight and sign are folded into the one scatter.
     """
@@ -336,14 +347,14 @@ def _fused_pass(sorted_keys, start, stop, n_fg, fg_before, batch, s):
     scale_fg = batch.grad_scale[s] * slope_fg
     scale_bg = batch.grad_scale[s] * slope_bg
     fg_seen = fg_before
-    loss = 0.0
+    loss = loss_before
     for k in range(start, stop):
         key = sorted_keys[k]
         offset = np.int64((key & _LOW32) >> _ONE)
         is_fg = (key & _ONE) != 0
         if is_fg:
             fg_seen += 1
-        increment = jaccard_increment(n_fg, fg_seen, k + 1 - fg_seen, is_fg)
+        increment = jaccard_increment(n_fg, fg_seen, keys_before + k + 1 - fg_seen, is_fg)
         if values.itemsize == 4:  # float32: the error is in the key, no gather
             error_bits = np.uint32(_INF32_BITS - (key >> _SHIFT_PREFIX))
             error = np.float64(float32_from_bits(error_bits))
@@ -358,11 +369,15 @@ def _fused_pass(sorted_keys, start, stop, n_fg, fg_before, batch, s):
 
 
 @njit(cache=True)
-def _finish_segment(batch, s, sorted_keys, n_positive, n_fg):
-    """Loss of segment s from its sorted keys (exact float64 order first); gradient written."""
+def _finish_segment(batch, s, sorted_keys, n_positive, n_fg, fg_before=0, keys_before=0,
+                    loss_before=0.0):
+    """Loss of segment s from its sorted keys (exact float64 order first); gradient written.
+    ``fg_before``, ``keys_before``, ``loss_before``: the fg pixels, keys and loss of the
+    segment sorted before these (a range of keys sorted on its own)."""
     if batch.values.itemsize == 8:
         _refine_float64_ties(sorted_keys, 0, n_positive, batch, s)
-    return _fused_pass(sorted_keys, 0, n_positive, n_fg, 0, batch, s)
+    return _fused_pass(sorted_keys, 0, n_positive, n_fg, fg_before, batch, s, keys_before,
+                       loss_before)
 
 
 @njit(cache=True)
@@ -476,6 +491,79 @@ def _narrow_range(labels, ignore_index, has_ignore, narrow, start, stop):
     else:
         for i in range(start, stop):
             narrow[i] = np.uint8(labels[i])
+
+
+# --------------------------------------------------------------------------------------------
+# kernels of the memory-bounded path (a range of keys at a time: _segment_by_ranges)
+
+#: keys are below 2^63 (a 31-bit prefix above 32 bits of offset and label)
+_KEYS_END = np.uint64(1 << 63)
+#: the digit of the key ranges' histograms: 4096 counters
+_RANGE_DIGIT_BITS = 12
+
+
+#: the key of a pixel that is not sorted, in a chunk's keys: above every range
+_NOT_SORTED = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+@njit(cache=True)
+def _walk_keys(batch, s, lo, hi, keys, histogram, shift, mask, zero_grad):
+    """One pass over segment s: each sorted pixel (valid, with a positive error) whose key
+    is in [lo, hi) is packed into ``keys`` in pixel order (when it has room for any: its last
+    slot takes the keys that do not belong, so it must hold one more than the range) or
+    counted in ``histogram`` by its digit at ``shift`` (when it has counters); with
+    ``zero_grad`` every pixel's gradient becomes 0. Returns (keys in [lo, hi), fg pixels of
+    the segment).
+
+    By chunks of ``_PACK_CHUNK`` pixels: every pixel's key first (:data:`_NOT_SORTED` for the
+    unsorted: a loop without branches that the compiler vectorizes), then the chunk's keys
+    picked or counted (3x faster than one loop doing both)."""
+    values, labels, grad = batch.values, batch.labels, batch.grad
+    value_base, label_base = batch.value_base[s], batch.label_base[s]
+    rule = (batch.fg_label[s], batch.ignore_label, batch.has_ignore) + _affine(batch)
+    last = keys.shape[0] - 1
+    counting = histogram.shape[0] > 0
+    chunk_keys = np.empty(_PACK_CHUNK, dtype=np.uint64)
+    num_cols = batch.num_cols
+    n = 0
+    n_fg = 0
+    for row in range(batch.rows):
+        first_offset = row * batch.value_row_stride
+        first_label = label_base + row * batch.label_row_stride
+        first_value = value_base + first_offset
+        for j0 in range(0, num_cols, _PACK_CHUNK):
+            j1 = min(j0 + _PACK_CHUNK, num_cols)
+            # chunk views, indexed from 0: no negative-index handling (it stops vectorization)
+            chunk_labels = labels[first_label + j0:first_label + j1]
+            chunk_values = values[first_value + j0:first_value + j1]
+            chunk = chunk_keys[:j1 - j0]
+            for j in range(chunk.shape[0]):
+                is_fg, error, is_sorted = _classify(chunk_labels[j], chunk_values[j], rule)
+                n_fg += np.int64(is_fg)
+                key = _packed_key(values, error, first_offset + j0 + j, is_fg)
+                chunk[j] = key if is_sorted else _NOT_SORTED
+            if last >= 0:
+                for key in chunk:  # no branch: the next key overwrites one that does not belong
+                    keys[min(n, last)] = key
+                    n += np.int64((key >= lo) & (key < hi))
+            else:
+                for key in chunk:
+                    inside = np.int64((key >= lo) & (key < hi))
+                    n += inside
+                    if counting:
+                        histogram[core.digit_of(key, shift, mask)] += inside
+            if zero_grad:
+                grad[first_value + j0:first_value + j1] = 0
+    return n, n_fg
+
+
+@njit(cache=True)
+def _fg_keys(sorted_keys, n):
+    """The fg pixels among the keys sorted_keys[:n]."""
+    count = 0
+    for key in sorted_keys[:n]:
+        count += np.int64(key & _ONE)
+    return count
 
 
 # --------------------------------------------------------------------------------------------
@@ -651,6 +739,136 @@ def _segment_blocked(batch: SegmentBatch, s: int, keys: np.ndarray, buffer: np.n
     return float(sum(range_loss))
 
 
+#: however small the budget, a segment sorted a range of keys at a time takes at most this
+#: many ranges (each is a pass over the segment)
+RANGES_MOST = 64
+_NO_KEYS = np.empty(0, dtype=np.uint64)
+_NO_COUNTS = np.empty(0, dtype=np.int64)
+
+
+def _key_ranges(batch: SegmentBatch, s: int, capacity: int,
+                histogram: np.ndarray) -> tuple[list[tuple[int, int, int]], int]:
+    """Segment s's keys cut into intervals [lo, hi) of at most ``capacity`` keys, ascending
+    (the largest errors first), as (lo, hi, keys); and the segment's fg pixels.
+
+    One pass counts the keys by their top digit (and writes 0 to every pixel's gradient: the
+    ranges then write only their keys'); consecutive digits are merged into ranges while
+    they fit, and a digit with more keys than fit is counted again by the next digit (one
+    more pass, over that digit's keys only). Keys are unique, so this ends. In float64 a
+    range never cuts a run of keys with one 32-bit prefix (their exact order is set within a
+    range, :func:`_refine_float64_ties`): such a run of more than ``capacity`` keys (errors
+    tied in their top 32 bits) is one range."""
+    lowest_shift = 32 if batch.values.itemsize == 8 else 0
+    shift = 63 - _RANGE_DIGIT_BITS
+    histogram[:] = 0
+    _, n_fg = _walk_keys(batch, s, np.uint64(0), _KEYS_END, _NO_KEYS, histogram,
+                         np.uint64(shift), np.uint64((1 << _RANGE_DIGIT_BITS) - 1), True)
+    ranges: list[tuple[int, int, int]] = []
+
+    def cut(base: int, shift: int, counts: np.ndarray) -> None:
+        current: list[int] | None = None  # lo, hi, keys
+        for digit in np.flatnonzero(counts):
+            count = int(counts[digit])
+            lo = base + (int(digit) << shift)
+            hi = lo + (1 << shift)
+            if count <= capacity and current is not None and current[2] + count <= capacity:
+                current[1], current[2] = hi, current[2] + count
+                continue
+            if current is not None:
+                ranges.append((current[0], current[1], current[2]))
+                current = None
+            if count <= capacity or shift <= lowest_shift:
+                current = [lo, hi, count]
+                continue
+            next_shift = max(shift - _RANGE_DIGIT_BITS, lowest_shift)
+            size = 1 << (shift - next_shift)
+            histogram[:size] = 0
+            _walk_keys(batch, s, np.uint64(lo), np.uint64(hi), _NO_KEYS, histogram[:size],
+                       np.uint64(next_shift), np.uint64(size - 1), False)
+            cut(lo, next_shift, histogram[:size].copy())
+        if current is not None:
+            ranges.append((current[0], current[1], current[2]))
+
+    cut(0, shift, histogram.copy())
+    return ranges, n_fg
+
+
+def _segment_by_ranges(batch: SegmentBatch, s: int, keys: np.ndarray, buffer: np.ndarray,
+                       histogram: np.ndarray, radix_min: int, methods: _SortMethods) -> float:
+    """Loss of segment s with its keys sorted a range at a time (:func:`_key_ranges`, ranges
+    of at most ``keys.size - 1`` keys): each range's keys packed by a pass over the segment,
+    sorted, and given the increments of their places in the whole segment's order (the fg
+    pixels and keys of the ranges before carried over): the same loss and gradient, bit for
+    bit, as the segment sorted whole, holding ``keys`` and ``buffer`` instead of 16 bytes per
+    pixel of the segment."""
+    ranges, n_fg = _key_ranges(batch, s, keys.size - 1, histogram)
+    loss = 0.0
+    fg_before = keys_before = 0
+    for lo, hi, count in ranges:
+        if count >= keys.size:  # float64 errors tied in their top 32 bits, more than fit
+            keys, buffer = np.empty(count + 1, dtype=np.uint64), np.empty(count + 1, np.uint64)
+        n, _ = _walk_keys(batch, s, np.uint64(lo), np.uint64(hi), keys, _NO_COUNTS,
+                          np.uint64(0), np.uint64(0), False)
+        if methods.host == SORT_NUMPY and n >= radix_min:
+            keys[:n].sort()  # releases the GIL
+            sorted_keys = keys
+        else:
+            sorted_keys = sort_keys(keys, buffer, n, radix_min, methods.kernel)
+        loss = _finish_segment(batch, s, sorted_keys, n, n_fg, fg_before, keys_before, loss)
+        fg_before += _fg_keys(sorted_keys, n)
+        keys_before += n
+    return loss
+
+
+def _ranges_task(batch: SegmentBatch, num_segments: int, next_segment: np.ndarray,
+                 capacity: int, loss: np.ndarray, radix_min: int,
+                 methods: _SortMethods) -> None:
+    """One thread's share of segments [0, num_segments), each sorted a range of at most
+    ``capacity`` keys at a time, with this thread's scratch."""
+    both = scratch("numba range keys", 2 * (capacity + 1), np.uint64)
+    keys, buffer = both[:capacity + 1], both[capacity + 1:]
+    histogram = scratch("numba range counts", 1 << _RANGE_DIGIT_BITS, np.int64)
+    while True:
+        s = int(core.take_next(next_segment, 1))
+        if s >= num_segments:
+            return
+        loss[s] = _segment_by_ranges(batch, s, keys, buffer, histogram, radix_min, methods)
+
+
+#: what a thread sorting by ranges holds besides its keys: the digit counts (and a copy of
+#: them per level of refinement, of which there are rarely more than two)
+_RANGE_COUNTS_BYTES = 3 * 8 << _RANGE_DIGIT_BITS
+
+
+def _run_within(batch: SegmentBatch, num_segments: int, budget_bytes: int) -> np.ndarray:
+    """:func:`_run_batch` holding at most ``budget_bytes`` of keys, buffers and counts at
+    once: segments whose keys and buffer (16 bytes a pixel) fit are sorted whole, on as many
+    threads as fit (one at least); longer ones a range of keys at a time, one per thread,
+    each thread's ranges sized to its share of the budget (never more than
+    :data:`RANGES_MOST` ranges)."""
+    num_pixels = batch.rows * batch.num_cols
+    loss = np.zeros(num_segments, dtype=np.float64)
+    threads = core.thread_count()
+    methods = _sort_methods(num_pixels)
+    radix_min = RADIX_MIN_KEYS
+    next_segment = np.zeros(1, dtype=np.int64)
+    whole_bytes = 2 * 8 * num_pixels
+    if num_segments * num_pixels < PARALLEL_MIN_PIXELS:
+        threads = 1
+    workers = min(threads, max(num_segments, 1), budget_bytes // max(whole_bytes, 1))
+    if workers >= 1:
+        chunk = max(1, min(CHUNK_PIXELS // max(num_pixels, 1), num_segments // (4 * workers)))
+        core.run_tasks(_segments_task, [(batch, num_segments, next_segment, chunk, loss,
+                                         radix_min, methods) for _ in range(workers)])
+        return loss
+    workers = min(threads, max(num_segments, 1))
+    share = budget_bytes // workers - _RANGE_COUNTS_BYTES
+    capacity = max(share // 16 - 1, -(-num_pixels // RANGES_MOST), 1)
+    core.run_tasks(_ranges_task, [(batch, num_segments, next_segment, capacity, loss,
+                                   radix_min, methods) for _ in range(workers)])
+    return loss
+
+
 def _split_pays(count: int, num_pixels: int, threads: int) -> bool:
     """Whether ``count`` segments of ``num_pixels`` each, split across ``threads`` threads
     one after another (:func:`_segment_blocked`), end sooner than the same segments run
@@ -667,13 +885,18 @@ def _split_pays(count: int, num_pixels: int, threads: int) -> bool:
     return count * split_ms * SPLIT_MARGIN < whole_ms
 
 
-def _run_batch(batch: SegmentBatch, num_segments: int) -> np.ndarray:
+def _run_batch(batch: SegmentBatch, num_segments: int,
+               budget_bytes: int | None = None) -> np.ndarray:
     """Per-segment float64 losses (S,); gradients written into ``batch.grad``.
 
     Segments run on the worker threads, each on one thread; those that would leave threads
     idle (fewer segments than threads, or the last ``S mod threads``) are split across
-    threads instead where that pays (:func:`_split_pays`).
+    threads instead where that pays (:func:`_split_pays`). With ``budget_bytes`` (a strict
+    budget, see ``lovasz_kernels.set_chunk_floor``) the scratch stays within it instead
+    (:func:`_run_within`).
     """
+    if budget_bytes is not None:
+        return _run_within(batch, num_segments, budget_bytes)
     num_pixels = batch.rows * batch.num_cols
     loss = np.zeros(num_segments, dtype=np.float64)
     threads = core.thread_count()
@@ -843,8 +1066,26 @@ def lovasz_extension(errors: torch.Tensor, fg: torch.Tensor) -> tuple[torch.Tens
     errors_np = _host_floats(errors)
     fg_np = np.ascontiguousarray(fg_to_numpy(fg))
     grad = np.empty(errors_np.shape, dtype=errors_np.dtype)
-    loss = _run_batch(_extension_batch(errors_np, fg_np, grad), num_segments)
+    budget = _scratch_budget(max(grad.nbytes, chunk_floor_bytes(_CPU)))
+    loss = _run_batch(_extension_batch(errors_np, fg_np, grad), num_segments, budget)
     return results_to_torch(loss, grad, errors)
+
+
+_CPU = torch.device("cpu")
+
+
+def _scratch_budget(call_budget: int, held_bytes: int = 0) -> int | None:
+    """Under a strict budget (a floor set with ``lovasz_kernels.set_chunk_floor``), the bytes
+    the kernels' scratch may take at once: ``call_budget`` (or, in a chunk of a chunked call,
+    the chunk's allowance) less what the call holds besides its gradient (``held_bytes``);
+    None otherwise."""
+    if not budget_is_strict(_CPU):
+        return None
+    allowance = chunk_allowance_bytes()
+    left = (call_budget if allowance is None else allowance) - held_bytes
+    # an eighth is left for the C heap's slack, which peak RSS counts (2.03-2.09x the input
+    # at 1024² x 2 without it)
+    return max(left - left // 8, 0)
 
 
 def _narrow_labels(
@@ -923,7 +1164,10 @@ def lovasz_loss(
             fg_label=plan.fg_label.numpy()[counted].astype(np.int64),
             grad_scale=weight[counted].astype(np.float64),
         )
-        segment_loss = _run_batch(batch, counted.size)
+        # narrowed labels are the call's own; labels read as they are, the caller's
+        held = narrow_labels.nbytes if narrow_labels.dtype == np.uint8 else 0
+        segment_loss = _run_batch(batch, counted.size,
+                                  _scratch_budget(call_budget_bytes(scores), held))
         total = float(np.dot(segment_loss, batch.grad_scale))
     else:
         grad = np.zeros(values.shape, dtype=values.dtype)

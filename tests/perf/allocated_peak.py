@@ -1,6 +1,6 @@
 """Peak memory in one forward + backward, for the workloads of the standard grid.
 
-    python tests/perf/allocated_peak.py [--backend torch] [--rss]
+    python tests/perf/allocated_peak.py [--backend torch] [--rss | --numpy] [--chunk-floor MB]
 
 By default ``TorchAllocationPeakMeter``: the running sum of torch's CPU allocations and frees
 over one call (after a warm-up call), its maximum over the input's size: what the code needs,
@@ -9,25 +9,54 @@ without the heap fragmentation that a peak RSS adds. Deterministic, and what
 count (not numpy arrays: the numpy backend, numba's scratch), so this is for the torch
 backend. ``--rss``: the peak RSS over the RSS before the call instead (``RssPeakMeter``, as
 ``lovasz-kernels bench`` measures it), which every backend's memory shows in, numba's too.
-Either meter first releases the arrays that calls keep between them, so the peak counts
-them as the call's.
+``--numpy``: the peak of numpy's allocations instead (``tracemalloc``, every thread's):
+the numba backend's own arrays (its gradient, keys and buffers, narrowed labels), without the
+heap's history that a peak RSS adds; the loss layer's torch temporaries, freed before the
+kernels run, are not in it. Every meter first releases the arrays that calls keep between
+them, so the peak counts them as the call's. ``--chunk-floor``: the CPU floor set as a user sets it
+(``set_chunk_floor``, kept strictly).
 """
 
 from __future__ import annotations
 
 import argparse
+import tracemalloc
 
+from lovasz_kernels import set_chunk_floor
+from lovasz_kernels._scratch import release_kept
 from lovasz_kernels.bench.measure import RssPeakMeter, TorchAllocationPeakMeter
 from lovasz_kernels.bench.workloads import SUITE, Prepared
+
+
+class NumpyAllocationPeakMeter:
+    """The peak of the memory that ``tracemalloc`` traces during a call (numpy reports its
+    arrays' data to it, from every thread), kept arrays released first."""
+
+    def extra_peak_bytes(self, call) -> int:
+        release_kept()
+        tracemalloc.start()
+        try:
+            call()
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="torch")
-    parser.add_argument("--rss", action="store_true",
-                        help="peak RSS (every backend) instead of torch's allocations")
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument("--rss", action="store_true",
+                      help="peak RSS (every backend) instead of torch's allocations")
+    kind.add_argument("--numpy", action="store_true",
+                      help="numpy's allocations (tracemalloc) instead of torch's")
+    parser.add_argument("--chunk-floor", type=float, default=None, metavar="MB",
+                        help="set the CPU floor (set_chunk_floor), in MB")
     args = parser.parse_args()
-    meter = RssPeakMeter() if args.rss else TorchAllocationPeakMeter()
+    if args.chunk_floor is not None:
+        set_chunk_floor("cpu", int(args.chunk_floor * (1 << 20)))
+    meter = (RssPeakMeter() if args.rss else NumpyAllocationPeakMeter() if args.numpy
+             else TorchAllocationPeakMeter())
     if args.rss and (reason := meter.unavailable_reason()):
         parser.error(reason)
     for workload in SUITE:

@@ -1,6 +1,7 @@
-"""The torch backend's chunk floor: speed and memory with smaller chunks than the default.
+"""The chunk floor: speed and memory with smaller chunks than the default.
 
     python tests/perf/chunk_floor.py [--floors-mb 32 8 4] [--rounds 15] [--strict] [--suite]
+        [--loop] [--backend torch] [--rss]
 
 Small inputs run the generic path and the torch backend's extension in one chunk (below
 ``CPU_CHUNK_FLOOR_BYTES`` of gradient). For each workload and each floor this prints the median
@@ -10,7 +11,9 @@ input (``TorchAllocationPeakMeter``): what smaller chunks would save in memory, 
 ``--strict`` sets each floor as a user does (``set_chunk_floor``), which keeps the budget
 strictly, beside the default floor as it is; ``--suite`` times the standard workloads
 (``SUITE``) instead of the small inputs; ``--loop`` times the authors' per-class loop in the
-same rounds (loss workloads), and each floor's speed-up over it.
+same rounds (loss workloads), and each floor's speed-up over it. ``--backend numba --rss``:
+the numba backend, which keeps a floor set strictly too, its peak as peak RSS
+(``RssPeakMeter``: torch's allocations do not show numpy's).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import statistics
 import time
 
 import lovasz_kernels._plan as plan_module
-from lovasz_kernels.bench.measure import TorchAllocationPeakMeter
+from lovasz_kernels.bench.measure import RssPeakMeter, TorchAllocationPeakMeter
 from lovasz_kernels.bench.workloads import LOOP, SUITE, Prepared, Workload
 
 WORKLOADS = (
@@ -58,7 +61,13 @@ def main() -> None:
                         help="set the floors through set_chunk_floor, beside the default")
     parser.add_argument("--suite", action="store_true", help="the standard workloads")
     parser.add_argument("--loop", action="store_true", help="time the per-class loop too")
+    parser.add_argument("--backend", default="torch")
+    parser.add_argument("--rss", action="store_true",
+                        help="peak RSS (every backend) instead of torch's allocations")
     args = parser.parse_args()
+    meter = RssPeakMeter() if args.rss else TorchAllocationPeakMeter()
+    if args.rss and (reason := meter.unavailable_reason()):
+        parser.error(reason)
     floors = [mb << 20 for mb in args.floors_mb]
     if args.strict:
         floors.insert(0, DEFAULT)
@@ -66,12 +75,12 @@ def main() -> None:
     try:
         for workload in SUITE if args.suite else WORKLOADS:
             prepared = Prepared(workload)
-            call = lambda prepared=prepared: prepared.fwd_bwd("torch")  # noqa: E731
+            call = lambda prepared=prepared: prepared.fwd_bwd(args.backend)  # noqa: E731
             peaks = {}
             for floor in floors:
                 _set_floor(floor, args.strict)
                 call()  # warm-up
-                peaks[floor] = TorchAllocationPeakMeter().extra_peak_bytes(call)
+                peaks[floor] = meter.extra_peak_bytes(call)
             loop = args.loop and workload.loss != "extension"
             samples: dict[int, list[float]] = {floor: [] for floor in floors}
             loop_samples = []
