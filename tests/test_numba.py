@@ -861,11 +861,12 @@ def _strict_and_default(call):
     return default, strict
 
 
-@pytest.mark.parametrize("case", ["softmax batch", "softmax per image", "hinge", "extension"])
+@pytest.mark.parametrize("case", ["softmax batch", "softmax batch float16",
+                                  "softmax per image", "hinge", "extension"])
 def test_a_strict_budget_gives_the_default_answer_bit_for_bit(case, gen, monkeypatch):
     """With the CPU floor at 0 numba sorts segments a range of keys at a time (over threads,
-    batch segments across images, ignored pixels, an image with none valid): the same loss
-    and gradient as by default, bit for bit."""
+    batch segments across images, ignored pixels, an image with none valid, 16-bit scores
+    widened by the call): the same loss and gradient as by default, bit for bit."""
     ranged = []
     real = numba_cpu._segment_by_ranges
     monkeypatch.setattr(numba_cpu, "_segment_by_ranges",
@@ -879,12 +880,14 @@ def test_a_strict_budget_gives_the_default_answer_bit_for_bit(case, gen, monkeyp
             return tuple(t.clone() for t in lovasz_extension(errors, fg, backend="numba"))
     else:
         # a segment's keys must not fit: few classes and images per pixel of a segment
-        classes = {"hinge": 1, "softmax batch": 3, "softmax per image": 2}[case]
+        classes = {"hinge": 1, "softmax per image": 2}.get(case, 3)
         images = 2 if case == "softmax per image" else 3
         shape = (images, side, side) if classes == 1 else (images, classes, side, side)
         scores = torch.randn(shape, generator=gen)
         if classes > 1:
             scores = scores.softmax(dim=1)
+        if case.endswith("float16"):
+            scores = scores.half()
         labels = torch.randint(0, max(classes, 2), (images, side, side), generator=gen)
         labels[0, :10] = 255
         labels[-1] = 255  # no valid pixel

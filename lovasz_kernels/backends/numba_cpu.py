@@ -1066,12 +1066,18 @@ def lovasz_extension(errors: torch.Tensor, fg: torch.Tensor) -> tuple[torch.Tens
     errors_np = _host_floats(errors)
     fg_np = np.ascontiguousarray(fg_to_numpy(fg))
     grad = np.empty(errors_np.shape, dtype=errors_np.dtype)
-    budget = _scratch_budget(max(grad.nbytes, chunk_floor_bytes(_CPU)))
+    budget = _scratch_budget(max(grad.nbytes, chunk_floor_bytes(_CPU)),
+                             _widened_bytes(errors, errors_np))
     loss = _run_batch(_extension_batch(errors_np, fg_np, grad), num_segments, budget)
     return results_to_torch(loss, grad, errors)
 
 
 _CPU = torch.device("cpu")
+
+
+def _widened_bytes(tensor: torch.Tensor, values: np.ndarray) -> int:
+    """The bytes of ``values`` when :func:`_host_floats` made them (16-bit input), else 0."""
+    return values.nbytes if tensor.element_size() < values.itemsize else 0
 
 
 def _scratch_budget(call_budget: int, held_bytes: int = 0) -> int | None:
@@ -1164,8 +1170,10 @@ def lovasz_loss(
             fg_label=plan.fg_label.numpy()[counted].astype(np.int64),
             grad_scale=weight[counted].astype(np.float64),
         )
-        # narrowed labels are the call's own; labels read as they are, the caller's
-        held = narrow_labels.nbytes if narrow_labels.dtype == np.uint8 else 0
+        # narrowed labels and widened 16-bit scores are the call's own; arrays read as they
+        # are, the caller's
+        held = (narrow_labels.nbytes if narrow_labels.dtype == np.uint8 else 0) + (
+            _widened_bytes(scores, values))
         segment_loss = _run_batch(batch, counted.size,
                                   _scratch_budget(call_budget_bytes(scores), held))
         total = float(np.dot(segment_loss, batch.grad_scale))
