@@ -754,7 +754,8 @@ def _key_ranges(batch: SegmentBatch, s: int, capacity: int,
     One pass counts the keys by their top digit (and writes 0 to every pixel's gradient: the
     ranges then write only their keys'); consecutive digits are merged into ranges while
     they fit, and a digit with more keys than fit is counted again by the next digit (one
-    more pass, over that digit's keys only). Keys are unique, so this ends. In float64 a
+    more pass over the segment, counting that digit's keys only). Keys are unique, so this
+    ends. In float64 a
     range never cuts a run of keys with one 32-bit prefix (their exact order is set within a
     range, :func:`_refine_float64_ties`): such a run of more than ``capacity`` keys (errors
     tied in their top 32 bits) is one range."""
@@ -798,9 +799,9 @@ def _segment_by_ranges(batch: SegmentBatch, s: int, keys: np.ndarray, buffer: np
     """Loss of segment s with its keys sorted a range at a time (:func:`_key_ranges`, ranges
     of at most ``keys.size - 1`` keys): each range's keys packed by a pass over the segment,
     sorted, and given the increments of their places in the whole segment's order (the fg
-    pixels and keys of the ranges before carried over): the same loss and gradient, bit for
-    bit, as the segment sorted whole, holding ``keys`` and ``buffer`` instead of 16 bytes per
-    pixel of the segment."""
+    pixels, keys and running loss of the ranges before carried over): the same loss and
+    gradient, bit for bit, as the segment sorted whole, holding ``keys`` and ``buffer``
+    instead of 16 bytes per pixel of the segment."""
     ranges, n_fg = _key_ranges(batch, s, keys.size - 1, histogram)
     loss = 0.0
     fg_before = keys_before = 0
@@ -837,7 +838,7 @@ def _ranges_task(batch: SegmentBatch, num_segments: int, next_segment: np.ndarra
 
 #: what a thread sorting by ranges holds besides its keys: the digit counts (and a copy of
 #: them per level of refinement, of which there are rarely more than two)
-_RANGE_COUNTS_BYTES = 3 * 8 << _RANGE_DIGIT_BITS
+_RANGE_COUNTS_BYTES = 3 * (8 << _RANGE_DIGIT_BITS)
 
 
 def _run_within(batch: SegmentBatch, num_segments: int, budget_bytes: int) -> np.ndarray:
