@@ -43,25 +43,27 @@ class LovaszExtension(_FwdBwd):
 
 
 class MemoryFirst:
-    """The torch backend with the CPU floor set to 0 (``set_chunk_floor("cpu", 0)``: kept
-    strictly, memory before speed) on the loss workloads: the standard workloads' forward +
-    backward within twice their input, and what that costs in time."""
+    """The backends that keep a floor (numba, torch) with the CPU floor set to 0
+    (``set_chunk_floor("cpu", 0)``: kept strictly, memory before speed) on the loss workloads:
+    the standard workloads' forward + backward within twice their input, and what that costs
+    in time."""
 
-    params = [common.workloads("softmax") + common.workloads("hinge")]
-    param_names = ["workload"]
+    params = [common.workloads("softmax") + common.workloads("hinge"),
+              common.floor_keeping_backends()]
+    param_names = ["workload", "backend"]
     timeout = 300
 
-    def setup(self, workload):
+    def setup(self, workload, backend):
         set_chunk_floor("cpu", 0)
-        self.call = bench.warmed_call(workload, "torch")
+        self.call = bench.warmed_call(workload, backend)
 
-    def teardown(self, workload):
+    def teardown(self, workload, backend):
         set_chunk_floor("cpu", None)
 
-    def time_fwd_bwd(self, workload):
+    def time_fwd_bwd(self, workload, backend):
         self.call()
 
-    def peakmem_fwd_bwd(self, workload):
+    def peakmem_fwd_bwd(self, workload, backend):
         self.call()
 
 

@@ -39,3 +39,13 @@ def contenders(loss: str, device: str = "cpu") -> list[str]:
     """The standard contenders (``bench.standard_contenders``); the full grid adds the numpy
     reference."""
     return bench.standard_contenders(loss, device, reference=FULL)
+
+
+#: the CPU backends that keep a floor set with ``set_chunk_floor`` (memory before speed)
+FLOOR_KEEPING_BACKENDS = ("numba", "torch")
+
+
+def floor_keeping_backends(device: str = "cpu") -> list[str]:
+    """:data:`FLOOR_KEEPING_BACKENDS` that run natively here."""
+    runnable = bench.standard_contenders("softmax", device)
+    return [name for name in FLOOR_KEEPING_BACKENDS if name in runnable]

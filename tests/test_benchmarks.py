@@ -96,7 +96,7 @@ def test_each_benchmark_runs_on_the_smallest_input(cls, monkeypatch):
     (the GPU bodies on CPU tensors)."""
     monkeypatch.setattr(bench_cuda, "DEVICE", "cpu")
     monkeypatch.setattr(bench_cuda, "ROUNDS", 2)
-    values = {"contender": "torch", "side": 256, "method": "exact"}
+    values = {"contender": "torch", "backend": "torch", "side": 256, "method": "exact"}
     if "workload" in cls.param_names:
         values["workload"] = _smallest(bench_cuda.WORKLOADS if cls in CUDA_BODIES
                                        else cls.params[0])
@@ -119,14 +119,17 @@ def test_memory_first_sets_the_floor_for_its_benchmarks_only():
     from lovasz_kernels import _plan
 
     workload = _smallest(MemoryFirst.params[0])
-    instance = MemoryFirst()
-    instance.setup(workload)
-    try:
-        assert _plan.budget_is_strict(torch.device("cpu"))
-        assert _plan.chunk_floor_bytes(torch.device("cpu")) == 0
-    finally:
-        instance.teardown(workload)
-    assert not _plan.budget_is_strict(torch.device("cpu"))
+    assert "torch" in MemoryFirst.params[1]
+    for backend in MemoryFirst.params[1]:
+        instance = MemoryFirst()
+        instance.setup(workload, backend)
+        try:
+            assert _plan.budget_is_strict(torch.device("cpu"))
+            assert _plan.chunk_floor_bytes(torch.device("cpu")) == 0
+            instance.time_fwd_bwd(workload, backend)
+        finally:
+            instance.teardown(workload, backend)
+        assert not _plan.budget_is_strict(torch.device("cpu"))
 
 
 def test_over_budget_is_not_implemented():
