@@ -810,11 +810,13 @@ def test_packing_batch_segments_with_ignored_pixels(monkeypatch, gen):
 
 
 @pytest.mark.parametrize("dtype", _FLOAT_DTYPES)
-@pytest.mark.parametrize("capacity", [1, 5, 64, 700])
-def test_segment_by_ranges_matches_the_whole_segment_bit_for_bit(dtype, capacity):
+@pytest.mark.parametrize("capacity, blocks", [(1, 1), (5, 1), (64, 1), (700, 1), (5, 2),
+                                              (700, 3)])
+def test_segment_by_ranges_matches_the_whole_segment_bit_for_bit(dtype, capacity, blocks):
     """Ranges of at most ``capacity`` keys (digits refined where one holds more; in float64
-    runs of keys with one 32-bit prefix kept whole, however many) give the loss and gradient
-    of the segment sorted whole, bit for bit: ties, special values, -0.0, padding."""
+    runs of keys with one 32-bit prefix kept whole, however many), each packed in ``blocks``
+    blocks of pixels on the worker threads, give the loss and gradient of the segment sorted
+    whole, bit for bit: ties, special values, -0.0, padding."""
     rng = np.random.default_rng(7)
     methods = numba_cpu._SortMethods(core.SORT_LSD, core.SORT_LSD)
     for row in _float_rows(dtype, rng):
@@ -827,8 +829,8 @@ def test_segment_by_ranges_matches_the_whole_segment_bit_for_bit(dtype, capacity
                                           core.SORT_LSD)
         grad = np.full(errors.shape, np.nan, dtype=dtype)
         batch = numba_cpu._extension_batch(errors, fg, grad)
-        keys, buffer = (np.empty(capacity + 1, dtype=np.uint64) for _ in range(2))
-        counts = np.empty(1 << numba_cpu._RANGE_DIGIT_BITS, dtype=np.int64)
+        keys, buffer = (np.empty(capacity + blocks, dtype=np.uint64) for _ in range(2))
+        counts = np.empty((blocks, 1 << numba_cpu._RANGE_DIGIT_BITS), dtype=np.int64)
         by_ranges = numba_cpu._segment_by_ranges(batch, 0, keys, buffer, counts,
                                                  core.RADIX_MIN_KEYS, methods)
         assert by_ranges == whole
@@ -843,12 +845,16 @@ def test_key_ranges_hold_at_most_their_capacity_and_cover_every_key():
     errors[0, ::7] = -1.0  # not sorted
     fg = rng.random(errors.shape) < 0.5
     batch = numba_cpu._extension_batch(errors, fg, np.empty_like(errors))
-    counts = np.empty(1 << numba_cpu._RANGE_DIGIT_BITS, dtype=np.int64)
+    counts = np.empty((2, 1 << numba_cpu._RANGE_DIGIT_BITS), dtype=np.int64)
     ranges, n_fg = numba_cpu._key_ranges(batch, 0, 1000, counts)
     assert n_fg == fg.sum()
+    totals = [int(block_counts.sum()) for _, _, block_counts in ranges]
     assert len(ranges) >= (errors > 0).sum() // 1000
-    assert all(count <= 1000 for _, _, count in ranges)
-    assert sum(count for _, _, count in ranges) == (errors > 0).sum()
+    assert all(total <= 1000 for total in totals)
+    assert sum(totals) == (errors > 0).sum()
+    # the blocks' counts: of the first and of the second half of the pixels
+    halves = [(errors[0, :10000] > 0).sum(), (errors[0, 10000:] > 0).sum()]
+    assert [sum(int(c[b]) for _, _, c in ranges) for b in range(2)] == halves
     assert all(hi <= next_lo for (_, hi, _), (next_lo, _, _) in zip(ranges, ranges[1:]))
 
 

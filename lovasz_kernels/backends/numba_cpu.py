@@ -507,13 +507,13 @@ _NOT_SORTED = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
 @njit(cache=True)
-def _walk_keys(batch, s, lo, hi, keys, histogram, shift, mask, zero_grad):
-    """One pass over segment s: each sorted pixel (valid, with a positive error) whose key
-    is in [lo, hi) is packed into ``keys`` in pixel order (when it has room for any: its last
-    slot takes the keys that do not belong, so it must hold one more than the range) or
-    counted in ``histogram`` by its digit at ``shift`` (when it has counters); with
-    ``zero_grad`` every pixel's gradient becomes 0. Returns (keys in [lo, hi), fg pixels of
-    the segment).
+def _walk_keys(batch, s, start, stop, lo, hi, keys, histogram, shift, mask, zero_grad):
+    """One pass over pixels [start, stop) of segment s (pixel q is row q // num_cols, column
+    q % num_cols): each sorted pixel (valid, with a positive error) whose key is in [lo, hi)
+    is packed into ``keys`` in pixel order (when it has room for any: its last slot takes the
+    keys that do not belong, so it must hold one more than the range) or counted in
+    ``histogram`` by its digit at ``shift`` (when it has counters); with ``zero_grad`` every
+    pixel's gradient becomes 0. Returns (keys in [lo, hi), fg pixels).
 
     By chunks of ``_PACK_CHUNK`` pixels: every pixel's key first (:data:`_NOT_SORTED` for the
     unsorted: a loop without branches that the compiler vectorizes), then the chunk's keys
@@ -527,12 +527,16 @@ def _walk_keys(batch, s, lo, hi, keys, histogram, shift, mask, zero_grad):
     num_cols = batch.num_cols
     n = 0
     n_fg = 0
-    for row in range(batch.rows):
+    row = start // num_cols
+    col_start = start - row * num_cols
+    q = start
+    while q < stop:  # row by row: no division per pixel
+        col_stop = min(num_cols, col_start + (stop - q))
         first_offset = row * batch.value_row_stride
         first_label = label_base + row * batch.label_row_stride
         first_value = value_base + first_offset
-        for j0 in range(0, num_cols, _PACK_CHUNK):
-            j1 = min(j0 + _PACK_CHUNK, num_cols)
+        for j0 in range(col_start, col_stop, _PACK_CHUNK):
+            j1 = min(j0 + _PACK_CHUNK, col_stop)
             # chunk views, indexed from 0: no negative-index handling (it stops vectorization)
             chunk_labels = labels[first_label + j0:first_label + j1]
             chunk_values = values[first_value + j0:first_value + j1]
@@ -554,6 +558,9 @@ def _walk_keys(batch, s, lo, hi, keys, histogram, shift, mask, zero_grad):
                         histogram[core.digit_of(key, shift, mask)] += inside
             if zero_grad:
                 grad[first_value + j0:first_value + j1] = 0
+        q += col_stop - col_start
+        row += 1
+        col_start = 0
     return n, n_fg
 
 
@@ -746,78 +753,113 @@ _NO_KEYS = np.empty(0, dtype=np.uint64)
 _NO_COUNTS = np.empty(0, dtype=np.int64)
 
 
-def _key_ranges(batch: SegmentBatch, s: int, capacity: int,
-                histogram: np.ndarray) -> tuple[list[tuple[int, int, int]], int]:
+def _walk_blocks(batch: SegmentBatch, s: int, lo: int, hi: int, keys: list[np.ndarray],
+                 histograms: np.ndarray, shift: int, mask: int,
+                 zero_grad: bool) -> list[tuple[int, int]]:
+    """:func:`_walk_keys` over segment s in ``len(keys)`` blocks of pixels, block b packing
+    into ``keys[b]`` or counting into ``histograms[b]``: on the worker threads when there
+    are several (the caller must not be a pool task itself)."""
+    num_blocks = len(keys)
+    num_pixels = batch.rows * batch.num_cols
+    tasks = [(batch, s, *_block_bounds(num_pixels, num_blocks, block), np.uint64(lo),
+              np.uint64(hi), keys[block], histograms[block], np.uint64(shift),
+              np.uint64(mask), zero_grad) for block in range(num_blocks)]
+    return core.run_tasks(_walk_keys, tasks)
+
+
+def _key_ranges(batch: SegmentBatch, s: int, capacity: int, histograms: np.ndarray,
+                ) -> tuple[list[tuple[int, int, np.ndarray]], int]:
     """Segment s's keys cut into intervals [lo, hi) of at most ``capacity`` keys, ascending
-    (the largest errors first), as (lo, hi, keys); and the segment's fg pixels.
+    (the largest errors first), as (lo, hi, keys of each block of pixels); and the
+    segment's fg pixels. ``histograms`` has a row of counters per block (one block: the
+    calling thread alone; more: as many tasks, see :func:`_walk_blocks`).
 
     One pass counts the keys by their top digit (and writes 0 to every pixel's gradient: the
     ranges then write only their keys'); consecutive digits are merged into ranges while
     they fit, and a digit with more keys than fit is counted again by the next digit (one
     more pass over the segment, counting that digit's keys only). Keys are unique, so this
-    ends. In float64 a
-    range never cuts a run of keys with one 32-bit prefix (their exact order is set within a
-    range, :func:`_refine_float64_ties`): such a run of more than ``capacity`` keys (errors
-    tied in their top 32 bits) is one range."""
+    ends. In float64 a range never cuts a run of keys with one 32-bit prefix (their exact
+    order is set within a range, :func:`_refine_float64_ties`): such a run of more than
+    ``capacity`` keys (errors tied in their top 32 bits) is one range."""
+    num_blocks = histograms.shape[0]
+    no_keys = [_NO_KEYS] * num_blocks
     lowest_shift = 32 if batch.values.itemsize == 8 else 0
     shift = 63 - _RANGE_DIGIT_BITS
-    histogram[:] = 0
-    _, n_fg = _walk_keys(batch, s, np.uint64(0), _KEYS_END, _NO_KEYS, histogram,
-                         np.uint64(shift), np.uint64((1 << _RANGE_DIGIT_BITS) - 1), True)
-    ranges: list[tuple[int, int, int]] = []
+    histograms[:] = 0
+    walked = _walk_blocks(batch, s, 0, 1 << 63, no_keys, histograms, shift,
+                          (1 << _RANGE_DIGIT_BITS) - 1, True)
+    n_fg = sum(block_fg for _, block_fg in walked)
+    ranges: list[tuple[int, int, np.ndarray]] = []
 
     def cut(base: int, shift: int, counts: np.ndarray) -> None:
-        current: list[int] | None = None  # lo, hi, keys
-        for digit in np.flatnonzero(counts):
-            count = int(counts[digit])
+        """Ranges from ``counts`` (blocks, digits) of the digits at ``shift`` from ``base``."""
+        totals = counts.sum(axis=0)
+        current: list | None = None  # lo, hi, keys of each block
+        for digit in np.flatnonzero(totals):
+            count = int(totals[digit])
             lo = base + (int(digit) << shift)
             hi = lo + (1 << shift)
-            if count <= capacity and current is not None and current[2] + count <= capacity:
-                current[1], current[2] = hi, current[2] + count
+            if (count <= capacity and current is not None
+                    and int(current[2].sum()) + count <= capacity):
+                current[1] = hi
+                current[2] = current[2] + counts[:, digit]
                 continue
             if current is not None:
                 ranges.append((current[0], current[1], current[2]))
                 current = None
             if count <= capacity or shift <= lowest_shift:
-                current = [lo, hi, count]
+                current = [lo, hi, counts[:, digit].copy()]
                 continue
             next_shift = max(shift - _RANGE_DIGIT_BITS, lowest_shift)
             size = 1 << (shift - next_shift)
-            histogram[:size] = 0
-            _walk_keys(batch, s, np.uint64(lo), np.uint64(hi), _NO_KEYS, histogram[:size],
-                       np.uint64(next_shift), np.uint64(size - 1), False)
-            cut(lo, next_shift, histogram[:size].copy())
+            histograms[:, :size] = 0
+            _walk_blocks(batch, s, lo, hi, no_keys, histograms[:, :size], next_shift,
+                         size - 1, False)
+            cut(lo, next_shift, histograms[:, :size].copy())
         if current is not None:
             ranges.append((current[0], current[1], current[2]))
 
-    cut(0, shift, histogram.copy())
+    cut(0, shift, histograms.copy())
     return ranges, n_fg
 
 
 def _segment_by_ranges(batch: SegmentBatch, s: int, keys: np.ndarray, buffer: np.ndarray,
-                       histogram: np.ndarray, radix_min: int, methods: _SortMethods) -> float:
+                       histograms: np.ndarray, radix_min: int, methods: _SortMethods) -> float:
     """Loss of segment s with its keys sorted a range at a time (:func:`_key_ranges`, ranges
-    of at most ``keys.size - 1`` keys): each range's keys packed by a pass over the segment,
-    sorted, and given the increments of their places in the whole segment's order (the fg
-    pixels, keys and running loss of the ranges before carried over): the same loss and
-    gradient, bit for bit, as the segment sorted whole, holding ``keys`` and ``buffer``
-    instead of 16 bytes per pixel of the segment."""
-    ranges, n_fg = _key_ranges(batch, s, keys.size - 1, histogram)
+    of at most ``keys.size - B`` keys for B blocks, the rows of ``histograms``): each range's
+    keys packed by a pass over the segment (block b's from its first slot, the blocks'
+    then gathered in order into ``buffer``), sorted, and given the increments of their places
+    in the whole segment's order (the fg pixels, keys and running loss of the ranges before
+    carried over): the same loss and gradient, bit for bit, as the segment sorted whole,
+    holding ``keys`` and ``buffer`` instead of 16 bytes per pixel of the segment."""
+    num_blocks = histograms.shape[0]
+    ranges, n_fg = _key_ranges(batch, s, keys.size - num_blocks, histograms)
     loss = 0.0
     fg_before = keys_before = 0
-    for lo, hi, count in ranges:
-        if count >= keys.size:  # float64 errors tied in their top 32 bits, more than fit
-            keys, buffer = np.empty(count + 1, dtype=np.uint64), np.empty(count + 1, np.uint64)
-        n, _ = _walk_keys(batch, s, np.uint64(lo), np.uint64(hi), keys, _NO_COUNTS,
-                          np.uint64(0), np.uint64(0), False)
-        if methods.host == SORT_NUMPY and n >= radix_min:
-            keys[:n].sort()  # releases the GIL
+    for lo, hi, block_counts in ranges:
+        count = int(block_counts.sum())
+        if count + num_blocks > keys.size:  # float64 errors tied in their top 32 bits
+            keys = np.empty(count + num_blocks, dtype=np.uint64)
+            buffer = np.empty(count + num_blocks, dtype=np.uint64)
+        # block b packs into its own slots (its keys and one slot for the keys that do not
+        # belong); one block packs straight where the sort reads
+        starts = np.concatenate([[0], np.cumsum(block_counts + 1)])
+        block_keys = [keys[starts[b]:starts[b + 1]] for b in range(num_blocks)]
+        _walk_blocks(batch, s, lo, hi, block_keys, [_NO_COUNTS] * num_blocks, 0, 0, False)
+        if num_blocks > 1:
+            gathered = np.concatenate([[0], np.cumsum(block_counts)])
+            for b in range(num_blocks):
+                buffer[gathered[b]:gathered[b + 1]] = keys[starts[b]:starts[b] + block_counts[b]]
+            keys, buffer = buffer, keys
+        if methods.host == SORT_NUMPY and count >= radix_min:
+            keys[:count].sort()  # releases the GIL
             sorted_keys = keys
         else:
-            sorted_keys = sort_keys(keys, buffer, n, radix_min, methods.kernel)
-        loss = _finish_segment(batch, s, sorted_keys, n, n_fg, fg_before, keys_before, loss)
-        fg_before += _fg_keys(sorted_keys, n)
-        keys_before += n
+            sorted_keys = sort_keys(keys, buffer, count, radix_min, methods.kernel)
+        loss = _finish_segment(batch, s, sorted_keys, count, n_fg, fg_before, keys_before,
+                               loss)
+        fg_before += _fg_keys(sorted_keys, count)
+        keys_before += count
     return loss
 
 
@@ -826,18 +868,26 @@ def _ranges_task(batch: SegmentBatch, num_segments: int, next_segment: np.ndarra
                  methods: _SortMethods) -> None:
     """One thread's share of segments [0, num_segments), each sorted a range of at most
     ``capacity`` keys at a time, with this thread's scratch."""
-    both = scratch("numba range keys", 2 * (capacity + 1), np.uint64)
-    keys, buffer = both[:capacity + 1], both[capacity + 1:]
-    histogram = scratch("numba range counts", 1 << _RANGE_DIGIT_BITS, np.int64)
+    keys, buffer, histograms = _range_scratch(capacity, 1)
     while True:
         s = int(core.take_next(next_segment, 1))
         if s >= num_segments:
             return
-        loss[s] = _segment_by_ranges(batch, s, keys, buffer, histogram, radix_min, methods)
+        loss[s] = _segment_by_ranges(batch, s, keys, buffer, histograms, radix_min, methods)
 
 
-#: what a thread sorting by ranges holds besides its keys: the digit counts (and a copy of
-#: them per level of refinement, of which there are rarely more than two)
+def _range_scratch(capacity: int, num_blocks: int) -> tuple[np.ndarray, np.ndarray,
+                                                             np.ndarray]:
+    """This thread's keys and buffer for ranges of ``capacity`` keys packed in
+    ``num_blocks`` blocks, and the blocks' digit counters."""
+    size = capacity + num_blocks
+    both = scratch("numba range keys", 2 * size, np.uint64)
+    counts = scratch("numba range counts", num_blocks << _RANGE_DIGIT_BITS, np.int64)
+    return both[:size], both[size:], counts.reshape(num_blocks, -1)
+
+
+#: what sorting by ranges holds besides its keys, per block of pixels: the digit counts (and
+#: a copy of them per level of refinement, of which there are rarely more than two)
 _RANGE_COUNTS_BYTES = 3 * (8 << _RANGE_DIGIT_BITS)
 
 
@@ -862,11 +912,21 @@ def _run_within(batch: SegmentBatch, num_segments: int, budget_bytes: int) -> np
         core.run_tasks(_segments_task, [(batch, num_segments, next_segment, chunk, loss,
                                          radix_min, methods) for _ in range(workers)])
         return loss
-    workers = min(threads, max(num_segments, 1))
-    share = budget_bytes // workers - _RANGE_COUNTS_BYTES
-    capacity = max(share // 16 - 1, -(-num_pixels // RANGES_MOST), 1)
+    least = -(-num_pixels // RANGES_MOST)
+    if num_segments < threads:
+        # fewer segments than threads: one after another, each pass over a segment split
+        # across every thread, each range the whole budget's
+        blocks = threads
+        capacity = max((budget_bytes - blocks * _RANGE_COUNTS_BYTES) // 16 - blocks, least, 1)
+        keys, buffer, histograms = _range_scratch(capacity, blocks)
+        for s in range(num_segments):
+            loss[s] = _segment_by_ranges(batch, s, keys, buffer, histograms, radix_min,
+                                         methods)
+        return loss
+    share = budget_bytes // threads - _RANGE_COUNTS_BYTES
+    capacity = max(share // 16 - 1, least, 1)
     core.run_tasks(_ranges_task, [(batch, num_segments, next_segment, capacity, loss,
-                                   radix_min, methods) for _ in range(workers)])
+                                   radix_min, methods) for _ in range(threads)])
     return loss
 
 
