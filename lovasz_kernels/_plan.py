@@ -502,7 +502,7 @@ def set_chunk_floor(device_type: str, num_bytes: int | None) -> None:
     inputs under a few MB add up to about 1 MB of fixed blocks (docs/performance.md). The
     numba backend keeps it too: its scratch within the budget, segments whose keys do not fit
     sorted a range of keys at a time (the same answer, bit for bit): its allocations within
-    twice the input on every standard workload, at 1.2-1.8x the default's time where ranges
+    twice the input on every standard workload, at 1.1-1.9x the default's time where ranges
     run.
 
     >>> import lovasz_kernels
