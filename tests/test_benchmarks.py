@@ -151,3 +151,21 @@ def test_perf_folder_collects_without_running_anything():
          "-p", "no:cacheprovider"], cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "tests collected" in done.stdout
+
+
+@pytest.mark.parametrize("argv", [
+    ["allocated_peak.py", "--chunk-floor", "-1"],
+    ["allocated_peak.py", "--backend", "nope"],
+    ["chunk_floor.py", "--backend", "nope"],
+])
+def test_memory_scripts_refuse_bad_flags_before_any_work(argv, monkeypatch, capsys):
+    """A wrong flag gets argparse's message and exit status 2, with nothing measured."""
+    import importlib
+
+    script = importlib.import_module(f"tests.perf.{argv[0][:-3]}")
+    monkeypatch.setattr("sys.argv", argv)
+    monkeypatch.setattr(script, "Prepared", None)  # any work would fail differently
+    with pytest.raises(SystemExit) as exit_info:
+        script.main()
+    assert exit_info.value.code == 2
+    assert "error: --" in capsys.readouterr().err
