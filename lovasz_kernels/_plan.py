@@ -503,7 +503,8 @@ def set_chunk_floor(device_type: str, num_bytes: int | None) -> None:
     numba backend keeps it too: its scratch within the budget, segments whose keys do not fit
     sorted a range of keys at a time (the same answer, bit for bit): its allocations within
     twice the input on every standard workload, at 1.1-1.9x the default's time where ranges
-    run.
+    run. The triton backend keeps the GPU floor set by handing a call where one segment's
+    sort would not fit (a hinge, one or two classes) to the torch backend's ranges.
 
     >>> import lovasz_kernels
     >>> lovasz_kernels.set_chunk_floor("cuda", 32 << 20)  # memory before speed

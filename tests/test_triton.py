@@ -805,6 +805,71 @@ def test_chunked_extension_needs_about_twice_the_input(device, monkeypatch, gen)
     assert chunked_peak <= 2.5 * gradient_bytes < whole_peak / 2
 
 
+def _record_delegations(monkeypatch) -> list[str]:
+    """Record the backends this one hands a call to, then let them run it."""
+    module = _module()
+    names = []
+
+    def recording(name):
+        names.append(name)
+        return get_backend(name)
+
+    monkeypatch.setattr(module, "get_backend", recording)
+    return names
+
+
+def test_a_floor_set_hands_segments_whose_sort_cannot_fit_to_the_torch_ranges(
+        device, monkeypatch, gen):
+    """A GPU floor of 0 set, so the budget is the gradient's size: where one segment's sort
+    alone would not fit (a row's sort holds 36 bytes a pixel, one class's float32 gradient
+    4: a hinge, one or two classes), the call goes to the torch backend, which sorts such
+    rows a range of values at a time, and matches the reference. Segments that each fit
+    run this backend's own kernels, as every call does by default."""
+    module = _module()
+    delegated = _record_delegations(monkeypatch)
+    logits = torch.randn(2, 1, 150, generator=gen)
+    hinge_labels = torch.randint(0, 2, (2, 150), generator=gen)
+    errors = tie_free_errors((2, 300), torch.float32, gen)
+    fg = torch.rand(errors.shape, generator=gen) < 0.4
+    probas = torch.randn(1, 21, 40, generator=gen).softmax(dim=1)
+    labels = torch.randint(0, 21, (1, 40), generator=gen)
+    with module._override(small_segment_max=0):
+        _compare_losses("hinge", logits, hinge_labels, device, "default hinge")
+        assert delegated == []
+        monkeypatch.setitem(_plan._FLOORS_SET, "cuda", 0)
+        for per_image in (False, True):
+            _compare_losses("hinge", logits, hinge_labels, device, "hinge", per_image=per_image)
+        loss, grad = _run(errors, fg, device)
+        _compare(errors, fg, loss, grad, "extension")
+        assert delegated == ["torch"] * 3
+        # 21 classes of 40 pixels: one row's sort (1440 bytes) fits the gradient (3360)
+        _compare_losses("softmax", probas, labels, device, "21 classes")
+        assert delegated == ["torch"] * 3
+
+
+def test_a_floor_set_keeps_one_and_two_class_calls_within_twice_their_input(monkeypatch):
+    """Floors of 0 set (the GPU's, which this backend keeps even on CPU tensors, and the
+    CPU's, which the torch backend keeps on them): the standard one- and two-class workloads
+    hold at most twice their input in torch allocations, with the torch backend's answer bit
+    for bit (its ranges run them; by default one 1024² hinge image's sort alone holds 9x
+    its input)."""
+    from lovasz_kernels.bench.workloads import SUITE, Prepared
+
+    module = _module()
+    hinge = next(w for w in SUITE if w.loss == "hinge" and w.side == 1024)
+    assert module._sort_bytes(1, 1 << 20, 4) == 9 * 4 * (1 << 20)
+    monkeypatch.setitem(_plan._FLOORS_SET, "cuda", 0)
+    monkeypatch.setitem(_plan._FLOORS_SET, "cpu", 0)
+    for workload in [hinge] + [w for w in SUITE if w.classes == 2]:
+        prepared = Prepared(workload)
+        ours = prepared.fwd_bwd("triton")
+        theirs = prepared.fwd_bwd("torch")
+        assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+        peak = peak_allocated_bytes(lambda prepared=prepared: prepared.fwd_bwd("triton"))
+        assert peak <= 2 * prepared.input_bytes, (
+            f"{workload.name}: {peak / prepared.input_bytes:.2f}x the input")
+
+
 # ------------------------------------------------------------------------ strategies
 
 @pytest.mark.parametrize("strategy", STRATEGIES, ids=str)

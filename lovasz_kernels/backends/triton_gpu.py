@@ -76,7 +76,13 @@ Sort strategies (``LOVASZ_TRITON_SORT`` or ``_override(sort=...)``; default ``au
 Memory: the segments of a call run in chunks (the same kernels on a slice of the segments)
 whose temporaries — the keys, the sorted keys, the int64 order and the sort's scratch, which
 depends on the path PyTorch's CUDA sort takes (``_sort_bytes``) — fit in the gradient's size
-or the GPU's chunk floor, whichever is larger (``_segments_per_chunk``).
+or the GPU's chunk floor, whichever is larger (``_segments_per_chunk``). By default a segment
+whose sort alone does not fit is still sorted whole. Under a floor the user set
+(``budget_is_strict``), such a call goes to the torch backend instead
+(``_sort_over_strict_budget``), which sorts those segments a range of values at a time
+within the budget: a slower path, with host reads, that only an explicit memory-first setting
+takes (one or two classes, or a hinge: a row's sort needs 36 bytes a pixel, where the
+gradient of one class has 4).
 
 ``sort_strategy(dtype, num_cols)`` says which path a call takes; ``sort_keys(scores, labels,
 plan)`` returns the keys a loss call sorts (to time the sort alone). Every kernel launch goes
@@ -103,7 +109,13 @@ from dataclasses import dataclass
 
 import torch
 
-from lovasz_kernels._plan import SegmentPlan, chunk_floor_bytes
+from lovasz_kernels._plan import (
+    SegmentPlan,
+    budget_is_strict,
+    chunk_allowance_bytes,
+    chunk_floor_bytes,
+)
+from lovasz_kernels._registry import get_backend
 from lovasz_kernels._validate import compute_dtype
 
 try:
@@ -937,14 +949,36 @@ def _chunk_bytes(call: _Call, strategy: str, rows: int) -> int:
 _GPU = torch.device("cuda")
 
 
-def _segments_per_chunk(call: _Call, strategy: str, gradient_bytes: int) -> int:
-    """How many segments run at once: the most whose temporaries (``_chunk_bytes``) stay
-    within the gradient's size or the GPU's chunk floor, whichever is larger; one segment
-    when even one does not fit (a segment's sort is never split)."""
-    total = max(call.num_segments, 1)
+def _budget_bytes(gradient_bytes: int) -> int:
+    """The temporaries a call may hold at once: the gradient's size or the GPU's chunk floor,
+    whichever is larger; within a chunk of a strictly budgeted loss call that runs through
+    the generic path, what the loss layer allows it (``chunk_allowance_bytes``)."""
     budget = _SETTINGS["chunk_bytes"]
     if budget is None:
+        budget = chunk_allowance_bytes()
+    if budget is None:
         budget = max(gradient_bytes, chunk_floor_bytes(_GPU))
+    return budget
+
+
+def _sort_over_strict_budget(call: _Call, gradient_bytes: int) -> bool:
+    """Whether the budget is strict (a GPU floor the user set) and one segment's sort alone
+    would not fit in it: this backend never splits a segment's sort, so the call goes to the
+    torch backend, which sorts such segments a range of values at a time."""
+    if not budget_is_strict(_GPU):
+        return False
+    strategy = sort_strategy(call.input_dtype, call.num_cols,
+                             from_scores=call.flags["FROM_SCORES"])
+    return _chunk_bytes(call, strategy, 1) > _budget_bytes(gradient_bytes)
+
+
+def _segments_per_chunk(call: _Call, strategy: str, gradient_bytes: int) -> int:
+    """How many segments run at once: the most whose temporaries (``_chunk_bytes``) stay
+    within the budget (``_budget_bytes``); one segment when even one does not fit (a
+    segment's sort is never split: under a strict budget such a call does not get here,
+    :func:`_sort_over_strict_budget`)."""
+    total = max(call.num_segments, 1)
+    budget = _budget_bytes(gradient_bytes)
     if _chunk_bytes(call, strategy, total) <= budget:
         return total
     low, high = 1, total  # the answer is in [low, high): chunks of `high` rows do not fit
@@ -1089,13 +1123,18 @@ def lovasz_extension(errors: torch.Tensor, fg: torch.Tensor) -> tuple[torch.Tens
 
     Inputs are validated (S, P ≥ 1, same device, ``-inf`` padding with fg False); strided
     inputs are read in place. The loss is in max(dtype, float32), the gradient in the input
-    dtype. See the module docstring for the kernels.
+    dtype. See the module docstring for the kernels; under a strict budget that one
+    segment's sort would not fit, the torch backend's extension runs instead.
     """
+    gradient_bytes = errors.numel() * errors.element_size()
+    # the errors stand in for the gradient: only the call's sizes are read
+    if _sort_over_strict_budget(_errors_call(errors, fg, errors), gradient_bytes):
+        return get_backend("torch").run(errors, fg)
     with _on_device(errors.device):
         grad = torch.empty(errors.shape, dtype=errors.dtype, device=errors.device)
         loss = torch.empty(errors.shape[0], dtype=compute_dtype(errors.dtype),
                            device=errors.device)
-        _run(_errors_call(errors, fg, grad), loss, grad.numel() * grad.element_size())
+        _run(_errors_call(errors, fg, grad), loss, gradient_bytes)
         return loss, grad
 
 
@@ -1129,7 +1168,9 @@ def lovasz_loss(
     Returns the 0-d float64 total ``Σ_s weight[s] · extension_s`` and its gradient w.r.t. the
     scores (B, C, P) in max(dtype, float32). Makes no host synchronisation: the segment losses
     are summed with their weights on the device, and with a dense plan every pixel of the
-    gradient is written by the kernels (0 for segments of weight 0).
+    gradient is written by the kernels (0 for segments of weight 0). Under a strict budget
+    that one segment's sort would not fit, the torch backend runs the call instead (with host
+    reads: its ranges are cut where the values fall).
     """
     compute = compute_dtype(scores.dtype)
     device = scores.device
@@ -1137,13 +1178,16 @@ def lovasz_loss(
     if num_segments == 0 or scores.numel() == 0:
         return (torch.zeros((), dtype=torch.float64, device=device),
                 torch.zeros(scores.shape, dtype=compute, device=device))
+    gradient_bytes = scores.numel() * compute.itemsize
+    # the scores stand in for the gradient: only the call's sizes are read
+    if _sort_over_strict_budget(_scores_call(scores, labels, plan, scores), gradient_bytes):
+        return get_backend("torch").run_loss(scores, labels, plan)
     with _on_device(device):
         # a dense plan covers every (image, channel) once: the kernels write every pixel
         allocate = torch.empty if plan.dense else torch.zeros
         grad = allocate(scores.shape, dtype=compute, device=device)
         segment_loss = torch.empty(num_segments, dtype=torch.float64, device=device)
-        _run(_scores_call(scores, labels, plan, grad), segment_loss,
-             grad.numel() * grad.element_size())
+        _run(_scores_call(scores, labels, plan, grad), segment_loss, gradient_bytes)
         return torch.dot(segment_loss, plan.weight), grad
 
 

@@ -5,8 +5,9 @@ peak of the CUDA caching allocator in one forward + backward (over the memory in
 it, as a multiple of the input's size) and the median time (CUDA events, interleaved rounds)
 of the triton backend as it runs by default (segments in chunks whose temporaries fit in the
 gradient's size or the GPU chunk floor, whichever is larger), in one chunk, with its value
-checks on, of the torch backend by default, with the CPU's smaller floor and with a floor
-of 0 set as a user sets it (``set_chunk_floor``: kept strictly), and of the per-class loop.
+checks on and with a floor of 0 set as a user sets it (``set_chunk_floor``: kept strictly),
+of the torch backend by default, with the CPU's smaller floor and with a floor of 0 set,
+and of the per-class loop.
 ``--triton-floors`` adds the triton backend under smaller floors, ``--profile`` a kernel
 profile of two workloads. Then what ``torch.sort`` holds per key besides its keys and outputs
 (the scratch the chunk sizes assume). Value checks off unless named: they synchronise. Run
@@ -67,11 +68,15 @@ def _torch_with_cpu_floor(prepared: Prepared):
         plan_module.GPU_CHUNK_FLOOR_BYTES = saved
 
 
-def _torch_with_floor_set(prepared: Prepared):
-    """The torch backend under a floor of 0 set for the device: every row over the budget
-    sorted by ranges (each reads the device), errors in blocks, no chunk wider than fits."""
-    with plan_module.chunk_floor_set(prepared.scores.device.type, 0):
-        return prepared.fwd_bwd("torch")
+def _with_floor_set(prepared: Prepared, backend: str):
+    """A backend under a floor of 0 set for the device. The torch backend: every row over
+    the budget sorted by ranges (each reads the device), errors in blocks, no chunk wider
+    than fits. The triton backend: chunks within the gradient's size, and a call where one
+    segment's sort would not fit handed to the torch backend's ranges. The GPU floor too
+    (the triton backend's, even on CPU tensors, as in a smoke test)."""
+    with (plan_module.chunk_floor_set("cuda", 0),
+          plan_module.chunk_floor_set(prepared.scores.device.type, 0)):
+        return prepared.fwd_bwd(backend)
 
 
 def _with_value_checks(prepared: Prepared, contender: str):
@@ -194,9 +199,10 @@ def main() -> None:
                 calls[f"triton {label}"] = (
                     lambda p=prepared, floor=floor: _triton_with_floor(p, floor))
         calls["triton checks on"] = lambda p=prepared: _with_value_checks(p, "triton")
+        calls["triton floor 0 set"] = lambda p=prepared: _with_floor_set(p, "triton")
         calls["torch"] = lambda p=prepared: p.fwd_bwd("torch")
         calls["torch floor 32MB"] = lambda p=prepared: _torch_with_cpu_floor(p)
-        calls["torch floor 0 set"] = lambda p=prepared: _torch_with_floor_set(p)
+        calls["torch floor 0 set"] = lambda p=prepared: _with_floor_set(p, "torch")
         if workload.loss != "extension":
             calls["loop"] = lambda p=prepared: p.fwd_bwd(LOOP)
         row = {"input_MB": prepared.input_bytes / 1e6, "chunks": _count_chunks(prepared)}
