@@ -390,6 +390,12 @@ def test_backend_problem():
     assert rules.backend_problem("numpy", "cuda") == "numpy does not run on cuda"
 
 
+def test_backend_flag_problem_refuses_unknown_names_with_a_message():
+    assert rules.backend_flag_problem("numpy", "cpu") is None
+    assert rules.backend_flag_problem("numpy", "cuda") == "numpy does not run on cuda"
+    assert "unknown backend 'nope'" in rules.backend_flag_problem("nope", "cpu")
+
+
 def test_budget_skips_by_model_then_by_measurement():
     budget = rules.Budget(10.0)
     huge = bench.Workload("softmax", 1, 1024, 150)

@@ -47,6 +47,15 @@ def backend_problem(name: str, device_type: str, *, native_only: bool = True) ->
     return None
 
 
+def backend_flag_problem(name: str, device_type: str) -> str | None:
+    """:func:`backend_problem` for a script's ``--backend`` flag, where an unknown name is
+    refused like any other: its message (listing the registered names), not an exception."""
+    try:
+        return backend_problem(name, device_type)
+    except ValueError as exc:
+        return str(exc)
+
+
 def runnable_backends(device_type: str) -> list[str]:
     """Registered backends that run natively on ``device_type`` here, in priority order."""
     return [n for n in registered_backends() if backend_problem(n, device_type) is None]

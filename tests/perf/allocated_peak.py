@@ -25,7 +25,7 @@ import tracemalloc
 from lovasz_kernels import set_chunk_floor
 from lovasz_kernels._scratch import release_kept
 from lovasz_kernels.bench.measure import RssPeakMeter, TorchAllocationPeakMeter
-from lovasz_kernels.bench.rules import backend_problem
+from lovasz_kernels.bench.rules import backend_flag_problem
 from lovasz_kernels.bench.workloads import SUITE, Prepared
 
 
@@ -54,11 +54,8 @@ def main() -> None:
     parser.add_argument("--chunk-floor", type=float, default=None, metavar="MB",
                         help="set the CPU floor (set_chunk_floor), in MB")
     args = parser.parse_args()
-    try:  # a wrong flag: a message and exit 2, before any work
-        problem = backend_problem(args.backend, "cpu")
-    except ValueError as exc:
-        problem = str(exc)
-    if problem:
+    # a wrong flag: a message and exit 2, before any work
+    if problem := backend_flag_problem(args.backend, "cpu"):
         parser.error(f"--backend: {problem}")
     if args.chunk_floor is not None and args.chunk_floor < 0:
         parser.error(f"--chunk-floor must be >= 0 (MB); got {args.chunk_floor:g}")

@@ -24,7 +24,7 @@ import time
 
 import lovasz_kernels._plan as plan_module
 from lovasz_kernels.bench.measure import RssPeakMeter, TorchAllocationPeakMeter
-from lovasz_kernels.bench.rules import backend_problem
+from lovasz_kernels.bench.rules import backend_flag_problem
 from lovasz_kernels.bench.workloads import LOOP, SUITE, Prepared, Workload
 
 WORKLOADS = (
@@ -66,11 +66,8 @@ def main() -> None:
     parser.add_argument("--rss", action="store_true",
                         help="peak RSS (every backend) instead of torch's allocations")
     args = parser.parse_args()
-    try:  # a wrong flag: a message and exit 2, before any work
-        problem = backend_problem(args.backend, "cpu")
-    except ValueError as exc:
-        problem = str(exc)
-    if problem:
+    # a wrong flag: a message and exit 2, before any work
+    if problem := backend_flag_problem(args.backend, "cpu"):
         parser.error(f"--backend: {problem}")
     meter = RssPeakMeter() if args.rss else TorchAllocationPeakMeter()
     if args.rss and (reason := meter.unavailable_reason()):
