@@ -143,16 +143,24 @@ def _increments_in_few_passes(gt_sorted: torch.Tensor, dtype: torch.dtype,
     num_pixels = gt_sorted.shape[-1]
     counts = torch.cumsum(as_bytes(gt_sorted), dim=-1, dtype=dtype)  # c_k, exact
     n_fg = counts[..., -1:] if fg_total is None else fg_total.to(dtype)
-    intersection = n_fg - counts  # I_k = n_fg - c_k
-    # U_k = n_fg + (k+1) - c_k
-    union = intersection + _positions(num_pixels, dtype, torch.is_inference_mode_enabled())
-    background = (union - 1).mul_(union)  # U_k (U_k - 1), one rounding
-    torch.div(intersection, background, out=background)  # I_k / (U_k (U_k - 1))
+    positions = _positions(num_pixels, dtype, torch.is_inference_mode_enabled())
+    union, background = union_and_background(counts, n_fg, positions)
     if out is None:
         out = torch.empty(gt_sorted.shape, dtype=dtype, device=gt_sorted.device)
     torch.where(gt_sorted, union.reciprocal_(), background, out=out)  # 1 / U_k on foreground
     out[..., 0].nan_to_num_(nan=1.0)  # U_0 = 1: 0/0, as in jaccard_increments
     return out
+
+
+def union_and_background(counts, n_fg, positions):
+    """U_k and the background increment I_k / (U_k (U_k − 1)) from exact counts c_k, the
+    foreground total n_fg and the positions k + 1, all in the increments' float dtype: torch
+    tensors or numpy arrays alike (the same roundings, so the same bits), new arrays. The
+    foreground's increment is 1 / U_k."""
+    intersection = n_fg - counts  # I_k = n_fg - c_k
+    union = intersection + positions  # U_k = n_fg + (k+1) - c_k
+    background = (union - 1) * union  # U_k (U_k - 1), one rounding
+    return union, intersection / background
 
 
 @functools.lru_cache(maxsize=16)

@@ -84,7 +84,7 @@ RADIX_MARGIN = 1.1
 #: rounds of the measurement: medians of this many extensions per sort and size
 MEASURE_ROUNDS = 15
 # bumped when the sorts or the measurement change, so that machines measure again
-_MEASURE_VERSION = 3
+_MEASURE_VERSION = 4
 
 _lock = threading.Lock()
 _speedups: dict[int, dict[str, tuple[float, ...]]] = {}  # per thread count, this process
@@ -356,12 +356,19 @@ def _packed_sort_descending(keys: torch.Tensor, keys_sorted: torch.Tensor,
     becomes ascending), in the high half and the pixel's index in the low one, a group of
     rows at a time. Unique values, so ties come out by position, as from the stable radix
     sort."""
+    packed_sort_descending_arrays(keys.numpy(), keys_sorted.numpy(), order.numpy())
+
+
+def packed_sort_descending_arrays(keys: np.ndarray, keys_sorted: np.ndarray,
+                                  order: np.ndarray) -> None:
+    """:func:`_packed_sort_descending` on numpy arrays: int32 ``keys`` (overwritten), int32
+    ``keys_sorted`` and int64 ``order``, each (S, P) and contiguous."""
     num_rows, num_pixels = keys.shape
-    reversed_keys = keys.numpy().view(np.uint32)
+    reversed_keys = keys.view(np.uint32)
     np.bitwise_xor(reversed_keys, _REVERSE_INT32, out=reversed_keys)
     positions = np.arange(num_pixels, dtype=np.uint64)
-    order_bits = order.numpy().view(np.uint64)
-    sorted_bits = keys_sorted.numpy().view(np.uint32)
+    order_bits = order.view(np.uint64)
+    sorted_bits = keys_sorted.view(np.uint32)
     step = max(1, PACKED_GROUP_KEYS // num_pixels)
     for start in range(0, num_rows, step):
         rows = slice(start, start + step)

@@ -153,19 +153,24 @@ def test_perf_folder_collects_without_running_anything():
     assert "tests collected" in done.stdout
 
 
-@pytest.mark.parametrize("argv", [
-    ["allocated_peak.py", "--chunk-floor", "-1"],
-    ["allocated_peak.py", "--backend", "nope"],
-    ["chunk_floor.py", "--backend", "nope"],
+@pytest.mark.parametrize(("argv", "work"), [
+    (["allocated_peak.py", "--chunk-floor", "-1"], "Prepared"),
+    (["allocated_peak.py", "--backend", "nope"], "Prepared"),
+    (["chunk_floor.py", "--backend", "nope"], "Prepared"),
+    (["numpy_finish.py", "--shapes", "4x"], "_medians"),
+    (["numpy_finish.py", "--shapes", "0x4096"], "_medians"),
+    (["numpy_finish.py", "--rounds", "0"], "_medians"),
 ])
-def test_memory_scripts_refuse_bad_flags_before_any_work(argv, monkeypatch, capsys):
-    """A wrong flag gets argparse's message and exit status 2, with nothing measured."""
+def test_perf_scripts_refuse_bad_flags_before_any_work(argv, work, monkeypatch, capsys):
+    """A wrong flag gets argparse's message, naming it, and exit status 2, with nothing
+    measured."""
     import importlib
 
     script = importlib.import_module(f"tests.perf.{argv[0][:-3]}")
     monkeypatch.setattr("sys.argv", argv)
-    monkeypatch.setattr(script, "Prepared", None)  # any work would fail differently
+    monkeypatch.setattr(script, work, None)  # any work would fail differently
     with pytest.raises(SystemExit) as exit_info:
         script.main()
     assert exit_info.value.code == 2
-    assert "error: --" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "error: " in err and argv[1] in err

@@ -229,6 +229,42 @@ def test_every_sort_gives_the_same_extension(gen, monkeypatch, machine):
             assert torch.equal(results[method][1], results[COMPARED][1]), (dtype, method)
 
 
+def test_short_packed_rows_go_on_in_numpy_with_the_torch_ops_bits(gen, monkeypatch):
+    """Float32 rows sorted as packed keys, at most ``NUMPY_MAX_PIXELS`` in a chunk: the
+    extension goes on in numpy from the sort, with the torch ops' loss and gradient bit for
+    bit: ties, -0.0, -inf padding, a row with no foreground (the first increment's 0/0), one
+    positive error, none, rows of one pixel. Over the cap, or in float64, torch ops run."""
+    ran_in_numpy = []
+    real = torch_eager._extension_in_numpy
+
+    def recording(fg, grad):
+        ran_in_numpy.append(tuple(grad.shape))
+        return real(fg, grad)
+
+    monkeypatch.setattr(torch_eager, "_extension_in_numpy", recording)
+    errors = torch.randn(5, 300, generator=gen).round(decimals=1)  # ties
+    errors[0, :20] = -0.0
+    errors[1, -30:] = -torch.inf
+    errors[3] = -errors[3].abs()
+    errors[3, 7] = 0.5  # one positive error
+    errors[4] = -errors[4].abs() - 0.1  # none
+    fg = torch.rand(errors.shape, generator=gen) < 0.3
+    fg[2] = False  # no foreground
+    fg[1, -30:] = False
+    backend = get_backend("torch")
+    for rows in (errors, errors[:, :1], errors.double()):
+        with _torch_sort.method_forced(PACKED):
+            in_numpy = backend.run(rows, fg[:, :rows.shape[1]])
+            with monkeypatch.context() as patched:
+                patched.setattr(torch_eager, "NUMPY_MAX_PIXELS", 0)
+                with_torch_ops = backend.run(rows, fg[:, :rows.shape[1]])
+        assert torch.equal(in_numpy[0], with_torch_ops[0]), rows.shape
+        assert torch.equal(in_numpy[1], with_torch_ops[1]), rows.shape
+        ref_loss, ref_grad = _reference(rows, fg[:, :rows.shape[1]])
+        assert_close_report(in_numpy[0], ref_loss, LOSS_TOLERANCE[rows.dtype], "loss")
+    assert ran_in_numpy == [(5, 300), (5, 1)]  # float64 never packs
+
+
 def test_packed_and_radix_sorts_give_tied_errors_the_same_gradients(gen):
     """Exactly tied errors: the packed and the radix sort order them alike (by position), so
     their gradients are equal bit for bit; the comparison sort's tie groups sum alike."""
@@ -367,8 +403,15 @@ def test_measurement_times_every_sort_and_leaves_the_callers_random_state(monkey
         calls.append((tuple(keys.shape), method))
         return real(keys, keys_sorted, order, method)
 
+    real_numpy = torch_eager._extension_in_numpy
+
+    def counting_numpy(fg, grad):  # short rows sorted as packed keys, in numpy from there
+        calls.append((tuple(grad.shape), PACKED))
+        return real_numpy(fg, grad)
+
     monkeypatch.setattr(_torch_sort, "sort_descending", counting)
     monkeypatch.setattr(torch_eager, "sort_descending", counting)
+    monkeypatch.setattr(torch_eager, "_extension_in_numpy", counting_numpy)
     monkeypatch.setattr(_torch_sort.torch, "get_num_threads", lambda: threads)
     state = torch.random.get_rng_state()
     speedups, times_ms = _torch_sort.measure_short_row_speedups(rounds=2, spread_rounds=1)

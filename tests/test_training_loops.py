@@ -19,6 +19,7 @@ from lovasz_kernels import (
     LovaszSigmoidLoss,
     LovaszSoftmaxLoss,
     _plan,
+    _torch_sort,
     lovasz_extension,
     lovasz_grad,
     lovasz_hinge,
@@ -383,10 +384,14 @@ def _host_reads_forbidden():
 
 @pytest.fixture
 def device_path(monkeypatch):
-    """The plan as a GPU builds it (every segment listed, with weights), value checks off."""
+    """The plan as a GPU builds it (every segment listed, with weights), value checks off,
+    and the torch backend's sort a GPU's: the comparison sort (the CPU's radix and packed
+    sorts, and numpy after the packed one, are chosen by what was measured on this
+    machine)."""
     monkeypatch.setitem(_plan._SETTINGS, "read_values_on_cpu", False)
     set_validate_values(False)
-    yield
+    with _torch_sort.method_forced(_torch_sort.COMPARED):
+        yield
     set_validate_values(True)
 
 
