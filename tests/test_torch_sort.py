@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from lovasz_kernels import _torch_sort, get_backend
+from lovasz_kernels import _plan, _torch_sort, get_backend
 from lovasz_kernels.backends import torch_eager
 from tests.helpers import (
     GRAD_TOLERANCE,
@@ -263,6 +263,13 @@ def test_short_packed_rows_go_on_in_numpy_with_the_torch_ops_bits(gen, monkeypat
         ref_loss, ref_grad = _reference(rows, fg[:, :rows.shape[1]])
         assert_close_report(in_numpy[0], ref_loss, LOSS_TOLERANCE[rows.dtype], "loss")
     assert ran_in_numpy == [(5, 300), (5, 1)]  # float64 never packs
+    monkeypatch.setattr(_plan, "_FLOORS_SET", {"cpu": 1 << 30})  # a floor set: torch's ops
+    with _torch_sort.method_forced(PACKED):
+        under_a_floor = backend.run(errors, fg)
+        monkeypatch.setattr(_plan, "_FLOORS_SET", {})
+        default = backend.run(errors, fg)
+    assert ran_in_numpy == [(5, 300), (5, 1), (5, 300)]
+    assert torch.equal(under_a_floor[1], default[1])
 
 
 def test_packed_and_radix_sorts_give_tied_errors_the_same_gradients(gen):
