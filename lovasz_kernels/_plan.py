@@ -496,9 +496,10 @@ def set_chunk_floor(device_type: str, num_bytes: int | None) -> None:
     at a time. A floor set here is kept (:func:`budget_is_strict`) by the loss layer and the
     torch backend: chunks of as many rows as fit and no more, each told what the call's
     budget leaves it (:func:`chunk_allowance_bytes`), its errors made in blocks that fit
-    that, and every row whose sort would not fit sorted a range of values at a time. With
+    that, every row whose sort would not fit sorted a range of values at a time, and no row
+    sorted as numpy's packed keys (a copy outside the budget). With
     ``set_chunk_floor("cpu", 0)`` each standard workload needs at most twice its input in
-    forward + backward (1.88-1.97x, against 1.3-6.8x by default), at 0.86-2.8x the time;
+    forward + backward (1.88-1.97x, against 1.3-6.8x by default), at 0.86-2.9x the time;
     inputs under a few MB add up to about 1 MB of fixed blocks (docs/performance.md). The
     numba backend keeps it too: its scratch within the budget, segments whose keys do not fit
     sorted a range of keys at a time (the same answer, bit for bit): its allocations within

@@ -12,9 +12,10 @@ and thread count measured). Shorter rows have two other candidates:
 - **packed**: each key and its pixel's index packed into one uint64 (the key in the high
   half), the rows sorted by numpy (a SIMD quicksort on x86 with AVX2 or AVX-512 and on
   AArch64), the index and the key read back from the halves. The packed keys are unique, so
-  this order is the radix sort's, ties included (by position). One 4096-pixel row, the sort
-  alone, new keys every call, on a 2-core AMD EPYC VM: 67 us against 120 for the
-  comparison sort.
+  this order is the radix sort's, ties included (by position). One 4096-pixel row, the
+  sort alone, new keys every call, on a 2-core AMD EPYC VM: 67 us against 120 for the
+  comparison sort. Never under a floor set (``set_chunk_floor``): the packed copy is
+  numpy's, outside the budget that sizes the chunks.
 
 The 2-D sort hands the rows to threads in tasks of one grain of values, so rows that fit in
 one grain run on one thread (a lone row, a few short ones), as do all rows with one thread.
@@ -58,6 +59,7 @@ from lovasz_kernels._machine_choices import (
     kept_or_saved,
     processor_model,
 )
+from lovasz_kernels._plan import budget_is_strict
 
 #: the sorts a row can get: the 2-D comparison sort, the radix sort row by row (shorter rows
 #: padded to a grain), numpy's sort of packed keys
@@ -93,7 +95,8 @@ _forced = threading.local()  # the measurement's choice, this thread only
 
 def sort_method(rows: torch.Tensor) -> str:
     """The sort (:data:`COMPARED`, :data:`RADIX` or :data:`PACKED`) that the rows of an
-    (S, P) array of this shape, device and element size get (reads no values)."""
+    (S, P) array of this shape, device and element size get (reads no values); never
+    :data:`PACKED` under a floor set (:func:`~lovasz_kernels._plan.budget_is_strict`)."""
     if rows.device.type != "cpu":
         return COMPARED
     num_rows, num_pixels = rows.shape
@@ -113,12 +116,15 @@ def sort_method(rows: torch.Tensor) -> str:
     forced = getattr(_forced, "method", None)
     if forced is not None:
         return COMPARED if spread and forced == RADIX else forced
+    # under a floor set, only torch's own sorts: numpy's packed copy (8 bytes a key of a
+    # group of rows) is outside the budget that sizes the chunks
+    may_pack = not budget_is_strict(rows.device)
     if spread:
         # numpy sorts the rows on one thread against the 2-D sort's many: only where that
         # was measured faster (the sorts alone, every thread busy)
         spread_packed = sort_speedup(SPREAD_PACKED, num_pixels, threads)
-        return PACKED if spread_packed >= RADIX_MARGIN else COMPARED
-    packed = sort_speedup(PACKED, num_pixels, threads)
+        return PACKED if may_pack and spread_packed >= RADIX_MARGIN else COMPARED
+    packed = sort_speedup(PACKED, num_pixels, threads) if may_pack else 0.0
     padded = (sort_speedup(RADIX, num_pixels, threads)
               if num_pixels >= PADDED_RADIX_MIN_FRACTION * RADIX_SORT_MIN_PIXELS else 0.0)
     best, speedup = (PACKED, packed) if packed >= padded else (RADIX, padded)

@@ -120,6 +120,20 @@ def test_rows_spread_over_threads_packed_where_that_was_measured_faster(machine,
         assert method(torch.empty(3, 700)) == COMPARED
 
 
+def test_a_floor_set_never_packs(machine, monkeypatch):
+    """Under a floor set only torch's own sorts run: numpy's packed copy is outside the
+    budget (and torch's allocation count). Where packing was measured fastest, alone or
+    spread, the padded radix sort or the comparison sort runs instead."""
+    monkeypatch.setattr(_torch_sort, "RADIX_SORT_MIN_PIXELS", 1024)
+    machine["speedups"] = {RADIX: (2.0,) * 6, PACKED: (9.0,) * 6, SPREAD: (9.0,) * 6}
+    method = _torch_sort.sort_method
+    assert [method(torch.empty(1, 700)), method(torch.empty(9, 128))] == [PACKED, PACKED]
+    monkeypatch.setattr(_plan, "_FLOORS_SET", {"cpu": 0})
+    assert method(torch.empty(1, 700)) == RADIX  # padded: 2.0
+    assert method(torch.empty(1, 128)) == COMPARED  # under a quarter grain: never padded
+    assert method(torch.empty(9, 128)) == COMPARED  # spread over the threads
+
+
 def test_a_forced_method_applies_only_where_there_is_a_choice(machine, monkeypatch):
     """The measurement's override, this thread only: any length under a grain (rows the 2-D
     sort spreads over threads never padded), never a grain or more, or int64 keys."""
@@ -233,7 +247,8 @@ def test_short_packed_rows_go_on_in_numpy_with_the_torch_ops_bits(gen, monkeypat
     """Float32 rows sorted as packed keys, at most ``NUMPY_MAX_PIXELS`` in a chunk: the
     extension goes on in numpy from the sort, with the torch ops' loss and gradient bit for
     bit: ties, -0.0, -inf padding, a row with no foreground (the first increment's 0/0), one
-    positive error, none, rows of one pixel. Over the cap, or in float64, torch ops run."""
+    positive error, none, rows of one pixel. Over the cap, or in float64, torch ops run (and
+    under a floor set nothing packs: :func:`test_a_floor_set_never_packs`)."""
     ran_in_numpy = []
     real = torch_eager._extension_in_numpy
 
@@ -263,13 +278,6 @@ def test_short_packed_rows_go_on_in_numpy_with_the_torch_ops_bits(gen, monkeypat
         ref_loss, ref_grad = _reference(rows, fg[:, :rows.shape[1]])
         assert_close_report(in_numpy[0], ref_loss, LOSS_TOLERANCE[rows.dtype], "loss")
     assert ran_in_numpy == [(5, 300), (5, 1)]  # float64 never packs
-    monkeypatch.setattr(_plan, "_FLOORS_SET", {"cpu": 1 << 30})  # a floor set: torch's ops
-    with _torch_sort.method_forced(PACKED):
-        under_a_floor = backend.run(errors, fg)
-        monkeypatch.setattr(_plan, "_FLOORS_SET", {})
-        default = backend.run(errors, fg)
-    assert ran_in_numpy == [(5, 300), (5, 1), (5, 300)]
-    assert torch.equal(under_a_floor[1], default[1])
 
 
 def test_packed_and_radix_sorts_give_tied_errors_the_same_gradients(gen):

@@ -510,11 +510,11 @@ NUMPY_MAX_PIXELS = 1 << 15
 
 def _runs_in_numpy(method: str, grad: torch.Tensor) -> bool:
     """Whether :func:`_extension_block` goes on in :func:`_extension_in_numpy`: rows sorted
-    as packed keys, float32, at most :data:`NUMPY_MAX_PIXELS` in all, and no floor set (a
-    strict budget sizes chunks by the torch ops' work arrays, about 17 bytes a pixel, where
-    numpy's arrays here take over twice that)."""
+    as packed keys (never under a floor set, see
+    :func:`~lovasz_kernels._torch_sort.sort_method`), float32, at most
+    :data:`NUMPY_MAX_PIXELS` in all."""
     return (method == PACKED and grad.dtype == torch.float32
-            and grad.numel() <= NUMPY_MAX_PIXELS and not budget_is_strict(grad.device))
+            and grad.numel() <= NUMPY_MAX_PIXELS)
 
 
 def _extension_in_numpy(fg: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
