@@ -918,9 +918,7 @@ def test_a_strict_budget_bounds_numbas_memory():
     """numpy's allocations in a loss call (the gradient, numba's keys and buffers, from any
     thread; traced by tracemalloc) stay within twice the input with the CPU floor at 0, where
     by default one 512² hinge image's keys alone are 4x it."""
-    import tracemalloc
-
-    from lovasz_kernels import _scratch
+    from lovasz_kernels.bench.measure import NumpyAllocationPeakMeter
 
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(1, 512, 512, generator=gen)
@@ -928,14 +926,9 @@ def test_a_strict_budget_bounds_numbas_memory():
     input_bytes = logits.numel() * logits.element_size()
 
     def traced_peak():
-        lovasz_hinge(logits, labels, backend="numba")  # compiled, scratch made
-        _scratch.release_kept()
-        tracemalloc.start()
-        try:
-            lovasz_hinge(logits, labels, backend="numba")
-            return tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+        lovasz_hinge(logits, labels, backend="numba")  # compiled, scratch made (and released)
+        return NumpyAllocationPeakMeter().extra_peak_bytes(
+            lambda: lovasz_hinge(logits, labels, backend="numba"))
 
     default, strict = _strict_and_default(traced_peak)
     assert default > 3 * input_bytes

@@ -18,6 +18,7 @@ from lovasz_kernels import (
     lovasz_softmax,
 )
 from lovasz_kernels.backends import torch_eager
+from lovasz_kernels.bench.measure import NumpyAllocationPeakMeter
 from tests.helpers import (
     GRAD_TOLERANCE,
     LOSS_TOLERANCE,
@@ -411,19 +412,6 @@ def test_float64_row_sums_in_groups_of_rows_are_the_sums(gen, shape):
 # ------------------------------------------------------------------ a floor set: strict
 
 
-def _numpy_peak(call) -> int:
-    """The peak of what ``tracemalloc`` traces during ``call()``: numpy's arrays (and the
-    Python objects made meanwhile), which torch's allocation meter does not see."""
-    import tracemalloc
-
-    tracemalloc.start()
-    try:
-        call()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 def test_a_floor_set_keeps_every_standard_workload_within_twice_its_input(monkeypatch):
     """``set_chunk_floor("cpu", 0)``: forward + backward of each workload of the standard
     grid holds at most twice its input beyond the input, torch's allocations and numpy's
@@ -438,7 +426,8 @@ def test_a_floor_set_keeps_every_standard_workload_within_twice_its_input(monkey
         _plan.set_chunk_floor("cpu", 0)
         strict_loss, _ = prepared.fwd_bwd("torch")
         peak = peak_allocated_bytes(lambda prepared=prepared: prepared.fwd_bwd("torch"))
-        peak += _numpy_peak(lambda prepared=prepared: prepared.fwd_bwd("torch"))
+        peak += NumpyAllocationPeakMeter().extra_peak_bytes(
+            lambda prepared=prepared: prepared.fwd_bwd("torch"))
         _plan.set_chunk_floor("cpu", None)
         assert peak <= 2 * prepared.input_bytes, (
             f"{workload.name}: {peak / prepared.input_bytes:.2f}x the input")

@@ -223,6 +223,25 @@ class TorchAllocationPeakMeter:
         return peak
 
 
+class NumpyAllocationPeakMeter:
+    """The peak of the memory that ``tracemalloc`` traces during a call (numpy reports its
+    arrays' data to it, from every thread; Python objects count too), kept arrays released
+    first: what :class:`TorchAllocationPeakMeter` does not see."""
+
+    name = "peak of numpy's allocations during the call (tracemalloc)"
+
+    def extra_peak_bytes(self, call: Callable[[], object]) -> int:
+        import tracemalloc
+
+        release_kept()
+        tracemalloc.start()
+        try:
+            call()
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+
 def peak_meter_for(device: torch.device | str) -> tuple[PeakMeter | None, str]:
     """(meter, how it measures) for ``device``; (None, why not) where it cannot measure."""
     if torch.device(device).type == "cuda":

@@ -20,27 +20,15 @@ them, so the peak counts them as the call's. ``--chunk-floor``: the CPU floor se
 from __future__ import annotations
 
 import argparse
-import tracemalloc
 
 from lovasz_kernels import set_chunk_floor
-from lovasz_kernels._scratch import release_kept
-from lovasz_kernels.bench.measure import RssPeakMeter, TorchAllocationPeakMeter
+from lovasz_kernels.bench.measure import (
+    NumpyAllocationPeakMeter,
+    RssPeakMeter,
+    TorchAllocationPeakMeter,
+)
 from lovasz_kernels.bench.rules import backend_flag_problem
 from lovasz_kernels.bench.workloads import SUITE, Prepared
-
-
-class NumpyAllocationPeakMeter:
-    """The peak of the memory that ``tracemalloc`` traces during a call (numpy reports its
-    arrays' data to it, from every thread), kept arrays released first."""
-
-    def extra_peak_bytes(self, call) -> int:
-        release_kept()
-        tracemalloc.start()
-        try:
-            call()
-            return tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
 
 
 def main() -> None:
