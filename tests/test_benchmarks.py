@@ -160,6 +160,8 @@ def test_perf_folder_collects_without_running_anything():
     (["numpy_finish.py", "--shapes", "4x"], "_medians"),
     (["numpy_finish.py", "--shapes", "0x4096"], "_medians"),
     (["numpy_finish.py", "--rounds", "0"], "_medians"),
+    (["old_against_new.py", "--rounds", "0", "."], "import_old"),
+    (["old_against_new.py", "--pixels", "-4", "."], "import_old"),
 ])
 def test_perf_scripts_refuse_bad_flags_before_any_work(argv, work, monkeypatch, capsys):
     """A wrong flag gets argparse's message, naming it, and exit status 2, with nothing
