@@ -103,22 +103,22 @@ def compare_segments(old, errors, fg, rounds: int) -> None:
     num_segments, num_pixels = errors.shape
     versions = {}
     for name, backend, core in (
-            ("old", importlib.import_module(f"{OLD_NAME}.backends.numba_cpu"),
-             importlib.import_module(f"{OLD_NAME}._numba_core")),
+            ("old", importlib.import_module(f"{old.__name__}.backends.numba_cpu"),
+             importlib.import_module(f"{old.__name__}._numba_core")),
             ("new", numba_cpu, _numba_core)):
         grad = np.empty_like(errors)
         versions[name] = (backend, backend._extension_batch(errors, fg, grad), grad,
-                          core.SORT_LSD)
+                          core.RADIX_MIN_KEYS, core.SORT_LSD)
     scratch = [(np.empty(num_pixels, np.uint64), np.empty(num_pixels, np.uint64))
                for _ in range(2)]
     pool = ThreadPoolExecutor(2)
 
     def run(name: str, threads: int) -> np.ndarray:
-        backend, batch, _, method = versions[name]
+        backend, batch, _, radix_min, method = versions[name]
         loss = np.zeros(num_segments)
         counter = np.zeros(1, dtype=np.int64)
         tasks = [pool.submit(backend._segments_shared, batch, num_segments, counter, 1, loss,
-                             *scratch[thread], 64, method) for thread in range(threads)]
+                             *scratch[thread], radix_min, method) for thread in range(threads)]
         for task in tasks:
             task.result()
         return loss
