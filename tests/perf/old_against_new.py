@@ -158,6 +158,10 @@ def main() -> None:
     for flag in ("pixels", "batch", "classes", "rounds"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.segments and args.chunk_floor is not None:
+        parser.error("--chunk-floor does not apply to --segments (the kernels run whole)")
+    if args.segments and args.backend not in ("torch", "numba"):  # torch: the flag's default
+        parser.error(f"--segments times numba's kernels; --backend {args.backend} does not apply")
     if args.segments and not lovasz_kernels.get_backend("numba").availability()[0]:
         parser.error("--segments needs numba: pip install numba")
     if not (args.old_checkout / "lovasz_kernels" / "__init__.py").is_file():
