@@ -8,8 +8,10 @@ round times, in turn: the numba loss (forward + backward) right after a torch op
 training step; the backend's kernel call alone (``lovasz_loss`` on a plan made beforehand: no
 validation, no class counting, which are torch ops); a torch op right after that; the same
 torch op after 50 ms idle (every pool asleep); the floor, ``np.sort`` of as many random packed
-uint64 keys as the loss sorts, segments spread over the threads. Prints medians and the ratios
-that should be near 1: default / passive, and the torch op after numba / after idle.
+uint64 keys as the loss sorts, segments spread over a plain thread pool, right after that torch
+op too. Prints medians and the ratios that should be near 1: default / passive (the floor's
+too: what torch's spinning threads take from any work on other threads, not only numba's),
+numba / floor in each policy, and the torch op after numba / after idle.
 
 ``--numba-threads 1 4 16`` instead runs one process per thread count of the numba kernels
 (``NUMBA_NUM_THREADS``; default OpenMP policy, torch's threads and the floor's unchanged) and
@@ -170,9 +172,11 @@ def main() -> None:
         default, passive = medians["default"], medians["passive"]
         op_ratio = default["torch op after numba"] / default["torch op after idle"]
         print(f"{'':20s} default / passive: numba {default['numba'] / passive['numba']:.2f}, "
-              f"kernel {default['numba kernel'] / passive['numba kernel']:.2f}; numba / floor "
-              f"{default['numba'] / default['floor']:.2f}; torch op after numba / after idle "
-              f"{op_ratio:.2f}")
+              f"kernel {default['numba kernel'] / passive['numba kernel']:.2f}, floor "
+              f"{default['floor'] / passive['floor']:.2f}; numba / floor "
+              f"{default['numba'] / default['floor']:.2f} default, "
+              f"{passive['numba'] / passive['floor']:.2f} passive; torch op after numba / "
+              f"after idle {op_ratio:.2f}")
 
 
 if __name__ == "__main__":
