@@ -164,6 +164,8 @@ def test_perf_folder_collects_without_running_anything():
     (["old_against_new.py", "--pixels", "-4", "."], "import_old"),
     (["old_against_new.py", "--chunk-floor", "0", "--segments", "."], "import_old"),
     (["old_against_new.py", "--backend", "triton", "--segments", "."], "import_old"),
+    (["omp_spin.py", "--rounds", "0"], "_run_policy"),
+    (["omp_spin.py", "--window-ms", "-1"], "_run_policy"),
 ])
 def test_perf_scripts_refuse_bad_flags_before_any_work(argv, work, monkeypatch, capsys):
     """A wrong flag gets argparse's message, naming it, and exit status 2, with nothing
