@@ -13,8 +13,8 @@ parallel torch op), then sleeps ``--window-ms`` in 1 ms steps while reading the 
 whatever it grows by, less the sleeping thread's own, is other threads' work, torch's spinning
 ones. Prints the medians over the rounds: the CPU time burned in the window, the time from the
 op's end to 95% of it (how long the spin lasted), and the op itself (after the 100 ms idle:
-its wall time, the calling thread's CPU time in it and the other threads'; two threads that
-each use about half of the op's wall time took turns on one core).
+its wall time, the calling thread's CPU time in it and the other threads'; CPU times that add
+up to the wall time mean the threads ran as if they took turns on one core).
 """
 
 from __future__ import annotations
