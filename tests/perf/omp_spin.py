@@ -73,7 +73,7 @@ def _measure(rounds: int, elements: int, window_ms: int) -> dict[str, list[float
         samples["span"].append(span if burned >= NO_SPIN_MS else 0.0)
         samples["op"].append((op_end - start) * 1e3)
         samples["op, caller CPU"].append(own_used * 1e3)
-        samples["op, others' CPU"].append((all_used - own_used) * 1e3)
+        samples["op, others' CPU"].append(max(all_used - own_used, 0.0) * 1e3)
     return samples
 
 
