@@ -173,7 +173,7 @@ step 10_cpu_short_rows 60 30 "$PY" tests/perf/short_rows.py --rounds 15
 step 11_cpu_numba_trace 60 30 "$PY" tests/perf/numba_trace.py --rounds 9
 # ... how long torch's idle OpenMP threads spin after one op there (a count of pause
 # instructions: how long it lasts depends on the processor), and what an op after idle costs
-step 11_cpu_omp_spin 40 20 "$PY" tests/perf/omp_spin.py --rounds 9
+step 11_cpu_omp_spin 40 20 "$PY" tests/perf/omp_spin.py --rounds 15
 # ... the same tasks on torch's own (spinning) OpenMP team instead of the pool: if late
 # threads are the cause, this is where it shows
 step 11_cpu_numba_omp_team 60 30 "$PY" tests/perf/omp_team_experiment.py --rounds 9 \
