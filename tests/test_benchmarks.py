@@ -166,6 +166,9 @@ def test_perf_folder_collects_without_running_anything():
     (["old_against_new.py", "--backend", "triton", "--segments", "."], "import_old"),
     (["omp_spin.py", "--rounds", "0"], "_run_policy"),
     (["omp_spin.py", "--window-ms", "-1"], "_run_policy"),
+    (["training_step.py", "--steps", "0"], "_train"),
+    (["training_step.py", "--cases", "4x512"], "_train"),
+    (["training_step.py", "--cases", "1x256x1"], "_train"),
 ])
 def test_perf_scripts_refuse_bad_flags_before_any_work(argv, work, monkeypatch, capsys):
     """A wrong flag gets argparse's message, naming it, and exit status 2, with nothing

@@ -538,11 +538,29 @@ def test_half_scores_backward_rounds_the_product_straight_into_their_dtype(gen, 
     assert full_size and all(out_dtype == dtype for _, out_dtype in full_size), full_size
 
 
+def _poison_kept_outputs() -> set[int]:
+    """Fill the memory of this thread's kept outputs with NaN; returns where each starts."""
+    from lovasz_kernels import _scratch
+
+    starts = set()
+    for key, kept in _scratch._thread_arrays().items():
+        if isinstance(key, tuple) and key[0] == "output":
+            memory = kept[0]
+            memory.fill(np.nan)
+            starts.add(memory.ctypes.data)
+    return starts
+
+
+@pytest.mark.parametrize("memory", ["new", "reused"])
 @pytest.mark.parametrize("per_image", [False, True], ids=["batch", "per_image"])
-def test_fused_gradient_not_zeroed_when_segments_cover_everything(monkeypatch, gen, per_image):
-    """With every (image, class) a segment, the fused path allocates the gradient without
-    zeroing it: the kernels must write every pixel, ignored and unsorted ones included.
-    Uninitialized memory is poisoned with NaN to catch a pixel left unwritten."""
+def test_fused_gradient_not_zeroed_when_segments_cover_everything(monkeypatch, gen, per_image,
+                                                                  memory):
+    """With every (image, class) a segment, the fused path takes the gradient's memory
+    without zeroing it: the kernels must write every pixel, ignored and unsorted ones
+    included. New memory is poisoned with NaN to catch a pixel left unwritten, and so is a
+    previous call's gradient, whose memory the call reuses."""
+    from lovasz_kernels import _scratch
+
     real_empty = np.empty
 
     def poisoned_empty(*args, **kwargs):
@@ -558,10 +576,17 @@ def test_fused_gradient_not_zeroed_when_segments_cover_everything(monkeypatch, g
     labels[torch.rand(labels.shape, generator=gen) < 0.2] = 255
     expected = _loss_and_grad(lovasz_softmax, probas, labels, classes="all",
                               per_image=per_image, ignore_index=255, backend_name="numpy")
+    _scratch.release_kept()
+    poisoned = set()
+    if memory == "reused":
+        _loss_and_grad(lovasz_softmax, probas, labels, classes="all", per_image=per_image,
+                       ignore_index=255)  # its gradient is dropped: the memory is free
+        poisoned = _poison_kept_outputs()
     monkeypatch.setattr(np, "empty", poisoned_empty)
     loss, grad = _loss_and_grad(lovasz_softmax, probas, labels, classes="all",
                                 per_image=per_image, ignore_index=255)
     monkeypatch.undo()
+    assert (grad.data_ptr() in poisoned) == (memory == "reused")
     assert not grad.isnan().any()
     assert_close_report(loss, expected[0], LOSS_TOLERANCE[torch.float32], "loss")
     assert_close_report(grad, expected[1], GRAD_TOLERANCE[torch.float32], "grad")
@@ -589,6 +614,85 @@ def test_scratch_is_reused_per_thread_and_bounded(monkeypatch):
     first, _ = numba_cpu._key_scratch(1000)
     second, _ = numba_cpu._key_scratch(1000)
     assert not np.shares_memory(first, second) and not np.shares_memory(first, keys)
+
+
+def test_outputs_are_reused_only_once_nothing_refers_to_them(monkeypatch):
+    """An output's memory comes back to the same thread's next request of that name once the
+    array handed out, every tensor made from it and every view of those are gone; while any
+    lives, a request gets new memory and the held values stay as they were."""
+    import threading
+
+    from lovasz_kernels import _scratch
+
+    _scratch.release_kept()
+    first = _scratch.output("test output", (3, 4), np.float32)
+    start = first.ctypes.data
+    del first
+    again = _scratch.output("test output", (3, 4), np.float32)
+    assert again.ctypes.data == start
+    del again
+    smaller = _scratch.output("test output", (2, 5), np.float32, zeroed=True)
+    assert smaller.ctypes.data == start and smaller.shape == (2, 5) and not smaller.any()
+    del smaller
+
+    def holders(array):
+        tensor = torch.from_numpy(array)
+        return {"array": array, "tensor": tensor, "tensor view": tensor.reshape(-1)[::2],
+                "numpy of the tensor": tensor.reshape(-1).numpy()}
+
+    for name in ["array", "tensor", "tensor view", "numpy of the tensor"]:
+        held = _scratch.output("test output", (3, 4), np.float32)
+        held[:] = 5.0
+        start = held.ctypes.data
+        holder = holders(held)[name]
+        del held
+        other = _scratch.output("test output", (3, 4), np.float32, zeroed=True)
+        other[:] = 7.0
+        assert other.ctypes.data != start, name
+        assert (np.asarray(holder) == 5.0).all(), name
+        del other, holder
+    other_thread = {}
+    mine = _scratch.output("test output", (3, 4), np.float32)
+    start = mine.ctypes.data
+    del mine
+    thread = threading.Thread(target=lambda: other_thread.update(
+        start=_scratch.output("test output", (3, 4), np.float32).ctypes.data))
+    thread.start()
+    thread.join()
+    assert other_thread["start"] != start
+    assert _scratch.output("test output", (3, 4), np.float32).ctypes.data == start
+    _scratch.release_kept()
+    assert ("output", "test output") not in _scratch._thread_arrays()
+    monkeypatch.setattr(_scratch, "KEEP_OUTPUT_BYTES", 40)
+    _scratch.output("test output", (3, 4), np.float32)  # 48 bytes: not kept
+    assert ("output", "test output") not in _scratch._thread_arrays()
+
+
+@pytest.mark.parametrize("entry_point", ["loss", "extension"])
+def test_a_gradient_held_is_never_overwritten_and_a_dropped_one_is_reused(gen, entry_point):
+    """A later call of the same shape leaves a gradient the caller still holds (a leaf's
+    .grad, or the extension's result) as it was, and takes the memory of one dropped."""
+    def call(seed):
+        generator = torch.Generator().manual_seed(seed)
+        if entry_point == "extension":
+            errors = torch.randn(3, 500, generator=generator)
+            return lovasz_extension(errors, torch.rand(3, 500, generator=generator) < 0.3,
+                                    backend="numba")[1]
+        probas = torch.randn(2, 3, 20, 25, generator=generator).softmax(dim=1)
+        labels = torch.randint(0, 3, (2, 20, 25), generator=generator)
+        return _loss_and_grad(lovasz_softmax, probas, labels)[1]
+
+    held = call(1)
+    expected = held.clone()
+    later = call(2)
+    assert held.data_ptr() != later.data_ptr()
+    assert torch.equal(held, expected)
+    assert not torch.equal(later, expected)
+    start = later.data_ptr()
+    del later
+    again = call(1)
+    assert again.data_ptr() == start
+    assert torch.equal(again, expected)
 
 
 def test_concurrent_calls_from_threads_match_sequential_ones(gen):

@@ -88,7 +88,7 @@ from lovasz_kernels._plan import (
     chunk_floor_bytes,
     generic_lovasz_loss,
 )
-from lovasz_kernels._scratch import scratch
+from lovasz_kernels._scratch import output, scratch
 from lovasz_kernels._validate import compute_dtype as _compute_dtype
 from lovasz_kernels.backends._host import errors_to_numpy, fg_to_numpy, results_to_torch
 
@@ -1126,7 +1126,7 @@ def lovasz_extension(errors: torch.Tensor, fg: torch.Tensor) -> tuple[torch.Tens
         )
     errors_np = _host_floats(errors)
     fg_np = np.ascontiguousarray(fg_to_numpy(fg))
-    grad = np.empty(errors_np.shape, dtype=errors_np.dtype)
+    grad = output("numba extension gradient", errors_np.shape, errors_np.dtype)
     budget = _scratch_budget(max(grad.nbytes, chunk_floor_bytes(_CPU)),
                              _widened_bytes(errors, errors_np))
     loss = _run_batch(_extension_batch(errors_np, fg_np, grad), num_segments, budget)
@@ -1212,10 +1212,9 @@ def lovasz_loss(
             all_segments = batch_size * num_channels
         # the kernels write every pixel of every segment (0 where unsorted): when the segments
         # cover every (image, channel), no pixel needs zeroing first
-        if np.unique(value_base).size == all_segments:
-            grad = np.empty(values.shape, dtype=values.dtype)
-        else:
-            grad = np.zeros(values.shape, dtype=values.dtype)  # pixels of no segment keep 0
+        grad = output("numba loss gradient", values.shape, values.dtype,
+                      # pixels of no segment keep 0
+                      zeroed=np.unique(value_base).size != all_segments)
         narrow_labels, ignore_label = _narrow_labels(labels, plan.ignore_index, num_channels)
         batch = SegmentBatch(
             values=values.reshape(-1),
