@@ -12,8 +12,8 @@ so a huge input does not pin its memory afterwards.
 A call's large outputs are often new pages too, faulted in as the kernels write them.
 :func:`output` gives a thread's previous output of a name back once nothing refers to it any
 more: a training loop's gradient, consumed by the backward pass before the next step. On the
-2-core VM a 1 × 256² × 150 numba loss call in a training step took 406-409 faults and 2-30 ms
-of system time in fresh memory, none in reused memory, and 1.12-1.37x as long
+2-core VM a 1 × 256² × 150 numba loss call in a training step took 406-409 faults and 8-28 ms
+of system time in new memory, none in reused memory, and 1.14-1.31x as long
 (``python tests/perf/training_step.py``).
 
 Kept arrays are memory a call needs all the same: :func:`release_kept` drops every thread's

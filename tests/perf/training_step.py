@@ -1,17 +1,19 @@
-"""The numba loss inside a training step: its time, and the page faults and kernel time in it.
+"""The numba loss inside a training step, its gradient in reused or new memory, alternating.
 
     python tests/perf/training_step.py [--steps 12] [--cases 1x256x150 4x512x21]
 
-Each case (``BxSIDExC``: batch, image side, classes) trains a small CNN (two convolutions)
-for ``--steps`` steps: logits, softmax, ``lovasz_softmax`` on the numba backend (batch IoU),
-backward, an SGD step. That is the pattern the backend's kept gradient memory is for: the
-loss's gradient is consumed by the backward pass before the next step's loss call. The
-backend's loss entry point is wrapped to read the process's minor page faults and system CPU
-time around it (``getrusage``). Prints medians over the steps after three warm-up steps: the
-step, the loss call (its forward, where all its work is), and the faults and system time in
-that call. Fresh memory costs a fault per page (2 MB with transparent huge pages, 4 KB
-otherwise), expensive on a VM. An old checkout is timed the same way
-(``PYTHONPATH=<old checkout> python tests/perf/training_step.py``), alternating processes.
+Each case (``BxSIDExC``: batch, image side, classes) trains a small CNN (two convolutions):
+logits, softmax, ``lovasz_softmax`` on the numba backend (batch IoU), backward, an SGD step.
+That is the pattern the backend's kept gradient memory is for: the loss's gradient is
+consumed by the backward pass before the next step's loss call. Steps alternate between the
+default (the gradient written into the previous one's memory) and new memory every call
+(``lovasz_kernels._scratch.KEEP_OUTPUT_BYTES`` set to 0, as before that memory was kept),
+``--steps`` of each after three warm-up steps of each. The backend's loss entry point is
+wrapped to read the process's minor page faults and system CPU time around it
+(``getrusage``). Prints, per way, the medians of the step, the loss call (its forward, where
+all its work is), and the faults and system time in that call, and the ratios of the times.
+New memory costs a fault per page (2 MB with transparent huge pages, 4 KB otherwise),
+expensive on a VM.
 """
 
 from __future__ import annotations
@@ -44,16 +46,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _train(case: tuple[int, int, int], steps: int) -> dict[str, float]:
-    """Medians (ms, or counts) over the steps after the warm-up ones."""
+WAYS = ("reused", "new memory")
+
+
+def _train(case: tuple[int, int, int], steps: int) -> dict[str, dict[str, float]]:
+    """Per way (:data:`WAYS`): medians (ms, or counts) over its steps after the warm-up."""
     import torch
 
-    from lovasz_kernels import lovasz_softmax
+    from lovasz_kernels import _scratch, lovasz_softmax
     from lovasz_kernels.backends import numba_cpu
 
     batch, side, classes = case
     calls: list[tuple[float, int, float]] = []  # (seconds, minor faults, system seconds)
-    original = numba_cpu.lovasz_loss
+    original, kept_bytes = numba_cpu.lovasz_loss, _scratch.KEEP_OUTPUT_BYTES
 
     def measured(*args, **kwargs):
         before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
@@ -65,6 +70,7 @@ def _train(case: tuple[int, int, int], steps: int) -> dict[str, float]:
             calls.append((seconds, after.ru_minflt - before.ru_minflt,
                           after.ru_stime - before.ru_stime))
 
+    samples: dict[str, list[tuple[float, float, int, float]]] = {way: [] for way in WAYS}
     numba_cpu.lovasz_loss = measured
     try:
         torch.manual_seed(0)
@@ -73,21 +79,23 @@ def _train(case: tuple[int, int, int], steps: int) -> dict[str, float]:
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
         images = torch.randn(batch, 3, side, side)
         labels = torch.randint(0, classes, (batch, side, side))
-        step_seconds = []
-        for _ in range(WARM_UP_STEPS + steps):
+        for step in range(2 * (WARM_UP_STEPS + steps)):
+            way = WAYS[step % 2]
+            _scratch.KEEP_OUTPUT_BYTES = kept_bytes if way == "reused" else 0
             start = time.perf_counter()
             optimizer.zero_grad()
             probas = model(images).softmax(dim=1)
             lovasz_softmax(probas, labels, backend="numba").backward()
             optimizer.step()
-            step_seconds.append(time.perf_counter() - start)
+            if step >= 2 * WARM_UP_STEPS:
+                samples[way].append((time.perf_counter() - start, *calls[-1]))
     finally:
-        numba_cpu.lovasz_loss = original
-    timed = calls[WARM_UP_STEPS:]
-    return {"step": statistics.median(step_seconds[WARM_UP_STEPS:]) * 1e3,
-            "loss": statistics.median(seconds for seconds, _, _ in timed) * 1e3,
-            "faults": statistics.median(faults for _, faults, _ in timed),
-            "system": statistics.median(system for _, _, system in timed) * 1e3}
+        numba_cpu.lovasz_loss, _scratch.KEEP_OUTPUT_BYTES = original, kept_bytes
+    return {way: {"step": statistics.median(sample[0] for sample in taken) * 1e3,
+                  "loss": statistics.median(sample[1] for sample in taken) * 1e3,
+                  "faults": statistics.median(sample[2] for sample in taken),
+                  "system": statistics.median(sample[3] for sample in taken) * 1e3}
+            for way, taken in samples.items()}
 
 
 def main() -> None:
@@ -96,14 +104,20 @@ def main() -> None:
     parser.add_argument("--cases", type=_case, nargs="+",
                         default=[(1, 256, 150), (4, 512, 21)], metavar="BxSIDExC")
     args = parser.parse_args()
-    print(f"medians of {args.steps} steps after {WARM_UP_STEPS} warm-up ones; loss: the "
-          "numba loss call; faults and system time: in that call")
-    print(f"{'case':12s} {'step ms':>9s} {'loss ms':>9s} {'faults':>8s} {'system ms':>10s}")
+    print(f"medians of {args.steps} steps each way after {WARM_UP_STEPS} warm-up ones, the "
+          "ways alternating; loss: the numba loss call; faults and system time: in that call")
+    print(f"{'case':12s} {'gradient in':12s} {'step ms':>9s} {'loss ms':>9s} {'faults':>8s} "
+          f"{'system ms':>10s}")
     for case in args.cases:
         result = _train(case, args.steps)
         name = "x".join(map(str, case))
-        print(f"{name:12s} {result['step']:9.1f} {result['loss']:9.1f} {result['faults']:8.0f} "
-              f"{result['system']:10.1f}")
+        for way in WAYS:
+            row = result[way]
+            print(f"{name:12s} {way:12s} {row['step']:9.1f} {row['loss']:9.1f} "
+                  f"{row['faults']:8.0f} {row['system']:10.1f}")
+        new, reused = result["new memory"], result["reused"]
+        print(f"{name:12s} {'new / reused':12s} {new['step'] / reused['step']:8.2f}x "
+              f"{new['loss'] / reused['loss']:8.2f}x")
 
 
 if __name__ == "__main__":
