@@ -93,11 +93,12 @@ def scratch(name: str, size: int, dtype: np.dtype | type) -> np.ndarray:
 
 
 def output(name: str, shape: tuple[int, ...], dtype: np.dtype | type,
-           zeroed: bool = False) -> np.ndarray:
+           zeroed: bool = False, keep: bool = True) -> np.ndarray:
     """An array of ``shape`` and ``dtype`` for a call to return, uninitialized (zeros with
     ``zeroed``): the memory of this thread's previous output of ``name`` when that is large
     enough and nothing refers to it any more, else new memory (kept for the next call, up to
-    ``KEEP_OUTPUT_BYTES``).
+    ``KEEP_OUTPUT_BYTES``). Not ``keep``: new memory, and none kept (memory held between
+    calls is memory the rest of a training step cannot use).
 
     The caller must hand out the returned array itself (``torch.from_numpy`` of it, or the
     array): a weak reference to it tells whether it is still alive, and everything made from
@@ -106,10 +107,11 @@ def output(name: str, shape: tuple[int, ...], dtype: np.dtype | type,
     """
     dtype = np.dtype(dtype)
     size = math.prod(shape)
-    if size * dtype.itemsize > KEEP_OUTPUT_BYTES:
-        return np.zeros(shape, dtype=dtype) if zeroed else np.empty(shape, dtype=dtype)
     arrays = _thread_arrays()
     key = ("output", name)
+    if not keep or size * dtype.itemsize > KEEP_OUTPUT_BYTES:
+        arrays.pop(key, None)
+        return np.zeros(shape, dtype=dtype) if zeroed else np.empty(shape, dtype=dtype)
     kept = arrays.get(key)
     if kept is not None:
         memory, handed_out = kept

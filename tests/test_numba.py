@@ -561,13 +561,23 @@ def test_fused_gradient_not_zeroed_when_segments_cover_everything(monkeypatch, g
     previous call's gradient, whose memory the call reuses."""
     from lovasz_kernels import _scratch
 
-    real_empty = np.empty
+    new_arrays = []
 
-    def poisoned_empty(*args, **kwargs):
-        array = real_empty(*args, **kwargs)
-        if array.dtype.kind == "f":
-            array.fill(np.nan)
-        return array
+    class PoisonedNumpy:
+        """numpy, but new float arrays from ``empty`` come filled with NaN (only the module
+        that takes the gradient's memory sees it: numba, compiling a kernel meanwhile, must
+        not)."""
+
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+        @staticmethod
+        def empty(*args, **kwargs):
+            array = np.empty(*args, **kwargs)
+            if array.dtype.kind == "f":
+                array.fill(np.nan)
+                new_arrays.append(array.ctypes.data)
+            return array
 
     probas = torch.randn(2, 4, 9, 11, generator=gen).softmax(dim=1)
     probas[0, 1] = 0  # zero errors on background: unsorted pixels
@@ -582,11 +592,11 @@ def test_fused_gradient_not_zeroed_when_segments_cover_everything(monkeypatch, g
         _loss_and_grad(lovasz_softmax, probas, labels, classes="all", per_image=per_image,
                        ignore_index=255)  # its gradient is dropped: the memory is free
         poisoned = _poison_kept_outputs()
-    monkeypatch.setattr(np, "empty", poisoned_empty)
+    monkeypatch.setattr(_scratch, "np", PoisonedNumpy())
     loss, grad = _loss_and_grad(lovasz_softmax, probas, labels, classes="all",
                                 per_image=per_image, ignore_index=255)
     monkeypatch.undo()
-    assert (grad.data_ptr() in poisoned) == (memory == "reused")
+    assert grad.data_ptr() in (poisoned if memory == "reused" else new_arrays)
     assert not grad.isnan().any()
     assert_close_report(loss, expected[0], LOSS_TOLERANCE[torch.float32], "loss")
     assert_close_report(grad, expected[1], GRAD_TOLERANCE[torch.float32], "grad")
@@ -693,6 +703,24 @@ def test_a_gradient_held_is_never_overwritten_and_a_dropped_one_is_reused(gen, e
     again = call(1)
     assert again.data_ptr() == start
     assert torch.equal(again, expected)
+
+
+def test_a_floor_set_keeps_no_gradient_memory(gen):
+    """Under a floor set (memory first) a call's gradient is new memory and none is kept
+    between calls, also none an earlier default call kept; the default keeps it again."""
+    from lovasz_kernels import _scratch
+    from lovasz_kernels._plan import chunk_floor_set
+
+    probas = torch.randn(2, 3, 20, 25, generator=gen).softmax(dim=1)
+    labels = torch.randint(0, 3, (2, 20, 25), generator=gen)
+    key = ("output", "numba loss gradient")
+    _loss_and_grad(lovasz_softmax, probas, labels)
+    assert key in _scratch._thread_arrays()
+    with chunk_floor_set("cpu", 0):
+        loss, grad = _loss_and_grad(lovasz_softmax, probas, labels)
+        assert key not in _scratch._thread_arrays()
+    assert torch.equal(grad, _loss_and_grad(lovasz_softmax, probas, labels)[1])
+    assert key in _scratch._thread_arrays()
 
 
 def test_concurrent_calls_from_threads_match_sequential_ones(gen):

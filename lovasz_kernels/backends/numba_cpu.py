@@ -1126,7 +1126,8 @@ def lovasz_extension(errors: torch.Tensor, fg: torch.Tensor) -> tuple[torch.Tens
         )
     errors_np = _host_floats(errors)
     fg_np = np.ascontiguousarray(fg_to_numpy(fg))
-    grad = output("numba extension gradient", errors_np.shape, errors_np.dtype)
+    grad = output("numba extension gradient", errors_np.shape, errors_np.dtype,
+                  keep=not budget_is_strict(_CPU))
     budget = _scratch_budget(max(grad.nbytes, chunk_floor_bytes(_CPU)),
                              _widened_bytes(errors, errors_np))
     loss = _run_batch(_extension_batch(errors_np, fg_np, grad), num_segments, budget)
@@ -1212,9 +1213,10 @@ def lovasz_loss(
             all_segments = batch_size * num_channels
         # the kernels write every pixel of every segment (0 where unsorted): when the segments
         # cover every (image, channel), no pixel needs zeroing first
+        # a floor set puts memory first: no gradient memory held between calls
         grad = output("numba loss gradient", values.shape, values.dtype,
-                      # pixels of no segment keep 0
-                      zeroed=np.unique(value_base).size != all_segments)
+                      zeroed=np.unique(value_base).size != all_segments,  # else all written
+                      keep=not budget_is_strict(_CPU))
         narrow_labels, ignore_label = _narrow_labels(labels, plan.ignore_index, num_channels)
         batch = SegmentBatch(
             values=values.reshape(-1),
