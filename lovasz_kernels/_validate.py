@@ -270,7 +270,7 @@ def resolve_classes(classes: object, num_classes: int) -> str | list[int]:
 def normalize_class_weights(class_weights: object) -> torch.Tensor | None:
     """A float64 CPU tensor of finite, non-negative weights, one positive (or None).
 
-    The length is checked against C by :func:`resolve_class_weights` once C is known.
+    The length is checked against C by the loss operator, once C is known.
     """
     if class_weights is None:
         return None
@@ -304,21 +304,6 @@ def check_class_weight_values(weights: torch.Tensor) -> None:
         raise ValueError(f"class_weights must be finite and >= 0; got {weights.tolist()}")
     if weights.numel() and not bool((weights > 0).any()):
         raise ValueError("class_weights must have at least one positive weight")
-
-
-def resolve_class_weights(
-    class_weights: object, num_classes: int, device: torch.device
-) -> torch.Tensor | None:
-    """A float64 tensor of C non-negative, finite weights on ``device`` (or None)."""
-    weights = normalize_class_weights(class_weights)
-    if weights is None:
-        return None
-    if weights.shape != (num_classes,):
-        raise ValueError(
-            f"class_weights must have shape ({num_classes},), one weight per class; "
-            f"got {shape_str(weights.shape)}"
-        )
-    return weights.to(device)
 
 
 def check_extension_inputs(errors: object, fg: object) -> None:
