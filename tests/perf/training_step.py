@@ -6,9 +6,10 @@ Each case (``BxSIDExC``: batch, image side, classes) trains a small CNN (two con
 logits, softmax, ``lovasz_softmax`` on the numba backend (batch IoU), backward, an SGD step.
 That is the pattern the backend's kept gradient memory is for: the loss's gradient is
 consumed by the backward pass before the next step's loss call. Steps alternate between the
-default (the gradient written into the previous one's memory) and new memory every call
-(``lovasz_kernels._scratch.KEEP_OUTPUT_BYTES`` set to 0, as before that memory was kept),
-``--steps`` of each after three warm-up steps of each. The backend's loss entry point is
+default (the gradient written into the previous one's memory) and new memory every call, as
+before that memory was kept (the backend's ``output`` replaced by numpy's allocation, which
+leaves the kept memory alone for the next default step), ``--steps`` of each after three
+warm-up steps of each. The backend's loss entry point is
 wrapped to read the process's minor page faults and system CPU time around it
 (``getrusage``). Prints, per way, the medians of the step, the loss call (its forward, where
 all its work is), and the faults and system time in that call, and the ratios of the times.
@@ -51,6 +52,7 @@ WAYS = ("reused", "new memory")
 
 def _train(case: tuple[int, int, int], steps: int) -> dict[str, dict[str, float]]:
     """Per way (:data:`WAYS`): medians (ms, or counts) over its steps after the warm-up."""
+    import numpy as np
     import torch
 
     from lovasz_kernels import _scratch, lovasz_softmax
@@ -58,7 +60,11 @@ def _train(case: tuple[int, int, int], steps: int) -> dict[str, dict[str, float]
 
     batch, side, classes = case
     calls: list[tuple[float, int, float]] = []  # (seconds, minor faults, system seconds)
-    original, kept_bytes = numba_cpu.lovasz_loss, _scratch.KEEP_OUTPUT_BYTES
+    original = numba_cpu.lovasz_loss
+
+    def new_memory(name, shape, dtype, zeroed=False, keep=True):
+        """The gradient's memory before it was kept: numpy's, new every call."""
+        return np.zeros(shape, dtype=dtype) if zeroed else np.empty(shape, dtype=dtype)
 
     def measured(*args, **kwargs):
         before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
@@ -81,7 +87,9 @@ def _train(case: tuple[int, int, int], steps: int) -> dict[str, dict[str, float]
         labels = torch.randint(0, classes, (batch, side, side))
         for step in range(2 * (WARM_UP_STEPS + steps)):
             way = WAYS[step % 2]
-            _scratch.KEEP_OUTPUT_BYTES = kept_bytes if way == "reused" else 0
+            # not KEEP_OUTPUT_BYTES = 0: output would drop the kept memory, and the next
+            # default step would find none to reuse
+            numba_cpu.output = _scratch.output if way == "reused" else new_memory
             start = time.perf_counter()
             optimizer.zero_grad()
             probas = model(images).softmax(dim=1)
@@ -90,7 +98,7 @@ def _train(case: tuple[int, int, int], steps: int) -> dict[str, dict[str, float]
             if step >= 2 * WARM_UP_STEPS:
                 samples[way].append((time.perf_counter() - start, *calls[-1]))
     finally:
-        numba_cpu.lovasz_loss, _scratch.KEEP_OUTPUT_BYTES = original, kept_bytes
+        numba_cpu.lovasz_loss, numba_cpu.output = original, _scratch.output
     return {way: {"step": statistics.median(sample[0] for sample in taken) * 1e3,
                   "loss": statistics.median(sample[1] for sample in taken) * 1e3,
                   "faults": statistics.median(sample[2] for sample in taken),
