@@ -183,3 +183,29 @@ def test_perf_scripts_refuse_bad_flags_before_any_work(argv, work, monkeypatch, 
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "error: " in err and argv[1] in err
+
+
+def test_training_step_reuses_the_kept_gradient_in_its_default_steps(monkeypatch):
+    """The script's new-memory steps must leave the kept gradient alone: every default step
+    after the first takes the previous one's memory (a new-memory step that dropped it once
+    made both ways new memory, and the script compared nothing)."""
+    from lovasz_kernels import _scratch
+    from lovasz_kernels.backends import numba_cpu
+    from tests.perf import training_step
+
+    if not numba_cpu.availability()[0]:
+        pytest.skip("numba is not installed")
+    original = _scratch.output
+    found_kept: list[bool] = []  # per call through the kept path: memory kept and free?
+
+    def spy(name, shape, dtype, zeroed=False, keep=True):
+        kept = _scratch._thread_arrays().get(("output", name))
+        found_kept.append(kept is not None and kept[1]() is None)
+        return original(name, shape, dtype, zeroed, keep)
+
+    monkeypatch.setattr(_scratch, "output", spy)
+    monkeypatch.setattr(numba_cpu, "output", numba_cpu.output)  # restored after the script
+    training_step._train((1, 8, 3), steps=2)
+    default_steps = training_step.WARM_UP_STEPS + 2
+    assert len(found_kept) == default_steps  # one loss call per default step, none other
+    assert all(found_kept[1:]), found_kept  # the first may find another test's memory
