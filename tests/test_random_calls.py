@@ -1,14 +1,15 @@
 """Loss calls with their options drawn together at random, on every backend, against the
 naive oracle: the losses' options are each tested on their own elsewhere; here hypothesis
 combines them (kind, shape, dtype, memory layout, label dtype, ignored pixels, class
-selection and weights, per image or batch, tied values)."""
+selection and weights, per image or batch, tied values). The same calls with one fault put
+in must fail with an error that names the faulty argument."""
 
 from __future__ import annotations
 
 import hypothesis.strategies as st
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 
 from lovasz_kernels import lovasz_hinge, lovasz_sigmoid, lovasz_softmax
 from lovasz_kernels._validate import compute_dtype
@@ -109,7 +110,7 @@ def _inputs(call):
 
 
 def _loss_and_grad(call, scores, labels, backend):
-    scores = scores.detach().requires_grad_()
+    scores = scores.detach().requires_grad_(scores.is_floating_point())
     kind = call["kind"]
     common = {"per_image": call["per_image"], "ignore_index": call["ignore_index"],
               "backend": backend}
@@ -237,3 +238,72 @@ def test_the_oracle_comparison_can_fail(kind):
     with pytest.raises(AssertionError):
         assert_close_report(loss * 1.01, oracle_loss,
                             LOSS_TOLERANCE[torch.float32], "loss")
+
+
+#: one fault put into an otherwise valid call, and the argument its error must name
+CORRUPTIONS = ("NaN score", "infinite score", "probability above 1", "label too large",
+               "negative label", "labels one pixel short", "a weight too many",
+               "class out of range", "floating labels for classes", "half a label",
+               "integer scores")
+
+
+def _corrupted(call, corruption, scores, labels):
+    """(scores, labels, call) with ``corruption`` in them, and the argument the error names;
+    None where the corruption does not apply to this call."""
+    kind = call["kind"]
+    scores_name = "logits" if kind in _HINGES else "probas"
+    first = (0,) * scores.dim()
+    label_first = (0,) * labels.dim()
+    channels = call["channels"]
+    label_dtype = call["label_dtype"]
+    if corruption in ("NaN score", "infinite score", "probability above 1"):
+        if corruption == "probability above 1" and kind in _HINGES:
+            return None  # any finite logit is valid
+        value = {"NaN score": float("nan"), "infinite score": float("inf"),
+                 "probability above 1": 1.5}[corruption]
+        scores[first] = value
+        return scores, labels, call, scores_name
+    if corruption in ("label too large", "negative label"):
+        if label_dtype == torch.bool or (corruption == "negative label"
+                                         and label_dtype == torch.uint8):
+            return None
+        value = (2 if kind != "softmax" else channels) if corruption == "label too large" \
+            else -5
+        if value == call["ignore_index"]:
+            return None
+        labels[label_first] = value
+        return scores, labels, call, "labels"
+    if corruption == "labels one pixel short":
+        return scores, labels[..., :-1], call, "labels"
+    if corruption == "a weight too many":
+        if "class_weights" not in call:
+            return None
+        return scores, labels, {**call, "class_weights": [1.0] * (channels + 1)}, \
+            "class_weights"
+    if corruption == "class out of range":
+        if "classes" not in call:
+            return None
+        return scores, labels, {**call, "classes": [channels]}, "classes"
+    if corruption == "floating labels for classes":
+        if kind != "softmax":
+            return None  # binary problems take floating masks
+        return scores, labels.to(torch.float32), call, "labels"
+    if corruption == "half a label":
+        if not labels.dtype.is_floating_point:
+            return None
+        labels[label_first] = 0.5
+        return scores, labels, call, "labels"
+    return scores.to(torch.int32), labels, call, scores_name  # integer scores
+
+
+@settings(max_examples=30)
+@given(call=loss_calls(), corruption=st.sampled_from(CORRUPTIONS))
+def test_random_bad_calls_name_the_bad_argument(backend, call, corruption):
+    """One fault in an otherwise valid call, whatever its kind, dtypes, layout and options:
+    a ValueError or TypeError naming the argument, before any kernel runs."""
+    scores, labels, _, _ = _inputs(call)
+    corrupted = _corrupted(call, corruption, scores, labels)
+    assume(corrupted is not None)
+    scores, labels, call, name = corrupted
+    with pytest.raises((ValueError, TypeError), match=name):
+        _loss_and_grad(call, scores, labels, backend)
