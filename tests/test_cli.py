@@ -273,10 +273,16 @@ def test_bench_unknown_backend(capsys, tmp_path):
     assert "error: --backend unknown backend 'nope'" in capsys.readouterr().err
 
 
-def test_bench_bad_pixels(capsys, tmp_path):
-    with pytest.raises(SystemExit):
-        cli.main(_bench(tmp_path, "--pixels", "8,x"))
-    assert "comma-separated integers" in capsys.readouterr().err
+@pytest.mark.parametrize("flag, value, message", [
+    ("--pixels", "8,x", "expected comma-separated integers; got '8,x'"),
+    ("--pixels", "8,0", "expected positive integers; got '8,0'"),
+    ("--classes", "-2", "expected positive integers; got '-2'"),
+])
+def test_bench_bad_sizes(capsys, tmp_path, no_work, flag, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(_bench(tmp_path, flag, value))
+    assert exit_info.value.code == 2
+    assert f"error: argument {flag}: {message}" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------

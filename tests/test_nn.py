@@ -171,9 +171,11 @@ def test_hinge_bad_arguments(kwargs, error, pattern):
         ({"class_weights": [0.0, 0.0]}, ValueError, "class_weights must have at least one"),
         ({"class_weights": [1.0, float("nan")]}, ValueError, "class_weights must be finite"),
         ({"class_weights": "ab"}, TypeError, "class_weights must be a sequence of numbers"),
+        ({"class_weights": torch.ones(2, 3)}, ValueError,
+         r"class_weights must be 1-D, one weight per class; got shape \(2, 3\)"),
     ],
     ids=["per_image", "from_logits", "ignore_index", "classes", "weights-negative",
-         "weights-zero", "weights-nan", "weights-str"],
+         "weights-zero", "weights-nan", "weights-str", "weights-2d"],
 )
 def test_softmax_bad_arguments(kwargs, error, pattern):
     with pytest.raises(error, match=pattern):

@@ -465,9 +465,14 @@ def test_sigmoid_case_foreground_class_accepted(gen):
         (1.0, TypeError, r"class_weights must be a sequence of numbers or a tensor; got float"),
         ({0: 1.0}, TypeError, r"class_weights must be a sequence of numbers or a tensor"),
         (["a", "b", "c"], TypeError, r"class_weights must be a sequence of numbers"),
+        ([True, 1.0, 1.0], TypeError, r"class_weights must be a sequence of numbers"),
+        (torch.tensor([1.0, -0.5, 1.0]), ValueError, r"class_weights must be finite and >= 0"),
+        (torch.tensor([1.0, NAN, 1.0]), ValueError, r"class_weights must be finite and >= 0"),
+        (torch.zeros(3), ValueError, r"class_weights must have at least one positive weight"),
+        (torch.tensor(1.0), TypeError, r"class_weights must be a sequence .* got a 0-d tensor"),
     ],
     ids=["short", "2d", "negative", "nan", "inf", "all-zero", "str", "float", "dict",
-         "strings"],
+         "strings", "bools", "negative tensor", "nan tensor", "all-zero tensor", "0-d tensor"],
 )
 def test_softmax_bad_class_weights(gen, weights, error, pattern):
     with pytest.raises(error, match=pattern):
@@ -619,6 +624,14 @@ def test_cuda_tensor_to_numpy_backend(gen):
 def test_zero_classes_is_a_value_error_naming_probas():
     with pytest.raises(ValueError, match=r"probas must have at least one class"):
         lovasz_softmax(torch.zeros(2, 0, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("shape", [(4,), (2, 0, 4)], ids=["no channel dim", "no channel"])
+def test_multilabel_scores_without_channels_name_them(shape):
+    with pytest.raises(ValueError, match=r"probas must have shape \(B, C, \*spatial\) with C >= 1"):
+        lovasz_sigmoid(torch.rand(shape), torch.zeros(shape, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"logits must have shape \(B, C, \*spatial\) with C >= 1"):
+        lovasz_hinge(torch.rand(shape), torch.zeros(shape, dtype=torch.long), multilabel=True)
 
 
 def test_multilabel_labels_need_the_scores_shape(gen):
