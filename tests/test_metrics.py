@@ -234,6 +234,12 @@ def test_empty_inputs():
     assert ConfusionMatrix(2).update(empty, empty).matrix.sum() == 0
 
 
+@pytest.mark.parametrize("zero_division", [math.nan, 0.0, 1.0])
+def test_dataset_miou_of_no_label_map_is_nan(zero_division):
+    """No pixel counted: NaN, whatever ``zero_division`` fills in for a class."""
+    assert torch.isnan(dataset_miou([], [], num_classes=3, zero_division=zero_division))
+
+
 def test_dataset_miou_over_ragged_list_equals_concatenation(gen):
     preds, labels = [], []
     for size in [(1, 5, 7), (2, 3, 3), (1, 11, 2)]:

@@ -176,6 +176,19 @@ def test_lam_below_what_float64_resolves_is_rejected():
     assert float(value) == float(lovasz_hinge(logits, labels, per_image=False))
 
 
+def test_lam_as_a_one_element_tensor(gen):
+    """λ may be a one-element tensor (a schedule's value): the same prox as the number; a
+    bool or a longer tensor is refused."""
+    logits = torch.randn(2, 4, 5, generator=gen, dtype=torch.float64)
+    labels = (torch.rand(2, 4, 5, generator=gen) > 0.5).long()
+    expected = prox_lovasz_hinge(logits, labels, 2.0)
+    for lam in (torch.tensor(2.0), torch.tensor([2.0]), torch.tensor([[2]])):
+        assert torch.equal(prox_lovasz_hinge(logits, labels, lam), expected), lam
+    for bad in (torch.tensor(True), torch.tensor([1.0, 2.0])):
+        with pytest.raises(TypeError, match="lam must be a positive number; got Tensor"):
+            prox_lovasz_hinge(logits, labels, bad)
+
+
 def test_moreau_envelope_value_and_gradient(gen):
     logits = torch.randn(2, 4, 5, generator=gen, dtype=torch.float64)
     labels = (torch.rand(2, 4, 5, generator=gen) > 0.5).long()
