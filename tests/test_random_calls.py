@@ -94,7 +94,7 @@ def _inputs(call):
         ignored = torch.rand(labels.shape, generator=gen) < call["ignored_share"]
         labels = labels.masked_fill(ignored, call["ignore_index"])
     scores = scores.to(call["dtype"])
-    oracle_scores = scores.double()
+    oracle_scores = scores.to(torch.float64, copy=True)  # a fault put in scores stays out
     oracle_labels = labels.clone()
     labels = labels.to(call["label_dtype"])
     if call["layout"] == "strided":  # every other element of a wider tensor
