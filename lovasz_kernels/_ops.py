@@ -23,13 +23,15 @@ output and its second derivative is zero almost everywhere. The formula is regis
 operators (so TorchScript and direct ``torch.ops`` calls differentiate) and used by an
 ``autograd.Function`` with ``setup_context`` around each of them, through which the Python
 functions call the operators: that form is what ``torch.func`` transforms require. ``vmap``
-runs the operator once per mapped slice.
+runs the operator once per mapped slice. Forward mode (``torch.func.jvp``, dual tensors) is
+the same formula the other way: d loss = <saved gradient, tangent>.
 """
 
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch.autograd import forward_ad
 
 from lovasz_kernels import _validate
 from lovasz_kernels._jaccard import jaccard_increments
@@ -335,6 +337,25 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(output[1])
 
 
+def _setup_context_with_tangents(ctx, inputs, output) -> None:
+    """:func:`_setup_context`, and the gradient kept for :func:`_jvp` too (the same tensor)."""
+    _setup_context(ctx, inputs, output)
+    ctx.save_for_forward(output[1])
+    ctx.loss_dim, ctx.loss_dtype = output[0].dim(), output[0].dtype
+
+
+def _jvp(ctx, tangent: torch.Tensor | None, *others):
+    """Forward mode: d loss = <saved gradient, tangent of the input> (summed over the input's
+    dimensions beyond the loss's); the saved gradient's own tangent is zero a.e. Tangents of
+    the other inputs (labels, class weights) are ignored, as backward gives them none."""
+    (saved,) = ctx.saved_tensors
+    if tangent is None:
+        return None, None
+    product = saved.to(ctx.loss_dtype) * tangent
+    loss_tangent = product.sum(dim=tuple(range(ctx.loss_dim, product.dim())))
+    return loss_tangent.to(ctx.loss_dtype), torch.zeros_like(saved)
+
+
 def _backward(ctx, d_loss: torch.Tensor | None, d_grad: torch.Tensor | None):
     """d input = d_loss · saved gradient; the saved gradient's own derivative is zero a.e."""
     (saved,) = ctx.saved_tensors
@@ -409,22 +430,28 @@ def _vmap_by_slices(operator):
     return rule
 
 
-def _differentiable(operator, name: str) -> type[torch.autograd.Function]:
+def _differentiable(operator, name: str, forward_mode: bool) -> type[torch.autograd.Function]:
     """``operator`` wrapped in an ``autograd.Function`` with ``setup_context`` (the form
-    ``torch.func`` transforms require) and the operators' formula and vmap rule."""
+    ``torch.func`` transforms require) and the operators' formula and vmap rule; with
+    ``forward_mode``, also :func:`_jvp` (``torch.func.jvp``, ``jacfwd``), which Dynamo refuses
+    to trace: the Function it compiles has none."""
 
     overload = operator._opoverload  # what Dynamo traces in a closure (not the op's record)
 
     def forward(*args):
         return overload(*args)
 
-    return type(name, (torch.autograd.Function,), {
+    methods = {
         "__doc__": f"{operator} with the operators' autograd formula, for torch.func.",
         "forward": staticmethod(forward),
         "setup_context": staticmethod(_setup_context),
         "backward": staticmethod(_backward),
         "vmap": staticmethod(_vmap_by_slices(operator)),
-    })
+    }
+    if forward_mode:
+        methods["setup_context"] = staticmethod(_setup_context_with_tangents)
+        methods["jvp"] = staticmethod(_jvp)
+    return type(name, (torch.autograd.Function,), methods)
 
 
 _DIRECT_DEVICES = ("cpu", "cuda")
@@ -468,29 +495,50 @@ def _eager_differentiable(call, name: str) -> type[torch.autograd.Function]:
 
     def forward(ctx, *args):
         output = call(*args)
-        _setup_context(ctx, args, output)
+        _setup_context_with_tangents(ctx, args, output)
         return output
 
     return type(name, (torch.autograd.Function,), {
         "__doc__": "A loss operator with the operators' autograd formula, for eager calls.",
         "forward": staticmethod(forward),
         "backward": staticmethod(_backward),
+        "jvp": staticmethod(_jvp),
     })
 
 
-def _function_for_call(for_transforms, for_eager):
-    """The ``torch.func``/``torch.compile``-ready Function while a transform or a compiler is
-    active, else its cheaper eager twin."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+def _function_for_call(for_compiler, for_transforms, for_eager):
+    """The Function Dynamo can trace while compiling, the ``torch.func``-ready one while a
+    transform is active, else the cheaper eager twin (the last two also do forward mode)."""
+    if torch.compiler.is_compiling():
+        return for_compiler
+    if torch._C._are_functorch_transforms_active():
         return for_transforms
     return for_eager
 
 
+def _differentiated(tensor: torch.Tensor) -> bool:
+    """Whether a call on ``tensor`` must record its derivative: backward (grad mode and
+    ``requires_grad``), or forward mode (a ``torch.func`` transform, which the bare operator
+    would answer with a zero tangent, or a dual tensor of ``torch.autograd.forward_ad``)."""
+    if torch.is_grad_enabled() and tensor.requires_grad:
+        return True
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._are_functorch_transforms_active():
+        return True
+    return forward_ad._current_level >= 0 and forward_ad.unpack_dual(tensor).tangent is not None
+
+
 _call_loss = _eager_caller(lovasz_loss_op, _lovasz_loss_impl, num_tensors=3)
 _call_extension = _eager_caller(lovasz_extension_op, _lovasz_extension_impl, num_tensors=2)
-_LossFunction = _differentiable(lovasz_loss_op, "_LossFunction")
+_CompiledLossFunction = _differentiable(lovasz_loss_op, "_CompiledLossFunction",
+                                       forward_mode=False)
+_LossFunction = _differentiable(lovasz_loss_op, "_LossFunction", forward_mode=True)
 _EagerLossFunction = _eager_differentiable(_call_loss, "_EagerLossFunction")
-_ExtensionFunction = _differentiable(lovasz_extension_op, "_ExtensionFunction")
+_CompiledExtensionFunction = _differentiable(lovasz_extension_op, "_CompiledExtensionFunction",
+                                            forward_mode=False)
+_ExtensionFunction = _differentiable(lovasz_extension_op, "_ExtensionFunction",
+                                     forward_mode=True)
 _EagerExtensionFunction = _eager_differentiable(_call_extension, "_EagerExtensionFunction")
 
 
@@ -516,12 +564,12 @@ def lovasz_loss(
         return torch.ops.lovasz_kernels.lovasz_loss(
             scores, labels, class_weights, classes, class_list, per_image, ignore_index, kind,
             backend, group_name, dist_mode, bins)[0]
-    if not (torch.is_grad_enabled() and scores.requires_grad):
+    if not _differentiated(scores):
         # nothing to differentiate (evaluation, no_grad): the bare operator
         return _call_loss(
             scores, labels, class_weights, classes, class_list, per_image, ignore_index, kind,
             backend, group_name, dist_mode, bins)[0]
-    function = _function_for_call(_LossFunction, _EagerLossFunction)
+    function = _function_for_call(_CompiledLossFunction, _LossFunction, _EagerLossFunction)
     return function.apply(
         scores, labels, class_weights, classes, class_list, per_image, ignore_index, kind,
         backend, group_name, dist_mode, bins)[0]
@@ -533,7 +581,8 @@ def lovasz_extension(
     """(loss, grad) of :data:`lovasz_extension_op`, the loss differentiable w.r.t. errors."""
     if torch.jit.is_tracing():  # records the operator, as lovasz_loss does
         return torch.ops.lovasz_kernels.lovasz_extension(errors, fg, backend)
-    if not (torch.is_grad_enabled() and errors.requires_grad):
+    if not _differentiated(errors):
         return _call_extension(errors, fg, backend)
-    return _function_for_call(_ExtensionFunction, _EagerExtensionFunction).apply(
-        errors, fg, backend)
+    function = _function_for_call(_CompiledExtensionFunction, _ExtensionFunction,
+                                  _EagerExtensionFunction)
+    return function.apply(errors, fg, backend)

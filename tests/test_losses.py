@@ -614,8 +614,8 @@ def test_eager_calls_skip_the_transform_ready_function(gen):
     def loss_of(p):
         return lovasz_softmax(p, labels, backend="torch")
 
-    assert _ops._function_for_call(_ops._LossFunction, _ops._EagerLossFunction) is (
-        _ops._EagerLossFunction)
+    assert _ops._function_for_call(_ops._CompiledLossFunction, _ops._LossFunction,
+                                   _ops._EagerLossFunction) is _ops._EagerLossFunction
     assert torch.equal(torch.func.grad(loss_of)(probas), scores.grad)
 
 

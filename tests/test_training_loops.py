@@ -259,6 +259,73 @@ def test_vmap_runs_each_slice(gen):
         torch.testing.assert_close(per_sample[i], expected)
 
 
+def _forward_mode_cases(gen, backend, dtype=torch.float64):
+    """(name, function of one tensor, the tensor) for each kind of call."""
+    labels = torch.randint(0, 4, (2, 5, 6), generator=gen)
+    labels[0, :2] = 255
+    probas = torch.rand(2, 4, 5, 6, generator=gen, dtype=torch.float64).softmax(dim=1)
+    logits = torch.randn(2, 5, 6, generator=gen, dtype=torch.float64)
+    masks = (torch.rand(2, 3, 5, 6, generator=gen) < 0.4).long()
+    fg = torch.rand(3, 20, generator=gen) < 0.4
+    return [
+        ("softmax", lambda p: lovasz_softmax(p, labels, ignore_index=255, backend=backend),
+         probas.to(dtype)),
+        ("softmax per image", lambda p: lovasz_softmax(
+            p, labels, per_image=True, classes="all", ignore_index=255, backend=backend),
+         probas.to(dtype)),
+        ("hinge", lambda z: lovasz_hinge(z, (labels == 1).long(), per_image=False,
+                                         backend=backend), logits.to(dtype)),
+        ("sigmoid", lambda z: lovasz_sigmoid(z, masks, from_logits=True, backend=backend),
+         torch.randn(2, 3, 5, 6, generator=gen, dtype=torch.float64).to(dtype)),
+        ("extension", lambda e: lovasz_extension(e, fg, backend=backend)[0],
+         torch.randn(3, 20, generator=gen, dtype=torch.float64).to(dtype)),
+    ]
+
+
+def test_forward_mode_is_the_gradient_times_the_tangent(backend, gen):
+    """torch.func.jvp, torch.autograd.forward_ad and jacfwd give <gradient, tangent> (per row
+    for the extension), and the Jacobian is the gradient: a tangent is never dropped to 0."""
+    from torch.autograd import forward_ad
+
+    for name, fn, x in _forward_mode_cases(gen, backend):
+        tangent = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+        expected_x = x.clone().requires_grad_()
+        value = fn(expected_x)
+        (grad,) = torch.autograd.grad(value.sum(), expected_x)
+        expected = (grad * tangent).flatten(value.dim()).sum(-1)
+        assert expected.abs().min() > 1e-3, name  # a zero tangent cannot pass
+        primal, jvp = torch.func.jvp(fn, (x,), (tangent,))
+        torch.testing.assert_close(primal, value.detach(), **TOLERANCE, msg=name)
+        torch.testing.assert_close(jvp, expected, **TOLERANCE, msg=name)
+        with forward_ad.dual_level():
+            dual = fn(forward_ad.make_dual(x, tangent))
+            torch.testing.assert_close(forward_ad.unpack_dual(dual).tangent, expected,
+                                       **TOLERANCE, msg=name)
+        if value.dim() == 0:
+            torch.testing.assert_close(torch.func.jacfwd(fn)(x), grad, **TOLERANCE, msg=name)
+
+
+def test_forward_mode_of_16_bit_scores_is_in_the_loss_dtype(gen):
+    """The tangent has the loss's dtype (float32 for 16-bit scores) and is the float32 saved
+    gradient times the tangent (closer than the gradient rounded to 16 bits)."""
+    for name, fn, x in _forward_mode_cases(gen, "torch", dtype=torch.bfloat16):
+        tangent = torch.randn(x.shape, generator=gen).to(x.dtype)
+        primal, jvp = torch.func.jvp(fn, (x,), (tangent,))
+        assert jvp.dtype == primal.dtype == torch.float32, name
+        wide = x.float().requires_grad_()
+        value = fn(wide)
+        (grad,) = torch.autograd.grad(value.sum(), wide)
+        expected = (grad * tangent.float()).flatten(value.dim()).sum(-1)
+        torch.testing.assert_close(jvp, expected, rtol=2e-2, atol=2e-2, msg=name)
+
+
+def test_hessian_by_forward_over_reverse_is_zero(backend, gen):
+    z = torch.randn(1, 5, 6, generator=gen, dtype=torch.float64)
+    masks = (torch.rand(1, 5, 6, generator=gen) < 0.4).long()
+    hessian = torch.func.hessian(lambda a: lovasz_hinge(a, masks, backend=backend))(z)
+    assert hessian.shape == (1, 5, 6, 1, 5, 6) and not hessian.any()
+
+
 @pytest.mark.parametrize("loss", ["hinge", "softmax", "extension"])
 def test_second_derivative_is_zero(backend, gen, loss):
     """Piecewise linear: double backward (gradient penalties) returns zeros, no exception."""
