@@ -60,8 +60,14 @@ def shape_str(shape: Sequence[int]) -> str:
 
 
 def check_tensor(name: str, value: object) -> torch.Tensor:
+    """``value``, a dense tensor (sparse and nested tensors have no strides to read or
+    reshape: refused here, not deep inside a kernel)."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(value).__name__}")
+    if value.layout != torch.strided or value.is_nested:
+        layout = "nested" if value.is_nested else str(value.layout)
+        raise TypeError(f"{name} must be a dense (strided) tensor; got a {layout} tensor "
+                        f"(convert it with .to_dense() first)")
     return value
 
 
@@ -276,6 +282,7 @@ def normalize_class_weights(class_weights: object) -> torch.Tensor | None:
         return None
     expected = "class_weights must be a sequence of numbers or a tensor"
     if isinstance(class_weights, torch.Tensor):
+        check_tensor("class_weights", class_weights)
         if class_weights.dim() == 0:
             raise TypeError(f"{expected}; got a 0-d tensor")
         weights = class_weights.detach().to(device="cpu", dtype=torch.float64)

@@ -409,6 +409,7 @@ def _class_weights_tensor(
     """A (C,) float64 tensor on ``device`` (values of a tensor are checked in the operator,
     a Python sequence's here), or None."""
     if isinstance(class_weights, torch.Tensor):
+        _validate.check_tensor("class_weights", class_weights)
         if class_weights.dim() == 0:
             raise TypeError("class_weights must be a sequence of numbers or a tensor; "
                             "got a 0-d tensor")

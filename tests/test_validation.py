@@ -99,6 +99,47 @@ def test_grad_not_a_tensor():
         lovasz_grad([1, 0, 1])
 
 
+def _sparse_and_nested_calls(gen):
+    """(argument, layout, call) for each tensor argument given as a sparse or nested tensor."""
+    from lovasz_kernels import LovaszSoftmaxLoss
+    from lovasz_kernels.metrics import batch_miou
+    from lovasz_kernels.optim import prox_lovasz_hinge
+
+    probas, labels = _probas(gen), _labels(gen)
+    logits = torch.randn(2, 4, 5, generator=gen)
+    masks = (labels == 1).long()
+    errors = torch.randn(2, 20, generator=gen)
+    fg = errors > 0
+    nested = torch.nested.nested_tensor([probas[0], probas[1]], layout=torch.jagged)
+    return [
+        ("probas", "torch.sparse_coo", lambda: lovasz_softmax(probas.to_sparse(), labels)),
+        ("probas", "nested", lambda: lovasz_softmax(nested, labels)),
+        ("labels", "torch.sparse_coo", lambda: lovasz_softmax(probas, labels.to_sparse())),
+        ("logits", "torch.sparse_coo", lambda: lovasz_hinge(logits.to_sparse(), masks)),
+        ("logits", "torch.sparse_csr", lambda: lovasz_hinge(logits.to_sparse_csr(), masks)),
+        ("labels", "torch.sparse_coo", lambda: lovasz_sigmoid(probas, labels.to_sparse())),
+        ("class_weights", "torch.sparse_coo", lambda: lovasz_softmax(
+            probas, labels, class_weights=torch.ones(3).to_sparse())),
+        ("class_weights", "torch.sparse_coo", lambda: LovaszSoftmaxLoss(
+            class_weights=torch.ones(3).to_sparse())),
+        ("errors", "torch.sparse_coo", lambda: lovasz_extension(errors.to_sparse(), fg)),
+        ("fg", "torch.sparse_coo", lambda: lovasz_extension(errors, fg.to_sparse())),
+        ("gt_sorted", "torch.sparse_coo", lambda: lovasz_grad(fg[0].to_sparse())),
+        ("pred", "torch.sparse_coo", lambda: batch_miou(labels.to_sparse(), labels, num_classes=3)),
+        ("logits", "torch.sparse_coo", lambda: prox_lovasz_hinge(logits.to_sparse(), masks, 0.1)),
+    ]
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+def test_sparse_and_nested_tensors_are_refused_by_name(gen):
+    """Sparse and nested tensors have no strides: a TypeError naming the argument, not an
+    error from deep inside a reshape or a kernel."""
+    for argument, layout, call in _sparse_and_nested_calls(gen):
+        message = f"{argument} must be a dense (strided) tensor; got a {layout} tensor"
+        with pytest.raises(TypeError, match=re.escape(message)):
+            call()
+
+
 @pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.bool], ids=str)
 def test_softmax_integer_probas(gen, dtype):
     probas = torch.ones(2, 3, 4, 5, dtype=dtype)
