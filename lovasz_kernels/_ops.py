@@ -337,22 +337,39 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(output[1])
 
 
-def _setup_context_with_tangents(ctx, inputs, output) -> None:
-    """:func:`_setup_context`, and the gradient kept for :func:`_jvp` too (the same tensor)."""
-    _setup_context(ctx, inputs, output)
-    ctx.save_for_forward(output[1])
-    ctx.loss_dim, ctx.loss_dtype = output[0].dim(), output[0].dtype
+#: where the loss operator takes its process group's name (a global-batch loss)
+_LOSS_GROUP_ARGUMENT = 9
+
+
+def _setup_context_with_tangents(group_argument: int | None):
+    """A ``setup_context`` for the Functions that do forward mode: :func:`_setup_context`,
+    the gradient kept for :func:`_jvp` too (the same tensor), and the name of the process
+    group at argument ``group_argument`` (None: the operator takes none)."""
+
+    def setup_context(ctx, inputs, output) -> None:
+        _setup_context(ctx, inputs, output)
+        ctx.save_for_forward(output[1])
+        ctx.loss_dim, ctx.loss_dtype = output[0].dim(), output[0].dtype
+        ctx.group_name = "" if group_argument is None else inputs[group_argument]
+
+    return setup_context
 
 
 def _jvp(ctx, tangent: torch.Tensor | None, *others):
     """Forward mode: d loss = <saved gradient, tangent of the input> (summed over the input's
     dimensions beyond the loss's); the saved gradient's own tangent is zero a.e. Tangents of
-    the other inputs (labels, class weights) are ignored, as backward gives them none."""
+    the other inputs (labels, class weights) are ignored, as backward gives them none. A
+    global-batch loss is one number on every rank, a function of every rank's scores: its
+    tangent is the sum of every rank's product (a collective, as the forward's are)."""
     (saved,) = ctx.saved_tensors
     if tangent is None:
         return None, None
     product = saved.to(ctx.loss_dtype) * tangent
     loss_tangent = product.sum(dim=tuple(range(ctx.loss_dim, product.dim())))
+    if ctx.group_name:
+        from lovasz_kernels.distributed import sum_over_group
+
+        sum_over_group(loss_tangent, ctx.group_name)
     return loss_tangent.to(ctx.loss_dtype), torch.zeros_like(saved)
 
 
@@ -430,11 +447,13 @@ def _vmap_by_slices(operator):
     return rule
 
 
-def _differentiable(operator, name: str, forward_mode: bool) -> type[torch.autograd.Function]:
+def _differentiable(operator, name: str, forward_mode: bool,
+                    group_argument: int | None = None) -> type[torch.autograd.Function]:
     """``operator`` wrapped in an ``autograd.Function`` with ``setup_context`` (the form
     ``torch.func`` transforms require) and the operators' formula and vmap rule; with
     ``forward_mode``, also :func:`_jvp` (``torch.func.jvp``, ``jacfwd``), which Dynamo refuses
-    to trace: the Function it compiles has none."""
+    to trace: the Function it compiles has none. ``group_argument``: as in
+    :func:`_setup_context_with_tangents`."""
 
     overload = operator._opoverload  # what Dynamo traces in a closure (not the op's record)
 
@@ -449,7 +468,7 @@ def _differentiable(operator, name: str, forward_mode: bool) -> type[torch.autog
         "vmap": staticmethod(_vmap_by_slices(operator)),
     }
     if forward_mode:
-        methods["setup_context"] = staticmethod(_setup_context_with_tangents)
+        methods["setup_context"] = staticmethod(_setup_context_with_tangents(group_argument))
         methods["jvp"] = staticmethod(_jvp)
     return type(name, (torch.autograd.Function,), methods)
 
@@ -488,14 +507,17 @@ def _eager_caller(operator, implementation, num_tensors: int):
     return call
 
 
-def _eager_differentiable(call, name: str) -> type[torch.autograd.Function]:
+def _eager_differentiable(call, name: str,
+                          group_argument: int | None = None) -> type[torch.autograd.Function]:
     """The same formula in the ``forward(ctx, ...)`` form, for plain eager calls of ``call``
     (an :func:`_eager_caller`): a ``setup_context`` Function binds its arguments with
     ``inspect.signature`` on every call, about a tenth of a small loss call's time."""
 
+    setup_context = _setup_context_with_tangents(group_argument)
+
     def forward(ctx, *args):
         output = call(*args)
-        _setup_context_with_tangents(ctx, args, output)
+        setup_context(ctx, args, output)
         return output
 
     return type(name, (torch.autograd.Function,), {
@@ -533,8 +555,10 @@ _call_loss = _eager_caller(lovasz_loss_op, _lovasz_loss_impl, num_tensors=3)
 _call_extension = _eager_caller(lovasz_extension_op, _lovasz_extension_impl, num_tensors=2)
 _CompiledLossFunction = _differentiable(lovasz_loss_op, "_CompiledLossFunction",
                                        forward_mode=False)
-_LossFunction = _differentiable(lovasz_loss_op, "_LossFunction", forward_mode=True)
-_EagerLossFunction = _eager_differentiable(_call_loss, "_EagerLossFunction")
+_LossFunction = _differentiable(lovasz_loss_op, "_LossFunction", forward_mode=True,
+                                group_argument=_LOSS_GROUP_ARGUMENT)
+_EagerLossFunction = _eager_differentiable(_call_loss, "_EagerLossFunction",
+                                           group_argument=_LOSS_GROUP_ARGUMENT)
 _CompiledExtensionFunction = _differentiable(lovasz_extension_op, "_CompiledExtensionFunction",
                                             forward_mode=False)
 _ExtensionFunction = _differentiable(lovasz_extension_op, "_ExtensionFunction",

@@ -259,6 +259,14 @@ def quantize(
     return scaled.clamp_(0, num_bins).to(torch.int64), num_bins + 1
 
 
+def sum_over_group(tensor: torch.Tensor, group_name: str) -> None:
+    """``tensor`` summed over the ranks of the process group named ``group_name``, in place
+    (the tangent of a global-batch loss)."""
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    _all_reduce(tensor, _resolve_process_group(group_name))
+
+
 def _all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None, op=None) -> None:
     if group is not None:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op, group=group)

@@ -205,6 +205,40 @@ def case_hinge_exact(rank: int, world: int, group: dist.ProcessGroup) -> None:
                  per_image=False, ignore_index=IGNORE)
 
 
+def case_forward_mode_sums_every_rank(rank: int, world: int, group: dist.ProcessGroup) -> None:
+    """The global-batch loss is a function of every rank's scores: its tangent (torch.func.jvp
+    and dual tensors) is the single-process tangent of the whole batch, the same on every
+    rank; per image (nothing communicated) it is the rank's own."""
+    from torch.autograd import forward_ad
+
+    sizes = BATCH_SIZES[world]
+    probas, labels = _softmax_batch(9, sum(sizes), sizes)
+    tangent = torch.randn(probas.shape, generator=torch.Generator().manual_seed(10),
+                          dtype=probas.dtype)
+    mine = _rank_slice(sizes, rank)
+    for backend in _cpu_backends():
+        def loss(p, y, backend=backend, **kwargs):
+            return lovasz_softmax(p, y, ignore_index=IGNORE, backend=backend, **kwargs)
+
+        _, expected = torch.func.jvp(lambda p: loss(p, labels), (probas,), (tangent,))
+        _, found = torch.func.jvp(lambda p: loss(p, labels[mine], process_group=group),
+                                  (probas[mine],), (tangent[mine],))
+        _expect_close(found, expected, rtol=1e-9, atol=1e-12, msg=f"{backend} torch.func.jvp")
+        _assert_same_everywhere(found, f"{backend} torch.func.jvp", group)
+        with forward_ad.dual_level():
+            dual = loss(forward_ad.make_dual(probas[mine], tangent[mine]), labels[mine],
+                        process_group=group)
+            _expect_close(forward_ad.unpack_dual(dual).tangent, expected, rtol=1e-9,
+                          atol=1e-12, msg=f"{backend} dual tensors")
+        if mine.stop > mine.start:  # per image: the loss and its tangent are the rank's own
+            _, local = torch.func.jvp(lambda p: loss(p, labels[mine], per_image=True),
+                                      (probas[mine],), (tangent[mine],))
+            _, found = torch.func.jvp(
+                lambda p: loss(p, labels[mine], per_image=True, process_group=group),
+                (probas[mine],), (tangent[mine],))
+            _expect_close(found, local, rtol=0, atol=0, msg=f"{backend} per image")
+
+
 def case_nothing_valid_anywhere(rank: int, world: int, group: dist.ProcessGroup) -> None:
     sizes = BATCH_SIZES[world]
     probas, labels = _softmax_batch(5, sum(sizes), sizes)

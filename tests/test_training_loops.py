@@ -305,6 +305,15 @@ def test_forward_mode_is_the_gradient_times_the_tangent(backend, gen):
             torch.testing.assert_close(torch.func.jacfwd(fn)(x), grad, **TOLERANCE, msg=name)
 
 
+def test_the_loss_operator_takes_its_group_name_where_forward_mode_reads_it():
+    import inspect
+
+    from lovasz_kernels import _ops
+
+    parameters = list(inspect.signature(_ops._lovasz_loss_impl).parameters)
+    assert parameters[_ops._LOSS_GROUP_ARGUMENT] == "group_name"
+
+
 def test_forward_mode_of_16_bit_scores_is_in_the_loss_dtype(gen):
     """The tangent has the loss's dtype (float32 for 16-bit scores) and is the float32 saved
     gradient times the tangent (closer than the gradient rounded to 16 bits)."""
