@@ -87,6 +87,20 @@ def _check_matrix_size(num_classes: int) -> None:
         )
 
 
+def _check_count_size(num_classes: int, num_groups: int) -> None:
+    """The (G, 3, C) per-class counts, like the matrix, stay within its entries: beyond that
+    num_classes is almost surely wrong, and allocating them could exhaust the machine's memory
+    (a kill by the kernel, not an exception)."""
+    entries = num_groups * 3 * num_classes
+    if entries > _MAX_MATRIX_ENTRIES:
+        gib = entries * 8 / 2**30
+        images = f"{num_groups} images x " if num_groups > 1 else ""
+        raise ValueError(
+            f"num_classes={num_classes} needs per-class counts of {images}3 x C int64, "
+            f"{gib:.3g} GiB (at most {_MAX_MATRIX_ENTRIES} entries)"
+        )
+
+
 def _check_zero_division(zero_division: object) -> float:
     if isinstance(zero_division, bool) or not isinstance(zero_division, numbers.Real):
         raise TypeError(
@@ -307,6 +321,7 @@ def _checked_class_counts(
         counts_device=counts_device, counts_why=counts_why,
     )
     num_groups = labels.shape[0] if per_image else 1
+    _check_count_size(num_classes, num_groups)
     return _class_counts(pred, labels, num_classes, ignore_index, num_groups)
 
 

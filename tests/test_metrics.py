@@ -328,6 +328,24 @@ def test_num_classes_far_above_the_pixel_count():
     ConfusionMatrix(2**14)  # the largest accepted: a 2 GiB matrix
 
 
+def test_num_classes_whose_counts_would_exhaust_memory_is_refused():
+    """A num_classes whose per-class counts pass 2^28 entries (a wrong num_classes: 10^9 took
+    24 GiB and the process was killed) raises, naming it."""
+    pred = torch.tensor([[0, 1], [1, 1]])
+    labels = torch.tensor([[0, 1], [0, 1]])
+    for fn in (per_class_iou, batch_miou, image_miou, per_image_miou, per_image_iou):
+        with pytest.raises(ValueError, match=r"num_classes=1000000000 needs per-class counts"):
+            fn(pred, labels, 10**9)
+    with pytest.raises(ValueError, match=r"num_classes=1000000000 needs per-class counts"):
+        dataset_miou([pred], [labels], 10**9)
+    largest_per_image = 2**28 // (2 * 3)
+    with pytest.raises(ValueError, match=r"needs per-class counts of 2 images x 3 x C"):
+        per_image_miou(pred, labels, largest_per_image + 1)
+    from lovasz_kernels.metrics import _check_count_size
+
+    _check_count_size(largest_per_image, 2)  # the largest accepted (not run: 7 GB at its peak)
+
+
 def test_counting_needs_no_host_sync(gen, monkeypatch):
     """With value checks off, nothing reads a tensor's value on the host: every count and
     mean stays on the device (the calls below would raise otherwise)."""
