@@ -25,6 +25,10 @@ from lovasz_kernels.bench.rules import REFERENCE, backend_problem
 USAGE_ERROR = 2
 
 
+#: bench's class count when --classes is not given
+DEFAULT_CLASSES = 21
+
+
 class UsageError(Exception):
     """A bad flag: ``flag`` and what is wrong with its value."""
 
@@ -236,7 +240,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       reference=device.type == "cpu")
     sides = args.pixels or list(bench.QUICK_SIDES if args.quick else bench.DEFAULT_SIDES)
     per_image = args.per_image if args.per_image is not None else args.loss == "hinge"
-    class_counts = [1] if args.loss == "hinge" else args.classes
+    if args.loss == "hinge" and args.classes is not None:
+        raise UsageError("--classes", "does not apply to --loss hinge (one binary problem: "
+                         f"no classes to count); got {','.join(map(str, args.classes))}")
+    class_counts = [1] if args.loss == "hinge" else args.classes or [DEFAULT_CLASSES]
     workloads = [bench.Workload(args.loss, batch, side, classes, per_image, args.dtype)
                  for classes in class_counts for side in sides]
     _inputs_fit(workloads, device)
@@ -307,8 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", default="cpu", help="cpu or cuda (default: cpu)")
     add("--pixels", type=_int_list, metavar="SIDES",
         help=f"comma-separated image sides, e.g. 256,512 (default {sides}; --quick: {quick})")
-    add("--classes", type=_int_list, default=[21], metavar="COUNTS",
-        help="comma-separated class counts, one plot panel each (default 21; not the hinge)")
+    add("--classes", type=_int_list, metavar="COUNTS",
+        help=f"comma-separated class counts, one plot panel each (default {DEFAULT_CLASSES}; "
+        "not the hinge)")
     add("--batch", type=int, default=1, help="images per batch (default 1)")
     add("--per-image", action=argparse.BooleanOptionalAction, default=None,
         help="per-image IoU (default: off for softmax, on for hinge)")

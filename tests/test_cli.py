@@ -317,6 +317,8 @@ def _assert_usage_error(capsys, argv, flag, message):
     (["--out", "/dev/null"], "--out", "must be a folder; /dev/null is a file"),
     (["--device", "meta"], "--device", "must be cpu or cuda (or cuda:N); got 'meta'"),
     (["--device", "nope"], "--device", "must be cpu or cuda (or cuda:N); got 'nope'"),
+    (["--loss", "hinge", "--classes", "5,7"], "--classes",
+     "does not apply to --loss hinge (one binary problem: no classes to count); got 5,7"),
 ])
 def test_bench_bad_flags(capsys, tmp_path, no_work, args, flag, message):
     argv = ["bench", *args] if args[0] == "--out" else _bench(tmp_path, *args)
