@@ -230,6 +230,34 @@ def _objective(logits, labels, point, lam):
     return float(hinge + ((point - logits) ** 2).sum() / (2 * lam))
 
 
+def test_moreau_under_torch_compile_runs_between_graphs(gen):
+    """Not a custom operator: a compiled step runs it eagerly (a graph break) with the eager
+    value and gradients; its gradient does not require grad, so a second derivative is
+    refused rather than given as 0 (the envelope's is not zero)."""
+    torch._dynamo.reset()
+    model = torch.nn.Conv2d(3, 1, 3, padding=1, dtype=torch.float64)
+    images = torch.randn(2, 3, 6, 7, generator=gen, dtype=torch.float64)
+    labels = (torch.rand(2, 6, 7, generator=gen) < 0.4).long()
+
+    def step():
+        value = lovasz_hinge_moreau(model(images)[:, 0], labels, 0.5)
+        value.backward()
+        return value.detach()
+
+    eager = step()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(step)()
+    torch._dynamo.reset()
+    assert torch.equal(compiled, eager)
+    for param, expected in zip(model.parameters(), eager_grads):
+        torch.testing.assert_close(param.grad, expected, rtol=1e-12, atol=1e-14)
+    logits = model(images)[:, 0].detach().requires_grad_()
+    (grad,) = torch.autograd.grad(lovasz_hinge_moreau(logits, labels, 0.5), logits,
+                                  create_graph=True)
+    assert not grad.requires_grad
+
+
 def test_greedy_equals_exact_when_the_order_does_not_change(gen):
     labels = (torch.rand(1, 40, generator=gen) > 0.5).long()
     # distinct margins 0.04 apart (half of them ≤ 0, unchanged); every margin moves by at most
