@@ -187,11 +187,16 @@ def check_labels(
     out_of_range = ((labels < 0) | (labels >= num_classes)) & valid_pixels(labels, ignore_index)
     n_bad = int(count_true(out_of_range.reshape(-1)))
     if n_bad:
-        example = int(labels[out_of_range].flatten()[0])
+        bad_values = labels[out_of_range]
+        example = int(bad_values.flatten()[0])
         ignore = "" if ignore_index is None else f" or ignore_index={ignore_index}"
+        hint = ""
+        if ignore_index is None and bool((bad_values == example).all()):
+            # one value outside the classes, as a border or void label (255, -100) would be
+            hint = f"; pass ignore_index={example} if those pixels are to be ignored"
         raise ValueError(
             f"{name} must be in {valid_values}{ignore}; got {n_bad} out-of-range values "
-            f"(e.g. {example})"
+            f"(e.g. {example}){hint}"
         )
 
 

@@ -268,7 +268,18 @@ def test_softmax_labels_out_of_range(gen, bad_value):
     labels = _labels(gen)
     labels[1, 2, 3] = bad_value
     with pytest.raises(ValueError, match=rf"labels must be in \[0, 3\); got 1 out-of-range "
-                                         rf"values \(e\.g\. {bad_value}\)"):
+                                         rf"values \(e\.g\. {bad_value}\); pass "
+                                         rf"ignore_index={bad_value} if those pixels are to be "
+                                         rf"ignored$"):
+        lovasz_softmax(_probas(gen), labels)
+
+
+def test_labels_out_of_range_by_several_values_get_no_ignore_hint(gen):
+    """The hint names one value: with two different ones out of range there is none."""
+    labels = _labels(gen)
+    labels[1, 2, 3] = 255
+    labels[0, 0, 0] = 7
+    with pytest.raises(ValueError, match=r"got 2 out-of-range values \(e\.g\. 7\)$"):
         lovasz_softmax(_probas(gen), labels)
 
 
