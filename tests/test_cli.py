@@ -60,6 +60,20 @@ def test_console_script_module_runs():
     assert "numpy" in result.stdout and "torch" in result.stdout
 
 
+def test_python_dash_m_package_is_the_command():
+    """``python -m lovasz_kernels``: the command where its script is not on PATH, with its
+    exit statuses (0, and 2 on a bad flag)."""
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "lovasz_kernels", *args],
+                              capture_output=True, text=True, timeout=120, check=False)
+
+    version = run("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"lovasz-kernels {__version__}"
+    bad = run("bench", "--repeat", "0")
+    assert bad.returncode == 2
+    assert "lovasz-kernels bench: error: --repeat must be a positive integer" in bad.stderr
+
+
 def test_no_command_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
         cli.main([])
