@@ -278,6 +278,19 @@ def resolve_classes(classes: object, num_classes: int) -> str | list[int]:
     return sorted(chosen)
 
 
+CLASS_WEIGHTS_EXPECTED = "class_weights must be a sequence of numbers or a tensor"
+
+
+def check_class_weights_tensor(class_weights: torch.Tensor) -> None:
+    """Class weights given as a tensor: dense, not 0-d, of real numbers (a bool tensor is
+    refused as a list of bools is: a mask of classes is what ``classes=`` takes)."""
+    check_tensor("class_weights", class_weights)
+    if class_weights.dim() == 0:
+        raise TypeError(f"{CLASS_WEIGHTS_EXPECTED}; got a 0-d tensor")
+    if class_weights.dtype == torch.bool or class_weights.dtype.is_complex:
+        raise TypeError(f"{CLASS_WEIGHTS_EXPECTED} of real numbers; got {class_weights.dtype}")
+
+
 def normalize_class_weights(class_weights: object) -> torch.Tensor | None:
     """A float64 CPU tensor of finite, non-negative weights, one positive (or None).
 
@@ -285,11 +298,9 @@ def normalize_class_weights(class_weights: object) -> torch.Tensor | None:
     """
     if class_weights is None:
         return None
-    expected = "class_weights must be a sequence of numbers or a tensor"
+    expected = CLASS_WEIGHTS_EXPECTED
     if isinstance(class_weights, torch.Tensor):
-        check_tensor("class_weights", class_weights)
-        if class_weights.dim() == 0:
-            raise TypeError(f"{expected}; got a 0-d tensor")
+        check_class_weights_tensor(class_weights)
         weights = class_weights.detach().to(device="cpu", dtype=torch.float64)
         check_class_weight_values(weights)
         return weights

@@ -409,10 +409,7 @@ def _class_weights_tensor(
     """A (C,) float64 tensor on ``device`` (values of a tensor are checked in the operator,
     a Python sequence's here), or None."""
     if isinstance(class_weights, torch.Tensor):
-        _validate.check_tensor("class_weights", class_weights)
-        if class_weights.dim() == 0:
-            raise TypeError("class_weights must be a sequence of numbers or a tensor; "
-                            "got a 0-d tensor")
+        _validate.check_class_weights_tensor(class_weights)
         return class_weights.to(device=device, dtype=torch.float64)
     weights = _validate.normalize_class_weights(class_weights)
     return None if weights is None else weights.to(device)

@@ -522,13 +522,24 @@ def test_sigmoid_case_foreground_class_accepted(gen):
         (torch.tensor([1.0, NAN, 1.0]), ValueError, r"class_weights must be finite and >= 0"),
         (torch.zeros(3), ValueError, r"class_weights must have at least one positive weight"),
         (torch.tensor(1.0), TypeError, r"class_weights must be a sequence .* got a 0-d tensor"),
+        (torch.tensor([True, False, True]), TypeError,
+         r"class_weights must be a sequence of numbers or a tensor of real numbers; "
+         r"got torch.bool"),
+        (torch.ones(3, dtype=torch.complex64), TypeError, r"tensor of real numbers; got "
+                                                         r"torch.complex64"),
     ],
     ids=["short", "2d", "negative", "nan", "inf", "all-zero", "str", "float", "dict",
-         "strings", "bools", "negative tensor", "nan tensor", "all-zero tensor", "0-d tensor"],
+         "strings", "bools", "negative tensor", "nan tensor", "all-zero tensor", "0-d tensor",
+         "bool tensor", "complex tensor"],
 )
 def test_softmax_bad_class_weights(gen, weights, error, pattern):
     with pytest.raises(error, match=pattern):
         lovasz_softmax(_probas(gen), _labels(gen), class_weights=weights)
+    if error is TypeError:  # the module refuses them when it is built
+        from lovasz_kernels import LovaszSoftmaxLoss
+
+        with pytest.raises(error, match=pattern):
+            LovaszSoftmaxLoss(class_weights=weights)
 
 
 @pytest.mark.parametrize("weights", [[1.0, 0.0, 2.0], (1, 1, 1), torch.tensor([0.5, 1, 2])],
