@@ -9,6 +9,7 @@ be switched off with :func:`set_validate_values` once a training script is known
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -59,6 +60,15 @@ def shape_str(shape: Sequence[int]) -> str:
     return str(tuple(int(n) for n in shape))
 
 
+def as_int(value: object) -> int | None:
+    """``value`` as a Python int when it is an integer, Python's or numpy's
+    (``numbers.Integral``: what ``np.unique`` and array indexing give), else None. A bool
+    is not an integer here."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return None
+    return int(value)
+
+
 def check_tensor(name: str, value: object) -> torch.Tensor:
     """``value``, a dense tensor (sparse and nested tensors have no strides to read or
     reshape: refused here, not deep inside a kernel)."""
@@ -96,8 +106,10 @@ def check_same_device(name: str, value: torch.Tensor, ref_name: str, ref: torch.
 def check_ignore_index(ignore_index: object) -> int | None:
     if ignore_index is None:
         return None
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    value = as_int(ignore_index)
+    if value is None:
         raise TypeError(f"ignore_index must be an int or None; got {ignore_index!r}")
+    ignore_index = value
     int64 = torch.iinfo(torch.int64)
     if not int64.min <= ignore_index <= int64.max:
         raise ValueError(f"ignore_index must fit in int64; got {ignore_index}")
@@ -246,13 +258,11 @@ def normalize_classes(classes: object) -> str | list[int]:
                 f"{shape_str(classes.shape)}"
             )
         classes = classes.tolist()
-    if not isinstance(classes, Sequence) or any(
-        isinstance(c, bool) or not isinstance(c, int) for c in classes
-    ):
+    chosen = [as_int(c) for c in classes] if isinstance(classes, Sequence) else [None]
+    if None in chosen:
         raise TypeError(
             f"classes must be 'present', 'all' or a sequence of ints; got {classes!r}"
         )
-    chosen = list(classes)
     if not chosen:
         raise ValueError("classes must not be an empty list")
     if len(set(chosen)) != len(chosen):

@@ -56,6 +56,7 @@ import torch.distributed as dist
 
 from lovasz_kernels._ops import LOSS_KINDS
 from lovasz_kernels._registry import Backend
+from lovasz_kernels._validate import as_int
 
 __all__ = ["DIST_MODES", "FP16_GRID_BINS", "histogram_extension", "quantize"]
 
@@ -82,7 +83,7 @@ def check_dist_options(
     if isinstance(bins, str):
         if bins != "fp16" or not allow_fp16_grid:
             raise ValueError(f"bins must be a positive int{or_fp16}; got {bins!r}")
-    elif isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= 2**26:
+    elif (count := as_int(bins)) is None or not 1 <= count <= 2**26:
         raise ValueError(f"bins must be an int in [1, 2^26]{or_fp16}; got {bins!r}")
 
 

@@ -70,11 +70,12 @@ _TRUE_POSITIVE, _LABEL_TOTAL, _PRED_TOTAL = 0, 1, 2
 
 
 def _check_num_classes(num_classes: object) -> int:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+    number = _validate.as_int(num_classes)
+    if number is None:
         raise TypeError(f"num_classes must be an int; got {num_classes!r}")
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1; got {num_classes}")
-    return num_classes
+    if number < 1:
+        raise ValueError(f"num_classes must be >= 1; got {number}")
+    return number
 
 
 def _check_matrix_size(num_classes: int) -> None:

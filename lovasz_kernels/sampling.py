@@ -13,15 +13,18 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
+from lovasz_kernels import _validate
+
 __all__ = ["EquiBatchSampler"]
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    number = _validate.as_int(value)
+    if number is None:
         raise TypeError(f"{name} must be an int; got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}; got {value}")
-    return value
+    if number < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {number}")
+    return number
 
 
 def _classes_of(sample: int, classes: object, num_classes: int) -> list[int]:
@@ -38,10 +41,11 @@ def _classes_of(sample: int, classes: object, num_classes: int) -> list[int]:
             f"classes_per_sample[{sample}] must be an iterable of class indices; got {classes!r}"
         )
     found = set()
-    for c in classes:
-        if isinstance(c, bool) or not isinstance(c, int):
+    for given in classes:
+        c = _validate.as_int(given)
+        if c is None:
             raise TypeError(
-                f"classes_per_sample[{sample}] must hold ints; got {c!r} in {classes!r}"
+                f"classes_per_sample[{sample}] must hold ints; got {given!r} in {classes!r}"
             )
         if not 0 <= c < num_classes:
             raise ValueError(

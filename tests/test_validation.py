@@ -436,10 +436,39 @@ def test_hinge_per_image_must_be_bool(gen, bad):
         lovasz_hinge(_logits(gen), _labels(gen, classes=2), per_image=bad)
 
 
-@pytest.mark.parametrize("bad", [255.0, True, False, "255"], ids=repr)
+@pytest.mark.parametrize("bad", [255.0, True, False, "255", np.bool_(True), torch.tensor(255),
+                                 np.float64(255)], ids=repr)
 def test_softmax_ignore_index_type(gen, bad):
     with pytest.raises(TypeError, match=r"ignore_index must be an int or None"):
         lovasz_softmax(_probas(gen), _labels(gen), ignore_index=bad)
+
+
+def test_numpy_integers_are_ints_everywhere(gen):
+    """What ``np.unique`` and array indexing give (numpy integers) is taken as the int it
+    holds: ignore_index, classes, num_classes, the sampler's classes, bins, max_steps."""
+    from lovasz_kernels import EquiBatchSampler, LovaszSoftmaxLoss, batch_miou
+    from lovasz_kernels.optim import prox_lovasz_hinge
+
+    probas, labels = _probas(gen), _labels(gen)
+    labels[0, 0] = 255
+    as_numpy = dict(ignore_index=np.int64(255), classes=list(np.array([0, 2])))
+    as_python = dict(ignore_index=255, classes=[0, 2])
+    assert torch.equal(lovasz_softmax(probas, labels, **as_numpy),
+                       lovasz_softmax(probas, labels, **as_python))
+    module = LovaszSoftmaxLoss(ignore_index=np.uint8(255), classes=np.array([0, 2]).tolist(),
+                               bins=np.int64(1024))
+    assert type(module.ignore_index) is int and module.ignore_index == 255
+    assert torch.equal(module(probas, labels), lovasz_softmax(probas, labels, **as_python))
+    sampler = EquiBatchSampler([np.unique(np.array([0, 1, 1])), np.array([2], dtype=np.int32)],
+                               num_classes=np.int64(3), seed=np.int32(0))
+    assert sampler.classes == [0, 1, 2] and sorted(set(sampler)) == [0, 1]
+    assert torch.equal(batch_miou(labels[1], labels[1], num_classes=np.int64(3)),
+                       batch_miou(labels[1], labels[1], num_classes=3))
+    logits = torch.randn(1, 8, generator=gen, dtype=torch.float64)
+    masks = torch.tensor([[0, 1, 1, 0, 1, 0, 0, 1]])
+    greedy = prox_lovasz_hinge(logits, masks, 0.5, method="greedy", max_steps=np.int64(2))
+    assert torch.equal(greedy.prox, prox_lovasz_hinge(logits, masks, 0.5, method="greedy",
+                                                      max_steps=2).prox)
 
 
 @pytest.mark.parametrize("bad", [255.0, True], ids=repr)

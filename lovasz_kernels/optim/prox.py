@@ -109,16 +109,17 @@ def check_method(method: object, max_steps: object) -> int:
         raise ValueError(f"method must be 'exact' or 'greedy'; got {method!r}")
     if max_steps is None:
         return -1
-    if isinstance(max_steps, bool) or not isinstance(max_steps, numbers.Integral):
+    steps = _validate.as_int(max_steps)
+    if steps is None:
         raise TypeError(f"max_steps must be a positive int or None; got {max_steps!r}")
-    if max_steps < 1:
+    if steps < 1:
         raise ValueError(f"max_steps must be a positive int or None; got {max_steps}")
     if method != "greedy":
         raise ValueError(
             f"max_steps applies to method='greedy' only (the exact prox has no step limit); "
             f"got max_steps={max_steps} with method={method!r}"
         )
-    return int(max_steps)
+    return steps
 
 
 def compute_prox(
