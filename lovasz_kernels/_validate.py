@@ -12,6 +12,7 @@ import math
 import numbers
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from lovasz_kernels._masked import count_true
@@ -67,6 +68,17 @@ def as_int(value: object) -> int | None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         return None
     return int(value)
+
+
+def numpy_as_tensor(name: str, value: object) -> object:
+    """A numpy array as a tensor (a copy: nothing keeps the caller's array), anything else as
+    it is: the options that take a tensor (classes, class weights) take an array too."""
+    if not isinstance(value, np.ndarray):
+        return value
+    try:
+        return torch.tensor(value)
+    except TypeError:
+        raise TypeError(f"{name} as an array must hold numbers; got dtype {value.dtype}") from None
 
 
 def check_tensor(name: str, value: object) -> torch.Tensor:
@@ -251,10 +263,12 @@ def normalize_classes(classes: object) -> str | list[int]:
                 f"classes must be 'present', 'all' or a list of class indices; got {classes!r}"
             )
         return classes
+    classes = numpy_as_tensor("classes", classes)
     if isinstance(classes, torch.Tensor):
-        if classes.dim() != 1 or classes.dtype.is_floating_point or classes.dtype == torch.bool:
+        if (classes.dim() != 1 or classes.dtype.is_floating_point or classes.dtype.is_complex
+                or classes.dtype == torch.bool):
             raise TypeError(
-                f"classes as a tensor must be 1-D integer; got {classes.dtype} "
+                f"classes as a tensor or array must be 1-D integer; got {classes.dtype} "
                 f"{shape_str(classes.shape)}"
             )
         classes = classes.tolist()
@@ -309,6 +323,7 @@ def normalize_class_weights(class_weights: object) -> torch.Tensor | None:
     if class_weights is None:
         return None
     expected = CLASS_WEIGHTS_EXPECTED
+    class_weights = numpy_as_tensor("class_weights", class_weights)
     if isinstance(class_weights, torch.Tensor):
         check_class_weights_tensor(class_weights)
         weights = class_weights.detach().to(device="cpu", dtype=torch.float64)

@@ -407,7 +407,8 @@ def _class_weights_tensor(
     class_weights: object, device: torch.device
 ) -> torch.Tensor | None:
     """A (C,) float64 tensor on ``device`` (values of a tensor are checked in the operator,
-    a Python sequence's here), or None."""
+    a Python sequence's here), or None; a numpy array is taken as a tensor."""
+    class_weights = _validate.numpy_as_tensor("class_weights", class_weights)
     if isinstance(class_weights, torch.Tensor):
         _validate.check_class_weights_tensor(class_weights)
         return class_weights.to(device=device, dtype=torch.float64)

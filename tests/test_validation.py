@@ -499,19 +499,25 @@ def test_softmax_ignore_index_beyond_int64(gen):
         (["0"], TypeError, r"classes must be .* a sequence of ints"),
         ([True], TypeError, r"classes must be .* a sequence of ints"),
         (2, TypeError, r"classes must be .* a sequence of ints; got 2"),
-        (torch.tensor([0.0, 1.0]), TypeError, r"classes as a tensor must be 1-D integer"),
-        (torch.tensor([[0, 1]]), TypeError, r"classes as a tensor must be 1-D integer"),
+        (torch.tensor([0.0, 1.0]), TypeError, r"classes as a tensor or array must be 1-D int"),
+        (torch.tensor([[0, 1]]), TypeError, r"classes as a tensor or array must be 1-D integer"),
+        (np.array([0.0, 1.0]), TypeError, r"classes as a tensor or array must be 1-D integer"),
+        (np.array([True, False]), TypeError, r"classes as a tensor or array must be 1-D int"),
+        (np.array(["0", "1"]), TypeError, r"classes as an array must hold numbers; got dtype"),
+        (np.array([3, 0]), ValueError, r"classes must be in \[0, 3\); got \[3\]"),
     ],
     ids=["bad-string", "empty-string", "empty-list", "duplicates", "too-large", "negative",
-         "float-entry", "str-entry", "bool-entry", "int", "float-tensor", "2d-tensor"],
+         "float-entry", "str-entry", "bool-entry", "int", "float-tensor", "2d-tensor",
+         "float-array", "bool-array", "str-array", "too-large-array"],
 )
 def test_softmax_bad_classes(gen, classes, error, pattern):
     with pytest.raises(error, match=pattern):
         lovasz_softmax(_probas(gen), _labels(gen), classes=classes)
 
 
-@pytest.mark.parametrize("classes", [[2, 0], (1,), torch.tensor([0, 2]), "all", "present"],
-                         ids=str)
+@pytest.mark.parametrize("classes", [[2, 0], (1,), torch.tensor([0, 2]), np.array([0, 2]),
+                                     np.unique(np.array([2, 0, 2], dtype=np.uint8)), "all",
+                                     "present"], ids=str)
 def test_softmax_good_classes_accepted(gen, classes):
     loss = lovasz_softmax(_probas(gen), _labels(gen), classes=classes)
     assert torch.isfinite(loss)
@@ -576,6 +582,29 @@ def test_softmax_bad_class_weights(gen, weights, error, pattern):
 def test_softmax_good_class_weights_accepted(gen, weights):
     loss = lovasz_softmax(_probas(gen), _labels(gen), class_weights=weights)
     assert torch.isfinite(loss)
+
+
+def test_class_weights_as_numpy_arrays(gen):
+    """A numpy array of weights (inverse class frequencies, say) is taken as the tensor it
+    holds, by the function and the module (which keeps a copy, not the caller's array); a
+    bool array is refused as a bool tensor is."""
+    from lovasz_kernels import LovaszSoftmaxLoss
+
+    probas, labels = _probas(gen), _labels(gen)
+    weights = np.array([0.5, 1.0, 2.0])
+    expected = lovasz_softmax(probas, labels, class_weights=[0.5, 1.0, 2.0])
+    assert torch.equal(lovasz_softmax(probas, labels, class_weights=weights), expected)
+    module = LovaszSoftmaxLoss(class_weights=weights.astype(np.float32))
+    assert torch.equal(module(probas, labels), expected)
+    weights[:] = 0  # the module's buffer is its own
+    assert torch.equal(module(probas, labels), expected)
+    with pytest.raises(ValueError, match="class_weights must be finite and >= 0"):
+        lovasz_softmax(probas, labels, class_weights=np.array([1.0, -1.0, 1.0]))
+    for bad in (np.array([True, False, True]), np.array(["a", "b", "c"])):
+        for make in (lambda w: lovasz_softmax(probas, labels, class_weights=w),
+                     lambda w: LovaszSoftmaxLoss(class_weights=w)):
+            with pytest.raises(TypeError, match="class_weights .*(real numbers|hold numbers)"):
+                make(bad)
 
 
 # --------------------------------------------------------------------------------------------
