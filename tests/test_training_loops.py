@@ -328,6 +328,29 @@ def test_forward_mode_of_16_bit_scores_is_in_the_loss_dtype(gen):
         torch.testing.assert_close(jvp, expected, rtol=2e-2, atol=2e-2, msg=name)
 
 
+def test_under_torch_compile_vmap_works_and_jvp_gives_zero_as_the_readme_says(gen):
+    """The README's limits, pinned so that a PyTorch that lifts them fails here and the README
+    is updated: inside torch.compile, vmap of the loss is the eager result, and a jvp comes out
+    0 (Dynamo traces the bare custom operator, whose tangent PyTorch drops)."""
+    probas = torch.randn(3, 2, 4, 5, 6, generator=gen).softmax(dim=2)
+    labels = torch.randint(0, 4, (3, 2, 5, 6), generator=gen)
+
+    def mapped(p, y):
+        return torch.func.vmap(lambda a, b: lovasz_softmax(a, b, backend="torch"))(p, y)
+
+    torch.testing.assert_close(torch.compile(mapped, fullgraph=True)(probas, labels),
+                               mapped(probas, labels))
+    torch._dynamo.reset()
+    tangent = torch.randn(probas[0].shape, generator=gen)
+
+    def tangent_of(p, t):
+        return torch.func.jvp(lambda a: lovasz_softmax(a, labels[0], backend="torch"),
+                              (p,), (t,))[1]
+
+    assert tangent_of(probas[0], tangent) != 0
+    assert torch.compile(tangent_of)(probas[0], tangent) == 0
+
+
 def test_hessian_by_forward_over_reverse_is_zero(backend, gen):
     z = torch.randn(1, 5, 6, generator=gen, dtype=torch.float64)
     masks = (torch.rand(1, 5, 6, generator=gen) < 0.4).long()
