@@ -8,9 +8,11 @@ paper does this for Pascal VOC by cycling over the classes when building batches
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import Sampler
 
 from lovasz_kernels import _validate
@@ -55,6 +57,22 @@ def _classes_of(sample: int, classes: object, num_classes: int) -> list[int]:
     return sorted(found)
 
 
+def _replica_of(num_replicas: object, rank: object) -> tuple[int, int]:
+    """The replica count and this process's rank: as given, else from the default process
+    group when ``torch.distributed`` is initialized (as ``DistributedSampler`` does), else one
+    replica."""
+    initialized = dist.is_available() and dist.is_initialized()
+    if num_replicas is None:
+        num_replicas = dist.get_world_size() if initialized else 1
+    if rank is None:
+        rank = dist.get_rank() if initialized else 0
+    count = _check_int("num_replicas", num_replicas, 1)
+    index = _check_int("rank", rank, 0)
+    if index >= count:
+        raise ValueError(f"rank must be in [0, num_replicas) = [0, {count}); got {index}")
+    return count, index
+
+
 class EquiBatchSampler(Sampler[int]):
     """Sample indices that cycle over the classes, so every class keeps appearing.
 
@@ -71,6 +89,16 @@ class EquiBatchSampler(Sampler[int]):
     (every batch when B >= K). Classes that occur in no sample are ignored,
     and samples without any class are never yielded.
 
+    **Distributed training.** With R replicas (``num_replicas``, by default the world size of
+    an initialized ``torch.distributed``), each rank yields its own ``ceil(num_samples / R)``
+    indices of one shared epoch: every rank computes the same draws, so the class queues are
+    shared and no two ranks take the same sample of a class before its list is used up. Rank
+    r walks the same class order from position ``r * ceil(K / R)``, so the guarantee above
+    holds on every rank for its own indices (for a loss on each rank's batch), and the R
+    batches of one step, each of size B >= ``ceil(K / R)``, together contain every class (for
+    a loss over the global batch, ``process_group=``). Pass ``num_replicas=1, rank=0`` for the
+    same sequence on every rank.
+
     Parameters
     ----------
     classes_per_sample
@@ -82,8 +110,12 @@ class EquiBatchSampler(Sampler[int]):
         Base seed; epoch e uses ``seed + e`` (like ``DistributedSampler``), so the sequence is
         the same on every run and changes with :meth:`set_epoch`.
     num_samples
-        Indices per epoch; default ``len(classes_per_sample)`` (an epoch as long as the dataset,
-        though rare-class samples repeat and some frequent-class samples may be skipped).
+        Indices per epoch over all replicas; default ``len(classes_per_sample)`` (an epoch as
+        long as the dataset, though rare-class samples repeat and some frequent-class samples
+        may be skipped). Each replica yields ``ceil(num_samples / num_replicas)``.
+    num_replicas, rank
+        R replicas and this one's index in [0, R); default: the world size and rank of the
+        default process group when ``torch.distributed`` is initialized, else 1 and 0.
 
     Examples
     --------
@@ -102,6 +134,8 @@ class EquiBatchSampler(Sampler[int]):
         num_classes: int,
         seed: int = 0,
         num_samples: int | None = None,
+        num_replicas: int | None = None,
+        rank: int | None = None,
     ) -> None:
         self.num_classes = _check_int("num_classes", num_classes, 1)
         self.seed = _check_int("seed", seed, 0)
@@ -112,9 +146,13 @@ class EquiBatchSampler(Sampler[int]):
                 "classes_per_sample must be a sequence (one entry per sample) of class "
                 f"iterables; got {type(classes_per_sample).__name__}"
             )
-        self.num_samples = len(classes_per_sample) if num_samples is None else _check_int(
+        total = len(classes_per_sample) if num_samples is None else _check_int(
             "num_samples", num_samples, 1
         )
+        self.num_replicas, self.rank = _replica_of(num_replicas, rank)
+        # indices this replica yields per epoch, and all replicas together
+        self.num_samples = math.ceil(total / self.num_replicas)
+        self.total_size = self.num_samples * self.num_replicas
         samples_of_class: list[list[int]] = [[] for _ in range(self.num_classes)]
         for sample, classes in enumerate(classes_per_sample):
             for c in _classes_of(sample, classes, self.num_classes):
@@ -142,17 +180,23 @@ class EquiBatchSampler(Sampler[int]):
         generator = torch.Generator(device="cpu").manual_seed(self.seed + self.epoch)
         class_order = [self.classes[i] for i in torch.randperm(
             len(self.classes), generator=generator, device="cpu").tolist()]
+        # every replica draws for all of them, in the same order, so the queues stay shared
+        offset = math.ceil(len(class_order) / self.num_replicas)
         queues: dict[int, list[int]] = {}
         for position in range(self.num_samples):
-            target = class_order[position % len(class_order)]
-            if not queues.get(target):
-                samples = self._samples_of_class[target]
-                queues[target] = samples[torch.randperm(
-                    len(samples), generator=generator, device="cpu")].tolist()
-            yield queues[target].pop()
+            for replica in range(self.num_replicas):
+                target = class_order[(position + replica * offset) % len(class_order)]
+                if not queues.get(target):
+                    samples = self._samples_of_class[target]
+                    queues[target] = samples[torch.randperm(
+                        len(samples), generator=generator, device="cpu")].tolist()
+                sample = queues[target].pop()
+                if replica == self.rank:
+                    yield sample
 
     def __repr__(self) -> str:
         return (
             f"EquiBatchSampler(num_samples={self.num_samples}, num_classes={self.num_classes}, "
-            f"classes_present={len(self.classes)}, seed={self.seed})"
+            f"classes_present={len(self.classes)}, seed={self.seed}, "
+            f"num_replicas={self.num_replicas}, rank={self.rank})"
         )

@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lovasz_kernels import (
+    EquiBatchSampler,
     LovaszHingeLoss,
     LovaszSoftmaxLoss,
     available_backends,
@@ -536,6 +537,22 @@ def case_ranks_disagree_or_fail(rank: int, world: int, group: dist.ProcessGroup)
         _expect(expected in str(exc), f"rejected inputs on rank {rank}: {exc}")
     else:
         _expect(not bad.numel(), f"rejected inputs: no error on rank {rank}")
+
+
+def case_equibatch_shards_the_epoch(rank: int, world: int, group: dist.ProcessGroup) -> None:
+    # 6 samples of each class: the ranks' draws of one epoch are all different samples
+    dataset = [[c % NUM_CLASSES] for c in range(24)]
+    by_default = EquiBatchSampler(dataset, NUM_CLASSES, seed=4)
+    _expect((by_default.num_replicas, by_default.rank) == (dist.get_world_size(), dist.get_rank()),
+            f"default replicas {by_default.num_replicas}, rank {by_default.rank}: not the "
+            "default group's")
+    in_group = list(EquiBatchSampler(dataset, NUM_CLASSES, seed=4, num_replicas=world, rank=rank))
+    everyone = _gather_objects(in_group, group)
+    expected = [list(EquiBatchSampler(dataset, NUM_CLASSES, seed=4, num_replicas=world, rank=r))
+                for r in range(world)]
+    _expect(everyone == expected, f"ranks drew {everyone}, one process {expected}")
+    drawn = [i for indices in everyone for i in indices]
+    _expect(len(set(drawn)) == len(drawn), f"a sample was drawn twice: {everyone}")
 
 
 CASES = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -112,6 +113,74 @@ def test_with_dataloader_every_batch_sees_every_class():
         group = [i for b in batches[start:start + per_group] for i in b]
         if len(group) == per_group * batch_size:
             assert set().union(*(dataset[i] for i in group)) == occurring
+
+
+def replica_sequences(dataset, num_classes, replicas, **kwargs) -> list[list[int]]:
+    return [list(EquiBatchSampler(dataset, num_classes, num_replicas=replicas, rank=rank,
+                                  **kwargs)) for rank in range(replicas)]
+
+
+def test_one_replica_is_the_single_process_sequence():
+    dataset = random_dataset(random.Random(11), 7, 40)
+    single = EquiBatchSampler(dataset, 7, seed=5)
+    assert (single.num_replicas, single.rank) == (1, 0)  # torch.distributed not initialized
+    assert list(single) == list(EquiBatchSampler(dataset, 7, seed=5, num_replicas=1, rank=0))
+
+
+@pytest.mark.parametrize("trial", range(30))
+def test_replicas_keep_the_guarantee_locally_and_for_the_global_batch(trial):
+    rng = random.Random(100 + trial)
+    num_classes = rng.randint(1, 12)
+    dataset = random_dataset(rng, num_classes, rng.randint(1, 60))
+    occurring = {c for classes in dataset for c in classes}
+    replicas = rng.randint(2, 5)
+    num_samples = rng.randint(1, 150)
+    sequences = replica_sequences(dataset, num_classes, replicas, seed=trial,
+                                  num_samples=num_samples)
+    per_replica = math.ceil(num_samples / replicas)
+    for rank, indices in enumerate(sequences):
+        assert len(indices) == per_replica
+        assert len(EquiBatchSampler(dataset, num_classes, num_samples=num_samples,
+                                    num_replicas=replicas, rank=rank)) == per_replica
+        assert all(dataset[i] for i in indices), "a sample without classes was yielded"
+        check_windows(indices, dataset, len(occurring))  # a loss on each rank's own batch
+    # a loss over the global batch: the R batches of one step together, B >= ceil(K / R)
+    batch = math.ceil(len(occurring) / replicas)
+    for start in range(0, per_replica - batch + 1, batch):
+        together = set().union(*(dataset[i] for indices in sequences
+                                 for i in indices[start:start + batch]))
+        assert together == occurring, f"the global batch at {start} misses {occurring - together}"
+
+
+def test_replicas_share_the_class_queues():
+    """No two ranks take the same sample of a class before its list is used up, and every
+    rank walks every class, unlike strided slices of one sequence (4 classes, 2 ranks)."""
+    dataset = [[c] for c in range(4) for _ in range(6)]  # 6 samples of each of 4 classes
+    sequences = replica_sequences(dataset, 4, 2, seed=2)
+    assert [len(s) for s in sequences] == [12, 12]
+    together = sequences[0] + sequences[1]
+    assert sorted(together) == list(range(24))  # 24 draws, 6 per class: each sample once
+    for indices in sequences:
+        assert {dataset[i][0] for i in indices} == {0, 1, 2, 3}
+    # the same epoch and seed on every rank are what keep them disjoint
+    other_seed = EquiBatchSampler(dataset, 4, seed=3, num_replicas=2, rank=1)
+    assert list(other_seed) != sequences[1]
+
+
+def test_replica_arguments_are_checked():
+    with pytest.raises(ValueError, match=r"rank must be in \[0, num_replicas\) = \[0, 2\); got 2"):
+        EquiBatchSampler([[0]], 1, num_replicas=2, rank=2)
+    with pytest.raises(ValueError, match=r"rank must be in \[0, num_replicas\) = \[0, 1\); got 1"):
+        EquiBatchSampler([[0]], 1, rank=1)  # no process group: one replica
+    with pytest.raises(ValueError, match="num_replicas must be >= 1; got 0"):
+        EquiBatchSampler([[0]], 1, num_replicas=0)
+    with pytest.raises(ValueError, match="rank must be >= 0; got -1"):
+        EquiBatchSampler([[0]], 1, num_replicas=2, rank=-1)
+    with pytest.raises(TypeError, match="num_replicas must be an int"):
+        EquiBatchSampler([[0]], 1, num_replicas=2.0)
+    sampler = EquiBatchSampler([[0], [0]], 1, num_replicas=np.int64(2), rank=np.int32(1))
+    assert (sampler.num_replicas, sampler.rank, len(sampler)) == (2, 1, 1)
+    assert "num_replicas=2, rank=1" in repr(sampler)
 
 
 def test_accepts_tensors_and_sets():
