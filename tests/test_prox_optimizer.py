@@ -194,6 +194,56 @@ def test_lr_scheduler_moves_lam_when_tied(gen):
                                rtol=0, atol=1e-12)
 
 
+def test_tensor_lr_steps_like_sgd_and_ties_lam(gen):
+    """A one-element tensor lr, as torch.optim.SGD takes it (schedulers then update it in
+    place), gives SGD's update bit for bit, and λ follows it when tied."""
+    images = torch.randn(2, 3, 6, 6, generator=gen)
+    labels = (torch.rand(2, 6, 6, generator=gen) > 0.5).long()
+    models = [torch.nn.Conv2d(3, 1, 3, padding=1) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    prox_opt = ProxLovasz(models[0].parameters(), lr=torch.tensor(0.05), lam=0.2)
+    sgd = torch.optim.SGD(models[1].parameters(), lr=torch.tensor(0.05), momentum=0.9)
+    schedulers = [torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+                  for opt in (prox_opt, sgd)]
+    for _ in range(3):
+        def closure():
+            prox_opt.zero_grad()
+            return models[0](images)[:, 0], labels
+
+        prox_opt.step(closure)
+        sgd.zero_grad()
+        lovasz_hinge_moreau(models[1](images)[:, 0], labels, 0.2).backward()
+        sgd.step()
+        for scheduler in schedulers:
+            scheduler.step()
+    assert isinstance(prox_opt.param_groups[0]["lr"], torch.Tensor)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(a, b)
+
+    logits, labels = _problem(gen)
+    scores = torch.nn.Parameter(logits.clone())
+    tied = ProxLovasz([scores], lr=torch.tensor(0.4, dtype=torch.float64), momentum=0.0)
+    tied.step(lambda: (scores, labels))
+    torch.testing.assert_close(scores.detach(), prox_lovasz_hinge(logits, labels, 0.4),
+                               rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("lr", "error", "match"),
+    [
+        (torch.tensor([0.1, 0.2]), TypeError, r"one-element real tensor; got a torch.float32 "
+                                              r"tensor of shape \(2,\)"),
+        (torch.tensor(True), TypeError, "one-element real tensor"),
+        (torch.tensor(0.1j), TypeError, "one-element real tensor"),
+        (torch.tensor(-0.1), ValueError, "Invalid learning rate"),
+        (torch.tensor(float("nan")), ValueError, "Invalid learning rate"),
+    ],
+)
+def test_bad_tensor_lr(lr, error, match):
+    with pytest.raises(error, match=match):
+        ProxLovasz([torch.nn.Parameter(torch.zeros(3))], lr=lr)
+
+
 def test_param_groups_use_their_own_lr(gen):
     images = torch.randn(2, 3, 6, 6, generator=gen, dtype=torch.float64)
     labels = (torch.rand(2, 6, 6, generator=gen) > 0.5).long()

@@ -18,7 +18,15 @@ __all__ = ["ProxLovasz"]
 _CLOSURE_OPTIONS = ("per_image", "ignore_index")
 
 
-def _check_number(name: str, value: object, message: str) -> float:
+def _check_number(name: str, value: object, message: str, tensor_ok: bool = False) -> float:
+    if tensor_ok and isinstance(value, torch.Tensor):
+        # a one-element tensor, as torch.optim.SGD takes for lr; read for the checks only
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            raise TypeError(
+                f"{name} must be a number or a one-element real tensor; got a "
+                f"{value.dtype} tensor of shape {tuple(value.shape)}"
+            )
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number; got {type(value).__name__}")
     value = float(value)
@@ -60,7 +68,8 @@ class ProxLovasz(torch.optim.Optimizer):
     params
         Parameters or parameter groups, as for any ``torch.optim`` optimizer.
     lr
-        Learning rate γ > 0.
+        Learning rate γ > 0: a number or, as :class:`torch.optim.SGD` takes it, a one-element
+        tensor.
     momentum, dampening, weight_decay, nesterov
         As in :class:`torch.optim.SGD` (momentum defaults to 0.9 here).
     lam
@@ -109,7 +118,7 @@ class ProxLovasz(torch.optim.Optimizer):
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float,
+        lr: float | torch.Tensor,
         momentum: float = 0.9,
         dampening: float = 0.0,
         weight_decay: float = 0.0,
@@ -140,7 +149,7 @@ class ProxLovasz(torch.optim.Optimizer):
         """Validate a group's hyperparameters: the defaults and every group in ``__init__``,
         and every group again at each step (a scheduler, a user or ``add_param_group`` may
         have changed them since; a NaN momentum would turn every parameter into NaN)."""
-        lr = _check_number("lr", group["lr"], "Invalid learning rate")
+        lr = _check_number("lr", group["lr"], "Invalid learning rate", tensor_ok=True)
         if lr <= 0.0:
             raise ValueError(f"Invalid learning rate: {group['lr']} (lr must be > 0)")
         momentum = _check_number("momentum", group["momentum"], "Invalid momentum value")
