@@ -54,13 +54,24 @@ def test_identity_model_one_step_is_the_prox(gen):
 def test_matches_sgd_on_the_moreau_envelope(gen, options):
     """The update is torch's SGD applied to the envelope's gradient (F − prox)/λ, bit for
     bit: the same direction goes through the same functional update."""
+    prox_opt, sgd = _step_beside_sgd(gen, lambda params: dict(lr=0.05, **options))
+    for a, b in zip(prox_opt.param_groups[0]["params"], sgd.param_groups[0]["params"]):
+        assert torch.equal(prox_opt.state[a]["momentum_buffer"], sgd.state[b]["momentum_buffer"])
+
+
+def _step_beside_sgd(gen, options_of, scheduled=False, steps=4):
+    """ProxLovasz (λ = 0.2) and torch.optim.SGD on the envelope, each on its own copy of one
+    model, built with ``options_of(params)`` and stepped side by side (with a StepLR each
+    when ``scheduled``); the parameters must come out equal. Returns both optimizers."""
     images = torch.randn(2, 3, 6, 6, generator=gen)
     labels = (torch.rand(2, 6, 6, generator=gen) > 0.5).long()
     models = [torch.nn.Conv2d(3, 1, 3, padding=1) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
-    prox_opt = ProxLovasz(models[0].parameters(), lr=0.05, lam=0.2, **options)
-    sgd = torch.optim.SGD(models[1].parameters(), lr=0.05, **options)
-    for _ in range(4):
+    prox_opt = ProxLovasz(models[0].parameters(), lam=0.2, **options_of(models[0]))
+    sgd = torch.optim.SGD(models[1].parameters(), **options_of(models[1]))
+    schedulers = [torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+                  for opt in (prox_opt, sgd)] if scheduled else []
+    for _ in range(steps):
         def closure():
             prox_opt.zero_grad()
             return models[0](images)[:, 0], labels
@@ -69,10 +80,11 @@ def test_matches_sgd_on_the_moreau_envelope(gen, options):
         sgd.zero_grad()
         lovasz_hinge_moreau(models[1](images)[:, 0], labels, 0.2).backward()
         sgd.step()
+        for scheduler in schedulers:
+            scheduler.step()
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         assert torch.equal(a, b)
-    for a, b in zip(models[0].parameters(), models[1].parameters()):
-        assert torch.equal(prox_opt.state[a]["momentum_buffer"], sgd.state[b]["momentum_buffer"])
+    return prox_opt, sgd
 
 
 def test_sgd_state_dict_loads_into_prox_lovasz(gen):
@@ -197,28 +209,9 @@ def test_lr_scheduler_moves_lam_when_tied(gen):
 def test_tensor_lr_steps_like_sgd_and_ties_lam(gen):
     """A one-element tensor lr, as torch.optim.SGD takes it (schedulers then update it in
     place), gives SGD's update bit for bit, and λ follows it when tied."""
-    images = torch.randn(2, 3, 6, 6, generator=gen)
-    labels = (torch.rand(2, 6, 6, generator=gen) > 0.5).long()
-    models = [torch.nn.Conv2d(3, 1, 3, padding=1) for _ in range(2)]
-    models[1].load_state_dict(models[0].state_dict())
-    prox_opt = ProxLovasz(models[0].parameters(), lr=torch.tensor(0.05), lam=0.2)
-    sgd = torch.optim.SGD(models[1].parameters(), lr=torch.tensor(0.05), momentum=0.9)
-    schedulers = [torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-                  for opt in (prox_opt, sgd)]
-    for _ in range(3):
-        def closure():
-            prox_opt.zero_grad()
-            return models[0](images)[:, 0], labels
-
-        prox_opt.step(closure)
-        sgd.zero_grad()
-        lovasz_hinge_moreau(models[1](images)[:, 0], labels, 0.2).backward()
-        sgd.step()
-        for scheduler in schedulers:
-            scheduler.step()
+    prox_opt, _ = _step_beside_sgd(
+        gen, lambda params: dict(lr=torch.tensor(0.05), momentum=0.9), scheduled=True, steps=3)
     assert isinstance(prox_opt.param_groups[0]["lr"], torch.Tensor)
-    for a, b in zip(models[0].parameters(), models[1].parameters()):
-        assert torch.equal(a, b)
 
     logits, labels = _problem(gen)
     scores = torch.nn.Parameter(logits.clone())
