@@ -9,10 +9,11 @@ never reaches a ``.item()``, a numba dispatcher or a collective.
 Operators (all functional, outputs never alias inputs):
 
 ``lovasz_kernels::lovasz_loss(scores, labels, class_weights, classes, class_list, per_image,
-ignore_index, kind, backend, group_name, dist_mode, bins) -> (loss, grad)``
+ignore_index, kind, backend, group_name, dist_mode, bins, reduction) -> (loss, grad)``
     The whole loss of one call (:func:`lovasz_kernels.lovasz_softmax` or
     :func:`lovasz_kernels.lovasz_hinge`) and its gradient w.r.t. ``scores``, computed once in
-    forward; backward only scales the saved gradient.
+    forward; backward only scales the saved gradient. With ``reduction="none"`` the loss is
+    one per image, (B,), and ``grad`` holds each image's derivative (its Jacobian's rows).
 ``lovasz_kernels::lovasz_extension(errors, fg, backend) -> (loss, grad)``
     The kernel on (S, P) segments; the per-segment loss is differentiable w.r.t. ``errors``.
 ``lovasz_kernels::lovasz_grad(gt_sorted) -> increments``
@@ -35,7 +36,12 @@ from torch.autograd import forward_ad
 
 from lovasz_kernels import _validate
 from lovasz_kernels._jaccard import jaccard_increments
-from lovasz_kernels._plan import generic_lovasz_loss, plan_segments, reads_are_free
+from lovasz_kernels._plan import (
+    generic_lovasz_loss,
+    plan_segments,
+    reads_are_free,
+    reduce_per_image,
+)
 from lovasz_kernels._registry import select_backend
 
 
@@ -189,15 +195,18 @@ def _lovasz_loss_impl(
     group_name: str,
     dist_mode: str,
     bins: str,
+    reduction: str = "mean",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss (0-d, compute dtype) and its gradient w.r.t. ``scores`` (shape of ``scores``,
-    compute dtype) of one loss call; see the module docstring and :mod:`lovasz_kernels._plan`.
+    """Loss (0-d, compute dtype; (B,) for ``reduction="none"``) and its gradient w.r.t.
+    ``scores`` (shape of ``scores``, compute dtype) of one loss call; see the module
+    docstring and :mod:`lovasz_kernels._plan`.
 
     ``backend`` "" picks one for the device; ``group_name`` "" means no process group;
     ``bins`` is the histogram mode's bin count as text, or "fp16".
     """
     scores_3d, labels_2d = check_loss_arguments(
         kind, scores, labels, class_weights, classes, class_list)
+    _validate.check_reduction(reduction, per_image)
     num_classes = scores_3d.shape[1]
     group_batch = None
     if group_name and not per_image:
@@ -235,6 +244,9 @@ def _lovasz_loss_impl(
     else:
         plan = plan_segments(**plan_options)
         loss, grad = chosen.run_loss(scores_3d, labels_2d, plan)
+        if reduction != "mean":
+            loss, grad = reduce_per_image(plan, scores_3d, loss, grad.reshape(scores_3d.shape),
+                                          reduction)
     compute = _validate.compute_dtype(scores.dtype)
     return loss.to(compute), grad.to(compute).reshape(scores.shape)
 
@@ -245,10 +257,13 @@ lovasz_loss_op = torch.library.custom_op("lovasz_kernels::lovasz_loss", mutates_
 
 @lovasz_loss_op.register_fake
 def _lovasz_loss_fake(scores, labels, class_weights, classes, class_list, per_image,
-                      ignore_index, kind, backend, group_name, dist_mode, bins):
+                      ignore_index, kind, backend, group_name, dist_mode, bins,
+                      reduction="mean"):
     check_loss_arguments(kind, scores, labels, class_weights, classes, class_list)
+    _validate.check_reduction(reduction, per_image)
     compute = _validate.compute_dtype(scores.dtype)
-    return (scores.new_empty((), dtype=compute),
+    loss_shape = scores.shape[:1] if reduction == "none" else ()
+    return (scores.new_empty(loss_shape, dtype=compute),
             scores.new_empty(scores.shape, dtype=compute))
 
 
@@ -579,6 +594,7 @@ def lovasz_loss(
     group_name: str = "",
     dist_mode: str = "exact",
     bins: str = "65536",
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """The loss of one call through :data:`lovasz_loss_op`, differentiable (also under
     ``torch.func``); arguments as the operator's."""
@@ -587,16 +603,16 @@ def lovasz_loss(
     if torch.jit.is_scripting() or torch.jit.is_tracing():
         return torch.ops.lovasz_kernels.lovasz_loss(
             scores, labels, class_weights, classes, class_list, per_image, ignore_index, kind,
-            backend, group_name, dist_mode, bins)[0]
+            backend, group_name, dist_mode, bins, reduction)[0]
     if not _differentiated(scores):
         # nothing to differentiate (evaluation, no_grad): the bare operator
         return _call_loss(
             scores, labels, class_weights, classes, class_list, per_image, ignore_index, kind,
-            backend, group_name, dist_mode, bins)[0]
+            backend, group_name, dist_mode, bins, reduction)[0]
     function = _function_for_call(_CompiledLossFunction, _LossFunction, _EagerLossFunction)
     return function.apply(
         scores, labels, class_weights, classes, class_list, per_image, ignore_index, kind,
-        backend, group_name, dist_mode, bins)[0]
+        backend, group_name, dist_mode, bins, reduction)[0]
 
 
 def lovasz_extension(

@@ -617,6 +617,38 @@ def rows_at_least_threads(count: int, device: torch.device) -> int:
     return int(max(count, torch.get_num_threads() if spread else 1, 1))
 
 
+def reduce_per_image(
+    plan: SegmentPlan, scores: torch.Tensor, loss: torch.Tensor, grad: torch.Tensor,
+    reduction: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss of a ``per_image`` plan under another reduction than the mean over the images
+    that count, with its gradient, from that mean ``loss`` (0-d float64) and its ``grad``
+    (scores (B, C, P) and ``grad`` alike): their "sum", or "none", the (B,) float64 loss of
+    each image (0 for one that does not count) with ``grad`` holding each image's own
+    derivative, the rows of the (block-diagonal) Jacobian.
+
+    An image's loss needs no second run: the Lovász extension is positively homogeneous, so
+    each segment's loss is <its increments, its errors>, and its increments are what its
+    gradient holds (the weight times the increment, negated on the foreground, 0 where the
+    error is not positive). So the loss is the sum of |grad| · error, with the foreground
+    where grad < 0; pixels with grad = 0 add nothing, whatever their label."""
+    batch = scores.shape[0]
+    image_weight = torch.zeros(batch, dtype=torch.float64, device=grad.device)
+    image_weight.index_add_(0, plan.image, plan.weight)
+    counted = image_weight > 0
+    # each counted image's segments weigh 1 / (images counted) in all: times that count, an
+    # integer, they weigh what the image's own loss gives them
+    images_counted = counted.sum()
+    if reduction == "sum":
+        return loss * images_counted, grad * images_counted.to(grad.dtype)
+    scale = counted.to(grad.dtype) * images_counted.to(grad.dtype)
+    grad = grad * scale.reshape(batch, 1, 1)
+    scores = scores.to(grad.dtype)
+    errors = torch.where(grad < 0, 1 - scores, scores + plan.bg_offset)
+    losses = torch.sum(grad.abs().mul_(errors), dim=(1, 2), dtype=torch.float64)
+    return losses, grad
+
+
 def generic_lovasz_loss(
     extension: ExtensionFn, scores: torch.Tensor, labels: torch.Tensor, plan: SegmentPlan,
     chunked: bool = True, backend_bytes_per_pixel: int | None = None,

@@ -108,6 +108,23 @@ def check_flag(name: str, value: object) -> bool:
     return value
 
 
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_reduction(reduction: object, per_image: bool) -> str:
+    """``reduction`` of the per-image losses: "mean" over the images that count, their
+    "sum", or "none" (one loss per image); the batch loss is one number, so only "mean"."""
+    if not isinstance(reduction, str):
+        raise TypeError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
+    if reduction != "mean" and not per_image:
+        raise ValueError(
+            f"reduction={reduction!r} reduces the per-image losses and needs per_image=True; "
+            "with per_image=False the loss of the batch is one number (reduction='mean')")
+    return reduction
+
+
 def check_same_device(name: str, value: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
     if value.device != ref.device:
         raise ValueError(

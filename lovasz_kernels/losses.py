@@ -106,6 +106,7 @@ def lovasz_hinge(
     multilabel: bool = False,
     classes: str | Sequence[int] = "present",
     class_weights: Sequence[float] | torch.Tensor | None = None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """Binary Lovász hinge loss (paper §3.2): the Lovász extension of the Jaccard loss of
     the foreground class applied to hinge errors ``1 - logit * (2 * label - 1)``.
@@ -150,10 +151,15 @@ def lovasz_hinge(
         counts the channels with a foreground pixel in the segment, ``"all"`` every channel
         with a valid pixel, or a list of channels; weights make the mean over channels a
         weighted mean.
+    reduction
+        With ``per_image=True``: ``"mean"`` (default) over the images with a valid pixel,
+        ``"sum"`` over the images, or ``"none"``: one loss per image, (B,) (0 for an image
+        with no valid pixel), each differentiable w.r.t. its own image's logits.
 
     Returns
     -------
-    Scalar loss in max(logits.dtype, float32); 0 when no pixel is valid.
+    Scalar loss in max(logits.dtype, float32) ((B,) for ``reduction="none"``); 0 when no
+    pixel is valid.
 
     Examples
     --------
@@ -174,7 +180,7 @@ def lovasz_hinge(
                          "multilabel problem: pass multilabel=True (a binary hinge has one class)")
     return _checked_loss("multilabel_hinge" if multilabel else "hinge", logits, labels, classes,
                          class_weights, per_image, ignore_index, backend, process_group,
-                         dist_mode, bins)
+                         dist_mode, bins, reduction)
 
 
 def lovasz_sigmoid(
@@ -189,6 +195,8 @@ def lovasz_sigmoid(
     process_group: torch.distributed.ProcessGroup | None = None,
     dist_mode: str = "exact",
     bins: int | str = 2**16,
+    *,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """Multilabel Lovász-Sigmoid loss: the Lovász-Softmax of each channel as its own binary
     problem, for overlapping classes (a pixel may belong to several).
@@ -217,12 +225,13 @@ def lovasz_sigmoid(
         Constants: no gradient flows to them (a tensor that requires grad is read detached).
     from_logits
         True: ``probas`` holds logits and the sigmoid is applied here, in float32 or wider.
-    backend, process_group, dist_mode, bins
+    backend, process_group, dist_mode, bins, reduction
         As in :func:`lovasz_softmax`.
 
     Returns
     -------
-    Scalar loss in max(probas.dtype, float32); 0 when no channel is counted.
+    Scalar loss in max(probas.dtype, float32) ((B,) for ``reduction="none"``); 0 when no
+    channel is counted.
 
     Examples
     --------
@@ -240,7 +249,7 @@ def lovasz_sigmoid(
     ignore_index = _validate.check_ignore_index(ignore_index)
     return _checked_loss("sigmoid_of_logits" if from_logits else "multilabel_probas", probas,
                          labels, classes, class_weights, per_image, ignore_index, backend,
-                         process_group, dist_mode, bins)
+                         process_group, dist_mode, bins, reduction)
 
 
 def lovasz_softmax(
@@ -255,6 +264,8 @@ def lovasz_softmax(
     process_group: torch.distributed.ProcessGroup | None = None,
     dist_mode: str = "exact",
     bins: int | str = 2**16,
+    *,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """Multi-class Lovász-Softmax loss (paper §3.3, Eq. 11-12): the mean over classes of the
     Lovász extension of each class's Jaccard loss applied to ``|1[label = c] - p_c|``.
@@ -304,10 +315,16 @@ def lovasz_softmax(
     bins
         Histogram mode: the number of uniform bins on [0, 1], or ``"fp16"`` for a grid with
         one bin per float16 value (28673 bins) that is exact for float16 probabilities.
+    reduction
+        With ``per_image=True``: ``"mean"`` (default) over the images with a counted class,
+        ``"sum"`` over the images, or ``"none"``: one loss per image, (B,) (0 for an image
+        with no counted class), each differentiable w.r.t. its own image's probas. With
+        ``per_image=False`` the batch has one loss: only ``"mean"``.
 
     Returns
     -------
-    Scalar loss in max(probas.dtype, float32); 0 when no class is counted.
+    Scalar loss in max(probas.dtype, float32) ((B,) for ``reduction="none"``); 0 when no
+    class is counted.
 
     Examples
     --------
@@ -325,7 +342,7 @@ def lovasz_softmax(
     ignore_index = _validate.check_ignore_index(ignore_index)
     return _checked_loss("softmax_of_logits" if from_logits else "probas", probas, labels,
                          classes, class_weights, per_image, ignore_index, backend,
-                         process_group, dist_mode, bins)
+                         process_group, dist_mode, bins, reduction)
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,10 +365,13 @@ def _checked_loss(
     process_group: object,
     dist_mode: str,
     bins: int | str,
+    reduction: str,
 ) -> torch.Tensor:
     """The rest of a public loss call, once each function has checked its own arguments: the
-    class selection, the weights and the distributed options checked, then the operator,
-    which checks the loss arguments (here already, before a softmax or sigmoid)."""
+    class selection, the weights, the reduction and the distributed options checked, then
+    the operator, which checks the loss arguments (here already, before a softmax or
+    sigmoid)."""
+    reduction = _validate.check_reduction(reduction, per_image)
     classes_mode, class_list = _class_selection(classes)
     weights = _class_weights_tensor(class_weights, scores.device)
     if kind in _KINDS_OF_LOGITS:
@@ -363,6 +383,7 @@ def _checked_loss(
     return kind_loss(
         scores, labels, weights, classes_mode, class_list, per_image, ignore_index, kind,
         _backend_name(backend), _group_name(process_group, per_image), dist_mode, str(bins),
+        reduction,
     )
 
 
@@ -379,6 +400,7 @@ def kind_loss(
     group_name: str = "",
     dist_mode: str = "exact",
     bins: str = "65536",
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """Any of the losses on normalized arguments (TorchScript-compatible): for the kinds
     computed from logits, the softmax (sigmoid with one channel, or per channel for
@@ -391,7 +413,7 @@ def kind_loss(
             scores = torch.softmax(scores, dim=1, dtype=compute)
     return _ops.lovasz_loss(
         scores, labels, class_weights, classes, class_list, per_image, ignore_index, kind,
-        backend, group_name, dist_mode, bins,
+        backend, group_name, dist_mode, bins, reduction,
     )
 
 

@@ -41,9 +41,11 @@ class _LovaszLoss(nn.Module):
         process_group: torch.distributed.ProcessGroup | None,
         dist_mode: str,
         bins: int | str,
+        reduction: str,
     ) -> None:
         super().__init__()
         self.per_image = _validate.check_flag("per_image", per_image)
+        self.reduction = _validate.check_reduction(reduction, self.per_image)
         self.ignore_index = _validate.check_ignore_index(ignore_index)
         if backend is not None:
             get_backend(backend)  # unknown names fail at construction, not mid-epoch
@@ -75,7 +77,7 @@ class _LovaszLoss(nn.Module):
                     "torch.compile'd module for the global-batch loss")
             return kind_loss(scores, labels, self.class_weights, self._classes_mode,
                              self._class_list, self.per_image, self.ignore_index, self._kind,
-                             self._backend_name)
+                             self._backend_name, reduction=self.reduction)
         return self._eager_forward(scores, labels)
 
     @torch.jit.unused
@@ -87,6 +89,7 @@ class _LovaszLoss(nn.Module):
             scores, labels, weights, self._classes_mode, self._class_list, self.per_image,
             self.ignore_index, self._kind, self._backend_name,
             _group_name(self.process_group, self.per_image), self.dist_mode, str(self.bins),
+            self.reduction,
         )
 
     def _options_repr(self) -> str:
@@ -97,7 +100,8 @@ class _LovaszLoss(nn.Module):
         return ", ".join(parts)
 
     def _tail_repr(self) -> str:
-        parts = [f"backend={self.backend!r}"]
+        parts = [f"reduction={self.reduction!r}"] if self.reduction != "mean" else []
+        parts.append(f"backend={self.backend!r}")
         if self.process_group is not None:
             parts.append("process_group=<ProcessGroup>")
         if self.dist_mode != "exact":
@@ -134,13 +138,15 @@ class LovaszHingeLoss(_LovaszLoss):
         multilabel: bool = False,
         classes: str | Sequence[int] = "present",
         class_weights: Sequence[float] | torch.Tensor | None = None,
+        reduction: str = "mean",
     ) -> None:
         multilabel = _validate.check_flag("multilabel", multilabel)
         if not multilabel and (classes != "present" or class_weights is not None):
             raise ValueError("classes and class_weights select and weigh the channels of a "
                              "multilabel problem: pass multilabel=True")
         super().__init__("multilabel_hinge" if multilabel else "hinge", classes, per_image,
-                         ignore_index, class_weights, backend, process_group, dist_mode, bins)
+                         ignore_index, class_weights, backend, process_group, dist_mode, bins,
+                         reduction)
         self.multilabel = multilabel
 
     def extra_repr(self) -> str:
@@ -183,11 +189,13 @@ class LovaszSoftmaxLoss(_LovaszLoss):
         process_group: torch.distributed.ProcessGroup | None = None,
         dist_mode: str = "exact",
         bins: int | str = 2**16,
+        *,
+        reduction: str = "mean",
     ) -> None:
         from_logits = _validate.check_flag("from_logits", from_logits)
         kind = self._from_logits_kind if from_logits else self._probas_kind
         super().__init__(kind, classes, per_image, ignore_index, class_weights, backend,
-                         process_group, dist_mode, bins)
+                         process_group, dist_mode, bins, reduction)
         self.from_logits = from_logits
 
     def extra_repr(self) -> str:

@@ -68,7 +68,7 @@ def _rank_slice(sizes: list[int], rank: int) -> slice:
 def _loss_and_grad(fn: Callable, scores: torch.Tensor, *args, **kwargs):
     scores = scores.detach().clone().requires_grad_()
     loss = fn(scores, *args, **kwargs)
-    (grad,) = torch.autograd.grad(loss, scores)
+    (grad,) = torch.autograd.grad(loss.sum(), scores)  # a sum of per-image losses too
     return loss.detach(), grad
 
 
@@ -426,6 +426,13 @@ def case_per_image_needs_no_collectives(rank: int, world: int, group: dist.Proce
             expected = _loss_and_grad(
                 lovasz_softmax, probas[mine], labels[mine], per_image=True, ignore_index=IGNORE
             )
+            _expect_close(got, expected, rtol=0, atol=0)
+            got = _loss_and_grad(
+                lovasz_softmax, probas[mine], labels[mine], per_image=True, ignore_index=IGNORE,
+                process_group=group, dist_mode=mode, reduction="none",
+            )
+            expected = _loss_and_grad(lovasz_softmax, probas[mine], labels[mine],
+                                      per_image=True, ignore_index=IGNORE, reduction="none")
             _expect_close(got, expected, rtol=0, atol=0)
             got = _loss_and_grad(
                 LovaszHingeLoss(process_group=group, dist_mode=mode),

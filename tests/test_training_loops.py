@@ -279,6 +279,9 @@ def _forward_mode_cases(gen, backend, dtype=torch.float64):
          torch.randn(2, 3, 5, 6, generator=gen, dtype=torch.float64).to(dtype)),
         ("extension", lambda e: lovasz_extension(e, fg, backend=backend)[0],
          torch.randn(3, 20, generator=gen, dtype=torch.float64).to(dtype)),
+        ("softmax, one loss per image", lambda p: lovasz_softmax(
+            p, labels, per_image=True, ignore_index=255, backend=backend, reduction="none"),
+         probas.to(dtype)),
     ]
 
 
