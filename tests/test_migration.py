@@ -136,6 +136,10 @@ def test_authors_per_image_counts_fully_ignored_images_as_zero(batch):
     ours = lovasz_softmax(probas, ignored, per_image=True, ignore_index=IGNORE)
     theirs = authors_lovasz_softmax(probas, ignored, per_image=True, ignore=IGNORE)
     _same(ours * 2 / 3, theirs)
+    # their convention exactly: the mean of every image's loss, 0 where nothing counts
+    each = lovasz_softmax(probas, ignored, per_image=True, ignore_index=IGNORE,
+                          reduction="none")
+    _same(each.mean(), theirs)
 
 
 @pytest.mark.parametrize("per_image", [False, True])
