@@ -133,6 +133,7 @@ def test_modules_scripted_and_compiled_agree(gen):
     torch._dynamo.reset()
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(compiled_grad, eager_grad)
+    torch.testing.assert_close(torch.func.grad(step)(logits, labels), eager_grad)
 
     hinge = LovaszHingeLoss(reduction="sum")
     masks = (labels == 1).long()
