@@ -463,11 +463,12 @@ def _vmap_by_slices(operator):
 
 
 def _differentiable(operator, name: str, forward_mode: bool,
-                    group_argument: int | None = None) -> type[torch.autograd.Function]:
+                    group_argument: int | None = None,
+                    backward=_backward) -> type[torch.autograd.Function]:
     """``operator`` wrapped in an ``autograd.Function`` with ``setup_context`` (the form
-    ``torch.func`` transforms require) and the operators' formula and vmap rule; with
-    ``forward_mode``, also :func:`_jvp` (``torch.func.jvp``, ``jacfwd``), which Dynamo refuses
-    to trace: the Function it compiles has none. ``group_argument``: as in
+    ``torch.func`` transforms require) and the operators' formula (or ``backward``) and vmap
+    rule; with ``forward_mode``, also :func:`_jvp` (``torch.func.jvp``, ``jacfwd``), which
+    Dynamo refuses to trace: the Function it compiles has none. ``group_argument``: as in
     :func:`_setup_context_with_tangents`."""
 
     overload = operator._opoverload  # what Dynamo traces in a closure (not the op's record)
@@ -479,7 +480,7 @@ def _differentiable(operator, name: str, forward_mode: bool,
         "__doc__": f"{operator} with the operators' autograd formula, for torch.func.",
         "forward": staticmethod(forward),
         "setup_context": staticmethod(_setup_context),
-        "backward": staticmethod(_backward),
+        "backward": staticmethod(backward),
         "vmap": staticmethod(_vmap_by_slices(operator)),
     }
     if forward_mode:
@@ -522,25 +523,30 @@ def _eager_caller(operator, implementation, num_tensors: int):
     return call
 
 
-def _eager_differentiable(call, name: str,
-                          group_argument: int | None = None) -> type[torch.autograd.Function]:
+def _eager_differentiable(call, name: str, group_argument: int | None = None,
+                          forward_mode: bool = True,
+                          backward=_backward) -> type[torch.autograd.Function]:
     """The same formula in the ``forward(ctx, ...)`` form, for plain eager calls of ``call``
     (an :func:`_eager_caller`): a ``setup_context`` Function binds its arguments with
-    ``inspect.signature`` on every call, about a tenth of a small loss call's time."""
+    ``inspect.signature`` on every call, about a tenth of a small loss call's time.
+    ``forward_mode`` and ``backward`` as in :func:`_differentiable`."""
 
-    setup_context = _setup_context_with_tangents(group_argument)
+    setup_context = (_setup_context_with_tangents(group_argument) if forward_mode
+                     else _setup_context)
 
     def forward(ctx, *args):
         output = call(*args)
         setup_context(ctx, args, output)
         return output
 
-    return type(name, (torch.autograd.Function,), {
-        "__doc__": "A loss operator with the operators' autograd formula, for eager calls.",
+    methods = {
+        "__doc__": "An operator with its autograd formula, for eager calls.",
         "forward": staticmethod(forward),
-        "backward": staticmethod(_backward),
-        "jvp": staticmethod(_jvp),
-    })
+        "backward": staticmethod(backward),
+    }
+    if forward_mode:
+        methods["jvp"] = staticmethod(_jvp)
+    return type(name, (torch.autograd.Function,), methods)
 
 
 def _function_for_call(for_compiler, for_transforms, for_eager):

@@ -230,32 +230,52 @@ def _objective(logits, labels, point, lam):
     return float(hinge + ((point - logits) ** 2).sum() / (2 * lam))
 
 
-def test_moreau_under_torch_compile_runs_between_graphs(gen):
-    """Not a custom operator: a compiled step runs it eagerly (a graph break) with the eager
-    value and gradients; its gradient does not require grad, so a second derivative is
-    refused rather than given as 0 (the envelope's is not zero)."""
+def test_moreau_under_torch_compile_and_torch_func(gen):
+    """A custom operator, as the losses are: a compiled step (fullgraph=True too) and
+    torch.func.grad and vmap give the eager value and gradients. Its second derivative (the
+    prox's Jacobian, not zero) is refused by name, and forward mode by PyTorch, rather than
+    given as 0."""
     torch._dynamo.reset()
     model = torch.nn.Conv2d(3, 1, 3, padding=1, dtype=torch.float64)
     images = torch.randn(2, 3, 6, 7, generator=gen, dtype=torch.float64)
     labels = (torch.rand(2, 6, 7, generator=gen) < 0.4).long()
+    labels[0, 0] = 255
 
-    def step():
-        value = lovasz_hinge_moreau(model(images)[:, 0], labels, 0.5)
-        value.backward()
-        return value.detach()
+    def forward():
+        return lovasz_hinge_moreau(model(images)[:, 0], labels, 0.5, ignore_index=255)
 
-    eager = step()
+    eager = forward()
+    eager.backward()
     eager_grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    compiled = torch.compile(step)()
-    torch._dynamo.reset()
-    assert torch.equal(compiled, eager)
-    for param, expected in zip(model.parameters(), eager_grads):
-        torch.testing.assert_close(param.grad, expected, rtol=1e-12, atol=1e-14)
-    logits = model(images)[:, 0].detach().requires_grad_()
-    (grad,) = torch.autograd.grad(lovasz_hinge_moreau(logits, labels, 0.5), logits,
-                                  create_graph=True)
-    assert not grad.requires_grad
+    for fullgraph in (False, True):
+        model.zero_grad()
+        compiled = torch.compile(forward, fullgraph=fullgraph)()
+        compiled.backward()
+        torch._dynamo.reset()
+        torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-14)
+        for param, expected in zip(model.parameters(), eager_grads):
+            torch.testing.assert_close(param.grad, expected, rtol=1e-12, atol=1e-14)
+
+    logits = model(images)[:, 0].detach()
+
+    def envelope(x):
+        return lovasz_hinge_moreau(x, labels, 0.5, ignore_index=255)
+
+    x = logits.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(envelope(x), x, create_graph=True)
+    torch.testing.assert_close(torch.func.grad(envelope)(logits), grad.detach(), rtol=0,
+                               atol=0)
+    mapped = torch.func.vmap(lambda a, b: lovasz_hinge_moreau(a[None], b[None], 0.5))(
+        logits, (labels == 1).long())
+    alone = torch.stack([lovasz_hinge_moreau(logits[i:i + 1], (labels[i:i + 1] == 1).long(), 0.5)
+                         for i in range(2)])
+    torch.testing.assert_close(mapped, alone, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="lovasz_hinge_moreau has no second derivative"):
+        torch.autograd.grad(grad.sum(), x)
+    with pytest.raises(RuntimeError, match="lovasz_hinge_moreau has no second derivative"):
+        torch.func.grad(lambda a: torch.func.grad(envelope)(a).sum())(logits)
+    with pytest.raises(RuntimeError):
+        torch.func.jvp(envelope, (logits,), (torch.ones_like(logits),))
 
 
 def test_greedy_equals_exact_when_the_order_does_not_change(gen):

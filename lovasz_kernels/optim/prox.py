@@ -21,12 +21,12 @@ import math
 import numbers
 import sys
 from types import ModuleType
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 
-from lovasz_kernels import _validate
+from lovasz_kernels import _ops, _validate
 from lovasz_kernels._ops import hinge_shapes
 from lovasz_kernels._scratch import scratch
 
@@ -277,28 +277,57 @@ def prox_lovasz_hinge(
     return result.prox
 
 
-class _MoreauFunction(torch.autograd.Function):
-    """Envelope value in forward; its gradient (F − prox)/λ is saved for backward."""
+def _moreau_impl(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lam: float,
+    per_image: bool,
+    ignore_index: Optional[int],  # noqa: UP045 - the operator's schema is read from these
+    method: str,
+    max_steps: Optional[int],  # noqa: UP045
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The envelope (0-d, in max(dtype, float32)) and its gradient (F − prox) / λ (the
+    logits' shape and dtype) of one call, arguments as :func:`lovasz_hinge_moreau`'s."""
+    result = compute_prox(logits, labels, lam, per_image, ignore_index, method, max_steps)
+    value = torch.tensor(result.envelope(), dtype=_validate.compute_dtype(logits.dtype),
+                         device=logits.device)
+    return value, result.direction(logits)
 
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx, logits, labels, lam, per_image, ignore_index, method, max_steps
-    ):
-        result = compute_prox(
-            logits.detach(), labels, lam, per_image, ignore_index, method, max_steps
-        )
-        value = result.envelope()
-        ctx.logits_dtype = logits.dtype
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(result.direction(logits))
-        out_dtype = _validate.compute_dtype(logits.dtype)
-        return torch.tensor(value, dtype=out_dtype, device=logits.device)
 
-    @staticmethod
-    def backward(ctx, grad_output):  # type: ignore[override]
-        (direction,) = ctx.saved_tensors
-        grad = (grad_output * direction).to(ctx.logits_dtype)
-        return grad, None, None, None, None, None, None
+#: a custom operator, as the losses are: ``torch.compile`` traces a call as one node
+#: (``fullgraph=True`` included), and ``torch.func.grad`` and ``vmap`` work
+moreau_op = torch.library.custom_op("lovasz_kernels::lovasz_hinge_moreau",
+                                    mutates_args=())(_moreau_impl)
+
+
+@moreau_op.register_fake
+def _moreau_fake(logits, labels, lam, per_image, ignore_index, method, max_steps):
+    _validate.check_floating("logits", logits)
+    hinge_shapes(logits, labels)
+    return (logits.new_empty((), dtype=_validate.compute_dtype(logits.dtype)),
+            logits.new_empty(logits.shape))
+
+
+def _first_order_backward(ctx, d_value, d_direction):
+    """d logits = d value · (F − prox) / λ. The envelope's second derivative (the prox's
+    Jacobian) is not zero and not implemented: differentiating the gradient again raises
+    rather than giving 0, as the losses' formula would (theirs is zero). Dynamo traces this
+    with every upstream gradient given: there it is not read (compiled graphs refuse double
+    backward themselves)."""
+    if d_direction is not None and not torch.compiler.is_compiling():
+        raise RuntimeError(
+            "lovasz_hinge_moreau has no second derivative here (that of the Moreau envelope "
+            "is the prox's Jacobian, not zero); differentiate it once")
+    return _ops._backward(ctx, d_value, None)
+
+
+_call_moreau = _ops._eager_caller(moreau_op, _moreau_impl, num_tensors=2)
+# no forward mode: its formula would give the gradient a zero tangent, so a Hessian by
+# forward-over-reverse would come out 0; without one PyTorch raises
+_CompiledMoreauFunction = _ops._differentiable(
+    moreau_op, "_CompiledMoreauFunction", forward_mode=False, backward=_first_order_backward)
+_EagerMoreauFunction = _ops._eager_differentiable(
+    _call_moreau, "_EagerMoreauFunction", forward_mode=False, backward=_first_order_backward)
 
 
 def lovasz_hinge_moreau(
@@ -351,4 +380,20 @@ def lovasz_hinge_moreau(
     >>> logits.grad
     tensor([[-0.2500,  0.1667,  0.0000,  0.3333]], dtype=torch.float64)
     """
-    return _MoreauFunction.apply(logits, labels, lam, per_image, ignore_index, method, max_steps)
+    logits = _validate.check_floating("logits", logits)
+    labels = _validate.check_tensor("labels", labels)
+    # the operator's arguments, typed (its schema checks types only)
+    arguments = (logits, labels, check_lam(lam), _validate.check_flag("per_image", per_image),
+                 _validate.check_ignore_index(ignore_index), method,
+                 _normalized_max_steps(method, max_steps))
+    if not _ops._differentiated(logits):
+        return _call_moreau(*arguments)[0]
+    function = _ops._function_for_call(_CompiledMoreauFunction, _CompiledMoreauFunction,
+                                       _EagerMoreauFunction)
+    return function.apply(*arguments)[0]
+
+
+def _normalized_max_steps(method: object, max_steps: object) -> int | None:
+    """``max_steps`` checked (with ``method``) and as an int, or None."""
+    steps = check_method(method, max_steps)
+    return None if steps < 0 else steps
