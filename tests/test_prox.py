@@ -230,6 +230,8 @@ def _objective(logits, labels, point, lam):
     return float(hinge + ((point - logits) ** 2).sum() / (2 * lam))
 
 
+# PyTorch's own modules, loaded by the compiler here, call the deprecated torch.jit.script
+@pytest.mark.filterwarnings("ignore:`torch.jit.script:DeprecationWarning")
 def test_moreau_under_torch_compile_and_torch_func(gen):
     """A custom operator, as the losses are: a compiled step (fullgraph=True too) and
     torch.func.grad and vmap give the eager value and gradients. Its second derivative (the
