@@ -424,9 +424,11 @@ def _is_plain_eager(d_loss: torch.Tensor) -> bool:
 
 def _is_unit_host_scalar(d_loss: torch.Tensor) -> bool:
     """d_loss is a plain 1 on a device whose values are free to read, and no transform or
-    tracer is active."""
+    tracer is active. A tensor subclass is never read: a fake tensor (``FakeTensorMode``, as
+    memory and FLOP estimators run a training step) has no value."""
     return (
         d_loss.numel() == 1
+        and type(d_loss) is torch.Tensor
         and reads_are_free(d_loss.device)
         and _is_plain_eager(d_loss)
         and d_loss.item() == 1

@@ -601,3 +601,32 @@ def test_cuda_graph_capture_replays_the_loss():
         set_validate_values(True)
     torch.testing.assert_close(loss, expected_loss)
     torch.testing.assert_close(grad, expected_grad)
+
+
+@pytest.mark.parametrize("where", ["FakeTensorMode", "meta"])
+def test_fake_and_meta_tensors_give_shapes_forward_and_backward(where):
+    """As memory and FLOP estimators run a training step: no value is read, not even the
+    upstream gradient's (a fake tensor has none), and the shapes and dtypes are eager's."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lovasz_kernels.optim import lovasz_hinge_moreau
+
+    mode = FakeTensorMode() if where == "FakeTensorMode" else contextlib.nullcontext()
+    device = "meta" if where == "meta" else "cpu"
+    with mode:
+        logits = torch.randn(2, 4, 5, 6, device=device, requires_grad=True)
+        labels = torch.randint(0, 4, (2, 5, 6), device=device)
+        calls = [
+            lambda: lovasz_softmax(logits, labels, from_logits=True),
+            lambda: lovasz_hinge(logits[:, 0], labels > 1),
+            lambda: lovasz_softmax(logits.half(), labels, from_logits=True, per_image=True,
+                                   reduction="none").sum(),
+            lambda: lovasz_hinge_moreau(logits[:, 0], labels > 1, 0.3),
+        ]
+        for call in calls:
+            loss = call()
+            assert loss.shape == () and loss.dtype == torch.float32
+            loss.backward()
+            assert logits.grad.shape == logits.shape and logits.grad.dtype == torch.float32
+            logits.grad = None
+
