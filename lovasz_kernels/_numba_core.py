@@ -131,7 +131,7 @@ def take_next(counter, amount):
 
 
 @njit(inline="always")
-def jaccard_increment(n_fg, fg_seen, bg_seen, is_fg):
+def jaccard_increment(n_fg, fg_seen, bg_seen, is_fg, branch_free=False):
     """Δ_J(first k+1 pixels) − Δ_J(first k) for the pixel at sorted position k.
 
     ``fg_seen`` and ``bg_seen`` count the foreground and background pixels among the first
@@ -139,13 +139,44 @@ def jaccard_increment(n_fg, fg_seen, bg_seen, is_fg):
     U = n_fg + bg_seen, the increment is 1/U on foreground and (n_fg − fg_seen)/(U (U − 1)) on
     background (1 when U = 1: the first mistake with no foreground costs the whole loss). Exact
     integer counts, one division: no cancellation of two close Jaccard values.
+
+    ``branch_free`` (the same bits; :func:`labels_unpredictable` says when): no branch on the
+    label. Where the labels of the sorted pixels are mixed, a branch on them mispredicts so
+    often that it costs more than the rest of a pass over them: the numerator and the second
+    factor of the denominator are then picked by integer arithmetic (1 and 1 on foreground,
+    n_fg − fg_seen and U − 1 on background), the same operands the branches divide. Where one
+    label is rare the branch is taken the same way almost every time and the arithmetic is
+    the dearer of the two.
     """
     union = n_fg + bg_seen
+    if branch_free:
+        fg = np.int64(is_fg)
+        second = (union - 1) - fg * (union - 2)
+        if second == 0:  # background with U = 1 (only ever the first pixel: predicted)
+            return 1.0
+        background_numerator = n_fg - fg_seen
+        numerator = background_numerator + fg * (1 - background_numerator)
+        return np.float64(numerator) / (np.float64(union) * np.float64(second))
     if is_fg:
         return 1.0 / union
     if union == 1:
         return 1.0
     return (n_fg - fg_seen) / (np.float64(union) * (union - 1))
+
+
+# A pass takes the branch-free increments when the rarer label is at least this fraction of
+# its pixels: where the two cost the same. The fused pass over 2^18 sorted keys, branches
+# against none, medians of 41 interleaved rounds on the 2-core Intel Xeon VM (AVX-512), by
+# the fraction of foreground: 1/32 0.77 against 0.92 ms, 1/16 0.92 against 1.02, 1/12 0.99
+# against 0.98, 1/8 1.05 against 1.00, 1/4 1.32 against 0.99, 1/2 1.80 against 0.95
+BRANCH_FREE_MIN_FRACTION = 1 / 12
+
+
+@njit(inline="always")
+def labels_unpredictable(n_fg, n):
+    """Whether a pass over ``n`` sorted pixels, ``n_fg`` of them foreground, takes the
+    branch-free increments (:data:`BRANCH_FREE_MIN_FRACTION`)."""
+    return min(n_fg, n - n_fg) >= BRANCH_FREE_MIN_FRACTION * n
 
 
 # --------------------------------------------------------------------------------------------
@@ -709,6 +740,7 @@ __all__ = [
     "float32_from_bits",
     "intrinsic",
     "jaccard_increment",
+    "labels_unpredictable",
     "njit",
     "run_tasks",
     "sort_choice",

@@ -260,6 +260,50 @@ def test_digit_width_follows_the_key_count():
     assert core.RADIX_MIN_KEYS > core.INSERTION_MAX
 
 
+if core.NUMBA_AVAILABLE:
+
+    @core.njit(cache=False)
+    def _increments_both_ways(n_fg, fg_seen, bg_seen, is_fg):
+        """Every (n_fg, fg_seen, bg_seen, is_fg) row's increment with and without branches."""
+        out = np.empty((n_fg.size, 2))
+        for row in range(n_fg.size):
+            out[row, 0] = core.jaccard_increment(n_fg[row], fg_seen[row], bg_seen[row],
+                                                 is_fg[row], False)
+            out[row, 1] = core.jaccard_increment(n_fg[row], fg_seen[row], bg_seen[row],
+                                                 is_fg[row], True)
+        return out
+
+
+def test_branch_free_increments_are_the_same_bits():
+    """The branch-free increment divides the same operands as the branches: equal bits on
+    every case of the closed form (the first mistake with no foreground, foreground,
+    background, the last foreground seen) and at counts whose products are not exact in
+    float64."""
+    rows = []
+    for n_fg in (0, 1, 2, 3, 17, 1000, 2**26 + 1, 2**40 + 3):
+        for bg_seen in (0, 1, 2, 3, 1001, 2**27 - 1, 2**41 + 5):
+            for fg_seen in sorted({0, 1, n_fg // 2, max(n_fg - 1, 0), n_fg}):
+                for is_fg in (False, True):
+                    if fg_seen > n_fg or (is_fg and fg_seen == 0) or (
+                            not is_fg and bg_seen == 0):
+                        continue  # not a pixel at a sorted position
+                    rows.append((n_fg, fg_seen, bg_seen, is_fg))
+    n_fg, fg_seen, bg_seen, is_fg = (np.array(column) for column in zip(*rows))
+    both = _increments_both_ways(n_fg, fg_seen, bg_seen, is_fg)
+    assert len(rows) > 200
+    np.testing.assert_array_equal(both[:, 1].view(np.int64), both[:, 0].view(np.int64))
+    assert both[(n_fg == 0) & (bg_seen == 1) & ~is_fg, 0].tolist() == [1.0]
+
+
+def test_passes_go_branch_free_where_labels_are_mixed():
+    """A segment whose rarer label is at least 1/12 of its pixels takes the branch-free
+    increments (a branch on its labels would mispredict); one where a label is rare keeps
+    the branches (taken the same way almost every time)."""
+    decide = core.njit(lambda n_fg, n: core.labels_unpredictable(n_fg, n))
+    assert [decide(n_fg, 1200) for n_fg in (0, 50, 99, 100, 600, 1100, 1101, 1200)] == [
+        False, False, False, True, True, True, False, False]
+
+
 # --------------------------------------------------------------------------------------------
 # worker threads
 

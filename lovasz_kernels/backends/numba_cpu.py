@@ -77,6 +77,7 @@ from lovasz_kernels._numba_core import (
     insertion_sort,
     jaccard_increment,
     key_bits,
+    labels_unpredictable,
     njit,
     sort_keys,
 )
@@ -348,13 +349,15 @@ def _fused_pass(sorted_keys, start, stop, n_fg, fg_before, batch, s, keys_before
     scale_bg = batch.grad_scale[s] * slope_bg
     fg_seen = fg_before
     loss = loss_before
+    # the segment's balance of labels says which increments are faster (the same bits)
+    branch_free = labels_unpredictable(n_fg, batch.rows * batch.num_cols)
     for k in range(start, stop):
         key = sorted_keys[k]
         offset = np.int64((key & _LOW32) >> _ONE)
         is_fg = (key & _ONE) != 0
-        if is_fg:
-            fg_seen += 1
-        increment = jaccard_increment(n_fg, fg_seen, keys_before + k + 1 - fg_seen, is_fg)
+        fg_seen += np.int64(key & _ONE)
+        increment = jaccard_increment(n_fg, fg_seen, keys_before + k + 1 - fg_seen, is_fg,
+                                      branch_free)
         if values.itemsize == 4:  # float32: the error is in the key, no gather
             error_bits = np.uint32(_INF32_BITS - (key >> _SHIFT_PREFIX))
             error = np.float64(float32_from_bits(error_bits))
