@@ -165,11 +165,12 @@ def jaccard_increment(n_fg, fg_seen, bg_seen, is_fg, branch_free=False):
 
 
 # A pass takes the branch-free increments when the rarer label is at least this fraction of
-# its pixels: where the two cost the same. The fused pass over 2^18 sorted keys, branches
-# against none, medians of 41 interleaved rounds on the 2-core Intel Xeon VM (AVX-512), by
-# the fraction of foreground: 1/32 0.77 against 0.92 ms, 1/16 0.92 against 1.02, 1/12 0.99
-# against 0.98, 1/8 1.05 against 1.00, 1/4 1.32 against 0.99, 1/2 1.80 against 0.95
-BRANCH_FREE_MIN_FRACTION = 1 / 12
+# its pixels: about where the two cost the same. 2^18 sorted keys, branches against none,
+# medians of 41 interleaved rounds on a 2-core Intel Xeon VM (AVX-512), two runs, by the
+# fraction of foreground: 1/32 0.72 against 0.93 ms, 1/12 0.83 against 0.93, 1/8 0.91 against
+# 0.93, 1/4 1.15 against 0.93, 1/2 1.67-1.69 against 0.93
+# (python tests/perf/fused_pass_branches.py)
+BRANCH_FREE_MIN_FRACTION = 1 / 8
 
 
 @njit(inline="always")

@@ -33,6 +33,7 @@ CASES = {  # name: (batch, classes, side, per_image)
     "256x150": (1, 150, 256, False),
     "1024x2": (1, 2, 1024, False),
     "4x256x21-per-image": (4, 21, 256, True),
+    "8x64x5-per-image": (8, 5, 64, True),
 }
 
 
