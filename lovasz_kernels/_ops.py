@@ -37,6 +37,7 @@ from torch.autograd import forward_ad
 from lovasz_kernels import _validate
 from lovasz_kernels._jaccard import jaccard_increments
 from lovasz_kernels._plan import (
+    LabelCensus,
     generic_lovasz_loss,
     plan_segments,
     reads_are_free,
@@ -214,12 +215,18 @@ def _lovasz_loss_impl(
 
         group_batch = GroupBatch(group_name, dist_mode, bins, labels_2d.numel(),
                                  value_range=None if LOSS_KINDS[kind].bg_offset else 1.0)
+    multilabel = LOSS_KINDS[kind].multilabel
     try:
         labels_2d = _validate.label_values(
-            "labels", labels_2d, binary=num_classes == 1 or LOSS_KINDS[kind].multilabel)
-        if _validate.validate_values_enabled():
-            _check_loss_values(kind, scores_3d, labels_2d, ignore_index, class_weights)
+            "labels", labels_2d, binary=num_classes == 1 or multilabel)
         chosen = select_backend(backend or None, scores.device)
+        census = None
+        if (group_batch is None and not multilabel and num_classes > 1
+                and reads_are_free(labels_2d.device)):
+            census = chosen.label_census(labels_2d, num_classes, ignore_index)
+        if _validate.validate_values_enabled():
+            _check_loss_values(kind, scores_3d, labels_2d, ignore_index, class_weights,
+                               census)
     except ValueError:
         if group_batch is not None:  # the other ranks must not wait for this one
             group_batch.agree(_agreed_options(scores_3d, kind, dist_mode, bins, classes),
@@ -233,7 +240,7 @@ def _lovasz_loss_impl(
                        else class_weights.detach().to(torch.float64)),
         per_image=per_image, ignore_index=ignore_index, bg_offset=LOSS_KINDS[kind].bg_offset,
         labels_checked=_validate.validate_values_enabled(),
-        multilabel=LOSS_KINDS[kind].multilabel,
+        multilabel=multilabel,
     )
     if group_batch is not None:
         group_batch.agree(_agreed_options(scores_3d, kind, dist_mode, bins, classes),
@@ -242,7 +249,7 @@ def _lovasz_loss_impl(
         loss, grad = generic_lovasz_loss(group_batch.extension_with(chosen), scores_3d,
                                          labels_2d, plan, chunked=False)
     else:
-        plan = plan_segments(**plan_options)
+        plan = plan_segments(**plan_options, census=census)
         loss, grad = chosen.run_loss(scores_3d, labels_2d, plan)
         if reduction != "mean":
             loss, grad = reduce_per_image(plan, scores_3d, loss, grad.reshape(scores_3d.shape),
@@ -277,13 +284,16 @@ def _agreed_options(
 
 def _check_loss_values(
     kind: str, scores: torch.Tensor, labels: torch.Tensor, ignore_index: int | None,
-    class_weights: torch.Tensor | None,
+    class_weights: torch.Tensor | None, census: LabelCensus | None = None,
 ) -> None:
-    """The checks that read values (one pass each; a device synchronisation on a GPU)."""
+    """The checks that read values (one pass each; a device synchronisation on a GPU). A
+    backend's census of the labels has checked their range already: they are looked at
+    again only to explain labels out of range."""
     loss_kind = LOSS_KINDS[kind]
     num_classes = 2 if loss_kind.multilabel else max(scores.shape[1], 2)
     valid_range = "{0, 1}" if num_classes == 2 else f"[0, {num_classes})"
-    _validate.check_labels(labels, valid_range, num_classes, ignore_index)
+    if census is None or census.out_of_range:
+        _validate.check_labels(labels, valid_range, num_classes, ignore_index)
     name = loss_kind.checked_name or loss_kind.scores_name
     if loss_kind.value_check == "finite":
         _validate.check_finite(name, scores)

@@ -75,6 +75,9 @@ class SegmentPlan:
     # every segment's weight, when they are known to be equal without a read of ``weight``
     # (a plan from the shapes alone): the gradient is scaled by a number, not a table
     uniform_weight: float | None = None
+    # the labels as the backend's census left them for its ``lovasz_loss`` (see
+    # :class:`LabelCensus`), or None
+    backend_labels: object = None
 
     @property
     def num_segments(self) -> int:
@@ -87,6 +90,25 @@ class SegmentPlan:
             self, image=None if self.image is None else self.image[start:stop],
             channel=self.channel[start:stop], fg_label=self.fg_label[start:stop],
             weight=self.weight[start:stop], dense=False, uniform_weight=self.uniform_weight)
+
+
+@dataclass(frozen=True)
+class LabelCensus:
+    """One pass of a backend over a call's labels (B, P): what the plan and the label check
+    need from them, and the labels in the form the backend's ``lovasz_loss`` reads (see
+    ``label_census`` in :mod:`lovasz_kernels._registry`).
+
+    ``class_pixels`` (B, max(C, 2)) int64: each image's pixels of each label in
+    [0, max(C, 2)) that is not ``ignore_index``; ``valid_pixels`` (B, 1) int64: each image's
+    pixels that are not ``ignore_index``; ``out_of_range``: the pixels whose label is
+    neither in [0, max(C, 2)) nor ``ignore_index`` (the label check finds them again to
+    explain them); ``labels``: passed to the backend as the plan's ``backend_labels``.
+    """
+
+    class_pixels: torch.Tensor
+    valid_pixels: torch.Tensor
+    out_of_range: int
+    labels: object = None
 
 
 # CPU plans that depend on the shapes alone are kept and handed out again (their tables are
@@ -116,6 +138,7 @@ def plan_segments(
     reduce_counts: CountReducer | None = None,
     labels_checked: bool = False,
     multilabel: bool = False,
+    census: LabelCensus | None = None,
 ) -> SegmentPlan:
     """The plan of a loss call: which segments count and with which coefficient. A CPU plan
     that depends on the shapes alone is built once and handed out again: no caller writes
@@ -144,7 +167,25 @@ def plan_segments(
     multilabel
         One binary problem per channel: a channel counts in a group ("present") when it has
         a foreground pixel there, ("all") when it has a valid pixel.
+    census
+        The backend's count of ``labels`` (class indices, C >= 2): its counts replace the
+        plan's own pass over them, and its labels become the plan's ``backend_labels``.
     """
+    plan = _plan_segments(labels, num_classes, classes, class_list, class_weights, per_image,
+                          ignore_index, bg_offset, reduce_counts, labels_checked, multilabel,
+                          census)
+    if census is not None and census.labels is not None:
+        # after the shape cache: the labels are this call's own
+        plan = replace(plan, backend_labels=census.labels)
+    return plan
+
+
+def _plan_segments(
+    labels: torch.Tensor, num_classes: int, classes: str, class_list: list[int],
+    class_weights: torch.Tensor | None, per_image: bool, ignore_index: int | None,
+    bg_offset: float, reduce_counts: CountReducer | None, labels_checked: bool,
+    multilabel: bool, census: LabelCensus | None,
+) -> SegmentPlan:
     batch = labels.shape[0]
     groups = batch if per_image else 1
     device = labels.device
@@ -155,7 +196,7 @@ def plan_segments(
                             multilabel):
         weight = _weights_from_counts(
             labels, num_classes, classes, class_list, class_weights, per_image, ignore_index,
-            reduce_counts, labels_checked, multilabel)
+            reduce_counts, labels_checked, multilabel, census)
     else:
         if reads_are_free(device):
             shape_key = (batch, labels.numel() == 0, num_classes, classes, tuple(class_list),
@@ -230,16 +271,23 @@ def _weights_from_counts(
     labels: torch.Tensor, num_classes: int, classes: str, class_list: list[int],
     class_weights: torch.Tensor | None, per_image: bool, ignore_index: int | None,
     reduce_counts: CountReducer | None, labels_checked: bool, multilabel: bool,
+    census: LabelCensus | None = None,
 ) -> torch.Tensor:
-    """The segments' weights (groups · C,) from the counts of valid and foreground pixels:
-    each group's weighted mean over the classes it counts, then the mean over the groups
-    that count a class."""
+    """The segments' weights (groups · C,) from the counts of valid and foreground pixels
+    (the census's, when given): each group's weighted mean over the classes it counts, then
+    the mean over the groups that count a class."""
     if multilabel:
         fg_count, valid_count = _channel_counts(labels, ignore_index)
     elif classes == "present" and num_classes > 1:
-        fg_count, valid_count = _class_counts(labels, num_classes, ignore_index, labels_checked)
+        if census is None:
+            fg_count, valid_count = _class_counts(labels, num_classes, ignore_index,
+                                                  labels_checked)
+        else:  # as _class_counts counts: the pixels of a class in range
+            fg_count = census.class_pixels
+            valid_count = fg_count.sum(dim=1, keepdim=True)
     else:  # only whether each image has a valid pixel matters: no count of classes
-        fg_count = valid_count = _valid_counts(labels, ignore_index)
+        fg_count = valid_count = (_valid_counts(labels, ignore_index) if census is None
+                                  else census.valid_pixels)
     if not per_image:
         fg_count = fg_count.sum(dim=0, keepdim=True)
         valid_count = valid_count.sum(dim=0, keepdim=True)

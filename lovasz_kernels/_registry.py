@@ -26,6 +26,14 @@ A backend is a module under ``lovasz_kernels/backends/`` that defines
     scatter. Without it, :func:`lovasz_kernels._plan.generic_lovasz_loss` runs the plan
     through ``lovasz_extension``. Multilabel plans (labels (B, C, P)) reach it only when the
     module also sets ``FUSED_MULTILABEL = True``.
+``label_census(labels, num_classes, ignore_index) -> LabelCensus | None`` (optional)
+    one pass over a loss call's labels (B, P) int64 class indices, on a device whose values
+    are free to read: each image's pixels per class, its valid pixels and the count of labels
+    out of range (a :class:`lovasz_kernels._plan.LabelCensus`), which replace the plan's
+    counts and the label check's pass (the check runs only to explain labels out of range),
+    and the labels in the form its ``lovasz_loss`` reads them (the plan's
+    ``backend_labels``); or None where it has no use for one (then the shared checks and
+    counts run). Called for C >= 2 classes, not for multilabel or global-batch calls.
 ``temporary_bytes_per_pixel(dtype) -> int`` (optional)
     the most bytes a pixel its extension holds at once, besides the errors, the foreground
     and the gradient, on errors of that (compute) dtype when the generic path gives a chunk
@@ -47,7 +55,7 @@ from types import ModuleType
 import torch
 
 from lovasz_kernels import _validate
-from lovasz_kernels._plan import SegmentPlan, generic_lovasz_loss
+from lovasz_kernels._plan import LabelCensus, SegmentPlan, generic_lovasz_loss
 
 ExtensionResult = tuple[torch.Tensor, torch.Tensor]
 
@@ -156,6 +164,15 @@ class Backend:
         if overwriting is None or errors.numel() == 0:
             return self.run(errors, fg)
         return overwriting(errors, fg)
+
+    def label_census(self, labels: torch.Tensor, num_classes: int,
+                     ignore_index: int | None) -> LabelCensus | None:
+        """The module's ``label_census`` of (B, P) int64 labels, when it has one and there
+        are labels; else None."""
+        census = getattr(self._load(), "label_census", None)
+        if census is None or labels.numel() == 0:
+            return None
+        return census(labels, num_classes, ignore_index)
 
     def run_loss(
         self, scores: torch.Tensor, labels: torch.Tensor, plan: SegmentPlan

@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lovasz_kernels import _numba_core as core
 from lovasz_kernels import get_backend, lovasz_extension, lovasz_hinge, lovasz_softmax
-from lovasz_kernels._registry import select_backend
+from lovasz_kernels._registry import Backend, select_backend
 from lovasz_kernels.backends import numba_cpu
 from tests.helpers import GRAD_TOLERANCE, LOSS_TOLERANCE, assert_close_report, tie_free_errors
 
@@ -358,12 +358,12 @@ def test_fused_labels_narrowed_or_not(monkeypatch, gen, num_classes, ignore_inde
 
 
 @pytest.mark.parametrize(("num_channels", "ignore_index", "dtype", "ignore_label"), [
-    (1, None, np.int64, 0), (1, -100, np.int64, -100), (2, None, np.uint8, 255),
-    (5, 3, np.uint8, 255), (254, None, np.uint8, 255), (255, 7, np.int64, 7)])
+    (1, None, np.int64, 0), (1, -100, np.int64, -100), (2, None, np.uint8, 3),
+    (5, 3, np.uint8, 6), (254, None, np.uint8, 255), (255, 7, np.int64, 7)])
 def test_labels_are_narrowed_only_where_segments_reread_them(num_channels, ignore_index, dtype,
                                                              ignore_label):
     """One channel: each label is read by one segment, so the kernels read the int64 labels
-    (narrowing would be a pass of its own); 2 to 254 channels: uint8, the ignore label 255."""
+    (narrowing would be a pass of its own); 2 to 254 channels: uint8, the ignore label C + 1."""
     labels = torch.tensor([[0, 1, 1, 0], [1, 0, 0, 1]])
     if ignore_index is not None:
         labels[0, 0] = ignore_index
@@ -371,8 +371,137 @@ def test_labels_are_narrowed_only_where_segments_reread_them(num_channels, ignor
     assert flat.dtype == dtype and ignore == ignore_label
     expected = labels.reshape(-1).numpy()
     if dtype == np.uint8 and ignore_index is not None:
-        expected = np.where(expected == ignore_index, 255, expected)
+        expected = np.where(expected == ignore_index, ignore_label, expected)
     np.testing.assert_array_equal(flat, expected)
+
+
+def _expected_census(labels: torch.Tensor, num_classes: int, ignore_index: int | None):
+    """What a census of ``labels`` must give, from plain torch ops."""
+    ignored = (torch.zeros_like(labels, dtype=torch.bool) if ignore_index is None
+               else labels == ignore_index)
+    in_range = (labels >= 0) & (labels < num_classes) & ~ignored
+    class_pixels = torch.stack([((labels == c) & in_range).sum(dim=1)
+                                for c in range(num_classes)], dim=1)
+    narrow = torch.where(in_range, labels, torch.where(ignored, num_classes + 1, num_classes))
+    return (class_pixels, (~ignored).sum(dim=1, keepdim=True),
+            int((~in_range & ~ignored).sum()), narrow.reshape(-1).to(torch.uint8).numpy())
+
+
+@pytest.mark.parametrize("num_classes", [2, 3, 4, 5, 21, 254])
+@pytest.mark.parametrize("ignore_index", [None, 0, -100, 255])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("blocks", [1, 3], ids=["one-block", "three-blocks"])
+def test_label_census_counts_checks_and_narrows(monkeypatch, gen, num_classes, ignore_index,
+                                                batch, blocks):
+    """Each image's pixels per class, its valid pixels, the labels out of range (neither a
+    class nor ignored: unchecked labels) and the narrowed labels, with blocks that cut
+    images (three threads' blocks over 3 x 1001 pixels) and the per-class passes (up to 3
+    classes) and tallies (more) of the count."""
+    if blocks > 1:
+        monkeypatch.setattr(numba_cpu, "NARROW_SPLIT_LABELS", 1)
+        monkeypatch.setattr(core, "thread_count", lambda: blocks)
+    labels = torch.randint(0, num_classes, (batch, 1001), generator=gen)
+    labels[0, :7] = num_classes - 1  # a run of one label
+    picks = torch.rand(labels.shape, generator=gen)
+    labels[picks < 0.05] = -1  # out of range, below
+    labels[(picks >= 0.05) & (picks < 0.1)] = num_classes + 300  # above
+    if ignore_index is not None:
+        labels[(picks >= 0.1) & (picks < 0.3)] = ignore_index
+    census = numba_cpu.label_census(labels, num_classes, ignore_index)
+    class_pixels, valid_pixels, out_of_range, narrow = _expected_census(
+        labels, num_classes, ignore_index)
+    assert torch.equal(census.class_pixels, class_pixels)
+    assert torch.equal(census.valid_pixels, valid_pixels)
+    assert census.out_of_range == out_of_range > 0
+    narrowed, ignore_label = census.labels
+    np.testing.assert_array_equal(narrowed, narrow)
+    assert ignore_label == num_classes + 1
+
+
+@pytest.mark.parametrize("num_classes", [1, 255])
+def test_label_census_declines_where_labels_stay_int64(num_classes):
+    assert numba_cpu.label_census(torch.zeros(1, 4, dtype=torch.int64), num_classes,
+                                  None) is None
+
+
+_CENSUS_CALLS = [
+    dict(), dict(classes="all"), dict(classes=[0, 3]), dict(per_image=True),
+    dict(ignore_index=255), dict(ignore_index=0, per_image=True),
+    dict(class_weights=[1.0, 2.0, 0.5, 1.0, 3.0]),
+    dict(classes="all", ignore_index=255, per_image=True),
+]
+
+
+@pytest.mark.parametrize("options", _CENSUS_CALLS, ids=str)
+def test_loss_is_the_same_with_and_without_the_census(monkeypatch, gen, options):
+    """The census replaces the plan's counts and the backend's own narrowing: the same bits
+    either way, and the same as the reference."""
+    probas = torch.randn(3, 5, 9, 13, generator=gen, dtype=torch.float64).softmax(dim=1)
+    labels = torch.randint(0, 5, (3, 9, 13), generator=gen)
+    labels[0] = 4  # an image of one class
+    ignore_index = options.get("ignore_index")
+    labels[1, :2] = 1 if ignore_index is None else ignore_index
+    results = []
+    for census in (True, False):
+        with monkeypatch.context() as patch:
+            if not census:
+                patch.setattr(Backend, "label_census", lambda self, *args: None)
+            scores = probas.clone().requires_grad_()
+            lovasz_softmax(scores, labels, backend="numba", **options).backward()
+            results.append((scores.grad, float(lovasz_softmax(probas, labels, backend="numba",
+                                                              **options))))
+    assert torch.equal(results[0][0], results[1][0]) and results[0][1] == results[1][1]
+    reference = lovasz_softmax(probas, labels, backend="numpy", **options)
+    assert_close_report(torch.tensor(results[0][1], dtype=torch.float64), reference,
+                        LOSS_TOLERANCE[torch.float64], "loss")
+
+
+def test_unchecked_labels_out_of_range_are_background_with_and_without_the_census(
+        monkeypatch, gen):
+    """With value checks off, a label outside the classes is no class's foreground and
+    makes no class present (as the plan counts without a census), either way."""
+    from lovasz_kernels import set_validate_values
+
+    probas = torch.randn(2, 4, 6, 7, generator=gen, dtype=torch.float64).softmax(dim=1)
+    labels = torch.randint(0, 4, (2, 6, 7), generator=gen)
+    labels[0, :2] = -1
+    labels[1, 3:] = 9
+    losses = []
+    set_validate_values(False)
+    try:
+        for census in (True, False):
+            with monkeypatch.context() as patch:
+                if not census:
+                    patch.setattr(Backend, "label_census", lambda self, *args: None)
+                scores = probas.clone().requires_grad_()
+                loss = lovasz_softmax(scores, labels, backend="numba", per_image=True)
+                loss.backward()
+                losses.append((float(loss.detach()), scores.grad))
+    finally:
+        set_validate_values(True)
+    assert losses[0][0] == losses[1][0] and torch.equal(losses[0][1], losses[1][1])
+
+
+def test_census_stands_for_the_label_check_and_leaves_it_the_explaining(monkeypatch, gen):
+    """Labels in range: the census checked them, no other pass runs; labels out of range:
+    the shared check explains them, in the words every backend uses."""
+    probas = torch.rand(2, 3, 8, 8, generator=gen).softmax(dim=1)
+    labels = torch.randint(0, 3, (2, 8, 8), generator=gen)
+    from lovasz_kernels import _validate
+
+    checked = []
+    shared_check = _validate.check_labels
+    monkeypatch.setattr(_validate, "check_labels",
+                        lambda *args, **kwargs: checked.append(1) or shared_check(*args, **kwargs))
+    lovasz_softmax(probas, labels, backend="numba")
+    assert not checked
+    labels[1, 2, 3] = 7
+    messages = []
+    for backend in ("numba", "numpy"):
+        with pytest.raises(ValueError, match=r"labels must be in \[0, 3\)") as error:
+            lovasz_softmax(probas, labels, backend=backend)
+        messages.append(str(error.value))
+    assert messages[0] == messages[1] and checked
 
 
 @pytest.mark.parametrize("dtype", _SCORE_DTYPES, ids=str)
@@ -459,7 +588,7 @@ def test_without_numba_imports_and_explains():
         sys.modules["numba"] = None  # import numba now raises ImportError
         import torch
         from lovasz_kernels import BackendUnavailableError, lovasz_extension
-        from lovasz_kernels._registry import select_backend
+        from lovasz_kernels._registry import Backend, select_backend
         from lovasz_kernels.backends import numba_cpu
         ok, reason = numba_cpu.availability()
         assert not ok and "pip install numba" in reason, reason
