@@ -167,10 +167,10 @@ def jaccard_increment(n_fg, fg_seen, bg_seen, is_fg, branch_free=False):
 # A pass takes the branch-free increments when the rarer label is at least this fraction of
 # its pixels: about where the two cost the same. 2^18 sorted keys, branches against none,
 # medians of 41 interleaved rounds on a 2-core Intel Xeon VM (AVX-512), two runs, by the
-# fraction of foreground: 1/32 0.72 against 0.93 ms, 1/12 0.83 against 0.93, 1/8 0.91 against
-# 0.93, 1/4 1.15 against 0.93, 1/2 1.67-1.69 against 0.93
+# fraction of foreground: 1/32 0.76 against 0.86 ms, 1/16 0.81-0.82 against 0.86, 1/12 0.85
+# against 0.86, 1/8 0.93 against 0.86, 1/2 1.62-1.65 against 0.86
 # (python tests/perf/fused_pass_branches.py)
-BRANCH_FREE_MIN_FRACTION = 1 / 8
+BRANCH_FREE_MIN_FRACTION = 1 / 12
 
 
 @njit(inline="always")

@@ -296,11 +296,11 @@ def test_branch_free_increments_are_the_same_bits():
 
 
 def test_passes_go_branch_free_where_labels_are_mixed():
-    """A segment whose rarer label is at least 1/8 of its pixels takes the branch-free
+    """A segment whose rarer label is at least 1/12 of its pixels takes the branch-free
     increments (a branch on its labels would mispredict); one where a label is rare keeps
     the branches (taken the same way almost every time)."""
     decide = core.njit(lambda n_fg, n: core.labels_unpredictable(n_fg, n))
-    assert [decide(n_fg, 800) for n_fg in (0, 50, 99, 100, 400, 700, 701, 800)] == [
+    assert [decide(n_fg, 1200) for n_fg in (0, 50, 99, 100, 600, 1100, 1101, 1200)] == [
         False, False, False, True, True, True, False, False]
 
 

@@ -354,8 +354,11 @@ def _fused_pass(sorted_keys, start, stop, n_fg, fg_before, batch, s, keys_before
     grad_base = batch.value_base[s]
     values, grad = batch.values[grad_base:], batch.grad[grad_base:]
     slope_bg, intercept_bg, slope_fg, intercept_fg = _affine(batch)
-    scale_fg = batch.grad_scale[s] * slope_fg
-    scale_bg = batch.grad_scale[s] * slope_bg
+    # d loss / d score by label (background, fg), picked by the key's label bit: a load, where
+    # a select on the label compiled to a branch that mixed labels mispredict
+    scales = np.empty(2, dtype=np.float64)
+    scales[0] = batch.grad_scale[s] * slope_bg
+    scales[1] = batch.grad_scale[s] * slope_fg
     fg_seen = fg_before
     loss = loss_before
     # the segment's balance of labels says which increments are faster (the same bits)
@@ -376,7 +379,7 @@ def _fused_pass(sorted_keys, start, stop, n_fg, fg_before, batch, s, keys_before
             error = np.float64(_error_of(
                 values[offset], is_fg, slope_bg, intercept_bg, slope_fg, intercept_fg,
             ))
-        grad[offset] = increment * (scale_fg if is_fg else scale_bg)
+        grad[offset] = increment * scales[key & _ONE]
         loss += error * increment
     return loss
 

@@ -29,18 +29,20 @@ def _pass_kernel():
 
     @core.njit(cache=False)
     def increments_pass(keys, grad, n_fg, branch_free):
+        # as the backend's pass: unsigned offsets, the gradient's sign looked up by label
+        signs = np.array([1.0, -1.0])
         fg_seen = 0
         loss = 0.0
         for k in range(keys.size):
             key = keys[k]
-            offset = np.int64((key & np.uint64(0xFFFFFFFF)) >> np.uint64(1))
+            offset = (key & np.uint64(0xFFFFFFFF)) >> np.uint64(1)
             is_fg = (key & np.uint64(1)) != 0
             fg_seen += np.int64(key & np.uint64(1))
             increment = core.jaccard_increment(n_fg, fg_seen, k + 1 - fg_seen, is_fg,
                                                branch_free)
             error = np.float64(core.float32_from_bits(
                 np.uint32(np.uint64(0x7F800000) - (key >> np.uint64(32)))))
-            grad[offset] = -increment if is_fg else increment
+            grad[offset] = increment * signs[key & np.uint64(1)]
             loss += error * increment
         return loss
 
