@@ -223,7 +223,7 @@ HINGE_LABEL_CASES = {  # name: (batch, side, mean margin; None: random logits)
 def hinge_labels(rounds: int) -> None:
     reading = numba_cpu._narrow_labels
 
-    def narrowing(labels, ignore_index, num_channels):
+    def narrowing(labels, ignore_index, num_channels, plan_labels=None):
         return reading(labels, ignore_index, max(num_channels, 2))  # 2 channels: uint8
 
     _toggled_hinges(
