@@ -241,22 +241,48 @@ def check_labels(
         )
 
 
+# A float's bits read as a signed integer of its width: from +0.0 up to 1.0 they are exactly
+# the integers [0, bits of 1.0], in the floats' order; -0.0, every negative value and every
+# NaN fall outside
+_BITS_OF_ONE = {
+    torch.float16: (torch.int16, 0x3C00),
+    torch.bfloat16: (torch.int16, 0x3F80),
+    torch.float32: (torch.int32, 0x3F800000),
+    torch.float64: (torch.int64, 0x3FF0000000000000),
+}
+
+
+def _bits_in_unit_interval(tensor: torch.Tensor) -> bool:
+    """Whether every value is in [+0.0, 1.0], from the range of its bits: an integer min and
+    max, which take about 0.6 of the time of the floats' (no NaN rule; measured on 2^21 to
+    10^7 float32 probabilities on a 2-core Intel Xeon VM). False sends the caller to the
+    floats' own range (-0.0 is a probability too)."""
+    if tensor.dtype not in _BITS_OF_ONE:
+        return False
+    int_dtype, bits_of_one = _BITS_OF_ONE[tensor.dtype]
+    low, high = (int(bound) for bound in torch.aminmax(tensor.view(int_dtype)))
+    return low >= 0 and high <= bits_of_one
+
+
 def check_probas(probas: torch.Tensor, simplex: bool = True) -> None:
     """Probabilities lie in [0, 1] and, with ``simplex`` and C > 1 classes, sum to one over
     dim 1 (multilabel probabilities are independent per channel: no sum).
 
-    One pass finds the range: the min and max of a tensor holding a NaN are NaN and an
+    One pass finds the range, of the values' bits (:func:`_bits_in_unit_interval`); only when
+    that fails, the floats' own: the min and max of a tensor holding a NaN are NaN and an
     infinity is outside [0, 1], so a finite range in [0, 1] proves every value finite and
-    the NaN/inf census (a second pass) runs only to explain a failure.
+    the NaN/inf census (another pass) runs only to explain a failure.
     """
     if not _validate_values or probas.numel() == 0:
         return
     hint = "; pass from_logits=True if these are logits"
     probas = probas.detach()
-    low, high = (float(bound) for bound in torch.aminmax(probas))
-    if not (low >= 0.0 and high <= 1.0):  # a NaN bound fails both comparisons
-        check_finite("probas", probas, hint)
-        raise ValueError(f"probas must lie in [0, 1]; got values in [{low:.4g}, {high:.4g}]{hint}")
+    if not _bits_in_unit_interval(probas):
+        low, high = (float(bound) for bound in torch.aminmax(probas))
+        if not (low >= 0.0 and high <= 1.0):  # a NaN bound fails both comparisons
+            check_finite("probas", probas, hint)
+            raise ValueError(
+                f"probas must lie in [0, 1]; got values in [{low:.4g}, {high:.4g}]{hint}")
     num_classes = probas.shape[1]
     if simplex and num_classes > 1:
         sums = probas.sum(dim=1, dtype=torch.float32)

@@ -6,6 +6,7 @@ inputs next to them make sure a check does not reject valid calls.
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 
 import lovasz_kernels
 from lovasz_kernels import (
+    _validate,
     lovasz_extension,
     lovasz_grad,
     lovasz_hinge,
@@ -369,6 +371,40 @@ def test_softmax_probas_outside_unit_interval(gen, classes):
         probas[0, 1:, 1, 1] = -0.25 / (classes - 1)
     with pytest.raises(ValueError, match=r"probas must lie in \[0, 1\]; .*from_logits=True"):
         lovasz_softmax(probas, _labels(gen, classes))
+
+
+_EDGE_VALUES = [0.0, -0.0, 1.0, 0.5, 1e-45, 1e-300, -1e-45, 1.0 + 2.0 ** -52, 1.0 + 2.0 ** -10,
+                2.0, -1.0, INF, -INF, NAN, -NAN]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32,
+                                   torch.float64])
+@pytest.mark.parametrize("value", _EDGE_VALUES)
+def test_unit_interval_by_bits_agrees_with_the_floats(dtype, value):
+    """The range check on the values' bits says yes exactly where the floats are in
+    [+0.0, 1.0], and never for a value outside [0, 1] (-0.0 is the one value in [0, 1] it
+    hands to the floats' own check)."""
+    tensor = torch.tensor([0.25, value, 0.75], dtype=torch.float64).to(dtype)
+    stored = float(tensor[1])
+    in_floats = 0.0 <= stored <= 1.0
+    by_bits = _validate._bits_in_unit_interval(tensor)
+    assert by_bits == (in_floats and math.copysign(1.0, stored) > 0)
+    # the whole check: -0.0 is accepted, everything outside [0, 1] refused
+    probas = tensor.reshape(1, 3, 1)  # the sigmoid-like per-channel check: no sums
+    if in_floats:
+        _validate.check_probas(probas, simplex=False)
+    else:
+        with pytest.raises(ValueError, match=r"probas must (lie in \[0, 1\]|be finite)"):
+            _validate.check_probas(probas, simplex=False)
+
+
+def test_unit_interval_by_bits_reads_strided_views():
+    """A view with gaps (a channel slice, transposed) is checked as its own values."""
+    base = torch.rand(4, 6, 5, dtype=torch.float32, generator=torch.Generator().manual_seed(3))
+    base[:, 1::2] = 2.0  # outside [0, 1], only in the skipped channels
+    view = base[:, ::2].transpose(1, 2)
+    assert _validate._bits_in_unit_interval(view)
+    assert not _validate._bits_in_unit_interval(base.transpose(1, 2))
 
 
 def test_softmax_probas_not_summing_to_one(gen):
