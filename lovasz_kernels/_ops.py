@@ -43,7 +43,7 @@ from lovasz_kernels._plan import (
     reads_are_free,
     reduce_per_image,
 )
-from lovasz_kernels._registry import select_backend
+from lovasz_kernels._registry import Backend, select_backend
 
 
 @dataclass(frozen=True)
@@ -226,7 +226,7 @@ def _lovasz_loss_impl(
             census = chosen.label_census(labels_2d, num_classes, ignore_index)
         if _validate.validate_values_enabled():
             _check_loss_values(kind, scores_3d, labels_2d, ignore_index, class_weights,
-                               census)
+                               census, chosen if reads_are_free(scores.device) else None)
     except ValueError:
         if group_batch is not None:  # the other ranks must not wait for this one
             group_batch.agree(_agreed_options(scores_3d, kind, dist_mode, bins, classes),
@@ -285,19 +285,23 @@ def _agreed_options(
 def _check_loss_values(
     kind: str, scores: torch.Tensor, labels: torch.Tensor, ignore_index: int | None,
     class_weights: torch.Tensor | None, census: LabelCensus | None = None,
+    backend: Backend | None = None,
 ) -> None:
     """The checks that read values (one pass each; a device synchronisation on a GPU). A
     backend's census of the labels has checked their range already: they are looked at
-    again only to explain labels out of range."""
+    again only to explain labels out of range. ``backend`` (where reads are free) may prove
+    the scores valid in a pass of its own (its ``check_scores``); the shared check runs where
+    it does not."""
     loss_kind = LOSS_KINDS[kind]
     num_classes = 2 if loss_kind.multilabel else max(scores.shape[1], 2)
     valid_range = "{0, 1}" if num_classes == 2 else f"[0, {num_classes})"
     if census is None or census.out_of_range:
         _validate.check_labels(labels, valid_range, num_classes, ignore_index)
     name = loss_kind.checked_name or loss_kind.scores_name
-    if loss_kind.value_check == "finite":
+    proven = backend is not None and backend.check_scores(scores, loss_kind.value_check)
+    if not proven and loss_kind.value_check == "finite":
         _validate.check_finite(name, scores)
-    else:
+    elif not proven:
         _validate.check_probas(scores, simplex=loss_kind.value_check == "simplex")
     if class_weights is not None:
         _validate.check_class_weight_values(class_weights)

@@ -34,6 +34,13 @@ A backend is a module under ``lovasz_kernels/backends/`` that defines
     and the labels in the form its ``lovasz_loss`` reads them (the plan's
     ``backend_labels``); or None where it has no use for one (then the shared checks and
     counts run). Called for C >= 2 classes, not for multilabel or global-batch calls.
+``check_scores(scores, value_check) -> bool`` (optional)
+    one pass over a loss call's scores (B, C, P) on a device whose values are free to read:
+    True when it proves them valid for the call's ``value_check`` ("finite",
+    "unit_interval", or "simplex": in [0, 1] and, with C > 1, summing to 1 within
+    :func:`lovasz_kernels._validate.simplex_tolerance`), which replaces the shared check's
+    passes; False where it proves nothing (then the shared check runs, and explains a
+    failure). It must never accept what the shared check refuses.
 ``temporary_bytes_per_pixel(dtype) -> int`` (optional)
     the most bytes a pixel its extension holds at once, besides the errors, the foreground
     and the gradient, on errors of that (compute) dtype when the generic path gives a chunk
@@ -173,6 +180,11 @@ class Backend:
         if census is None or labels.numel() == 0:
             return None
         return census(labels, num_classes, ignore_index)
+
+    def check_scores(self, scores: torch.Tensor, value_check: str) -> bool:
+        """The module's ``check_scores`` of (B, C, P) scores, when it has one; else False."""
+        check = getattr(self._load(), "check_scores", None)
+        return False if check is None else check(scores, value_check)
 
     def run_loss(
         self, scores: torch.Tensor, labels: torch.Tensor, plan: SegmentPlan

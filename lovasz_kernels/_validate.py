@@ -264,6 +264,13 @@ def _bits_in_unit_interval(tensor: torch.Tensor) -> bool:
     return low >= 0 and high <= bits_of_one
 
 
+def simplex_tolerance(dtype: torch.dtype) -> float:
+    """How far from 1 a pixel's probabilities may sum: loose enough for probabilities
+    rounded to bfloat16 (sums off by up to 2^-9) and then widened; tight enough to catch
+    logits or a softmax over the wrong dim."""
+    return max(1e-2, 4 * torch.finfo(dtype).eps)
+
+
 def check_probas(probas: torch.Tensor, simplex: bool = True) -> None:
     """Probabilities lie in [0, 1] and, with ``simplex`` and C > 1 classes, sum to one over
     dim 1 (multilabel probabilities are independent per channel: no sum).
@@ -286,9 +293,7 @@ def check_probas(probas: torch.Tensor, simplex: bool = True) -> None:
     num_classes = probas.shape[1]
     if simplex and num_classes > 1:
         sums = probas.sum(dim=1, dtype=torch.float32)
-        # loose enough for probabilities rounded to bfloat16 (sums off by up to 2^-9) and
-        # then widened; tight enough to catch logits or a softmax over the wrong dim
-        tolerance = max(1e-2, 4 * torch.finfo(probas.dtype).eps)
+        tolerance = simplex_tolerance(probas.dtype)
         low_sum, high_sum = (float(bound) for bound in torch.aminmax(sums))
         deviation = max(1.0 - low_sum, high_sum - 1.0)
         if deviation > tolerance:

@@ -504,6 +504,128 @@ def test_census_stands_for_the_label_check_and_leaves_it_the_explaining(monkeypa
     assert messages[0] == messages[1] and checked
 
 
+# (what is done to a softmax's probabilities, what check_scores proves for each value check)
+_SCORE_CHANGES = {
+    "none": {"finite": True, "unit_interval": True, "simplex": True},
+    "nan": {"finite": False, "unit_interval": False, "simplex": False},
+    "inf": {"finite": False, "unit_interval": False, "simplex": False},
+    "-inf": {"finite": False, "unit_interval": False, "simplex": False},
+    "negative": {"finite": True, "unit_interval": False, "simplex": False},
+    "above one": {"finite": True, "unit_interval": False, "simplex": False},
+    # -0.0 is a probability, which the bits cannot tell: the shared check accepts it
+    "-0.0": {"finite": True, "unit_interval": False, "simplex": False},
+    "sums 0.995": {"finite": True, "unit_interval": True, "simplex": True},
+    "sums 1.005": {"finite": True, "unit_interval": True, "simplex": True},
+    "sums 0.98": {"finite": True, "unit_interval": True, "simplex": False},
+    "one pixel's sum 1.02": {"finite": True, "unit_interval": True, "simplex": False},
+}
+
+
+def _changed_scores(probas: torch.Tensor, change: str, at: tuple[int, int, int]):
+    """``probas`` (B, C, P) with ``change`` made at (image, channel, pixel) ``at``."""
+    changed = probas.clone()
+    image, channel, pixel = at
+    single = {"nan": float("nan"), "inf": float("inf"), "-inf": -float("inf"),
+              "negative": -1e-30, "above one": 1.0 + 2.0 ** -20, "-0.0": -0.0}
+    if change in single:
+        changed[image, channel, pixel] = single[change]
+    elif change.startswith("sums"):
+        changed *= float(change.split()[1])
+    elif change == "one pixel's sum 1.02":
+        changed[image, :, pixel] *= 1.02
+    return changed
+
+
+@pytest.mark.parametrize("change", list(_SCORE_CHANGES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("split", [False, True], ids=["one-task", "split"])
+def test_check_scores_proves_what_the_shared_check_accepts(monkeypatch, gen, change, dtype,
+                                                           split):
+    """Each value check proves valid scores valid, and never what the shared check refuses:
+    values in its words where it cannot prove them, sums against the shared tolerance, a
+    bad value at either end or in the middle of the tasks' blocks (3 blocks over 3 images
+    of 5 channels of 1001 pixels)."""
+    if split:
+        monkeypatch.setattr(numba_cpu, "_CHECK_SPLIT_VALUES", 1)
+        monkeypatch.setattr(core, "thread_count", lambda: 3)
+    probas = torch.randn(3, 5, 1001, generator=gen, dtype=torch.float64).softmax(dim=1)
+    from lovasz_kernels import _validate
+
+    for at in [(0, 0, 0), (2, 4, 1000), (1, 2, 1000), (1, 0, 1)]:
+        scores = _changed_scores(probas.to(dtype), change, at)
+        for value_check, proven in _SCORE_CHANGES[change].items():
+            assert numba_cpu.check_scores(scores, value_check) is proven, (value_check, at)
+            if not proven:
+                continue
+            # what it proves, the shared check accepts
+            if value_check == "finite":
+                _validate.check_finite("logits", scores)
+            else:
+                _validate.check_probas(scores, simplex=value_check == "simplex")
+
+
+def test_check_scores_sums_against_the_shared_tolerance(gen):
+    """Sums that miss 1 by the tolerance less C * 2^-20 are proven; by more than the
+    tolerance, refused by both; in between, left to the shared check."""
+    from lovasz_kernels import _validate
+
+    probas = torch.full((1, 4, 64), 0.25, dtype=torch.float64)
+    tolerance = _validate.simplex_tolerance(torch.float64)
+    for off, proven in [(tolerance - 5 * 2.0 ** -20, True), (tolerance - 2 * 2.0 ** -20, False),
+                        (tolerance * 1.01, False)]:
+        scores = probas * (1 - off)
+        assert numba_cpu.check_scores(scores, "simplex") is proven, off
+        if off > tolerance:
+            with pytest.raises(ValueError, match="must sum to 1"):
+                _validate.check_probas(scores)
+        else:
+            _validate.check_probas(scores)
+
+
+@pytest.mark.parametrize("scores", [
+    torch.full((1, 2, 6), 0.5, dtype=torch.float16),
+    torch.full((1, 2, 6), 0.5, dtype=torch.bfloat16),
+    torch.full((1, 6, 2), 0.5).transpose(1, 2),  # not contiguous
+    torch.full((2, 6), 0.5),  # not (B, C, P)
+], ids=["float16", "bfloat16", "strided", "2-d"])
+def test_check_scores_proves_nothing_it_does_not_read(scores):
+    assert numba_cpu.check_scores(scores, "simplex") is False
+
+
+def test_check_scores_stands_for_the_shared_check(monkeypatch, gen):
+    """Valid scores: no shared pass over them; invalid ones: the shared check explains, in
+    the words every backend uses."""
+    from lovasz_kernels import _validate
+
+    checked = []
+    shared_probas, shared_finite = _validate.check_probas, _validate.check_finite
+    monkeypatch.setattr(_validate, "check_probas", lambda *args, **kwargs: checked.append(
+        "probas") or shared_probas(*args, **kwargs))
+    monkeypatch.setattr(_validate, "check_finite", lambda *args, **kwargs: checked.append(
+        "finite") or shared_finite(*args, **kwargs))
+    probas = torch.rand(2, 3, 8, 8, generator=gen).softmax(dim=1)
+    labels = torch.randint(0, 3, (2, 8, 8), generator=gen)
+    logits = torch.randn(2, 8, 8, generator=gen)
+    lovasz_softmax(probas, labels, backend="numba")
+    lovasz_hinge(logits, labels.clamp(max=1), backend="numba")
+    assert not checked
+    lovasz_softmax(probas, labels, backend="torch")  # a backend without the hook
+    assert checked == ["probas"]
+    probas[1, 2, 3, 4] = 1.5
+    logits[0, 1, 1] = float("nan")
+    for call, pattern in [(lambda backend: lovasz_softmax(probas, labels, backend=backend),
+                           r"probas must lie in \[0, 1\]"),
+                          (lambda backend: lovasz_hinge(logits, labels.clamp(max=1),
+                                                        backend=backend),
+                           "logits must be finite")]:
+        messages = []
+        for backend in ("numba", "numpy"):
+            with pytest.raises(ValueError, match=pattern) as error:
+                call(backend)
+            messages.append(str(error.value))
+        assert messages[0] == messages[1]
+
+
 @pytest.mark.parametrize("dtype", _SCORE_DTYPES, ids=str)
 @pytest.mark.parametrize("per_image", [False, True], ids=["batch", "per_image"])
 @pytest.mark.parametrize("ignore_index", [None, 2])
