@@ -541,13 +541,13 @@ def _changed_scores(probas: torch.Tensor, change: str, at: tuple[int, int, int])
 @pytest.mark.parametrize("split", [False, True], ids=["one-task", "split"])
 def test_check_scores_proves_what_the_shared_check_accepts(monkeypatch, gen, change, dtype,
                                                            split):
-    """Each value check proves valid scores valid, and never what the shared check refuses:
-    values in its words where it cannot prove them, sums against the shared tolerance, a
-    bad value at either end or in the middle of the tasks' blocks (3 blocks over 3 images
-    of 5 channels of 1001 pixels)."""
+    """Each value check proves valid scores valid and never proves what the shared check
+    refuses (what it cannot prove, the shared check decides): sums against the shared
+    tolerance, a bad value at either end or in the middle of the tasks' blocks (4 tasks over
+    3 images of 5 channels of 1001 pixels: blocks that cut images and channels)."""
+    monkeypatch.setattr(core, "thread_count", lambda: 5)  # it looks: a channel per thread
     if split:
-        monkeypatch.setattr(numba_cpu, "_CHECK_SPLIT_VALUES", 1)
-        monkeypatch.setattr(core, "thread_count", lambda: 3)
+        monkeypatch.setattr(numba_cpu, "_CHECK_TASK_VALUES", 3753)  # 4 tasks
     probas = torch.randn(3, 5, 1001, generator=gen, dtype=torch.float64).softmax(dim=1)
     from lovasz_kernels import _validate
 
@@ -564,10 +564,12 @@ def test_check_scores_proves_what_the_shared_check_accepts(monkeypatch, gen, cha
                 _validate.check_probas(scores, simplex=value_check == "simplex")
 
 
-def test_check_scores_sums_against_the_shared_tolerance(gen):
+def test_check_scores_sums_against_the_shared_tolerance(monkeypatch):
     """Sums that miss 1 by the tolerance less C * 2^-20 are proven; by more than the
     tolerance, refused by both; in between, left to the shared check."""
     from lovasz_kernels import _validate
+
+    monkeypatch.setattr(core, "thread_count", lambda: 4)
 
     probas = torch.full((1, 4, 64), 0.25, dtype=torch.float64)
     tolerance = _validate.simplex_tolerance(torch.float64)
@@ -588,8 +590,21 @@ def test_check_scores_sums_against_the_shared_tolerance(gen):
     torch.full((1, 6, 2), 0.5).transpose(1, 2),  # not contiguous
     torch.full((2, 6), 0.5),  # not (B, C, P)
 ], ids=["float16", "bfloat16", "strided", "2-d"])
-def test_check_scores_proves_nothing_it_does_not_read(scores):
+def test_check_scores_proves_nothing_it_does_not_read(monkeypatch, scores):
+    monkeypatch.setattr(core, "thread_count", lambda: 8)
     assert numba_cpu.check_scores(scores, "simplex") is False
+
+
+def test_check_scores_looks_only_where_it_pays(monkeypatch):
+    """At most one channel per thread and ``_CHECK_MOST_VALUES`` values."""
+    probas = torch.full((2, 4, 8), 0.25)
+    monkeypatch.setattr(core, "thread_count", lambda: 4)
+    assert numba_cpu.check_scores(probas, "simplex")
+    monkeypatch.setattr(numba_cpu, "_CHECK_MOST_VALUES", probas.numel() - 1)
+    assert not numba_cpu.check_scores(probas, "simplex")
+    monkeypatch.setattr(numba_cpu, "_CHECK_MOST_VALUES", probas.numel())
+    monkeypatch.setattr(core, "thread_count", lambda: 3)
+    assert not numba_cpu.check_scores(probas, "simplex")
 
 
 def test_check_scores_stands_for_the_shared_check(monkeypatch, gen):
@@ -597,6 +612,7 @@ def test_check_scores_stands_for_the_shared_check(monkeypatch, gen):
     the words every backend uses."""
     from lovasz_kernels import _validate
 
+    monkeypatch.setattr(core, "thread_count", lambda: 3)  # it looks: a channel per thread
     checked = []
     shared_probas, shared_finite = _validate.check_probas, _validate.check_finite
     monkeypatch.setattr(_validate, "check_probas", lambda *args, **kwargs: checked.append(

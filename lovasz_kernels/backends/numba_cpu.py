@@ -120,10 +120,13 @@ NARROW_SPLIT_LABELS = 1 << 20
 # this many counters per label
 _CENSUS_PASS_MAX_BINS = 3
 _CENSUS_TALLIES = 4
-# The scores' value checks (check_scores): split into tasks from this many values on, and
-# the simplex's sums taken over blocks of this many pixels (float64 sums of 4096 pixels,
-# 32 KB, stay in L1 while every channel of the block adds to them)
-_CHECK_SPLIT_VALUES = 1 << 18
+# The scores' value checks (check_scores): tasks of about this many values (1 MB of float32),
+# taken by whichever thread is free (a thread whose core torch's spinning thread holds takes
+# fewer), and the simplex's sums taken over blocks of this many pixels (float64 sums of 4096
+# pixels, 32 KB, stay in L1 while every channel of the block adds to them)
+_CHECK_TASK_VALUES = 1 << 18
+# ... and only up to this many values (see check_scores)
+_CHECK_MOST_VALUES = 1 << 22
 _CHECK_BLOCK_PIXELS = 4096
 # Pixels per chunk of the packing loop (see _pack_pixels).
 _PACK_CHUNK = 2048
@@ -1326,24 +1329,32 @@ def check_scores(scores: torch.Tensor, value_check: str) -> bool:
     """Whether one pass over a loss call's scores (B, C, P), float32 or float64 in one
     contiguous block, proves them valid for ``value_check``: "finite", "unit_interval"
     (every value in [+0.0, 1.0]) or "simplex" (that, and with C > 1 each pixel's sum over the
-    channels within the shared tolerance of 1). False for anything else or anything it
-    could not prove (then the shared checks decide, and explain).
+    channels within the shared tolerance of 1). False for anything else, anything it could
+    not prove and calls it does not look at (then the shared checks decide, and explain).
+    The sums are float64, proven within the tolerance less C * 2^-20, more than float32 sums
+    (the shared check's) can differ from them: what this accepts, the shared check accepts.
 
-    A kernel on the worker threads instead of torch ops: torch's reductions run on its
-    OpenMP threads, which by default spin for milliseconds after each, on the core the
-    kernels' second thread needs (1024² x 2 right after a torch op: the call 19.1-19.6 ms
-    against 21.4-22.2 with the torch checks on a 2-core Intel Xeon VM). The sums are float64,
-    proven within the tolerance less C * 2^-20, more than float32 sums (the shared check's)
-    can differ from them, so what this accepts the shared check accepts."""
+    It looks at calls of at most one channel per thread and ``_CHECK_MOST_VALUES`` values,
+    where it pays. The shared checks are torch reductions, after which torch's OpenMP
+    threads spin for milliseconds by default, on the cores the kernels' threads need next:
+    with a segment per thread, a kernel thread held back holds back the call. With more
+    channels the kernels' shared counter gives such a thread fewer segments, and torch's
+    two passes on its own threads cost less than this one on a core a spinning thread
+    holds. Each call right after a torch op, a 2-core Intel Xeon VM (``python
+    tests/perf/numba_trace.py``): 1024² x 2 19.0-19.6 ms against 21.5 with the shared
+    checks, 4 x 512² x 2 18.3-18.4 against 20.2-20.3, 8 x 256² x 2 per image 9.6-9.7
+    against 10.5-10.8; 512² x 16 30.2 against 29.0-29.7, 4 x 256² x 21 per image
+    34.6-37.8 against 35.8-38.3."""
     if (scores.dtype not in (torch.float32, torch.float64) or scores.dim() != 3
-            or not scores.is_contiguous()):
+            or not scores.is_contiguous() or scores.numel() > _CHECK_MOST_VALUES
+            or scores.shape[1] > core.thread_count()):
         return False
     values = scores.detach().numpy().reshape(-1)
     unsigned, bits_of_one = _BITS_OF_ONE[values.dtype]
     bits = values.view(unsigned)
     batch_size, num_channels, num_pixels = scores.shape
     simplex = value_check == "simplex" and num_channels > 1
-    blocks = core.thread_count() if values.size >= _CHECK_SPLIT_VALUES else 1
+    blocks = max(1, values.size // _CHECK_TASK_VALUES)
     if simplex:
         slack = _validate.simplex_tolerance(scores.dtype) - num_channels * 2.0 ** -20
         pixels = batch_size * num_pixels

@@ -34,6 +34,11 @@ CASES = {  # name: (batch, classes, side, per_image)
     "1024x2": (1, 2, 1024, False),
     "4x256x21-per-image": (4, 21, 256, True),
     "8x64x5-per-image": (8, 5, 64, True),
+    "8x256x2-per-image": (8, 2, 256, True),
+    "4x512x2": (4, 2, 512, False),
+    "2x1024x2": (2, 2, 1024, False),
+    "512x8": (1, 8, 512, False),
+    "512x16": (1, 16, 512, False),
 }
 
 
