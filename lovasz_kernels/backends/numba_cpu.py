@@ -1340,11 +1340,11 @@ def check_scores(scores: torch.Tensor, value_check: str) -> bool:
     with a segment per thread, a kernel thread held back holds back the call. With more
     channels the kernels' shared counter gives such a thread fewer segments, and torch's
     two passes on its own threads cost less than this one on a core a spinning thread
-    holds. Each call right after a torch op, a 2-core Intel Xeon VM (``python
-    tests/perf/numba_trace.py``): 1024² x 2 19.0-19.6 ms against 21.5 with the shared
-    checks, 4 x 512² x 2 18.3-18.4 against 20.2-20.3, 8 x 256² x 2 per image 9.6-9.7
-    against 10.5-10.8; 512² x 16 30.2 against 29.0-29.7, 4 x 256² x 21 per image
-    34.6-37.8 against 35.8-38.3."""
+    holds. On a 2-core Intel Xeon VM, each call right after a torch op (``python
+    tests/perf/scores_check.py``, two runs): 1024² x 2 20.6-21.2 ms against 21.9-22.6 with
+    the shared checks, 4 x 512² x 2 20.6 against 23.4, 2 x 1024² x 2 38.8-40.3 against
+    41.0-42.6; at 21 channels its pass alone took 2.7-3.2 ms where the shared checks took
+    2.2-2.4."""
     if (scores.dtype not in (torch.float32, torch.float64) or scores.dim() != 3
             or not scores.is_contiguous() or scores.numel() > _CHECK_MOST_VALUES
             or scores.shape[1] > core.thread_count()):
