@@ -125,9 +125,9 @@ _CENSUS_TALLIES = 4
 # fewer), and the simplex's sums taken over blocks of this many pixels (float64 sums of 4096
 # pixels, 32 KB, stay in L1 while every channel of the block adds to them)
 _CHECK_TASK_VALUES = 1 << 18
-# ... and only up to this many values (see check_scores)
-_CHECK_MOST_VALUES = 1 << 22
 _CHECK_BLOCK_PIXELS = 4096
+# Calls of more values are left to the shared checks (see check_scores).
+_CHECK_MOST_VALUES = 1 << 22
 # Pixels per chunk of the packing loop (see _pack_pixels).
 _PACK_CHUNK = 2048
 # The index field of a key has 31 bits.
@@ -1318,13 +1318,6 @@ def label_census(labels: torch.Tensor, num_classes: int,
     )
 
 
-#: the unsigned integers of a float's width, and the bits of 1.0 in them
-_BITS_OF_ONE = {
-    np.dtype(np.float32): (np.uint32, np.uint32(0x3F800000)),
-    np.dtype(np.float64): (np.uint64, np.uint64(0x3FF0000000000000)),
-}
-
-
 def check_scores(scores: torch.Tensor, value_check: str) -> bool:
     """Whether one pass over a loss call's scores (B, C, P), float32 or float64 in one
     contiguous block, proves them valid for ``value_check``: "finite", "unit_interval"
@@ -1350,8 +1343,8 @@ def check_scores(scores: torch.Tensor, value_check: str) -> bool:
             or scores.shape[1] > core.thread_count()):
         return False
     values = scores.detach().numpy().reshape(-1)
-    unsigned, bits_of_one = _BITS_OF_ONE[values.dtype]
-    bits = values.view(unsigned)
+    unsigned = np.dtype(f"uint{8 * values.itemsize}")  # the bits, read as unsigned integers
+    bits, bits_of_one = values.view(unsigned), unsigned.type(_validate.BITS_OF_ONE[scores.dtype])
     batch_size, num_channels, num_pixels = scores.shape
     simplex = value_check == "simplex" and num_channels > 1
     blocks = max(1, values.size // _CHECK_TASK_VALUES)
