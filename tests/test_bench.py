@@ -253,6 +253,15 @@ def test_interleaved_times_alternate_the_calls():
         measure.interleaved_times(calls, 0, clock)
 
 
+def test_time_after_times_the_call_alone_right_after_the_op_before():
+    ran = []
+    clock = _TickClock()
+    clock.order.append(None)  # its next measurement reads 1.0
+    taken = measure.time_after(lambda: ran.append("call"), lambda: ran.append("before"), clock)
+    assert ran == ["before", "call"] and taken == 1.0
+    assert measure.time_after(lambda: None, lambda: None) >= 0.0  # the wall clock by default
+
+
 class _FakeEvent:
     log: list[str] = []
     now = 0.0

@@ -112,6 +112,14 @@ def interleaved_times(
     return times
 
 
+def time_after(call: Callable[[], object], before: Callable[[], object],
+               clock: Clock | None = None) -> float:
+    """Seconds ``call()`` takes right after ``before()`` (a torch op, as a training step's
+    last op before the loss), ``before`` not timed; the wall clock unless ``clock`` is given."""
+    before()
+    return (clock or WallClock()).measure(call)()
+
+
 # --------------------------------------------------------------------------------------------
 # peak memory
 

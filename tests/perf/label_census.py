@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import numpy as np
 import torch
@@ -35,13 +34,6 @@ CASES = {  # name: (batch, classes, side, per_image)
 }
 
 
-def _time(function, before) -> float:
-    before()
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=25)
@@ -50,6 +42,7 @@ def main() -> None:
     from lovasz_kernels import _plan, _validate, lovasz_softmax
     from lovasz_kernels._registry import Backend
     from lovasz_kernels.backends import numba_cpu
+    from lovasz_kernels.bench.measure import time_after
 
     with_census = Backend.label_census
     print(f"medians of {args.rounds} interleaved rounds, ms, each right after a torch op")
@@ -91,7 +84,7 @@ def main() -> None:
         for round_index in range(args.rounds):
             order = list(timed) if round_index % 2 else list(reversed(timed))
             for key in order:
-                samples[key].append(_time(timed[key], torch_op))
+                samples[key].append(time_after(timed[key], torch_op))
         medians = {key: statistics.median(values) * 1e3 for key, values in samples.items()}
         print(f"{name:20s} {medians['shared']:14.3f} {medians['census']:8.3f} "
               f"{medians['with']:10.2f} {medians['without']:13.2f}")

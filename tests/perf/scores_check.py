@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
@@ -31,13 +30,6 @@ CASES = {  # name: (batch, classes, side, per_image)
 }
 
 
-def _time(function, before) -> float:
-    before()
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=25)
@@ -48,6 +40,7 @@ def main() -> None:
     from lovasz_kernels import _validate, lovasz_softmax
     from lovasz_kernels._registry import Backend
     from lovasz_kernels.backends import numba_cpu
+    from lovasz_kernels.bench.measure import time_after
 
     with_check = Backend.check_scores
     threads = core.thread_count()
@@ -94,7 +87,7 @@ def main() -> None:
         for round_ in range(args.rounds):
             order = list(timed) if round_ % 2 == 0 else list(timed)[::-1]  # no order favoured
             for key in order:
-                times[key].append(_time(timed[key], torch_op))
+                times[key].append(time_after(timed[key], torch_op))
         row = " ".join(f"{statistics.median(times[key]) * 1e3:8.2f}" for key in timed)
         print(f"{name:20s} {row}")
 
