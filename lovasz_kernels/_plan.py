@@ -15,11 +15,12 @@ host. On the CPU, where reading a value costs nothing, the plan lists only the s
 count (``compact``): absent and zero-weight classes are never sorted.
 
 A backend runs a plan through its optional ``lovasz_loss(scores, labels, plan)`` (fused: keys
-packed straight from the scores, the gradient written once into the (B, C, P) layout); every
-other backend gets :func:`generic_lovasz_loss`, which materializes the (S, P) errors and
-foreground, calls the backend's ``lovasz_extension`` and scatters the weighted, signed
-gradient back. The distributed exact and histogram modes are the generic path with another
-extension (over the pixels of every rank).
+packed straight from the scores, the gradient written once into the (B, C, P) layout; the
+torch backend's runs small CPU calls in numpy and declines the rest); every other backend,
+and every call a ``lovasz_loss`` declines, gets :func:`generic_lovasz_loss`, which
+materializes the (S, P) errors and foreground, calls the backend's ``lovasz_extension`` and
+scatters the weighted, signed gradient back. The distributed exact and histogram modes are
+the generic path with another extension (over the pixels of every rank).
 """
 
 from __future__ import annotations

@@ -23,9 +23,10 @@ A backend is a module under ``lovasz_kernels/backends/`` that defines
     int64, with no (S, P) errors/fg tensors. Returns the 0-d float64 total
     ``Σ_s plan.weight[s] · extension_s`` and its gradient w.r.t. ``scores`` (B, C, P) in the
     compute dtype, the weight and the sign (-1 on foreground, +1 elsewhere) folded into one
-    scatter. Without it, :func:`lovasz_kernels._plan.generic_lovasz_loss` runs the plan
-    through ``lovasz_extension``. Multilabel plans (labels (B, C, P)) reach it only when the
-    module also sets ``FUSED_MULTILABEL = True``.
+    scatter; or None, to leave a call it has no faster way for to the generic path. Without
+    it (or when it returns None), :func:`lovasz_kernels._plan.generic_lovasz_loss` runs the
+    plan through ``lovasz_extension``. Multilabel plans (labels (B, C, P)) reach it only when
+    the module also sets ``FUSED_MULTILABEL = True``.
 ``label_census(labels, num_classes, ignore_index) -> LabelCensus | None`` (optional)
     one pass over a loss call's labels (B, P) int64 class indices, on a device whose values
     are free to read: each image's pixels per class, its valid pixels and the count of labels
@@ -191,12 +192,15 @@ class Backend:
     ) -> ExtensionResult:
         """Run one loss call (see :mod:`lovasz_kernels._plan`): the backend's fused
         ``lovasz_loss`` when it has one (for multilabel plans: and ``FUSED_MULTILABEL``), else
-        the generic path through :meth:`run_on_scratch`."""
+        the generic path through :meth:`run_on_scratch` (also where the fused path returns
+        None)."""
         module = self._load()
         fused = getattr(module, "lovasz_loss", None)
         if fused is not None and (not plan.multilabel
                                   or getattr(module, "FUSED_MULTILABEL", False)):
-            return fused(scores, labels, plan)
+            result = fused(scores, labels, plan)
+            if result is not None:
+                return result
         held: Callable[[torch.dtype], int] | None = getattr(
             module, "temporary_bytes_per_pixel", None)
         return generic_lovasz_loss(

@@ -150,6 +150,11 @@ def method_forced(method: str) -> Iterator[None]:
         _forced.method = previous
 
 
+def forced_method() -> str | None:
+    """The method :func:`method_forced` imposes on this thread, or None."""
+    return getattr(_forced, "method", None)
+
+
 def sort_speedup(name: str, num_pixels: int, threads: int) -> float:
     """The measured speedup ``name`` (one of :data:`MEASURED_METHODS` on one row, or
     :data:`SPREAD_PACKED`) over the comparison sort on rows of ``num_pixels`` pixels,

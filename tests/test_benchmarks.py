@@ -165,6 +165,8 @@ def test_perf_folder_collects_without_running_anything():
     (["old_against_new.py", "--chunk-floor", "0", "--segments", "."], "import_old"),
     (["old_against_new.py", "--backend", "triton", "--segments", "."], "import_old"),
     (["omp_spin.py", "--rounds", "0"], "_run_policy"),
+    (["small_call_numpy.py", "--rounds", "0"], "_medians"),
+    (["small_call_numpy.py", "--cases", "hinge-7"], "_medians"),
     (["omp_spin.py", "--window-ms", "-1"], "_run_policy"),
     (["training_step.py", "--steps", "0"], "_train"),
     (["training_step.py", "--cases", "4x512"], "_train"),

@@ -4,6 +4,7 @@ every sort."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -278,6 +279,120 @@ def test_short_packed_rows_go_on_in_numpy_with_the_torch_ops_bits(gen, monkeypat
         ref_loss, ref_grad = _reference(rows, fg[:, :rows.shape[1]])
         assert_close_report(in_numpy[0], ref_loss, LOSS_TOLERANCE[rows.dtype], "loss")
     assert ran_in_numpy == [(5, 300), (5, 1)]  # float64 never packs
+
+
+def _small_call_cases(gen):
+    """Loss calls of every plan layout, each a function of its scores: the softmax per image
+    and over the batch with every class selection, class weights and an ignore label (two
+    images of three partly or wholly ignored), the hinge, the multilabel sigmoid, a 16-bit
+    input, one pixel, ``reduction="none"``; rounded scores for ties and zero errors."""
+    from lovasz_kernels import lovasz_hinge, lovasz_sigmoid, lovasz_softmax
+
+    def torch_backend(loss):
+        return functools.partial(loss, backend="torch")
+
+    lovasz_hinge, lovasz_sigmoid, lovasz_softmax = (
+        torch_backend(lovasz_hinge), torch_backend(lovasz_sigmoid), torch_backend(lovasz_softmax))
+    labels = torch.randint(0, 4, (3, 5, 6), generator=gen)
+    ignored = labels.clone()
+    ignored[0, :2] = 255
+    ignored[2] = 255
+    masks = torch.randint(0, 2, (3, 5, 6), generator=gen)
+    masks_ignored = torch.where(ignored == 255, 255, masks)
+    channel_masks = torch.randint(0, 2, (3, 4, 5, 6), generator=gen)
+    channel_masks[1, 2] = 255
+    cases = {}
+    for per_image in (True, False):
+        for classes in ("present", "all", [1, 3]):
+            for weights in (None, [0.5, 1.0, 2.0, 0.0]):
+                cases[f"softmax {per_image} {classes} {weights}"] = (
+                    (3, 4, 5, 6), lambda p, per_image=per_image, classes=classes, weights=weights:
+                    lovasz_softmax(p.softmax(1), labels, classes=classes, per_image=per_image,
+                                   class_weights=weights))
+            cases[f"softmax ignored {per_image} {classes}"] = (
+                (3, 4, 5, 6), lambda p, per_image=per_image, classes=classes: lovasz_softmax(
+                    p.softmax(1), ignored, classes=classes, per_image=per_image,
+                    ignore_index=255))
+        cases[f"hinge {per_image}"] = ((3, 5, 6), lambda x, per_image=per_image: lovasz_hinge(
+            x, masks, per_image=per_image))
+        cases[f"hinge ignored {per_image}"] = (
+            (3, 5, 6), lambda x, per_image=per_image: lovasz_hinge(
+                x, masks_ignored, per_image=per_image, ignore_index=255))
+        cases[f"sigmoid {per_image}"] = (
+            (3, 4, 5, 6), lambda p, per_image=per_image: lovasz_sigmoid(
+                p.sigmoid(), channel_masks, per_image=per_image, ignore_index=255))
+    cases["softmax float16"] = ((3, 4, 5, 6), lambda p: lovasz_softmax(
+        p.softmax(1).half(), labels))
+    cases["hinge one pixel"] = ((1, 1, 1), lambda x: lovasz_hinge(x, masks[:1, :1, :1]))
+    cases["softmax none"] = ((3, 4, 5, 6), lambda p: lovasz_softmax(
+        p.softmax(1), labels, per_image=True, reduction="none").sum())
+    return cases
+
+
+def test_small_calls_run_in_numpy_with_the_generic_paths_bits(gen, monkeypatch):
+    """A CPU call of at most ``SMALL_CALL_MAX_PIXELS`` (segment, pixel) pairs in float32 runs
+    in numpy (the torch backend's ``lovasz_loss``), with the generic path's loss and
+    gradient bit for bit (its rows sorted as packed keys too) in every plan layout."""
+    ran_in_numpy = []
+    real = torch_eager._loss_in_numpy
+
+    def recording(scores, labels, plan):
+        ran_in_numpy.append(tuple(scores.shape))
+        return real(scores, labels, plan)
+
+    monkeypatch.setattr(torch_eager, "_loss_in_numpy", recording)
+    for name, (shape, loss_of) in _small_call_cases(gen).items():
+        scores = torch.randn(shape, generator=gen).round(decimals=1).requires_grad_()
+        results = []
+        for cap in (torch_eager.SMALL_CALL_MAX_PIXELS, 0):
+            ran_in_numpy.clear()
+            with monkeypatch.context() as patched, _torch_sort.method_forced(PACKED):
+                patched.setattr(torch_eager, "SMALL_CALL_MAX_PIXELS", cap)
+                loss = loss_of(scores)
+            assert len(ran_in_numpy) == (1 if cap else 0), name
+            (grad,) = torch.autograd.grad(loss, scores)
+            results.append((loss, grad))
+        (small_loss, small_grad), (loss, grad) = results
+        assert torch.equal(small_loss, loss), name
+        assert torch.equal(small_grad, grad), name
+        assert small_grad.abs().sum() > 0, name
+
+
+def test_small_calls_elsewhere_take_the_generic_path(gen, monkeypatch):
+    """Over the cap, in float64, under a floor set, under deterministic algorithms or with
+    another sort forced, the torch backend's ``lovasz_loss`` declines (None) and the generic
+    path runs the call."""
+    from lovasz_kernels import lovasz_hinge, set_chunk_floor
+
+    ran_in_numpy = []
+    monkeypatch.setattr(torch_eager, "_loss_in_numpy",
+                        lambda *args: ran_in_numpy.append(1))  # would break the call
+    logits = torch.randn(2, 8, 8, generator=gen)
+    masks = torch.randint(0, 2, (2, 8, 8), generator=gen)
+    expected = lovasz_hinge(logits.double(), masks, backend="numpy")
+    with monkeypatch.context() as patched:
+        patched.setattr(torch_eager, "SMALL_CALL_MAX_PIXELS", 8 * 8 * 2 - 1)
+        assert_close_report(lovasz_hinge(logits, masks, backend="torch"), expected,
+                            LOSS_TOLERANCE[torch.float32], "over the cap")
+    assert_close_report(lovasz_hinge(logits.double(), masks, backend="torch"), expected,
+                        LOSS_TOLERANCE[torch.float64], "float64")
+    with _torch_sort.method_forced(COMPARED):
+        assert_close_report(lovasz_hinge(logits, masks, backend="torch"), expected,
+                            LOSS_TOLERANCE[torch.float32], "comparison sort forced")
+    set_chunk_floor("cpu", 0)
+    try:
+        assert_close_report(lovasz_hinge(logits, masks, backend="torch"), expected,
+                            LOSS_TOLERANCE[torch.float32], "a floor set")
+    finally:
+        set_chunk_floor("cpu", None)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert_close_report(lovasz_hinge(logits, masks, backend="torch"), expected,
+                            LOSS_TOLERANCE[torch.float32], "deterministic algorithms")
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert not ran_in_numpy
 
 
 def test_packed_and_radix_sorts_give_tied_errors_the_same_gradients(gen):

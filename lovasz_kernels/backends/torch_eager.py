@@ -2,7 +2,8 @@
 the CPU, long rows get one radix sort each, and shorter ones a radix sort or numpy's sort of
 packed keys where that was measured faster on this machine:
 :mod:`lovasz_kernels._torch_sort`; a small chunk of packed rows goes on in numpy after the
-sort, :func:`_extension_in_numpy`)."""
+sort, :func:`_extension_in_numpy`, and a small float32 call runs in numpy from the scores
+on, :func:`lovasz_loss`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from lovasz_kernels._jaccard import count_dtype, jaccard_increments, union_and_background
 from lovasz_kernels._masked import count_true
 from lovasz_kernels._plan import (
+    SegmentPlan,
     budget_is_strict,
     chunk_allowance_bytes,
     chunk_floor_bytes,
@@ -26,6 +28,7 @@ from lovasz_kernels._torch_sort import (
     PACKED,
     RADIX,
     RADIX_SORT_MIN_PIXELS,
+    forced_method,
     holds_buffers,
     packed_sort_descending_arrays,
     saved_short_row_speedups,
@@ -519,32 +522,122 @@ def _runs_in_numpy(method: str, grad: torch.Tensor) -> bool:
 
 def _extension_in_numpy(fg: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """:func:`_extension_block` from its keys on (the clamped errors' bits, in ``grad``), on
-    numpy views of the same arrays: the packed keys' sort, the sorted labels, the increments
-    (:func:`union_and_background`; counts exact in float32 under 2^24 pixels), times the
-    sorted errors' signs, the float64 row sums of their products, the increments scattered
-    into ``grad``. Returns the float64 losses (S,)."""
-    grad_np, fg_np = grad.numpy(), fg.numpy()
-    keys_sorted = np.empty(grad_np.shape, dtype=np.int32)
-    order = np.empty(grad_np.shape, dtype=np.int64)
-    packed_sort_descending_arrays(grad_np.view(np.int32), keys_sorted, order)
+    numpy views of the same arrays (:func:`_extension_arrays`). Returns the float64 losses
+    (S,)."""
+    return torch.from_numpy(_extension_arrays(fg.numpy(), grad.numpy()))
+
+
+def _extension_arrays(fg: np.ndarray, grad: np.ndarray) -> np.ndarray:
+    """The extension of float32 rows whose clamped errors (>= 0, or -0.0) are in ``grad``
+    (S, P), contiguous, foreground ``fg`` (S, P) bool: the packed keys' sort, the sorted
+    labels, the increments (:func:`union_and_background`; counts exact in float32 under 2^24
+    pixels), times the sorted errors' signs, the float64 row sums of their products, the
+    increments scattered into ``grad``. Returns the float64 losses (S,)."""
+    keys_sorted = np.empty(grad.shape, dtype=np.int32)
+    order = np.empty(grad.shape, dtype=np.int64)
+    packed_sort_descending_arrays(grad.view(np.int32), keys_sorted, order)
     errors_sorted = keys_sorted.view(np.float32)
     # row by row: a fancy index of one row costs a sixth of take_along_axis on a few rows
-    labels_sorted = np.stack([fg_np[row][row_order] for row, row_order in enumerate(order)])
+    labels_sorted = np.stack([fg[row][row_order] for row, row_order in enumerate(order)])
     # an integer running count, then exact floats: a cumulative sum from bools into
     # float32 is three times slower
     counts = np.cumsum(labels_sorted.view(np.uint8), axis=1, dtype=np.int32)
     counts = counts.astype(np.float32)
     with np.errstate(invalid="ignore"):  # U_0 = 1 gives 0/0: mended below
         union, background = union_and_background(counts, counts[:, -1:],
-                                                 _numpy_positions(grad_np.shape[1]))
+                                                 _numpy_positions(grad.shape[1]))
     increments = np.where(labels_sorted, 1 / union, background)
     first = increments[:, 0]
     first[np.isnan(first)] = 1.0  # U_0 = 1: 0/0, as in jaccard_increments
     increments *= np.sign(errors_sorted)  # no increment where the error is 0
     loss = np.sum(errors_sorted * increments, axis=1, dtype=np.float64)
     for row, row_order in enumerate(order):
-        grad_np[row][row_order] = increments[row]
-    return torch.from_numpy(loss)
+        grad[row][row_order] = increments[row]
+    return loss
+
+
+# A whole loss call of at most this many (segment, pixel) pairs on the CPU in float32 runs in
+# numpy from the scores on (:func:`lovasz_loss`): the errors, the extension
+# (:func:`_extension_arrays`) and the signed, weighted gradient, a dozen numpy ops where the
+# generic path's errors, chunking and signs take twice as many torch ops, each 2-10 us
+# however small. Every op of a call costs more inside it than timed alone (the rest of the
+# call evicts its code from the caches), so the count is what decides. One hinge image,
+# forward + backward, the two paths toggled call by call in one process on a 2-core Intel
+# Xeon VM: 32² 450 -> 325 us, 64² 510 -> 388 us (python tests/perf/small_call_numpy.py)
+SMALL_CALL_MAX_PIXELS = NUMPY_MAX_PIXELS
+
+
+def lovasz_loss(scores: torch.Tensor, labels: torch.Tensor,
+                plan: SegmentPlan) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The registry's fused loss path (:mod:`lovasz_kernels._registry`) for small calls:
+    CPU scores whose compute dtype is float32 and at most :data:`SMALL_CALL_MAX_PIXELS`
+    (segment, pixel) pairs run in numpy (:func:`_loss_in_numpy`). Elsewhere None: the
+    generic path runs the call, as it does on a GPU, in float64, under a floor set (numpy's
+    arrays are outside the budget), under deterministic algorithms or a forced sort other
+    than the packed one (both keep short rows on the comparison sort there)."""
+    num_segments, (batch, _, num_pixels) = plan.num_segments, scores.shape
+    pairs = num_segments * num_pixels * (batch if plan.image is None else 1)
+    if (scores.device.type != "cpu" or compute_dtype(scores.dtype) != torch.float32
+            or not 0 < pairs <= SMALL_CALL_MAX_PIXELS or budget_is_strict(scores.device)
+            or torch.are_deterministic_algorithms_enabled()
+            or forced_method() not in (None, PACKED)):
+        return None
+    return _loss_in_numpy(scores, labels, plan)
+
+
+#: the fused path runs multilabel plans too (see lovasz_kernels._registry)
+FUSED_MULTILABEL = True
+
+
+def _loss_in_numpy(scores: torch.Tensor, labels: torch.Tensor,
+                   plan: SegmentPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loss call's 0-d float64 total and float32 gradient (B, C, P) as the generic path
+    with the numpy finish gives them, bit for bit, in numpy: the segments' errors (1 - s on
+    foreground, s + ``bg_offset`` elsewhere, 0 where ignored, clamped at 0), the extension,
+    the weight and the sign (v - 2v·m, as :func:`~lovasz_kernels._masked.negate_where_`),
+    and the rows put in their places."""
+    batch, num_channels, num_pixels = scores.shape
+    values = scores.detach().to(torch.float32).numpy()
+    label_values = labels.numpy()
+    channel = plan.channel.numpy()
+    num_segments = channel.shape[0]
+    if plan.image is None:  # a segment is one channel of every image, image after image
+        segment_values = values[:, channel].transpose(1, 0, 2).reshape(num_segments, -1)
+        segment_labels = (label_values[:, channel].transpose(1, 0, 2).reshape(num_segments, -1)
+                          if plan.multilabel else label_values.reshape(1, -1))
+    else:
+        rows = plan.image.numpy() * num_channels + channel
+        segment_values = values.reshape(-1, num_pixels)[rows]
+        segment_labels = (label_values.reshape(-1, num_pixels)[rows] if plan.multilabel
+                          else label_values[plan.image.numpy()])
+    one_fg_label = plan.multilabel or num_channels == 1
+    fg = segment_labels == (1 if one_fg_label else plan.fg_label.numpy()[:, None])
+    errors = np.where(fg, 1 - segment_values, segment_values + plan.bg_offset)
+    if plan.ignore_index is not None:
+        ignored = segment_labels == plan.ignore_index
+        fg &= ~ignored
+        np.copyto(errors, 0, where=ignored)
+    np.maximum(errors, 0, out=errors)
+    segment_loss = _extension_arrays(fg, errors)
+    if plan.uniform_weight is None:
+        errors *= plan.weight.numpy()[:, None].astype(np.float32)
+    elif plan.uniform_weight != 1.0:
+        errors *= plan.uniform_weight
+    errors -= 2 * errors * fg
+    if plan.image is None:
+        per_channel = errors.reshape(num_segments, batch, num_pixels).transpose(1, 0, 2)
+        if plan.dense:
+            grad = np.ascontiguousarray(per_channel)
+        else:
+            grad = np.zeros(values.shape, dtype=np.float32)
+            grad[:, channel] = per_channel
+    elif plan.dense:  # every (image, channel) in order: the rows are the gradient
+        grad = errors.reshape(values.shape)
+    else:
+        grad = np.zeros((batch * num_channels, num_pixels), dtype=np.float32)
+        grad[rows] = errors
+    loss = torch.dot(torch.from_numpy(segment_loss), plan.weight)
+    return loss, torch.from_numpy(grad).view(scores.shape)
 
 
 @functools.lru_cache(maxsize=8)
