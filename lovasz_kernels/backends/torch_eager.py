@@ -561,9 +561,10 @@ def _extension_arrays(fg: np.ndarray, grad: np.ndarray) -> np.ndarray:
 # (:func:`_extension_arrays`) and the signed, weighted gradient, a dozen numpy ops where the
 # generic path's errors, chunking and signs take twice as many torch ops, each 2-10 us
 # however small. Every op of a call costs more inside it than timed alone (the rest of the
-# call evicts its code from the caches), so the count is what decides. One hinge image,
-# forward + backward, the two paths toggled call by call in one process on a 2-core Intel
-# Xeon VM: 32² 450 -> 325 us, 64² 510 -> 388 us (python tests/perf/small_call_numpy.py)
+# call evicts its code from the caches), so the count is what decides. Forward + backward,
+# the two paths toggled call by call in one process on a 2-core Intel Xeon VM: one hinge
+# image 32² 491-498 -> 408-420 us, 64² 576 -> 514-518 us; 2 x 32² x 5 softmax per image
+# 1304-1313 -> 923-933 us (python tests/perf/small_call_numpy.py)
 SMALL_CALL_MAX_PIXELS = NUMPY_MAX_PIXELS
 
 
