@@ -572,6 +572,8 @@ def test_info_says_what_was_measured(speedup_file, monkeypatch):
     reads them."""
     monkeypatch.setattr(_torch_sort.torch, "get_num_threads", lambda: 3)
     assert "measured on first use" in torch_eager.details()
+    assert f"at most {torch_eager.SMALL_CALL_MAX_PIXELS} (segment, pixel) pairs in numpy" in (
+        torch_eager.details())
     _torch_sort.short_row_speedups(3)
     measured = ("radix 0.5x, 0.8x, 1x, 1.5x, 2x, 3x; packed 1x, 1x, 1x, 1x, 1x, 1x; "
                 "packed over threads 0.5x, 0.5x, 0.5x, 0.5x, 0.5x, 0.5x; 3 threads")

@@ -662,6 +662,7 @@ def details() -> str:
             f"{method} {', '.join(f'{value:g}x' for value in values)}"
             for method, values in speedups.items())
         measured = f"speedups over the comparison sort measured here at {sizes} pixels: {measured}"
-    return (f"CPU: rows of {RADIX_SORT_MIN_PIXELS} pixels or more radix-sorted one by one, "
-            f"shorter ones padded or packed and sorted by numpy where that pays ({measured}; "
-            f"{threads} threads)")
+    return (f"CPU: float32 calls of at most {SMALL_CALL_MAX_PIXELS} (segment, pixel) pairs "
+            f"in numpy; rows of {RADIX_SORT_MIN_PIXELS} pixels or more radix-sorted one by "
+            f"one, shorter ones padded or packed and sorted by numpy where that pays "
+            f"({measured}; {threads} threads)")
