@@ -564,8 +564,10 @@ def _extension_arrays(fg: np.ndarray, grad: np.ndarray) -> np.ndarray:
 # call evicts its code from the caches), so the count is what decides. Forward + backward,
 # the two paths toggled call by call in one process on a 2-core Intel Xeon VM: one hinge
 # image 32² 491-498 -> 408-420 us, 64² 576 -> 514-518 us; 2 x 32² x 5 softmax per image
-# 1304-1313 -> 923-933 us (python tests/perf/small_call_numpy.py)
-SMALL_CALL_MAX_PIXELS = NUMPY_MAX_PIXELS
+# 1304-1313 -> 923-933 us. The gain fades with the pixels (numpy's ops run on one thread, its
+# gather and scatter row by row): 1.07x at one 128² image and 1.02x at 4 x 64² (2^14 pairs),
+# 0.99-1.01x at 2^14-2^15 pairs, 0.95-0.98x at 8 x 64² (python tests/perf/small_call_numpy.py)
+SMALL_CALL_MAX_PIXELS = 1 << 14
 
 
 def lovasz_loss(scores: torch.Tensor, labels: torch.Tensor,

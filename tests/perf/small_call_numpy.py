@@ -24,8 +24,13 @@ CASES = {  # name: (kind, batch, classes, side, per_image)
     "hinge-64": ("hinge", 1, 1, 64, True),
     "hinge-128": ("hinge", 1, 1, 128, True),
     "4x32-hinge": ("hinge", 4, 1, 32, True),
+    "4x64-hinge": ("hinge", 4, 1, 64, True),
+    "8x64-hinge": ("hinge", 8, 1, 64, True),  # at the cap
+    "2x128-hinge": ("hinge", 2, 1, 128, True),  # at the cap, two long rows
     "softmax-32x5": ("softmax", 1, 5, 32, False),
     "2x32x5-per-image": ("softmax", 2, 5, 32, True),
+    "64x5-per-image": ("softmax", 1, 5, 64, True),
+    "2x64x3-per-image": ("softmax", 2, 3, 64, True),
 }
 
 
