@@ -86,7 +86,7 @@ RADIX_MARGIN = 1.1
 #: rounds of the measurement: medians of this many extensions per sort and size
 MEASURE_ROUNDS = 15
 # bumped when the sorts or the measurement change, so that machines measure again
-_MEASURE_VERSION = 4
+_MEASURE_VERSION = 5
 
 _lock = threading.Lock()
 _speedups: dict[int, dict[str, tuple[float, ...]]] = {}  # per thread count, this process
@@ -236,10 +236,15 @@ def measure_short_row_speedups(rounds: int = MEASURE_ROUNDS,
                                spread_rounds: int = SPREAD_MEASURE_ROUNDS) -> tuple[
         dict[str, tuple[float, ...]], dict[str, float]]:
     """Time the torch backend's extension of one row at each of :data:`MEASURED_FRACTIONS` of
-    a grain with each sort (the row padded and radix-sorted, its keys packed, and the
-    comparison sort), interleaved in a new order every round, new random errors and labels
-    every call (a comparison sort of keys it has just sorted runs 2-4x faster, which training
-    never sees), from a generator of its own (the caller's random state is left alone).
+    a grain with each of :data:`MEASURED_METHODS` (the row padded and radix-sorted, its keys
+    packed) against the comparison sort, each pair interleaved in a new order every round and
+    in rounds of its own, new random errors and labels every call (a comparison sort of keys
+    it has just sorted runs 2-4x faster, which training never sees), from a generator of its
+    own (the caller's random state is left alone). Pairs, not one rotation of the three: the
+    padded radix sort leaves torch's threads spinning on the core the next call needs, and
+    in one rotation the packed sort (numpy, on the calling thread) paid for that (one
+    1024-pixel row on a 2-core Intel Xeon VM: 123-137 us in pairs, 166 us in the rotation,
+    where the comparison sort took 163 and 177), which kept short rows off it.
     Then, with more than one thread, the packed keys' sort alone against the 2-D sort on
     rows of those lengths that the 2-D sort spreads over every thread (a grain of keys, one
     task, per thread). Returns the speedups of each of :data:`MEASURED_METHODS` and of
@@ -248,19 +253,18 @@ def measure_short_row_speedups(rounds: int = MEASURE_ROUNDS,
     from lovasz_kernels.backends.torch_eager import lovasz_extension
 
     generator = torch.Generator().manual_seed(0)
-    methods = (COMPARED, *MEASURED_METHODS)
     speedups: dict[str, list[float]] = {name: [] for name in (*MEASURED_METHODS, SPREAD_PACKED)}
     times_ms = {}
     threads = torch.get_num_threads()
     for fraction in MEASURED_FRACTIONS:
         num_pixels = int(fraction * RADIX_SORT_MIN_PIXELS)
-        medians = _interleaved_medians(
-            functools.partial(_time_one_row, lovasz_extension, num_pixels, generator), methods,
-            rounds)
+        time_row = functools.partial(_time_one_row, lovasz_extension, num_pixels, generator)
         for method in MEASURED_METHODS:
+            medians = _interleaved_medians(time_row, (COMPARED, method), rounds)
             speedups[method].append(round(medians[COMPARED] / medians[method], 3))
-        times_ms.update({f"{num_pixels} {method}": round(medians[method] * 1e3, 4)
-                         for method in methods})
+            times_ms.update({f"{num_pixels} {method}": round(medians[method] * 1e3, 4),
+                             f"{num_pixels} {COMPARED} beside {method}":
+                                 round(medians[COMPARED] * 1e3, 4)})
         if threads == 1:
             speedups[SPREAD_PACKED].append(1.0)
             continue
