@@ -30,7 +30,8 @@ thread counts and runs (one 12288-pixel row, padded, the sort alone: 1.44-1.73x 
 VM; 0.72-1.56x on the Intel Xeon from 1 to 16 threads, 0.75x and then 1.47x with 16 threads
 on two machines of that kind), and numpy's sort is a SIMD sort only where numpy has one for
 the processor. So the extension of one row (what a call pays, not the sort alone) is timed
-each way, and the sorts of rows spread over every thread, once per machine and thread count
+each way (each sort against the comparison sort in rounds of its own), and the sorts of rows
+spread over every thread, once per machine and thread count
 on first use (about 0.5 s on the AMD VM), and the speedups kept in a small file
 (:mod:`lovasz_kernels._machine_choices`).
 
