@@ -94,6 +94,11 @@ _speedups: dict[int, dict[str, tuple[float, ...]]] = {}  # per thread count, thi
 _forced = threading.local()  # the measurement's choice, this thread only
 
 
+def forced_method() -> str | None:
+    """The method :func:`method_forced` imposes on this thread, or None."""
+    return getattr(_forced, "method", None)
+
+
 def sort_method(rows: torch.Tensor) -> str:
     """The sort (:data:`COMPARED`, :data:`RADIX` or :data:`PACKED`) that the rows of an
     (S, P) array of this shape, device and element size get (reads no values); never
@@ -114,7 +119,7 @@ def sort_method(rows: torch.Tensor) -> str:
         return RADIX if one_grain and 2 * num_pixels >= RADIX_SORT_MIN_PIXELS else COMPARED
     threads = torch.get_num_threads()
     spread = not (one_grain or threads == 1)  # the 2-D sort spreads the rows over threads
-    forced = getattr(_forced, "method", None)
+    forced = forced_method()
     if forced is not None:
         return COMPARED if spread and forced == RADIX else forced
     # under a floor set, only torch's own sorts: numpy's packed copy (8 bytes a key of a
@@ -143,17 +148,12 @@ def method_forced(method: str) -> Iterator[None]:
     """Within the block, on this thread, rows that have a choice (float32 keys under a grain)
     get ``method``, whatever was measured and however short (rows the 2-D sort spreads over
     threads are never padded) (the measurement; tests)."""
-    previous = getattr(_forced, "method", None)
+    previous = forced_method()
     _forced.method = method
     try:
         yield
     finally:
         _forced.method = previous
-
-
-def forced_method() -> str | None:
-    """The method :func:`method_forced` imposes on this thread, or None."""
-    return getattr(_forced, "method", None)
 
 
 def sort_speedup(name: str, num_pixels: int, threads: int) -> float:
