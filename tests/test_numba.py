@@ -232,6 +232,93 @@ def test_sort_choice_does_not_change_the_answer(monkeypatch, gen, radix_min):
         assert_close_report(grad, ref_grad, GRAD_TOLERANCE[dtype], "grad")
 
 
+def _settled_rows(dtype, rng: np.random.Generator) -> dict[str, tuple]:
+    """name: (errors, fg, whether the tail past the last fg pixel is dropped) for one row."""
+    def fg_above(n=3000):  # fg errors above most background ones (the softmax of many classes)
+        fg = rng.random(n) < 0.1
+        return np.where(fg, rng.uniform(0.5, 1, n), rng.uniform(0, 0.6, n)).astype(dtype), fg
+
+    rows = {"fg above": (*fg_above(), True)}
+    errors, fg = fg_above()
+    ties = rng.choice(np.flatnonzero(~fg), 60, replace=False)
+    errors[ties] = errors[fg].min()  # background tied with the last fg, before and after it
+    rows["ties at the bound"] = (errors, fg, True)
+    errors = rng.uniform(0, 1, 2000).astype(dtype)
+    errors[[5, 700, 1999]] = errors.max()
+    errors[[6, 9]] = -np.inf
+    rows["no fg, the max tied"] = (errors, np.zeros(2000, bool), True)
+    errors, fg = fg_above()
+    errors[np.flatnonzero(fg)[3]] = 0.0  # an unsorted fg pixel: past it increments go on
+    rows["an fg error of 0"] = (errors, fg, False)
+    fg = rng.random(3000) < 0.5
+    rows["labels mixed"] = (rng.uniform(0, 1, 3000).astype(dtype), fg, False)
+    if dtype == np.float64:  # background sharing the last fg's top 32 bits, on both sides
+        errors, fg = fg_above()
+        last = np.flatnonzero(fg)[np.argmin(errors[fg])]
+        near = rng.choice(np.flatnonzero(~fg), 80, replace=False)
+        errors[near] = errors[last] * (1 + rng.integers(-40, 41, 80) * 2.0**-44)
+        rows["float64 ties of the prefix"] = (errors, fg, True)
+    return rows
+
+
+def _segment_keys_sorted(errors: np.ndarray, fg: np.ndarray, drop: bool):
+    """(loss, gradient, keys sorted) of one row by the serial path's kernels, the settled tail
+    dropped (as every call does) or not."""
+    grad = np.full(errors.shape, np.nan, dtype=errors.dtype)
+    batch = numba_cpu._extension_batch(errors[None], fg[None], grad[None])
+    keys, buffer = np.zeros(errors.size, np.uint64), np.zeros(errors.size, np.uint64)
+    if drop:
+        n, n_fg = numba_cpu._pack_segment(batch, 0, keys)
+    else:
+        n, n_fg = numba_cpu._pack_range(batch, 0, 0, errors.size, keys, 0)
+    sorted_keys = core.sort_keys(keys, buffer, n, numba_cpu.RADIX_MIN_KEYS, core.SORT_LSD)
+    return numba_cpu._finish_segment(batch, 0, sorted_keys, n, n_fg), grad, n
+
+
+@pytest.mark.parametrize("dtype", _FLOAT_DTYPES, ids=lambda d: np.dtype(d).name)
+def test_settled_tail_left_unsorted_keeps_every_bit(dtype):
+    """Background pixels past the last fg pixel are left out of the sort only where every fg
+    pixel is sorted and they are enough to pay; the loss and the gradient (signs of zeros
+    included) are those of sorting every key, and the reference's."""
+    for name, (errors, fg, dropped) in _settled_rows(dtype, np.random.default_rng(3)).items():
+        loss, grad, kept = _segment_keys_sorted(errors, fg, drop=True)
+        whole_loss, whole_grad, sorted_count = _segment_keys_sorted(errors, fg, drop=False)
+        assert sorted_count == int((errors > 0).sum()), name
+        assert (kept < sorted_count) == dropped, name
+        if dropped:
+            assert kept < sorted_count * (1 - numba_cpu.SETTLED_TAIL_MIN_FRACTION), name
+        assert np.float64(loss).tobytes() == np.float64(whole_loss).tobytes(), name
+        assert grad.tobytes() == whole_grad.tobytes(), name
+        ref_loss, ref_grad = get_backend("numpy").run(torch.from_numpy(errors)[None],
+                                                      torch.from_numpy(fg)[None])
+        assert_close_report(torch.tensor([loss], dtype=ref_loss.dtype), ref_loss,
+                            LOSS_TOLERANCE[ref_grad.dtype], f"{name} loss")
+        if "ties" not in name and "tied" not in name:
+            assert_close_report(torch.from_numpy(grad)[None], ref_grad,
+                                GRAD_TOLERANCE[ref_grad.dtype], f"{name} grad")
+
+
+def test_settled_tail_gets_the_passes_zero_with_its_sign():
+    """A negative background scale makes the tail's gradient -0.0, as the pass writes it."""
+    errors = np.array([0.9, 0.8, 0.3, 0.2, 0.1, 0.05, 0.04, 0.03, 0.02, 0.01], np.float32)
+    fg = np.zeros(10, bool)
+    fg[:2] = True
+    grads = []
+    for drop in (True, False):
+        grad = np.full((1, 10), np.nan, dtype=np.float32)
+        batch = numba_cpu._extension_batch(errors[None], fg[None], grad)
+        batch = batch._replace(grad_scale=np.array([-2.0]))
+        keys, buffer = np.zeros(10, np.uint64), np.zeros(10, np.uint64)
+        pack = numba_cpu._pack_segment if drop else (
+            lambda b, s, k: numba_cpu._pack_range(b, s, 0, 10, k, 0))
+        n, n_fg = pack(batch, 0, keys)
+        assert (n == 2) == drop
+        numba_cpu._finish_segment(batch, 0, core.sort_keys(keys, buffer, n, 64, core.SORT_LSD),
+                                  n, n_fg)
+        grads.append(grad)
+    assert np.all(np.signbit(grads[0][0, 2:])) and grads[0].tobytes() == grads[1].tobytes()
+
+
 def test_nonpositive_errors_count_in_n_fg(gen):
     """fg pixels with error <= 0 are never sorted but still enlarge the union."""
     errors = torch.tensor([[0.9, -0.2, 0.4, 0.0, -0.0, 0.1]], dtype=torch.float64)
