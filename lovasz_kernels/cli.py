@@ -244,7 +244,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError("--classes", "does not apply to --loss hinge (one binary problem: "
                          f"no classes to count); got {','.join(map(str, args.classes))}")
     class_counts = [1] if args.loss == "hinge" else args.classes or [DEFAULT_CLASSES]
-    workloads = [bench.Workload(args.loss, batch, side, classes, per_image, args.dtype)
+    workloads = [bench.Workload(args.loss, batch, side, classes, per_image, args.dtype,
+                                args.scores)
                  for classes in class_counts for side in sides]
     _inputs_fit(workloads, device)
     out = _writable_folder(args.out)
@@ -272,7 +273,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     report.write_json(doc, json_path)
     print(f"wrote {json_path}")
     png_path = os.path.join(out, report.BENCH_PNG)
-    title = (f"{args.loss}, {args.dtype}, batch {batch}, per_image={per_image}, "
+    scores = ", trained-like scores" if args.scores == "trained" else ""
+    title = (f"{args.loss}, {args.dtype}, batch {batch}, per_image={per_image}{scores}, "
              f"{ctx['device']}")
     if report.plot(results, title, png_path):
         print(f"wrote {png_path}")
@@ -321,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--per-image", action=argparse.BooleanOptionalAction, default=None,
         help="per-image IoU (default: off for softmax, on for hinge)")
     add("--dtype", choices=tuple(bench.workloads.DTYPES), default="float32")
+    add("--scores", choices=bench.workloads.SCORES, default="random",
+        help="random: independent of the labels (default); trained: favouring the labelled "
+        "class, as a trained network's do (some shortcuts depend on the data)")
     add("--repeat", type=int, help="timed rounds (default 5; --quick: 3)")
     add("--budget", type=float, default=bench.DEFAULT_BUDGET_S, metavar="SECONDS",
         help="skip calls estimated to take longer (from a smaller size or a cost model; "

@@ -38,6 +38,10 @@ def test_workload_names_round_trip():
     assert bench.Workload("softmax", 1, 512, 21).name == "softmax 1x512x512x21 batch float32"
     assert bench.Workload("hinge", 8, 256, per_image=True).name == \
         "hinge 8x256x256 per-image float32"
+    trained = bench.Workload("softmax", 2, 64, 5, True, "bfloat16", "trained")
+    assert trained.name == "softmax 2x64x64x5 per-image bfloat16 trained"
+    assert bench.Workload.parse(trained.name) == trained
+    assert trained.key()["scores"] == "trained" and "trained-like scores" in trained.describe()
 
 
 @pytest.mark.parametrize("name", ["softmax 1x512x256x21 batch float32", "softmax 512",
@@ -53,6 +57,7 @@ def test_workload_parse_rejects_other_text(name):
     ({"side": -1}, "side must be a positive integer"),
     ({"loss": "hinge", "classes": 3}, "classes must be 1"),
     ({"dtype": "int8"}, "dtype must be one of"),
+    ({"scores": "learned"}, "scores must be one of random, trained; got 'learned'"),
 ])
 def test_workload_rejects_bad_fields(kwargs, message):
     fields = {"loss": "softmax", "batch": 1, "side": 8, "classes": 1, **kwargs}
@@ -79,6 +84,24 @@ def test_inputs_are_seeded_and_shaped():
     assert logits.shape == binary.shape == (3, 5, 5) and set(binary.unique().tolist()) <= {0, 1}
     _, sparse = bench.hinge_inputs(1, 200, foreground=0.3)
     assert abs(sparse.float().mean().item() - 0.3) < 0.01
+
+
+def test_trained_scores_favour_the_labels():
+    """Trained-like softmax scores are argmax-right on most pixels (about 97% at 21 classes)
+    and random ones on about 1 in C; trained-like hinge logits leave about half the pixels
+    within the margin; the labels are those of the random scores."""
+    random_probas, labels = bench.softmax_inputs(2, 21, 64)
+    probas, trained_labels = bench.softmax_inputs(2, 21, 64, trained=True)
+    assert torch.equal(labels, trained_labels)
+    assert 0.94 < (probas.argmax(1) == labels).float().mean().item() < 0.99
+    assert (random_probas.argmax(1) == labels).float().mean().item() < 0.1
+    torch.testing.assert_close(probas.sum(1), torch.ones(2, 64, 64))
+    logits, binary = bench.hinge_inputs(2, 64, trained=True)
+    within = (1 - logits * (2.0 * binary - 1)) > 0
+    assert 0.4 < within.float().mean().item() < 0.6
+    assert torch.equal(binary, bench.hinge_inputs(2, 64)[1])
+    prepared = bench.Prepared(bench.Workload("softmax", 2, 64, 21, scores="trained"))
+    assert torch.equal(prepared.scores, probas)
 
 
 @pytest.mark.parametrize("per_image", [False, True])

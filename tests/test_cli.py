@@ -204,6 +204,17 @@ def test_bench_grid_json_and_plot(capsys, tmp_path):
     assert png.startswith(b"\x89PNG")
 
 
+def test_bench_trained_scores(capsys, tmp_path):
+    status = cli.main(_bench(tmp_path, "--backend", "numpy,torch", "--pixels", "16",
+                             "--classes", "5", "--repeat", "1", "--scores", "trained"))
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "5 classes x 16x16 pixels, per_image=False, trained-like scores" in out
+    assert "MISMATCH" not in out
+    (result,) = json.loads((tmp_path / report.BENCH_JSON).read_text())["results"]
+    assert result["scores"] == "trained" and result["workload"].endswith(" trained")
+
+
 @pytest.mark.parametrize("loss,heading", [
     ("hinge", "lovasz_hinge fwd+bwd, float32, batch 3 x 16x16 pixels, per_image=True"),
     ("extension", "lovasz_extension, float32, 21 segments x 768 pixels"),
@@ -291,6 +302,7 @@ def test_bench_unknown_backend(capsys, tmp_path):
     ("--pixels", "8,x", "expected comma-separated integers; got '8,x'"),
     ("--pixels", "8,0", "expected positive integers; got '8,0'"),
     ("--classes", "-2", "expected positive integers; got '-2'"),
+    ("--scores", "learned", "invalid choice: 'learned' (choose from 'random', 'trained')"),
 ])
 def test_bench_bad_sizes(capsys, tmp_path, no_work, flag, value, message):
     with pytest.raises(SystemExit) as exit_info:
