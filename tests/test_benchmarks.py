@@ -170,6 +170,7 @@ def test_perf_folder_collects_without_running_anything():
     (["settled_tail.py", "--rounds", "0"], "_measure"),
     (["settled_tail.py", "--cases", "512x22"], "_measure"),
     (["settled_tail.py", "--scores", "learned"], "_measure"),
+    (["settled_tail.py", "--backend", "triton"], "_measure"),
     (["small_call_numpy.py", "--rounds", "0"], "_medians"),
     (["small_call_numpy.py", "--cases", "hinge-7"], "_medians"),
     (["omp_spin.py", "--window-ms", "-1"], "_run_policy"),

@@ -604,17 +604,76 @@ def _few_positive_errors(shape, dtype, gen, share=0.01):
 
 def test_few_positive_errors_take_the_top_k_and_many_do_not(gen):
     """The count is taken only for CPU rows of TOP_K_MIN_PIXELS or more whose first row's
-    sample is mostly not positive, and the path only when every row has few."""
+    sample needs few keys, and the path only when every row needs few. Rows with an fg
+    error <= 0 (a trained hinge's) need every positive error."""
     columns = torch_eager.TOP_K_MIN_PIXELS
     few = _few_positive_errors((3, columns), torch.float32, gen)
-    assert torch_eager._few_positive(few) == int((few > 0).sum(dim=1).max())
+    fg = torch.rand(few.shape, generator=gen) < 0.4
+    assert torch_eager._few_needed(few, fg) == int((few > 0).sum(dim=1).max())
     many = few.clone()
     many[2, : columns // 4] = 1.0  # one row with a quarter positive: every pixel is sorted
-    assert torch_eager._few_positive(many) is None
-    assert torch_eager._few_positive(few.abs()) is None  # the sample says: all positive
-    assert torch_eager._few_positive(few[:, : columns // 2]) is None  # short rows
+    assert torch_eager._few_needed(many, fg) is None
+    assert torch_eager._few_needed(few.abs(), fg) is None  # the sample says: all needed
+    assert torch_eager._few_needed(few[:, : columns // 2], fg[:, : columns // 2]) is None
     # none positive: one key each, a zero whose increment the sign clears (not an empty top k)
-    assert torch_eager._few_positive(-few.abs()) == 1
+    assert torch_eager._few_needed(-few.abs(), fg) == 1
+
+
+def _settled_rows(shape, dtype, gen):
+    """(S, P) softmax-like errors whose fg errors (1/20 of the pixels) are above most
+    background ones, and fg: row 0 as such, row 1 without fg and its largest error tied,
+    row 2 with one fg error of 0, row 3 with background errors tied with its smallest fg
+    error, row 4 with -inf padding."""
+    rows, cols = shape
+    fg = torch.rand(shape, generator=gen) < 1 / 20
+    magnitudes = distinct_float32(rows * cols, gen).reshape(shape).to(dtype)
+    errors = torch.where(fg, 0.5 + magnitudes / 2, magnitudes * 0.52)
+    fg[1] = False
+    errors[1, [3, 900, cols - 1]] = errors[1].max()
+    errors[2, torch.nonzero(fg[2])[0, 0]] = 0.0
+    tied = torch.nonzero(~fg[3])[:40, 0]
+    errors[3, tied] = errors[3][fg[3]].min()
+    errors[4, cols // 2:] = -torch.inf
+    fg[4, cols // 2:] = False
+    return errors, fg
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_settled_tail_takes_the_top_k_with_the_references_answer(gen, dtype):
+    """Rows whose background pixels past the last fg pixel need no order: each needs its
+    keys down to its smallest fg error (its largest ones without fg; every positive one with
+    an fg error of 0), so where those are few only they are sorted, and the loss and the
+    gradient are the reference's, and sorting every pixel's (the gradient bit for bit)."""
+    columns = torch_eager.TOP_K_MIN_PIXELS * 2
+    errors, fg = _settled_rows((5, columns), dtype, gen)
+    expected = []
+    for row, row_fg in zip(errors, fg):
+        positive = row > 0
+        if not bool(row_fg.any()):
+            expected.append(int((row == row.max()).sum()))
+        elif bool((row_fg & ~positive).any()):
+            expected.append(int(positive.sum()))
+        else:
+            expected.append(int((row >= row[row_fg].min()).sum()))
+    assert torch_eager._needed_keys(errors, fg).flatten().tolist() == expected
+    rows = [0, 1, 3, 4]  # row 2 needs every positive error: not few
+    assert expected[1] >= 3  # the largest error and the three set to it
+    assert max(expected[r] for r in rows) <= columns * torch_eager.TOP_K_MAX_FRACTION < expected[2]
+    assert torch_eager._few_needed(errors[rows], fg[rows]) == max(expected[r] for r in rows)
+    assert torch_eager._few_needed(errors, fg) is None
+    picked_errors, picked_fg = errors[rows].clone(), fg[rows].clone()
+    loss, grad = get_backend("torch").run(picked_errors, picked_fg)
+    ref_loss, ref_grad = _reference(picked_errors, picked_fg)
+    assert_close_report(loss, ref_loss, LOSS_TOLERANCE[dtype], "loss")
+    from lovasz_kernels._cases import tie_group_sums
+    assert_close_report(tie_group_sums(picked_errors, grad),
+                        tie_group_sums(picked_errors, ref_grad), GRAD_TOLERANCE[dtype], "grad")
+    whole_grad = torch.empty_like(picked_errors)
+    whole_loss = torch_eager._extension_rows(picked_errors.clone(), picked_fg, whole_grad)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(loss, whole_loss.to(dtype), rtol=4 * eps, atol=0)
+    untied = torch.tensor([0, 3])  # rows 1 and 2 (of the picked) hold ties
+    assert torch.equal(grad[untied], whole_grad[untied])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -630,7 +689,7 @@ def test_top_k_rows_give_the_references_answer(gen, dtype):
     errors[3, 7] = -0.0
     fg = torch.rand(errors.shape, generator=gen) < 0.4
     fg[2, columns // 2:] = False
-    assert torch_eager._few_positive(errors) is not None
+    assert torch_eager._few_needed(errors, fg) is not None
     loss, grad = get_backend("torch").run(errors, fg)
     ref_loss, ref_grad = _reference(errors, fg)
     assert_close_report(loss, ref_loss, LOSS_TOLERANCE[dtype], "loss")

@@ -168,52 +168,127 @@ def _extension_into(errors: torch.Tensor, fg: torch.Tensor,
     if step >= num_segments:
         loss = _extension_chunk(errors, fg, grad, budget)
     else:
+        # whether a settled tail is worth looking for, decided once: a chunk's look costs
+        # 0.2-0.3 ms inside a call, a dozen chunks 2-3% of a 512² x 21 call that has none
+        settled = (num_pixels < TOP_K_MIN_PIXELS or errors.device.type != "cpu"
+                   or not _sample_needs_many(errors[:1], fg[:1]))
         loss = torch.cat([_extension_chunk(errors[start:start + step], fg[start:start + step],
-                                           grad[start:start + step], budget)
+                                           grad[start:start + step], budget, settled)
                           for start in range(0, num_segments, step)])
     return loss, grad
 
 
-# A chunk whose rows each have at most this fraction of their pixels with a positive error
-# (a trained model's hinge: margins above 1 almost everywhere) sorts only those, the k
-# largest keys of each row (torch.topk), on the CPU, where the count is free to read. One
-# hinge image on the development VM, forward + backward, top k against sorting every pixel:
-# 1024² 1.7x as fast with 1% of the errors positive, 1.3x with 5%, even at 12.5%, 0.6x at 25%
+# A chunk whose rows each need at most this fraction of their pixels sorted (see
+# _needed_keys: a trained model's hinge, whose margins are above 1 almost everywhere, or a
+# softmax over many classes, whose background pixels past the last fg pixel need no order)
+# sorts only those, the k largest keys of each row (torch.topk), on the CPU, where the count
+# is free to read. One hinge image on the development VM, forward + backward, top k against
+# sorting every pixel: 1024² 1.7x as fast with 1% of the errors positive, 1.3x with 5%, even
+# at 12.5%, 0.6x at 25%
 TOP_K_MAX_FRACTION = 1 / 16
 # rows shorter than this are sorted whole: there one sort costs little next to the call
 TOP_K_MIN_PIXELS = 1 << 14
-# pixels of the first row looked at before counting: where these are mostly positive (every
-# softmax, a hinge early in training) nothing is counted
+# pixels of the first row looked at before counting: where few of these are positive (a
+# trained hinge) the positive errors are counted; where most are (every softmax, a hinge
+# early in training), a larger sample of the first row, then the whole first row, say
+# whether the settled tails leave few keys before every row is counted
 TOP_K_SAMPLE = 256
+# that larger sample: runs of contiguous pixels spread over the row, enough fg pixels among
+# them that their smallest error comes near the row's (on the 2-core Intel VM, one 512² x 21
+# row of trained-like scores: 0.1 ms against 0.65 for counting the row). Its count is low,
+# not high, and 4096 pixels count 1/16 of them within about 4%: a row is passed over from
+# TOP_K_SETTLED_MARGIN times the fraction
+TOP_K_SETTLED_SAMPLE = 4096
+TOP_K_SETTLED_BLOCKS = 16
+TOP_K_SETTLED_MARGIN = 1.25
 
 
-def _few_positive(errors: torch.Tensor) -> int | None:
-    """The most positive errors in a row of ``errors`` when every row has at most
-    ``TOP_K_MAX_FRACTION`` of its pixels positive (CPU rows of ``TOP_K_MIN_PIXELS`` or more),
-    else None."""
+def _needed_keys(errors: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
+    """The keys each row of ``errors`` needs sorted, (S, 1) int64: its errors from the largest
+    down to its smallest fg error where every fg error is positive, else its positive errors.
+
+    Errors ≤ 0 neither add to the loss nor get a gradient. Past a row's last fg pixel in
+    sorted order every increment is 0 (the intersection is empty: the settled tail), so the
+    background pixels there need no order either, and with no fg pixel only the largest
+    errors (the first pixel's increment is 1, the others' 0). An fg error ≤ 0 still counts
+    in n_fg and sorts after every positive error, so past the last positive fg error the
+    increments go on: such a row needs every positive error.
+    """
+    dtype = errors.dtype
+    fg_smallest = torch.where(fg, errors, torch.tensor(torch.inf, dtype=dtype)).amin(
+        dim=1, keepdim=True)
+    has_fg = fg.any(dim=1, keepdim=True)
+    bound = fg_smallest if bool(has_fg.all()) else torch.where(
+        has_fg, fg_smallest, errors.amax(dim=1, keepdim=True))
+    # a bound ≤ 0 (an fg error ≤ 0, or no positive error at all): the positive errors
+    smallest_positive = torch.nextafter(torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype))
+    return count_true(errors >= torch.clamp(bound, min=smallest_positive))
+
+
+def _sample_needs_many(errors: torch.Tensor, fg: torch.Tensor) -> bool:
+    """Whether a sample of the (1, P) row already needs more than ``TOP_K_SETTLED_MARGIN``
+    times ``TOP_K_MAX_FRACTION`` of its keys: the sample's smallest fg error is at least the row's,
+    so its count under-estimates the row's (a softmax over few classes, or a trained one:
+    its surest fg pixel is sure beyond most background ones).
+
+    The sample is ``TOP_K_SETTLED_BLOCKS`` runs of contiguous pixels spread over the row (a
+    strided one reads a cache line per pixel, and the row is new to the cache), counted in
+    numpy (a dozen torch ops on a few thousand values cost 0.25 ms, in every chunk).
+    """
+    blocks = TOP_K_SETTLED_BLOCKS
+    stride = errors.shape[1] // blocks
+    width = min(stride, TOP_K_SETTLED_SAMPLE // blocks)
+
+    def runs(row: torch.Tensor) -> np.ndarray:
+        return row[0, :blocks * stride].view(blocks, stride)[:, :width].numpy().reshape(-1)
+
+    sample = runs(errors.detach() if errors.dtype in (torch.float32, torch.float64)
+                  else errors.detach().float())
+    sample_fg = runs(fg)
+    bound = sample[sample_fg].min() if sample_fg.any() else sample.max()
+    smallest_positive = np.nextafter(sample.dtype.type(0), sample.dtype.type(1))
+    needed = np.count_nonzero(sample >= max(bound, smallest_positive))
+    return needed > TOP_K_SETTLED_MARGIN * TOP_K_MAX_FRACTION * sample.size
+
+
+def _few_needed(errors: torch.Tensor, fg: torch.Tensor, settled: bool = True) -> int | None:
+    """The most keys a row of ``errors`` needs sorted (:func:`_needed_keys`) when every row
+    needs at most ``TOP_K_MAX_FRACTION`` of its pixels (CPU rows of ``TOP_K_MIN_PIXELS`` or
+    more), else None. Without ``settled`` (a call whose first row's sample needs many keys,
+    :func:`_sample_needs_many`), rows with mostly positive errors are not looked at."""
     num_pixels = errors.shape[1]
     if errors.device.type != "cpu" or num_pixels < TOP_K_MIN_PIXELS or not errors.shape[0]:
         return None
     most = num_pixels * TOP_K_MAX_FRACTION
-    sample = errors[0, ::num_pixels // TOP_K_SAMPLE]
-    if int((sample > 0).sum()) > 2 * TOP_K_MAX_FRACTION * sample.numel():
+    step = num_pixels // TOP_K_SAMPLE
+    sample = errors[:1, ::step]
+    if int(count_true(sample > 0)) <= 2 * TOP_K_MAX_FRACTION * sample.numel():
+        # few positive (a trained hinge): they bound what a row needs, and they are
+        # cheaper to count
+        needed = int(count_true(errors > 0).max())
+    elif not settled or _sample_needs_many(errors[:1], fg[:1]):
         return None
-    positive = int(count_true(errors > 0).max())
+    else:
+        # a row's smallest fg error is an extreme that no sample estimates: the first row is
+        # counted whole before the others are
+        needed = int(_needed_keys(errors[:1], fg[:1]))
+        if needed <= most and errors.shape[0] > 1:
+            needed = int(_needed_keys(errors, fg).max())
     # no positive error at all (a model that gets every pixel right by a margin): one key
     # each, a zero, whose increment the error's sign clears: a loss of 0, a gradient of 0
-    return max(positive, 1) if positive <= most else None
+    return max(needed, 1) if needed <= most else None
 
 
 def _extension_chunk(errors: torch.Tensor, fg: torch.Tensor, grad: torch.Tensor,
-                     budget: int) -> torch.Tensor:
-    """One chunk's float64 losses, its gradient written into ``grad``: only each row's
-    positive errors sorted where they are few (:func:`_few_positive`); long rows with fewer
+                     budget: int, settled: bool = True) -> torch.Tensor:
+    """One chunk's float64 losses, its gradient written into ``grad``: only the keys each row
+    needs sorted where they are few (:func:`_few_needed`); long rows with fewer
     positive errors, or whose work arrays would not fit in ``budget`` bytes, a range of
     errors at a time (:func:`_extension_by_ranges`, :func:`_ranges_pay`); else every pixel
     at once."""
-    positive = _few_positive(errors)
-    if positive is not None:
-        return _extension_top(errors, fg, grad, positive)
+    needed = _few_needed(errors, fg, settled)
+    if needed is not None:
+        return _extension_top(errors, fg, grad, needed)
     num_rows, num_pixels = errors.shape
     over_budget = num_pixels * temporary_bytes_per_pixel(grad.dtype) > budget
     if not over_budget and (errors.device.type != "cpu"
@@ -237,11 +312,11 @@ def _extension_chunk(errors: torch.Tensor, fg: torch.Tensor, grad: torch.Tensor,
 
 def _extension_top(errors: torch.Tensor, fg: torch.Tensor, grad: torch.Tensor,
                    count: int) -> torch.Tensor:
-    """:func:`_extension_block` on each row's ``count`` largest errors (every positive one:
-    errors ≤ 0 neither add to the loss nor get a gradient, and they would sort last), taken
-    by ``torch.topk`` from the same clamped keys; the increments count each whole row's
-    foreground. Rows with fewer positive errors take some zeros, whose increments the
-    errors' sign clears."""
+    """:func:`_extension_block` on each row's ``count`` largest errors (every key it needs:
+    :func:`_needed_keys`), taken by ``torch.topk`` from the same clamped keys; the increments
+    count each whole row's foreground. Rows that need fewer take some more: zeros, whose
+    increments the errors' sign clears, or background pixels past the last fg pixel, whose
+    increments are 0."""
     dtype = grad.dtype
     keys = torch.clamp(errors.to(dtype), min=0, out=grad).view(_SAME_WIDTH_INT[dtype])
     fg_total = count_true(fg)

@@ -185,8 +185,8 @@ def torch_top_k(rounds: int) -> None:
 
     _toggled_hinges(
         "torch backend hinge, forward + backward, ms per call: top k or every pixel sorted",
-        "torch", torch_eager, "_few_positive",
-        {"top k": torch_eager._few_positive, "sort all": lambda errors: None},
+        "torch", torch_eager, "_few_needed",
+        {"top k": torch_eager._few_needed, "sort all": lambda *args: None},
         TORCH_TOP_K_CASES, rounds, seed=3)
 
 

@@ -1,25 +1,27 @@
-"""numba's settled tail left out of the sort, and kept in it, in one process, rounds
-interleaved.
+"""The settled tail left out of the sort, and kept in it, in one process, rounds interleaved.
 
     python tests/perf/settled_tail.py [--rounds 21] [--cases 512x21 256x150 ...]
-        [--scores random trained]
+        [--scores random trained] [--backend numba]
 
 Past a segment's last fg pixel in sorted order every increment is 0, so where every fg pixel
-has a positive error the background pixels there need no order, and the numba backend leaves
+has a positive error the background pixels there need no order. The numba backend leaves
 them out of the sort where they are at least ``SETTLED_TAIL_MIN_FRACTION`` of the keys
-(``numba_cpu._drop_settled_tail``). How many they are depends on the data: every background
-pixel of a softmax over many classes with random labels (the benchmarks' default inputs), a
-share of them with scores that favour the label (``lovasz-kernels bench --scores trained``),
-none where some fg pixel's error is 0 (a probability of exactly 1) or for the hinge, whose
-right pixels have errors <= 0.
+(``numba_cpu._drop_settled_tail``); the torch backend sorts only the keys each row needs
+(``torch_eager._few_needed``, torch.topk) where every row of a chunk needs at most
+``TOP_K_MAX_FRACTION`` of its pixels. How many keys are left out depends on the data: every
+background pixel of a softmax over many classes with random labels (the benchmarks' default
+inputs), a share of them with scores that favour the label (``lovasz-kernels bench --scores
+trained``), none where some fg pixel's error is 0 (a probability of exactly 1).
 
 For each case and kind of scores, prints the share of the sorted keys left out (from the
-errors in torch, ties with the bound not counted), and the medians of whole numba calls
-(forward + backward through ``lovasz_softmax``, each right after a torch op, as in a training
-step) with the tail left out (``dropped``) and kept (``whole``), the two in a new order every
-round. ``whole`` swaps in packing without the drop, which only the segments sorted by numpy's
-sort between two kernels look up at run time: on a machine whose measured sort is a radix
-sort in the kernel (``lovasz-kernels info``) the script says so and times ``dropped`` alone.
+errors in torch under the backend's rule, ties with the bound not counted; for torch an upper
+bound, its rule being per chunk of rows), and the medians
+of whole calls (forward + backward through ``lovasz_softmax``, each right after a torch op,
+as in a training step) with the tail left out (``dropped``) and kept (``whole``), the two in
+a new order every round. For numba, ``whole`` swaps in packing without the drop, which only
+the segments sorted by numpy's sort between two kernels look up at run time: on a machine
+whose measured sort is a radix sort in the kernel (``lovasz-kernels info``) the script says
+so and times ``dropped`` alone. For torch, ``whole`` sorts every pixel, as before.
 """
 
 from __future__ import annotations
@@ -39,20 +41,38 @@ CASES = {  # name: (batch, classes, side, per_image)
 }
 
 
-def _left_out_share(errors: torch.Tensor, fg: torch.Tensor, min_fraction: float) -> float:
-    """Share of the positive errors of (S, P) rows that the drop leaves out of the sort."""
-    left_out = sorted_keys = 0
+def _tails(errors: torch.Tensor, fg: torch.Tensor) -> tuple[list[int], list[int]]:
+    """Per (S, P) row: its positive errors, and those of them in its settled tail."""
+    positives, tails = [], []
     for row, row_fg in zip(errors, fg):
         positive = row > 0
-        count = int(positive.sum())
-        sorted_keys += count
-        if count == 0 or bool((row_fg & ~positive).any()):
+        positives.append(int(positive.sum()))
+        if positives[-1] == 0 or bool((row_fg & ~positive).any()):
+            tails.append(0)
             continue
         bound = row[row_fg].min() if bool(row_fg.any()) else row.max()
-        tail = int((~row_fg & positive & (row < bound)).sum())
-        if tail >= min_fraction * count:
-            left_out += tail
-    return left_out / max(sorted_keys, 1)
+        tails.append(int((~row_fg & positive & (row < bound)).sum()))
+    return positives, tails
+
+
+def _left_out_share(errors: torch.Tensor, fg: torch.Tensor, backend: str) -> float:
+    """Share of the positive errors of (S, P) rows that the backend leaves out of its sort:
+    numba each row's tail of at least its minimum fraction; torch, at most, each tail of a
+    row that then needs at most its top-k fraction of its pixels (a chunk of rows is sorted
+    top-k only where every row of it does)."""
+    from lovasz_kernels.backends import numba_cpu, torch_eager
+
+    positives, tails = _tails(errors, fg)
+    if backend == "numba":
+        left_out = sum(tail for tail, positive in zip(tails, positives)
+                       if tail >= numba_cpu.SETTLED_TAIL_MIN_FRACTION * positive)
+    elif errors.shape[1] < torch_eager.TOP_K_MIN_PIXELS:
+        left_out = 0
+    else:
+        most = torch_eager.TOP_K_MAX_FRACTION * errors.shape[1]
+        left_out = sum(tail for tail, positive in zip(tails, positives)
+                       if positive - tail <= most)
+    return left_out / max(sum(positives), 1)
 
 
 def main() -> None:
@@ -61,31 +81,42 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=list(CASES)[:4], choices=list(CASES))
     parser.add_argument("--scores", nargs="+", default=["random", "trained"],
                         choices=["random", "trained"])
+    parser.add_argument("--backend", default="numba", choices=["numba", "torch"])
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1; got {args.rounds}")
     _measure(args)
 
 
-def _measure(args: argparse.Namespace) -> None:
+def _swaps(backend: str):
+    """(module, attribute, the code that leaves the tail out, the code that keeps it, whether
+    the swap takes effect here)."""
     from lovasz_kernels import _numba_core as core
-    from lovasz_kernels import bench, lovasz_softmax
-    from lovasz_kernels.backends import numba_cpu
+    from lovasz_kernels.backends import numba_cpu, torch_eager
 
-    dropping = numba_cpu._pack_segment
+    if backend == "torch":
+        return torch_eager, "_few_needed", torch_eager._few_needed, lambda *args: None, True
 
     def whole(batch, s, keys):
         return numba_cpu._pack_range(batch, s, 0, batch.rows * batch.num_cols, keys, 0)
 
     host_sorted = core.sort_choice().host == core.SORT_NUMPY
-    ways = ("dropped", "whole") if host_sorted else ("dropped",)
-    if not host_sorted:
+    return numba_cpu, "_pack_segment", numba_cpu._pack_segment, whole, host_sorted
+
+
+def _measure(args: argparse.Namespace) -> None:
+    from lovasz_kernels import bench, lovasz_softmax
+
+    module, attribute, dropping, whole, swaps = _swaps(args.backend)
+    ways = ("dropped", "whole") if swaps else ("dropped",)
+    if not swaps:
         print("this machine sorts in the kernel (its measured sort is a radix sort): "
               "'whole' cannot be swapped in, 'dropped' alone is timed")
-    print(f"medians of {args.rounds} rounds, ms, numba forward + backward after a torch op")
+    print(f"medians of {args.rounds} rounds, ms, {args.backend} forward + backward after a "
+          "torch op")
     print(f"{'case':20s} {'scores':8s} {'left out':>9s} "
           + " ".join(f"{way:>8s}" for way in ways)
-          + (f" {'whole/dropped':>14s}" if host_sorted else ""))
+          + (f" {'whole/dropped':>14s}" if swaps else ""))
     for name in args.cases:
         batch, classes, side, per_image = CASES[name]
         for scores in args.scores:
@@ -93,30 +124,30 @@ def _measure(args: argparse.Namespace) -> None:
                                       scores=scores)
             prepared = bench.Prepared(workload)
             errors, fg = prepared.errors_and_fg
-            share = _left_out_share(errors, fg, numba_cpu.SETTLED_TAIL_MIN_FRACTION)
+            share = _left_out_share(errors, fg, args.backend)
             probas = prepared.scores.clone().requires_grad_()
             other = torch.randn(probas.shape)
             times: dict[str, list[float]] = {way: [] for way in ways}
             for round_index in range(args.rounds + 1):
                 order = ways if round_index % 2 == 0 else ways[::-1]
                 for way in order:
-                    numba_cpu._pack_segment = dropping if way == "dropped" else whole
+                    setattr(module, attribute, dropping if way == "dropped" else whole)
                     try:
                         other.softmax(-1)  # a training step's last op before the loss
                         start = time.perf_counter()
                         loss = lovasz_softmax(probas, prepared.labels, per_image=per_image,
-                                              backend="numba")
+                                              backend=args.backend)
                         loss.backward()
                         elapsed = time.perf_counter() - start
                     finally:
-                        numba_cpu._pack_segment = dropping
+                        setattr(module, attribute, dropping)
                     probas.grad = None
                     if round_index:  # the first round warms both up
                         times[way].append(elapsed)
             medians = {way: statistics.median(values) * 1e3 for way, values in times.items()}
             row = f"{name:20s} {scores:8s} {share:9.1%} " + " ".join(
                 f"{medians[way]:8.2f}" for way in ways)
-            if host_sorted:
+            if swaps:
                 row += f" {medians['whole'] / medians['dropped']:14.2f}"
             print(row, flush=True)
 
