@@ -702,6 +702,32 @@ def test_top_k_rows_give_the_references_answer(gen, dtype):
     assert torch.equal(grad, whole_grad)
 
 
+@pytest.mark.parametrize(("classes", "scores", "top_k"), [
+    (150, "random", True),  # every background pixel past the last fg one
+    (21, "random", True),
+    (8, "trained", False),  # the label's errors small: most rows need far more than 1/16
+    (2, "random", False),
+])
+def test_softmax_calls_sort_only_the_keys_their_rows_need(monkeypatch, classes, scores,
+                                                          top_k):
+    """Through the public loss: a softmax whose settled tails leave few keys sorts only
+    those, with the reference's loss, and one whose tails do not sorts every pixel."""
+    from lovasz_kernels import bench, lovasz_softmax
+
+    taken = []
+    top = torch_eager._extension_top
+    monkeypatch.setattr(torch_eager, "_extension_top",
+                        lambda *args: taken.append(args[3]) or top(*args))
+    workload = bench.Workload("softmax", 1, 128, classes, scores=scores)
+    prepared = bench.Prepared(workload)
+    loss = lovasz_softmax(prepared.scores, prepared.labels, backend="torch")
+    assert bool(taken) == top_k
+    assert all(count <= 128 * 128 * torch_eager.TOP_K_MAX_FRACTION for count in taken)
+    reference = lovasz_softmax(prepared.scores.double(), prepared.labels, backend="numpy")
+    assert_close_report(loss.double()[None], reference[None], LOSS_TOLERANCE[torch.float32],
+                        "loss")
+
+
 def test_top_k_with_tied_errors_keeps_each_tie_groups_gradient(gen):
     """Exactly tied positive errors may come out of topk in another order than out of a
     sort: the loss and each tie group's gradient sum stay the reference's."""

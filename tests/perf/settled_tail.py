@@ -14,8 +14,8 @@ inputs), a share of them with scores that favour the label (``lovasz-kernels ben
 trained``), none where some fg pixel's error is 0 (a probability of exactly 1).
 
 For each case and kind of scores, prints the share of the sorted keys left out (from the
-errors in torch under the backend's rule, ties with the bound not counted; for torch an upper
-bound, its rule being per chunk of rows), and the medians
+errors under the backend's rule; for torch an upper bound, its rule being per chunk of
+rows), and the medians
 of whole calls (forward + backward through ``lovasz_softmax``, each right after a torch op,
 as in a training step) with the tail left out (``dropped``) and kept (``whole``), the two in
 a new order every round. For numba, ``whole`` swaps in packing without the drop, which only
@@ -41,38 +41,24 @@ CASES = {  # name: (batch, classes, side, per_image)
 }
 
 
-def _tails(errors: torch.Tensor, fg: torch.Tensor) -> tuple[list[int], list[int]]:
-    """Per (S, P) row: its positive errors, and those of them in its settled tail."""
-    positives, tails = [], []
-    for row, row_fg in zip(errors, fg):
-        positive = row > 0
-        positives.append(int(positive.sum()))
-        if positives[-1] == 0 or bool((row_fg & ~positive).any()):
-            tails.append(0)
-            continue
-        bound = row[row_fg].min() if bool(row_fg.any()) else row.max()
-        tails.append(int((~row_fg & positive & (row < bound)).sum()))
-    return positives, tails
-
-
 def _left_out_share(errors: torch.Tensor, fg: torch.Tensor, backend: str) -> float:
-    """Share of the positive errors of (S, P) rows that the backend leaves out of its sort:
-    numba each row's tail of at least its minimum fraction; torch, at most, each tail of a
-    row that then needs at most its top-k fraction of its pixels (a chunk of rows is sorted
-    top-k only where every row of it does)."""
+    """Share of the positive errors of (S, P) rows that the backend leaves out of its sort,
+    by the rows' needed keys (``torch_eager._needed_keys``, ties with the bound counted as
+    needed): numba each row's tail of at least its minimum fraction; torch, at most, each
+    tail of a row that then needs at most its top-k fraction of its pixels (a chunk of rows
+    is sorted top-k only where every row of it does)."""
     from lovasz_kernels.backends import numba_cpu, torch_eager
 
-    positives, tails = _tails(errors, fg)
+    positives = (errors > 0).sum(dim=1)
+    needed = torch.minimum(torch_eager._needed_keys(errors, fg).flatten(), positives)
+    tails = positives - needed
     if backend == "numba":
-        left_out = sum(tail for tail, positive in zip(tails, positives)
-                       if tail >= numba_cpu.SETTLED_TAIL_MIN_FRACTION * positive)
+        kept = tails >= numba_cpu.SETTLED_TAIL_MIN_FRACTION * positives
     elif errors.shape[1] < torch_eager.TOP_K_MIN_PIXELS:
-        left_out = 0
+        kept = torch.zeros_like(tails, dtype=torch.bool)
     else:
-        most = torch_eager.TOP_K_MAX_FRACTION * errors.shape[1]
-        left_out = sum(tail for tail, positive in zip(tails, positives)
-                       if positive - tail <= most)
-    return left_out / max(sum(positives), 1)
+        kept = needed <= torch_eager.TOP_K_MAX_FRACTION * errors.shape[1]
+    return int(tails[kept].sum()) / max(int(positives.sum()), 1)
 
 
 def main() -> None:
